@@ -1,0 +1,449 @@
+//! Per-stream flow control: credit windows and the bounded inbox.
+//!
+//! The receiver of a body announces a window (`initial_window`) and buffers at
+//! most that many bytes per stream in an [`Inbox`]. The sender spends credit
+//! from a [`SendWindow`] before each binary frame and waits when it has none.
+//! As the receiver's consumer (the web client, or the local service) takes
+//! bytes out, its [`RecvWindow`] returns credit to the sender in
+//! `window_update` messages. So a slow reader holds at most one window per
+//! stream in memory, and never blocks the socket reader or other streams.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::limits::MAX_WINDOW;
+use crate::{ProtocolError, Violation};
+
+/// Why a stream ended before its end flag: an HTTP-style code and a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StreamAbort {
+    pub code: u16,
+    pub message: String,
+}
+
+impl StreamAbort {
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// Bytes buffered in all inboxes of a process, and the most ever buffered.
+#[derive(Debug, Default)]
+pub struct BufferGauge {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl BufferGauge {
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Forgets the peak, so a test can measure one phase.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.current(), Ordering::Relaxed);
+    }
+
+    fn add(&self, n: usize) {
+        let now = self.current.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.current.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Why a push into an inbox was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The sender exceeded the credit it was given.
+    #[error("flow-control window of {window} bytes exceeded")]
+    Overflow { window: usize },
+    /// The consumer went away; the bytes were dropped.
+    #[error("stream consumer is gone")]
+    Closed,
+}
+
+impl From<PushError> for ProtocolError {
+    fn from(e: PushError) -> Self {
+        ProtocolError::new(Violation::FlowControl, e.to_string())
+    }
+}
+
+struct InboxState {
+    chunks: VecDeque<Bytes>,
+    buffered: usize,
+    capacity: usize,
+    /// Set once by the producer: `Ok` for a clean end, `Err` for an abort.
+    end: Option<Result<(), StreamAbort>>,
+    consumer_gone: bool,
+    waker: Option<Waker>,
+}
+
+/// Producer half of a bounded body buffer (held by the socket reader).
+pub struct InboxSender {
+    shared: Arc<Shared>,
+}
+
+/// Consumer half (held by the HTTP body).
+pub struct Inbox {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<InboxState>,
+    gauge: Arc<BufferGauge>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A bounded inbox holding at most `capacity` bytes (the announced window).
+pub fn inbox(capacity: usize, gauge: Arc<BufferGauge>) -> (InboxSender, Inbox) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(InboxState {
+            chunks: VecDeque::new(),
+            buffered: 0,
+            capacity,
+            end: None,
+            consumer_gone: false,
+            waker: None,
+        }),
+        gauge,
+    });
+    (InboxSender { shared: shared.clone() }, Inbox { shared })
+}
+
+impl InboxSender {
+    /// Buffers `data`. Never waits: a sender that respects its credit always
+    /// fits, and one that does not gets [`PushError::Overflow`].
+    pub fn push(&self, data: Bytes) -> Result<(), PushError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.shared.lock();
+        if st.consumer_gone {
+            return Err(PushError::Closed);
+        }
+        if st.end.is_some() {
+            return Err(PushError::Closed);
+        }
+        if st.buffered + data.len() > st.capacity {
+            return Err(PushError::Overflow { window: st.capacity });
+        }
+        st.buffered += data.len();
+        self.shared.gauge.add(data.len());
+        st.chunks.push_back(data);
+        if let Some(w) = st.waker.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Ends the body cleanly after the buffered bytes.
+    pub fn finish(&self) {
+        self.end(Ok(()));
+    }
+
+    /// Ends the body with an error after the buffered bytes.
+    pub fn abort(&self, why: StreamAbort) {
+        self.end(Err(why));
+    }
+
+    fn end(&self, how: Result<(), StreamAbort>) {
+        let mut st = self.shared.lock();
+        if st.end.is_none() {
+            st.end = Some(how);
+        }
+        if let Some(w) = st.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// True once the consumer dropped its half.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().consumer_gone
+    }
+}
+
+impl Drop for InboxSender {
+    fn drop(&mut self) {
+        self.end(Err(StreamAbort::new(502, "stream ended without its end flag")));
+    }
+}
+
+impl Inbox {
+    /// Next chunk; `None` after a clean end; `Err` after an abort.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, StreamAbort>>> {
+        let mut st = self.shared.lock();
+        if let Some(chunk) = st.chunks.pop_front() {
+            st.buffered -= chunk.len();
+            self.shared.gauge.sub(chunk.len());
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        match &st.end {
+            Some(Ok(())) => Poll::Ready(None),
+            Some(Err(e)) => Poll::Ready(Some(Err(e.clone()))),
+            None => {
+                st.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Waits for the next chunk.
+    pub async fn recv(&mut self) -> Option<Result<Bytes, StreamAbort>> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// True when the producer ended the body and nothing is left.
+    pub fn is_end(&self) -> bool {
+        let st = self.shared.lock();
+        st.chunks.is_empty() && matches!(st.end, Some(Ok(())))
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.shared.lock().buffered
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.consumer_gone = true;
+        self.shared.gauge.sub(st.buffered);
+        st.buffered = 0;
+        st.chunks.clear();
+    }
+}
+
+/// The receiver's bookkeeping of credit to hand back.
+#[derive(Debug, Clone)]
+pub struct RecvWindow {
+    threshold: u32,
+    unacked: u32,
+}
+
+impl RecvWindow {
+    /// Credit goes back once half the window has been consumed, so a
+    /// `window_update` costs one small message per half window.
+    pub fn new(window: u32) -> Self {
+        Self { threshold: (window / 2).max(1), unacked: 0 }
+    }
+
+    /// Records `n` consumed bytes; returns credit to send, if it is time.
+    pub fn consumed(&mut self, n: usize) -> Option<u32> {
+        self.unacked = self.unacked.saturating_add(n.min(MAX_WINDOW as usize) as u32);
+        if self.unacked >= self.threshold {
+            Some(std::mem::take(&mut self.unacked))
+        } else {
+            None
+        }
+    }
+}
+
+/// The sender's credit for one stream, topped up by `window_update`.
+#[derive(Debug)]
+pub struct SendWindow {
+    state: Mutex<SendState>,
+    notify: Notify,
+}
+
+#[derive(Debug)]
+struct SendState {
+    available: u64,
+    closed: bool,
+}
+
+/// The stream closed while a sender waited for credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("stream closed while waiting for flow-control credit")]
+pub struct WindowClosed;
+
+impl SendWindow {
+    pub fn new(initial: u32) -> Self {
+        Self {
+            state: Mutex::new(SendState { available: initial as u64, closed: false }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SendState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds credit. A window above 2^31-1 is a protocol violation.
+    pub fn grant(&self, credit: u32) -> Result<(), ProtocolError> {
+        let mut st = self.lock();
+        let next = st.available + credit as u64;
+        if next > MAX_WINDOW as u64 {
+            return Err(ProtocolError::new(Violation::InvalidCredit, "window above 2^31-1"));
+        }
+        st.available = next;
+        drop(st);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Wakes a waiting sender with [`WindowClosed`].
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_one();
+    }
+
+    pub fn available(&self) -> u64 {
+        self.lock().available
+    }
+
+    /// Takes between 1 and `want` bytes of credit, waiting while there is
+    /// none. `want` of 0 returns 0 at once.
+    pub async fn reserve(&self, want: usize) -> Result<usize, WindowClosed> {
+        if want == 0 {
+            return Ok(0);
+        }
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut st = self.lock();
+                if st.closed {
+                    return Err(WindowClosed);
+                }
+                if st.available > 0 {
+                    let take = (want as u64).min(st.available);
+                    st.available -= take;
+                    return Ok(take as usize);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gauge() -> Arc<BufferGauge> {
+        Arc::new(BufferGauge::default())
+    }
+
+    #[tokio::test]
+    async fn inbox_delivers_in_order_then_ends() {
+        let g = gauge();
+        let (tx, mut rx) = inbox(10, g.clone());
+        tx.push(Bytes::from_static(b"abc")).expect("fits");
+        tx.push(Bytes::from_static(b"de")).expect("fits");
+        assert_eq!(g.current(), 5);
+        tx.finish();
+        assert_eq!(rx.recv().await, Some(Ok(Bytes::from_static(b"abc"))));
+        assert_eq!(rx.recv().await, Some(Ok(Bytes::from_static(b"de"))));
+        assert_eq!(rx.recv().await, None);
+        assert_eq!(g.current(), 0);
+        assert_eq!(g.peak(), 5);
+    }
+
+    #[test]
+    fn inbox_refuses_bytes_beyond_its_window() {
+        let (tx, _rx) = inbox(4, gauge());
+        tx.push(Bytes::from_static(b"abcd")).expect("fits exactly");
+        assert_eq!(tx.push(Bytes::from_static(b"e")), Err(PushError::Overflow { window: 4 }));
+    }
+
+    #[tokio::test]
+    async fn inbox_abort_arrives_after_buffered_bytes() {
+        let (tx, mut rx) = inbox(10, gauge());
+        tx.push(Bytes::from_static(b"a")).expect("fits");
+        tx.abort(StreamAbort::new(502, "gone"));
+        assert_eq!(rx.recv().await, Some(Ok(Bytes::from_static(b"a"))));
+        assert_eq!(rx.recv().await, Some(Err(StreamAbort::new(502, "gone"))));
+    }
+
+    #[tokio::test]
+    async fn dropped_sender_aborts_the_body() {
+        let (tx, mut rx) = inbox(10, gauge());
+        drop(tx);
+        assert!(matches!(rx.recv().await, Some(Err(StreamAbort { code: 502, .. }))));
+    }
+
+    #[test]
+    fn dropped_consumer_closes_the_inbox_and_releases_the_gauge() {
+        let g = gauge();
+        let (tx, rx) = inbox(10, g.clone());
+        tx.push(Bytes::from_static(b"abc")).expect("fits");
+        drop(rx);
+        assert_eq!(g.current(), 0);
+        assert!(tx.is_closed());
+        assert_eq!(tx.push(Bytes::from_static(b"x")), Err(PushError::Closed));
+    }
+
+    #[tokio::test]
+    async fn pending_consumer_is_woken_by_a_push() {
+        let (tx, mut rx) = inbox(10, gauge());
+        let waiter = tokio::spawn(async move { rx.recv().await });
+        tokio::task::yield_now().await;
+        tx.push(Bytes::from_static(b"z")).expect("fits");
+        assert_eq!(waiter.await.expect("task"), Some(Ok(Bytes::from_static(b"z"))));
+    }
+
+    #[test]
+    fn recv_window_returns_credit_every_half_window() {
+        let mut w = RecvWindow::new(100);
+        assert_eq!(w.consumed(30), None);
+        assert_eq!(w.consumed(30), Some(60));
+        assert_eq!(w.consumed(49), None);
+        assert_eq!(w.consumed(1), Some(50));
+    }
+
+    #[tokio::test]
+    async fn send_window_hands_out_at_most_what_was_granted() {
+        let w = SendWindow::new(10);
+        assert_eq!(w.reserve(8).await, Ok(8));
+        assert_eq!(w.reserve(8).await, Ok(2));
+        assert_eq!(w.available(), 0);
+        let w = Arc::new(w);
+        let w2 = w.clone();
+        let waiter = tokio::spawn(async move { w2.reserve(5).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        w.grant(3).expect("grant");
+        assert_eq!(waiter.await.expect("task"), Ok(3));
+    }
+
+    #[tokio::test]
+    async fn closing_a_send_window_wakes_the_waiter() {
+        let w = Arc::new(SendWindow::new(0));
+        let w2 = w.clone();
+        let waiter = tokio::spawn(async move { w2.reserve(5).await });
+        tokio::task::yield_now().await;
+        w.close();
+        assert_eq!(waiter.await.expect("task"), Err(WindowClosed));
+    }
+
+    #[test]
+    fn granting_beyond_the_maximum_window_is_a_violation() {
+        let w = SendWindow::new(MAX_WINDOW);
+        assert_eq!(w.grant(1).unwrap_err().kind, Violation::InvalidCredit);
+    }
+
+    #[test]
+    fn poll_recv_is_pending_without_data() {
+        let (_tx, mut rx) = inbox(10, gauge());
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(rx.poll_recv(&mut cx).is_pending());
+    }
+}

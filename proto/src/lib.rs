@@ -1,0 +1,56 @@
+//! The tunnel protocol spoken between relayd and agentd over one WebSocket.
+//!
+//! This crate is the single owner of every wire message, its validation, the
+//! protocol version, the limits and the flow-control rules. It does no network
+//! I/O: both daemons hand it frames and get back validated domain types.
+//!
+//! - JSON text frames carry [`Message`]s (the five original messages plus the
+//!   negotiated extensions).
+//! - Binary frames carry body bytes, tagged with the stream id ([`frame`]).
+//! - [`flow`] holds the per-stream credit windows and the bounded inbox that
+//!   buffers body bytes between the socket and the HTTP side.
+//!
+//! `docs/PROTOCOL.md` is the human-readable specification of the same rules.
+
+pub mod error;
+pub mod flow;
+pub mod frame;
+pub mod headers;
+pub mod limits;
+pub mod message;
+
+pub use error::{ProtocolError, Violation};
+pub use headers::Headers;
+pub use limits::Limits;
+pub use message::{
+    Cancel, ErrorMsg, Goaway, Hello, HttpRequestMsg, HttpResponseMsg, Message, Ping,
+    RequestBody, ResponseHead, ResponseHeadMsg, StreamId, TunnelRequest, Welcome, WindowUpdate,
+};
+
+/// Version of the extended protocol negotiated by `hello`/`welcome`.
+///
+/// Version 0 is the original five-message protocol; it has no `hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The WebSocket subprotocol an extended agent offers when it connects. A
+/// relay that sees it expects `hello` as the first message; an agent that does
+/// not offer it is an original (version 0) agent.
+pub const SUBPROTOCOL: &str = "llm-tunnel.v1";
+
+/// Capabilities of protocol version 1. A peer only uses a capability both
+/// sides listed in `hello`/`welcome`.
+pub mod capability {
+    /// `response_head` + binary body chunks + end flag.
+    pub const STREAM_RESPONSE: &str = "stream_response";
+    /// `http_request` with `body_follows` + binary body chunks.
+    pub const STREAM_REQUEST: &str = "stream_request";
+    /// `cancel` in either direction.
+    pub const CANCEL: &str = "cancel";
+    /// Per-stream credit with `window_update`.
+    pub const FLOW_CONTROL: &str = "flow_control";
+    /// `goaway` before a relay drains.
+    pub const GOAWAY: &str = "goaway";
+
+    /// Everything version 1 defines, in the order it is advertised.
+    pub const ALL: &[&str] = &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL, GOAWAY];
+}

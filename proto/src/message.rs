@@ -1,0 +1,522 @@
+//! Control messages (JSON text frames): the five original messages, the
+//! version-1 extensions, their validation and the validated domain types.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{MAX_ID_LEN, MAX_METHOD_LEN, MAX_PATH_LEN, MAX_REASON_LEN};
+use crate::{Headers, Limits, ProtocolError, Violation};
+
+/// Every message of the protocol, tagged by its `type` field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Relay -> agent: one HTTP request (original; `body_follows` added).
+    HttpRequest(HttpRequestMsg),
+    /// Agent -> relay: one whole HTTP response (original).
+    HttpResponse(HttpResponseMsg),
+    /// Either way: liveness probe (original).
+    Ping(Ping),
+    /// Either way: answer to `ping`, echoing its id (original).
+    Pong(Ping),
+    /// Either way: a request failed, or a frame was refused (original).
+    Error(ErrorMsg),
+    /// Agent -> relay, first message of a version-1 session.
+    Hello(Hello),
+    /// Relay -> agent, answer to `hello`.
+    Welcome(Welcome),
+    /// Agent -> relay: status and headers; the body follows in binary frames.
+    ResponseHead(ResponseHeadMsg),
+    /// Either way: abandon a stream.
+    Cancel(Cancel),
+    /// Either way: the receiver of a stream's body grants more credit.
+    WindowUpdate(WindowUpdate),
+    /// Relay -> agent: the relay is draining; reconnect later or elsewhere.
+    Goaway(Goaway),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpRequestMsg {
+    pub id: String,
+    pub method: String,
+    /// Path and query string as the local service should see them.
+    pub path: String,
+    #[serde(default)]
+    pub headers: Headers,
+    /// Whole body as a string (original form). Absent when `body_follows`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Version 1: the body follows as binary frames ending with the end flag.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub body_follows: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpResponseMsg {
+    pub id: String,
+    pub status: u16,
+    #[serde(default)]
+    pub headers: Headers,
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    pub id: String,
+    /// RFC 3339 time the ping was sent; a pong echoes it.
+    #[serde(default)]
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// The request this error ends; empty for an error about the session.
+    #[serde(default)]
+    pub id: String,
+    pub error: String,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    /// Software name and version, e.g. `agentd/0.1.0`. Informational.
+    #[serde(default)]
+    pub agent: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub version: u32,
+    pub session_id: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseHeadMsg {
+    pub id: String,
+    pub status: u16,
+    #[serde(default)]
+    pub headers: Headers,
+    /// False when the response has no body (HEAD, 204, 304): the stream ends
+    /// with this message.
+    #[serde(default)]
+    pub body_follows: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub id: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowUpdate {
+    pub id: String,
+    /// Bytes added to the sender's window for this stream.
+    pub credit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goaway {
+    #[serde(default)]
+    pub reason: String,
+    /// How long the agent should wait before reconnecting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The `type` names this version understands.
+pub const KNOWN_TYPES: &[&str] = &[
+    "http_request",
+    "http_response",
+    "ping",
+    "pong",
+    "error",
+    "hello",
+    "welcome",
+    "response_head",
+    "cancel",
+    "window_update",
+    "goaway",
+];
+
+impl Message {
+    /// Parses and validates one text frame.
+    pub fn decode(text: &str, limits: &Limits) -> Result<Message, ProtocolError> {
+        if text.len() > limits.max_control_bytes as usize {
+            return Err(ProtocolError::new(
+                Violation::FrameTooLarge,
+                format!("{} byte message, limit {}", text.len(), limits.max_control_bytes),
+            ));
+        }
+        let msg: Message = serde_json::from_str(text).map_err(|e| classify(text, e))?;
+        msg.validate(limits)?;
+        Ok(msg)
+    }
+
+    /// Serialises to the JSON text of a text frame.
+    pub fn encode(&self) -> String {
+        // Every field is a string, number, bool or string-keyed map: JSON
+        // serialisation of these types cannot fail.
+        serde_json::to_string(self).expect("protocol messages always serialise")
+    }
+
+    /// The stream id this message belongs to, if any.
+    pub fn stream_id(&self) -> Option<&str> {
+        match self {
+            Message::HttpRequest(m) => Some(&m.id),
+            Message::HttpResponse(m) => Some(&m.id),
+            Message::ResponseHead(m) => Some(&m.id),
+            Message::Cancel(m) => Some(&m.id),
+            Message::WindowUpdate(m) => Some(&m.id),
+            Message::Error(m) if !m.id.is_empty() => Some(&m.id),
+            _ => None,
+        }
+    }
+
+    /// Checks every field against the protocol rules and `limits`.
+    pub fn validate(&self, limits: &Limits) -> Result<(), ProtocolError> {
+        match self {
+            Message::HttpRequest(m) => m.clone().into_request(limits).map(drop),
+            Message::HttpResponse(m) => {
+                validate_id(&m.id)?;
+                validate_status(m.status)?;
+                m.headers.to_map(limits).map(drop)
+            }
+            Message::ResponseHead(m) => {
+                validate_id(&m.id)?;
+                validate_status(m.status)?;
+                m.headers.to_map(limits).map(drop)
+            }
+            Message::Ping(p) | Message::Pong(p) => {
+                validate_id(&p.id)?;
+                validate_reason(&p.timestamp)
+            }
+            Message::Error(e) => {
+                if !e.id.is_empty() {
+                    validate_id(&e.id)?;
+                }
+                validate_reason(&e.error)
+            }
+            Message::Hello(h) => {
+                validate_reason(&h.agent)?;
+                validate_capabilities(&h.capabilities)?;
+                h.limits.validate()
+            }
+            Message::Welcome(w) => {
+                validate_id(&w.session_id)?;
+                validate_capabilities(&w.capabilities)?;
+                w.limits.validate()
+            }
+            Message::Cancel(c) => {
+                validate_id(&c.id)?;
+                validate_reason(&c.reason)
+            }
+            Message::WindowUpdate(w) => {
+                validate_id(&w.id)?;
+                if w.credit == 0 || w.credit > crate::limits::MAX_WINDOW {
+                    return Err(ProtocolError::new(
+                        Violation::InvalidCredit,
+                        format!("credit {} outside 1..=2147483647", w.credit),
+                    ));
+                }
+                Ok(())
+            }
+            Message::Goaway(g) => validate_reason(&g.reason),
+        }
+    }
+
+    /// An `error` message ending request `id` with an HTTP-style `code`.
+    pub fn error(id: impl Into<String>, code: u16, text: impl Into<String>) -> Message {
+        let mut error: String = text.into();
+        truncate_utf8(&mut error, MAX_REASON_LEN);
+        Message::Error(ErrorMsg { id: id.into(), error, code })
+    }
+
+    /// An `error` message reporting a refused frame.
+    pub fn violation(id: Option<&str>, err: &ProtocolError) -> Message {
+        let id = id.filter(|i| validate_id(i).is_ok()).unwrap_or_default();
+        Message::error(id, err.code(), err.to_string())
+    }
+
+    /// A `ping` stamped with the current time.
+    pub fn ping(id: impl Into<String>) -> Message {
+        Message::Ping(Ping { id: id.into(), timestamp: now_rfc3339() })
+    }
+
+    /// The `pong` answering `ping`: same id, same timestamp.
+    pub fn pong(ping: &Ping) -> Message {
+        Message::Pong(ping.clone())
+    }
+
+    pub fn cancel(id: impl Into<String>, reason: impl Into<String>) -> Message {
+        let mut reason: String = reason.into();
+        truncate_utf8(&mut reason, MAX_REASON_LEN);
+        Message::Cancel(Cancel { id: id.into(), reason })
+    }
+}
+
+/// Current UTC time in RFC 3339 with milliseconds, as in `ping`.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Tells a frame with an unknown `type` (which a peer may answer and then
+/// ignore) from one that is not a message at all.
+fn classify(text: &str, err: serde_json::Error) -> ProtocolError {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        id: Option<String>,
+    }
+    match serde_json::from_str::<Probe>(text) {
+        Ok(p) if !KNOWN_TYPES.contains(&p.kind.as_str()) => {
+            let mut kind = p.kind;
+            truncate_utf8(&mut kind, 64);
+            let mut e = ProtocolError::new(Violation::UnknownType, format!("unknown type {kind:?}"));
+            if let Some(id) = p.id.filter(|i| validate_id(i).is_ok()) {
+                e.detail.push_str(&format!(" (id {id})"));
+            }
+            e
+        }
+        _ => ProtocolError::new(Violation::MalformedMessage, err.to_string()),
+    }
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+}
+
+/// A stream id: 1 to 64 characters from `[A-Za-z0-9._:-]`.
+pub fn validate_id(id: &str) -> Result<(), ProtocolError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        let mut shown = id.to_owned();
+        truncate_utf8(&mut shown, MAX_ID_LEN + 1);
+        Err(ProtocolError::new(Violation::InvalidId, format!("invalid stream id {shown:?}")))
+    }
+}
+
+fn validate_status(status: u16) -> Result<(), ProtocolError> {
+    if (100..=599).contains(&status) {
+        Ok(())
+    } else {
+        Err(ProtocolError::new(Violation::InvalidStatus, format!("status {status} outside 100..=599")))
+    }
+}
+
+fn validate_reason(text: &str) -> Result<(), ProtocolError> {
+    if text.len() > MAX_REASON_LEN {
+        return Err(ProtocolError::new(
+            Violation::ReasonTooLong,
+            format!("{} byte text, limit {MAX_REASON_LEN}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_capabilities(caps: &[String]) -> Result<(), ProtocolError> {
+    if caps.len() > 64 {
+        return Err(ProtocolError::new(Violation::ReasonTooLong, "more than 64 capabilities"));
+    }
+    caps.iter().try_for_each(|c| validate_reason(c))
+}
+
+/// A validated stream id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(String);
+
+impl StreamId {
+    pub fn new(id: impl Into<String>) -> Result<Self, ProtocolError> {
+        let id = id.into();
+        validate_id(&id)?;
+        Ok(Self(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for StreamId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where a request's body is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestBody {
+    /// The whole body, from an original-form `http_request`.
+    Inline(Bytes),
+    /// Binary frames follow, ending with the end flag.
+    Streamed,
+}
+
+/// A validated `http_request`.
+#[derive(Debug, Clone)]
+pub struct TunnelRequest {
+    pub id: StreamId,
+    pub method: Method,
+    pub path: PathAndQuery,
+    /// Headers without hop-by-hop fields.
+    pub headers: HeaderMap,
+    pub body: RequestBody,
+}
+
+impl HttpRequestMsg {
+    /// Builds the message for a request whose body streams after it
+    /// (`body_follows`), or travels inline when `body` is given.
+    pub fn new(
+        id: &StreamId,
+        method: &Method,
+        path: &str,
+        headers: Headers,
+        body: Option<String>,
+        body_follows: bool,
+    ) -> Self {
+        Self {
+            id: id.as_str().to_owned(),
+            method: method.as_str().to_owned(),
+            path: path.to_owned(),
+            headers,
+            body,
+            body_follows,
+        }
+    }
+
+    /// Validates and converts into the domain type.
+    pub fn into_request(self, limits: &Limits) -> Result<TunnelRequest, ProtocolError> {
+        let id = StreamId::new(self.id)?;
+        if self.method.is_empty()
+            || self.method.len() > MAX_METHOD_LEN
+            || !self.method.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+        {
+            return Err(ProtocolError::new(Violation::InvalidMethod, format!("invalid method {:?}", self.method)));
+        }
+        let method = Method::from_bytes(self.method.as_bytes())
+            .map_err(|_| ProtocolError::new(Violation::InvalidMethod, "invalid method"))?;
+        if !self.path.starts_with('/') || self.path.len() > MAX_PATH_LEN {
+            return Err(ProtocolError::new(Violation::InvalidPath, "path must start with / and be at most 16 KiB"));
+        }
+        let path = PathAndQuery::try_from(self.path.as_str())
+            .map_err(|e| ProtocolError::new(Violation::InvalidPath, format!("invalid path: {e}")))?;
+        let headers = self.headers.to_map(limits)?;
+        let body = match (self.body, self.body_follows) {
+            (Some(_), true) => {
+                return Err(ProtocolError::new(
+                    Violation::StreamState,
+                    "http_request has both body and body_follows",
+                ));
+            }
+            (Some(b), false) => RequestBody::Inline(Bytes::from(b)),
+            (None, false) => RequestBody::Inline(Bytes::new()),
+            (None, true) => RequestBody::Streamed,
+        };
+        Ok(TunnelRequest { id, method, path, headers, body })
+    }
+}
+
+impl TunnelRequest {
+    /// The request as an `http::Request` aimed at `path` on whatever
+    /// authority the caller sets; the body is the inline body (empty when it
+    /// streams).
+    pub fn into_http(self) -> http::Request<Bytes> {
+        let body = match self.body {
+            RequestBody::Inline(b) => b,
+            RequestBody::Streamed => Bytes::new(),
+        };
+        let mut req = http::Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = http::Uri::from(self.path);
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// A validated response head, from `response_head` or `http_response`.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub id: StreamId,
+    pub status: StatusCode,
+    /// Headers without hop-by-hop fields.
+    pub headers: HeaderMap,
+}
+
+impl ResponseHeadMsg {
+    pub fn new(id: &StreamId, status: StatusCode, headers: Headers, body_follows: bool) -> Self {
+        Self { id: id.as_str().to_owned(), status: status.as_u16(), headers, body_follows }
+    }
+
+    pub fn into_head(self, limits: &Limits) -> Result<ResponseHead, ProtocolError> {
+        into_head(self.id, self.status, &self.headers, limits)
+    }
+}
+
+impl HttpResponseMsg {
+    /// An original-form response carrying `body` whole.
+    pub fn new(id: &StreamId, status: StatusCode, headers: Headers, body: String) -> Self {
+        Self { id: id.as_str().to_owned(), status: status.as_u16(), headers, body: Some(body) }
+    }
+
+    /// Validates and splits into the head and the whole body.
+    pub fn into_parts(self, limits: &Limits) -> Result<(ResponseHead, Bytes), ProtocolError> {
+        let head = into_head(self.id, self.status, &self.headers, limits)?;
+        Ok((head, Bytes::from(self.body.unwrap_or_default())))
+    }
+
+    /// The response as an `http::Response` with its whole body.
+    pub fn into_http(self, limits: &Limits) -> Result<http::Response<Bytes>, ProtocolError> {
+        let (head, body) = self.into_parts(limits)?;
+        let mut resp = http::Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        Ok(resp)
+    }
+}
+
+fn into_head(id: String, status: u16, headers: &Headers, limits: &Limits) -> Result<ResponseHead, ProtocolError> {
+    let id = StreamId::new(id)?;
+    validate_status(status)?;
+    let status = StatusCode::from_u16(status)
+        .map_err(|_| ProtocolError::new(Violation::InvalidStatus, format!("status {status}")))?;
+    let headers = headers.to_map(limits)?;
+    Ok(ResponseHead { id, status, headers })
+}

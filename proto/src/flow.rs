@@ -248,11 +248,7 @@ impl RecvWindow {
     /// Records `n` consumed bytes; returns credit to send, if it is time.
     pub fn consumed(&mut self, n: usize) -> Option<u32> {
         self.unacked = self.unacked.saturating_add(n.min(MAX_WINDOW as usize) as u32);
-        if self.unacked >= self.threshold {
-            Some(std::mem::take(&mut self.unacked))
-        } else {
-            None
-        }
+        if self.unacked >= self.threshold { Some(std::mem::take(&mut self.unacked)) } else { None }
     }
 }
 
@@ -436,7 +432,7 @@ mod tests {
     #[test]
     fn granting_beyond_the_maximum_window_is_a_violation() {
         let w = SendWindow::new(MAX_WINDOW);
-        assert_eq!(w.grant(1).unwrap_err().kind, Violation::InvalidCredit);
+        assert_eq!(w.grant(1).expect_err("must fail").kind, Violation::InvalidCredit);
     }
 
     #[test]

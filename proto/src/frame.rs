@@ -43,7 +43,8 @@ pub fn encode(id: &str, end: bool, payload: &[u8]) -> Bytes {
 /// Decodes a frame, refusing reserved flags, a bad id or a payload above
 /// `max_payload`.
 pub fn decode(frame: &Bytes, max_payload: usize) -> Result<DataFrame, ProtocolError> {
-    let malformed = |what: &str| Err(ProtocolError::new(Violation::MalformedFrame, what.to_owned()));
+    let malformed =
+        |what: &str| Err(ProtocolError::new(Violation::MalformedFrame, what.to_owned()));
     if frame.len() < 2 {
         return malformed("binary frame shorter than its 2-byte header");
     }
@@ -77,7 +78,14 @@ mod tests {
         for end in [false, true] {
             let f = encode("req_1", end, b"\x00\xffhello");
             let d = decode(&f, 1024).expect("valid frame");
-            assert_eq!(d, DataFrame { id: "req_1".into(), end, payload: Bytes::from_static(b"\x00\xffhello") });
+            assert_eq!(
+                d,
+                DataFrame {
+                    id: "req_1".into(),
+                    end,
+                    payload: Bytes::from_static(b"\x00\xffhello")
+                }
+            );
         }
     }
 
@@ -90,7 +98,7 @@ mod tests {
     #[test]
     fn truncated_frames_are_malformed() {
         for bytes in [&b""[..], b"\x00", b"\x00\x05abc"] {
-            let err = decode(&Bytes::copy_from_slice(bytes), 16).unwrap_err();
+            let err = decode(&Bytes::copy_from_slice(bytes), 16).expect_err("must fail");
             assert_eq!(err.kind, Violation::MalformedFrame, "{bytes:?}");
         }
     }
@@ -99,19 +107,31 @@ mod tests {
     fn reserved_flags_are_refused() {
         let mut f = encode("a", false, b"x").to_vec();
         f[0] = 0x80;
-        assert_eq!(decode(&Bytes::from(f), 16).unwrap_err().kind, Violation::MalformedFrame);
+        assert_eq!(
+            decode(&Bytes::from(f), 16).expect_err("must fail").kind,
+            Violation::MalformedFrame
+        );
     }
 
     #[test]
     fn bad_ids_are_refused() {
-        assert_eq!(decode(&Bytes::from_static(b"\x00\x00x"), 16).unwrap_err().kind, Violation::InvalidId);
-        assert_eq!(decode(&Bytes::from_static(b"\x00\x02a b"), 16).unwrap_err().kind, Violation::InvalidId);
-        assert_eq!(decode(&Bytes::from_static(b"\x00\x01\xff"), 16).unwrap_err().kind, Violation::InvalidId);
+        assert_eq!(
+            decode(&Bytes::from_static(b"\x00\x00x"), 16).expect_err("must fail").kind,
+            Violation::InvalidId
+        );
+        assert_eq!(
+            decode(&Bytes::from_static(b"\x00\x02a b"), 16).expect_err("must fail").kind,
+            Violation::InvalidId
+        );
+        assert_eq!(
+            decode(&Bytes::from_static(b"\x00\x01\xff"), 16).expect_err("must fail").kind,
+            Violation::InvalidId
+        );
     }
 
     #[test]
     fn oversized_payload_is_refused() {
         let f = encode("a", false, &[0u8; 17]);
-        assert_eq!(decode(&f, 16).unwrap_err().kind, Violation::FrameTooLarge);
+        assert_eq!(decode(&f, 16).expect_err("must fail").kind, Violation::FrameTooLarge);
     }
 }

@@ -59,10 +59,7 @@ impl Headers {
 
     /// First value of `name` (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Converts an `http` header map, dropping hop-by-hop fields and the
@@ -93,7 +90,10 @@ impl Headers {
         let mut map = HeaderMap::with_capacity(self.0.len());
         for (name, value) in &self.0 {
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                ProtocolError::new(Violation::InvalidHeader, format!("invalid header name {name:?}"))
+                ProtocolError::new(
+                    Violation::InvalidHeader,
+                    format!("invalid header name {name:?}"),
+                )
             })?;
             let value = HeaderValue::from_str(value).map_err(|_| {
                 ProtocolError::new(Violation::InvalidHeader, format!("invalid value for {name}"))
@@ -101,11 +101,8 @@ impl Headers {
             map.append(name, value);
         }
         let listed = connection_listed(&map);
-        let hop: Vec<HeaderName> = map
-            .keys()
-            .filter(|n| is_hop_by_hop(n, &listed))
-            .cloned()
-            .collect();
+        let hop: Vec<HeaderName> =
+            map.keys().filter(|n| is_hop_by_hop(n, &listed)).cloned().collect();
         for name in hop {
             map.remove(name);
         }
@@ -251,25 +248,25 @@ mod tests {
     fn too_many_and_too_large_headers_are_rejected() {
         let limits = Limits { max_headers: 2, max_header_bytes: 20, ..Limits::default() };
         let many = Headers((0..3).map(|i| (format!("x-{i}"), "v".into())).collect());
-        assert_eq!(many.to_map(&limits).unwrap_err().kind, Violation::TooManyHeaders);
+        assert_eq!(many.to_map(&limits).expect_err("must fail").kind, Violation::TooManyHeaders);
         let big = Headers(vec![("x-big".into(), "v".repeat(30))]);
-        assert_eq!(big.to_map(&limits).unwrap_err().kind, Violation::HeadersTooLarge);
+        assert_eq!(big.to_map(&limits).expect_err("must fail").kind, Violation::HeadersTooLarge);
     }
 
     #[test]
     fn invalid_names_and_values_are_rejected() {
         let limits = Limits::default();
         let name = Headers(vec![("bad name".into(), "v".into())]);
-        assert_eq!(name.to_map(&limits).unwrap_err().kind, Violation::InvalidHeader);
+        assert_eq!(name.to_map(&limits).expect_err("must fail").kind, Violation::InvalidHeader);
         let value = Headers(vec![("x".into(), "a\r\nb".into())]);
-        assert_eq!(value.to_map(&limits).unwrap_err().kind, Violation::InvalidHeader);
+        assert_eq!(value.to_map(&limits).expect_err("must fail").kind, Violation::InvalidHeader);
     }
 
     #[test]
     fn non_ascii_header_values_are_refused_when_converting_from_http() {
         let mut map = HeaderMap::new();
         map.insert("x-bin", HeaderValue::from_bytes(b"\xff\xfe").expect("opaque bytes"));
-        let err = Headers::from_map(&map, &[]).unwrap_err();
+        let err = Headers::from_map(&map, &[]).expect_err("must fail");
         assert_eq!(err.kind, Violation::InvalidHeader);
     }
 }

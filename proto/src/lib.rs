@@ -23,8 +23,8 @@ pub use error::{ProtocolError, Violation};
 pub use headers::Headers;
 pub use limits::Limits;
 pub use message::{
-    Cancel, ErrorMsg, Goaway, Hello, HttpRequestMsg, HttpResponseMsg, Message, Ping,
-    RequestBody, ResponseHead, ResponseHeadMsg, StreamId, TunnelRequest, Welcome, WindowUpdate,
+    Cancel, ErrorMsg, Goaway, Hello, HttpRequestMsg, HttpResponseMsg, Message, Ping, RequestBody,
+    ResponseHead, ResponseHeadMsg, StreamId, TunnelRequest, Welcome, WindowUpdate,
 };
 
 /// Version of the extended protocol negotiated by `hello`/`welcome`.

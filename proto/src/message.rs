@@ -293,7 +293,8 @@ fn classify(text: &str, err: serde_json::Error) -> ProtocolError {
         Ok(p) if !KNOWN_TYPES.contains(&p.kind.as_str()) => {
             let mut kind = p.kind;
             truncate_utf8(&mut kind, 64);
-            let mut e = ProtocolError::new(Violation::UnknownType, format!("unknown type {kind:?}"));
+            let mut e =
+                ProtocolError::new(Violation::UnknownType, format!("unknown type {kind:?}"));
             if let Some(id) = p.id.filter(|i| validate_id(i).is_ok()) {
                 e.detail.push_str(&format!(" (id {id})"));
             }
@@ -332,7 +333,10 @@ fn validate_status(status: u16) -> Result<(), ProtocolError> {
     if (100..=599).contains(&status) {
         Ok(())
     } else {
-        Err(ProtocolError::new(Violation::InvalidStatus, format!("status {status} outside 100..=599")))
+        Err(ProtocolError::new(
+            Violation::InvalidStatus,
+            format!("status {status} outside 100..=599"),
+        ))
     }
 }
 
@@ -429,15 +433,22 @@ impl HttpRequestMsg {
             || self.method.len() > MAX_METHOD_LEN
             || !self.method.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
         {
-            return Err(ProtocolError::new(Violation::InvalidMethod, format!("invalid method {:?}", self.method)));
+            return Err(ProtocolError::new(
+                Violation::InvalidMethod,
+                format!("invalid method {:?}", self.method),
+            ));
         }
         let method = Method::from_bytes(self.method.as_bytes())
             .map_err(|_| ProtocolError::new(Violation::InvalidMethod, "invalid method"))?;
         if !self.path.starts_with('/') || self.path.len() > MAX_PATH_LEN {
-            return Err(ProtocolError::new(Violation::InvalidPath, "path must start with / and be at most 16 KiB"));
+            return Err(ProtocolError::new(
+                Violation::InvalidPath,
+                "path must start with / and be at most 16 KiB",
+            ));
         }
-        let path = PathAndQuery::try_from(self.path.as_str())
-            .map_err(|e| ProtocolError::new(Violation::InvalidPath, format!("invalid path: {e}")))?;
+        let path = PathAndQuery::try_from(self.path.as_str()).map_err(|e| {
+            ProtocolError::new(Violation::InvalidPath, format!("invalid path: {e}"))
+        })?;
         let headers = self.headers.to_map(limits)?;
         let body = match (self.body, self.body_follows) {
             (Some(_), true) => {
@@ -512,7 +523,12 @@ impl HttpResponseMsg {
     }
 }
 
-fn into_head(id: String, status: u16, headers: &Headers, limits: &Limits) -> Result<ResponseHead, ProtocolError> {
+fn into_head(
+    id: String,
+    status: u16,
+    headers: &Headers,
+    limits: &Limits,
+) -> Result<ResponseHead, ProtocolError> {
     let id = StreamId::new(id)?;
     validate_status(status)?;
     let status = StatusCode::from_u16(status)

@@ -33,7 +33,9 @@ fn original_messages_decode_and_encode_byte_for_byte() {
 
 #[test]
 fn original_request_extracts_to_an_http_request() {
-    let Message::HttpRequest(m) = decode(ORIGINAL[0]).expect("valid") else { panic!("not a request") };
+    let Message::HttpRequest(m) = decode(ORIGINAL[0]).expect("valid") else {
+        panic!("not a request")
+    };
     let req = m.into_request(&limits()).expect("valid").into_http();
     assert_eq!(req.method(), http::Method::POST);
     assert_eq!(req.uri().path(), "/api/chat");
@@ -43,7 +45,9 @@ fn original_request_extracts_to_an_http_request() {
 
 #[test]
 fn original_response_extracts_to_an_http_response() {
-    let Message::HttpResponse(m) = decode(ORIGINAL[1]).expect("valid") else { panic!("not a response") };
+    let Message::HttpResponse(m) = decode(ORIGINAL[1]).expect("valid") else {
+        panic!("not a response")
+    };
     let resp = m.into_http(&limits()).expect("valid");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.body().as_ref(), b"{...}");
@@ -81,12 +85,17 @@ fn request_built_from_parts_matches_the_original_shape() {
 #[test]
 fn error_and_ping_helpers_produce_valid_messages() {
     let e = Message::error("req_1", 502, "upstream unreachable");
-    assert_eq!(e.encode(), r#"{"type":"error","id":"req_1","error":"upstream unreachable","code":502}"#);
+    assert_eq!(
+        e.encode(),
+        r#"{"type":"error","id":"req_1","error":"upstream unreachable","code":502}"#
+    );
     let ping = Message::ping("ping_1");
     let Message::Ping(p) = &ping else { panic!("not a ping") };
     assert!(p.timestamp.ends_with('Z'), "{}", p.timestamp);
     let pong = Message::pong(p);
-    let Message::Pong(q) = decode(&pong.encode()).expect("valid pong") else { panic!("not a pong") };
+    let Message::Pong(q) = decode(&pong.encode()).expect("valid pong") else {
+        panic!("not a pong")
+    };
     assert_eq!(q, *p);
 }
 
@@ -115,8 +124,8 @@ fn extension_messages_round_trip() {
 
 #[test]
 fn hello_with_partial_limits_takes_defaults_for_the_rest() {
-    let Message::Hello(h) = decode(r#"{"type":"hello","version":1,"limits":{"initial_window":1024}}"#)
-        .expect("valid")
+    let Message::Hello(h) =
+        decode(r#"{"type":"hello","version":1,"limits":{"initial_window":1024}}"#).expect("valid")
     else {
         panic!("not hello")
     };
@@ -145,7 +154,9 @@ fn ids_are_checked() {
 #[test]
 fn methods_and_paths_are_checked() {
     let req = |method: &str, path: &str| {
-        format!(r#"{{"type":"http_request","id":"r","method":"{method}","path":"{path}","headers":{{}}}}"#)
+        format!(
+            r#"{{"type":"http_request","id":"r","method":"{method}","path":"{path}","headers":{{}}}}"#
+        )
     };
     assert_eq!(violation(&req("GE T", "/")), Violation::InvalidMethod);
     assert_eq!(violation(&req("", "/")), Violation::InvalidMethod);
@@ -162,7 +173,10 @@ fn a_request_cannot_carry_both_an_inline_and_a_streamed_body() {
 
 #[test]
 fn statuses_are_checked() {
-    assert_eq!(violation(r#"{"type":"http_response","id":"r","status":99}"#), Violation::InvalidStatus);
+    assert_eq!(
+        violation(r#"{"type":"http_response","id":"r","status":99}"#),
+        Violation::InvalidStatus
+    );
     assert_eq!(
         violation(r#"{"type":"response_head","id":"r","status":600,"body_follows":true}"#),
         Violation::InvalidStatus
@@ -183,7 +197,10 @@ fn header_limits_are_checked_on_requests_and_responses() {
 
 #[test]
 fn credit_must_be_positive_and_within_the_window_range() {
-    assert_eq!(violation(r#"{"type":"window_update","id":"r","credit":0}"#), Violation::InvalidCredit);
+    assert_eq!(
+        violation(r#"{"type":"window_update","id":"r","credit":0}"#),
+        Violation::InvalidCredit
+    );
     assert_eq!(
         violation(r#"{"type":"window_update","id":"r","credit":2147483648}"#),
         Violation::InvalidCredit
@@ -205,7 +222,9 @@ fn long_reasons_are_refused() {
 
 #[test]
 fn unusable_limits_are_refused() {
-    for limits in [r#"{"max_chunk_bytes":0}"#, r#"{"initial_window":0}"#, r#"{"max_control_bytes":10}"#] {
+    for limits in
+        [r#"{"max_chunk_bytes":0}"#, r#"{"initial_window":0}"#, r#"{"max_control_bytes":10}"#]
+    {
         let text = format!(r#"{{"type":"hello","version":1,"limits":{limits}}}"#);
         assert_eq!(violation(&text), Violation::InvalidLimits, "{limits}");
     }

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use proto::{frame, Headers, Limits, Message};
+use proto::{Headers, Limits, Message, frame};
 
 fn id() -> impl Strategy<Value = String> {
     "[A-Za-z0-9._:-]{1,64}"
@@ -29,23 +29,23 @@ fn message() -> impl Strategy<Value = Message> {
         (id(), 100u16..600, headers(), any::<String>()).prop_map(|(id, status, headers, body)| {
             Message::HttpResponse(proto::HttpResponseMsg { id, status, headers, body: Some(body) })
         }),
-        (id(), 100u16..600, headers(), any::<bool>()).prop_map(|(id, status, headers, body_follows)| {
-            Message::ResponseHead(proto::ResponseHeadMsg { id, status, headers, body_follows })
-        }),
-        (id(), "[ -~]{0,30}").prop_map(|(id, timestamp)| Message::Ping(proto::Ping { id, timestamp })),
-        (id(), "[ -~]{0,30}").prop_map(|(id, timestamp)| Message::Pong(proto::Ping { id, timestamp })),
-        (id(), ".{0,100}", 100u16..600).prop_map(|(id, error, code)| Message::Error(proto::ErrorMsg {
-            id,
-            error,
-            code
-        })),
+        (id(), 100u16..600, headers(), any::<bool>()).prop_map(
+            |(id, status, headers, body_follows)| {
+                Message::ResponseHead(proto::ResponseHeadMsg { id, status, headers, body_follows })
+            }
+        ),
+        (id(), "[ -~]{0,30}")
+            .prop_map(|(id, timestamp)| Message::Ping(proto::Ping { id, timestamp })),
+        (id(), "[ -~]{0,30}")
+            .prop_map(|(id, timestamp)| Message::Pong(proto::Ping { id, timestamp })),
+        (id(), ".{0,100}", 100u16..600)
+            .prop_map(|(id, error, code)| Message::Error(proto::ErrorMsg { id, error, code })),
         (id(), ".{0,100}").prop_map(|(id, reason)| Message::Cancel(proto::Cancel { id, reason })),
-        (id(), 1u32..=0x7fff_ffff).prop_map(|(id, credit)| Message::WindowUpdate(proto::WindowUpdate {
-            id,
-            credit
-        })),
-        (".{0,100}", prop::option::of(any::<u64>()))
-            .prop_map(|(reason, retry_after_ms)| Message::Goaway(proto::Goaway { reason, retry_after_ms })),
+        (id(), 1u32..=0x7fff_ffff)
+            .prop_map(|(id, credit)| Message::WindowUpdate(proto::WindowUpdate { id, credit })),
+        (".{0,100}", prop::option::of(any::<u64>())).prop_map(|(reason, retry_after_ms)| {
+            Message::Goaway(proto::Goaway { reason, retry_after_ms })
+        }),
     ]
 }
 

@@ -1,1 +1,93 @@
-fn main() {}
+//! relayd entry point: parse, bind, serve until a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// The cloud relay of the LLM tunnel.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(short, long, default_value = "/etc/relayd/relayd.toml")]
+    config: PathBuf,
+    /// Print the resolved configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// sysexits: configuration error.
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RELAYD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match relayd::ConfigFile::load(&args.config).and_then(relayd::ConfigFile::resolve)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relayd: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    if args.check_config {
+        match serde_json::to_string_pretty(&config) {
+            Ok(text) => eprintln!("{text}"),
+            Err(e) => eprintln!("relayd: {e}"),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        rt.worker_threads(config.worker_threads);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relayd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relayd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: relayd::Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    relayd::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

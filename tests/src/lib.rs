@@ -1,1 +1,167 @@
+//! Test harness for the tunnel: a test relay, a test agent, a stand-in
+//! Ollama ([`ollama`]) and an agent that speaks only the original protocol
+//! ([`legacy`]). Everything binds 127.0.0.1 on OS-picked ports and stops when
+//! dropped; readiness is awaited on handles, never slept for.
 
+pub mod legacy;
+pub mod ollama;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use ollama::{StandIn, StandInConfig};
+
+/// The agent token the harness gives `user`.
+pub fn agent_token(user: &str) -> String {
+    format!("agent-token-{user}-0123456789")
+}
+
+/// Longest any harness wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A relay serving in-process on 127.0.0.1.
+pub struct TestRelay {
+    pub relay: relayd::Relay,
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl TestRelay {
+    /// A relay that knows `users` (each with the harness agent token).
+    pub async fn start(users: &[&str]) -> Self {
+        Self::start_with(users, |_| {}).await
+    }
+
+    /// Like [`TestRelay::start`], with `tweak` applied to the config.
+    pub async fn start_with(users: &[&str], tweak: impl FnOnce(&mut relayd::Config)) -> Self {
+        let mut config = relayd::Config::default();
+        config.users = users
+            .iter()
+            .map(|u| relayd::config::User {
+                id: (*u).to_owned(),
+                agent_token: agent_token(u),
+                client_token: None,
+            })
+            .collect();
+        tweak(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let relay = relayd::Relay::new(config);
+        let shutdown = CancellationToken::new();
+        let serving = relay.clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move { serving.serve(listener, token).await });
+        Self { relay, addr, shutdown }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// URL of `path` at `user`'s local service through the tunnel.
+    pub fn tunnel_url(&self, user: &str, path: &str) -> String {
+        self.url(&format!("/api/tunnel/{user}{path}"))
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws/tunnel", self.addr)
+    }
+
+    /// Waits until `user`'s agent is connected.
+    pub async fn wait_for_agent(&self, user: &str) -> Arc<relayd::session::Session> {
+        tokio::time::timeout(WAIT, self.relay.hub().wait_for(user))
+            .await
+            .expect("agent never connected")
+    }
+
+    /// Stops the relay now.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An agent running in-process.
+pub struct TestAgent {
+    pub agent: Arc<agentd::Agent>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestAgent {
+    /// Starts an agent for `user` against `relay`, forwarding to `upstream`,
+    /// and waits until its session is up.
+    pub async fn start(relay: &TestRelay, user: &str, upstream: &str) -> Self {
+        Self::start_with(relay, user, upstream, |_| {}).await
+    }
+
+    pub async fn start_with(
+        relay: &TestRelay,
+        user: &str,
+        upstream: &str,
+        tweak: impl FnOnce(&mut agentd::Config),
+    ) -> Self {
+        let mut config = agentd::ConfigFile {
+            relay: Some(relay.ws_url()),
+            token: Some(agent_token(user)),
+            upstream: Some(upstream.to_owned()),
+            ..agentd::ConfigFile::default()
+        }
+        .resolve()
+        .expect("valid agent config");
+        tweak(&mut config);
+        let agent = Arc::new(agentd::Agent::new(config));
+        let shutdown = CancellationToken::new();
+        let running = agent.clone();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move { running.run(token).await });
+        let mut state = agent.state();
+        tokio::time::timeout(WAIT, state.wait_for(|s| s.connected))
+            .await
+            .expect("agent never connected")
+            .expect("agent state");
+        relay.wait_for_agent(user).await;
+        Self { agent, shutdown, task: Some(task) }
+    }
+
+    /// Stops the agent and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(WAIT, task).await;
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Resident set size of this process in KiB, from /proc.
+pub fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Installs a test log subscriber once (RUST_LOG controls it).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

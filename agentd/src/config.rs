@@ -1,0 +1,222 @@
+//! agentd configuration: the strict on-disk file and the resolved `Config`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use serde::{Deserialize, Serialize};
+
+use proto::Limits;
+
+/// The TOML file as written by the owner. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The relay: `wss://relay.example.com` (the `/ws/tunnel` path is added
+    /// when the URL has none), or a full `ws://`/`wss://` URL.
+    pub relay: Option<String>,
+    /// The agent token. Prefer `token_file`.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// The local service requests go to.
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub reconnect: ReconnectFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub stream_window: Option<u32>,
+    pub max_chunk_bytes: Option<u32>,
+    pub max_streams: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectFile {
+    #[serde(default, with = "opt_duration")]
+    pub max_delay: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub healthy_after: Option<Duration>,
+}
+
+/// The resolved configuration agentd runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// WebSocket URL of the relay's agent endpoint.
+    #[serde(serialize_with = "display")]
+    pub relay: Uri,
+    #[serde(skip)]
+    pub token: String,
+    /// Base URL of the local service (scheme and authority).
+    #[serde(serialize_with = "display")]
+    pub upstream: Uri,
+    /// Limits announced to the relay in `hello`.
+    pub limits: Limits,
+    /// Longest wait between reconnect attempts.
+    #[serde(serialize_with = "display_duration")]
+    pub reconnect_max_delay: Duration,
+    /// A session must stay up this long before the backoff resets.
+    #[serde(serialize_with = "display_duration")]
+    pub healthy_after: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let relay = self.relay.ok_or_else(|| ConfigError::Invalid("relay is not set".into()))?;
+        let relay = relay_url(&relay)?;
+        let token = match (self.token, self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid("set token or token_file, not both".into()));
+            }
+            (Some(t), None) => t,
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::Read { path, source })?
+                .trim()
+                .to_owned(),
+            (None, None) => return Err(ConfigError::Invalid("token_file is not set".into())),
+        };
+        if token.is_empty() || token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+            return Err(ConfigError::Invalid(
+                "the token must be printable ASCII without spaces".into(),
+            ));
+        }
+        let upstream = upstream_url(self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM))?;
+        let mut limits = Limits::default();
+        if let Some(w) = self.limits.stream_window {
+            limits.initial_window = w;
+        }
+        if let Some(c) = self.limits.max_chunk_bytes {
+            limits.max_chunk_bytes = c;
+        }
+        if let Some(s) = self.limits.max_streams {
+            limits.max_streams = s;
+        }
+        limits.validate().map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
+        Ok(Config {
+            relay,
+            token,
+            upstream,
+            limits,
+            reconnect_max_delay: self.reconnect.max_delay.unwrap_or(Duration::from_secs(30)),
+            healthy_after: self.reconnect.healthy_after.unwrap_or(Duration::from_secs(30)),
+        })
+    }
+}
+
+/// Accepts `ws`, `wss`, `http` and `https` URLs; adds `/ws/tunnel` when the
+/// URL has no path.
+pub fn relay_url(text: &str) -> Result<Uri, ConfigError> {
+    let bad = |why: &str| ConfigError::Invalid(format!("relay {text:?}: {why}"));
+    let uri: Uri = text.parse().map_err(|_| bad("not a URL"))?;
+    let scheme = match uri.scheme_str() {
+        Some("ws") | Some("http") => "ws",
+        Some("wss") | Some("https") => "wss",
+        _ => return Err(bad("use ws://, wss://, http:// or https://")),
+    };
+    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+    let path = match uri.path_and_query().map(|p| p.as_str()) {
+        None | Some("/") | Some("") => "/ws/tunnel",
+        Some(p) => p,
+    };
+    format!("{scheme}://{authority}{path}").parse().map_err(|_| bad("not a URL"))
+}
+
+/// The local service: `http://host:port`, no path.
+pub fn upstream_url(text: &str) -> Result<Uri, ConfigError> {
+    let bad = |why: &str| ConfigError::Invalid(format!("upstream {text:?}: {why}"));
+    let uri: Uri = text.parse().map_err(|_| bad("not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(bad("use http://host:port"));
+    }
+    if uri.authority().is_none() {
+        return Err(bad("no host"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(bad("give only scheme, host and port"));
+    }
+    Ok(uri)
+}
+
+fn display<S: serde::Serializer>(v: &Uri, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn display_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+        humantime::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_urls_get_the_tunnel_path_and_a_websocket_scheme() {
+        assert_eq!(
+            relay_url("https://relay.example.com").unwrap().to_string(),
+            "wss://relay.example.com/ws/tunnel"
+        );
+        assert_eq!(
+            relay_url("ws://127.0.0.1:8080/").unwrap().to_string(),
+            "ws://127.0.0.1:8080/ws/tunnel"
+        );
+        assert_eq!(
+            relay_url("wss://r.example/custom").unwrap().to_string(),
+            "wss://r.example/custom"
+        );
+        assert!(relay_url("ftp://x").is_err());
+        assert!(relay_url("not a url").is_err());
+    }
+
+    #[test]
+    fn upstream_must_be_plain_http_without_a_path() {
+        assert!(upstream_url("http://127.0.0.1:11434").is_ok());
+        assert!(upstream_url("https://127.0.0.1:11434").is_err());
+        assert!(upstream_url("http://127.0.0.1:11434/api").is_err());
+    }
+
+    #[test]
+    fn token_is_required_and_unknown_keys_are_refused() {
+        let parse = |t: &str| {
+            toml::from_str::<ConfigFile>(t)
+                .map_err(|e| e.to_string())
+                .and_then(|f| f.resolve().map_err(|e| e.to_string()))
+        };
+        assert!(parse("relay = \"ws://127.0.0.1:1\"").is_err());
+        assert!(parse("relay = \"ws://127.0.0.1:1\"\ntoken = \"abc\"\nextra = 1").is_err());
+        let c = parse("relay = \"ws://127.0.0.1:1\"\ntoken = \"abc\"").unwrap();
+        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:11434/");
+    }
+}

@@ -1,0 +1,133 @@
+//! Dialling the relay: TCP (no Nagle), the WebSocket upgrade with the agent
+//! token, and the `hello`/`welcome` exchange.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
+
+use crate::Config;
+
+/// Time allowed for TCP connect, upgrade and handshake together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub type RelaySocket = WebSocketStream<TcpStream>;
+
+/// A session the relay accepted.
+pub struct Connected {
+    pub socket: RelaySocket,
+    pub session_id: String,
+    pub relay_limits: Limits,
+}
+
+/// Why a connection attempt failed. Callers branch on `Unauthorized` (retry
+/// slowly) versus everything else (retry with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the relay refused the agent token ({0})")]
+    Unauthorized(u16),
+    #[error("cannot reach the relay: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("WebSocket handshake failed: {0}")]
+    Handshake(String),
+    #[error("the relay does not speak tunnel protocol v1: {0}")]
+    Protocol(String),
+    #[error("timed out connecting to the relay")]
+    Timeout,
+    #[error(
+        "wss:// relays are not supported by this build yet; use ws:// behind a TLS-terminating proxy"
+    )]
+    TlsUnsupported,
+}
+
+pub async fn connect(config: &Config) -> Result<Connected, ConnectError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, try_connect(config))
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+}
+
+async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
+    let uri = &config.relay;
+    if uri.scheme_str() == Some("wss") {
+        return Err(ConnectError::TlsUnsupported);
+    }
+    let host = uri.host().unwrap_or("localhost");
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp =
+        TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)).await?;
+    tcp.set_nodelay(true)?;
+
+    let mut request = uri
+        .to_string()
+        .into_client_request()
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {}", config.token))
+        .map_err(|_| ConnectError::Handshake("token is not a valid header value".into()))?;
+    request.headers_mut().insert(AUTHORIZATION, bearer);
+    request.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+
+    let limits = &config.limits;
+    let max = (limits.max_control_bytes as usize)
+        .max(limits.max_chunk_bytes as usize + 2 + proto::limits::MAX_ID_LEN);
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(64 * 1024)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let (mut socket, response) =
+        tokio_tungstenite::client_async_with_config(request, tcp, Some(ws_config)).await.map_err(
+            |e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp)
+                    if resp.status() == 401 || resp.status() == 403 =>
+                {
+                    ConnectError::Unauthorized(resp.status().as_u16())
+                }
+                other => ConnectError::Handshake(other.to_string()),
+            },
+        )?;
+    if response.headers().get(SEC_WEBSOCKET_PROTOCOL).is_none_or(|p| p != SUBPROTOCOL) {
+        return Err(ConnectError::Protocol("no subprotocol in the upgrade response".into()));
+    }
+
+    let hello = Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        agent: format!("agentd/{}", env!("CARGO_PKG_VERSION")),
+        capabilities: capability::ALL.iter().map(|c| (*c).to_owned()).collect(),
+        limits: *limits,
+    });
+    socket
+        .send(Ws::text(hello.encode()))
+        .await
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let reply = match socket.next().await {
+        Some(Ok(Ws::Text(t))) => t,
+        Some(Ok(Ws::Close(f))) => {
+            return Err(ConnectError::Protocol(
+                f.map(|f| f.reason.to_string()).unwrap_or_else(|| "closed".into()),
+            ));
+        }
+        Some(Ok(_)) => return Err(ConnectError::Protocol("expected welcome".into())),
+        Some(Err(e)) => return Err(ConnectError::Handshake(e.to_string())),
+        None => return Err(ConnectError::Protocol("relay closed before welcome".into())),
+    };
+    match Message::decode(&reply, limits) {
+        Ok(Message::Welcome(w)) if w.version == PROTOCOL_VERSION => {
+            Ok(Connected { socket, session_id: w.session_id, relay_limits: w.limits })
+        }
+        Ok(Message::Welcome(w)) => {
+            Err(ConnectError::Protocol(format!("relay chose version {}", w.version)))
+        }
+        Ok(other) => {
+            Err(ConnectError::Protocol(format!("expected welcome, got {}", other.encode())))
+        }
+        Err(e) => Err(ConnectError::Protocol(e.to_string())),
+    }
+}

@@ -1,0 +1,417 @@
+//! The agent's side of one WebSocket session with the relay.
+//!
+//! The reader dispatches each frame without waiting on any stream: request
+//! body bytes go into the stream's bounded inbox (the relay respects the
+//! window this agent announced), credit goes to the stream's send window,
+//! `cancel` fires the stream's cancellation token. Each request runs in its
+//! own task ([`crate::forward`]); the writer batches their frames onto the
+//! socket.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use proto::flow::{BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox};
+use proto::{Limits, Message, ProtocolError, RequestBody, StreamId, Violation, frame};
+
+use crate::forward::{self, Upstream};
+
+const OUT_QUEUE: usize = 64;
+const WRITE_BATCH: usize = 32;
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The agent is shutting down.
+    Shutdown,
+    /// The socket closed or failed; reconnect.
+    Lost(String),
+}
+
+struct StreamEntry {
+    cancel: CancellationToken,
+    body: Option<InboxSender>,
+    window: Arc<SendWindow>,
+}
+
+#[derive(Default)]
+struct Urgent {
+    frames: Mutex<Vec<Message>>,
+    notify: Notify,
+}
+
+/// One live session.
+pub struct Session {
+    pub id: String,
+    /// The relay's limits from `welcome`.
+    peer: Limits,
+    local: Limits,
+    out: mpsc::Sender<Ws>,
+    urgent: Urgent,
+    streams: Mutex<HashMap<String, StreamEntry>>,
+    closed: CancellationToken,
+    gauge: Arc<BufferGauge>,
+}
+
+/// The session is gone; the frame was not sent.
+#[derive(Debug, thiserror::Error)]
+#[error("relay session closed")]
+pub struct SessionClosed;
+
+impl Session {
+    pub fn new(
+        id: String,
+        peer: Limits,
+        local: Limits,
+        gauge: Arc<BufferGauge>,
+    ) -> (Arc<Self>, mpsc::Receiver<Ws>) {
+        let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let s = Arc::new(Self {
+            id,
+            peer,
+            local,
+            out,
+            urgent: Urgent::default(),
+            streams: Mutex::new(HashMap::new()),
+            closed: CancellationToken::new(),
+            gauge,
+        });
+        (s, rx)
+    }
+
+    fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, StreamEntry>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lock_streams().len()
+    }
+
+    /// Largest body chunk this agent sends.
+    pub fn chunk_size(&self) -> usize {
+        self.local.chunk_towards(&self.peer)
+    }
+
+    pub fn recv_window(&self) -> u32 {
+        self.local.initial_window
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Queues a frame, waiting while the writer is behind.
+    pub async fn send(&self, frame: Ws) -> Result<(), SessionClosed> {
+        tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => Err(SessionClosed),
+            r = self.out.send(frame) => r.map_err(|_| SessionClosed),
+        }
+    }
+
+    pub async fn send_msg(&self, msg: &Message) -> Result<(), SessionClosed> {
+        self.send(Ws::text(msg.encode())).await
+    }
+
+    fn push_urgent(&self, msg: Message) {
+        let mut frames = self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner);
+        if frames.len() >= 4 * (self.local.max_streams as usize).max(16) {
+            drop(frames);
+            warn!(session = %self.id, "control queue overflow; closing the session");
+            self.closed.cancel();
+            return;
+        }
+        frames.push(msg);
+        drop(frames);
+        self.urgent.notify.notify_one();
+    }
+
+    /// Returns request-body credit to the relay.
+    pub fn grant(&self, id: &StreamId, credit: u32) {
+        if !self.is_closed() {
+            self.push_urgent(Message::WindowUpdate(proto::WindowUpdate {
+                id: id.as_str().to_owned(),
+                credit,
+            }));
+        }
+    }
+
+    /// The stream's task is done: forget it. With `cancel_reason`, also tell
+    /// the relay the stream was abandoned.
+    pub fn finish(&self, id: &StreamId, cancel_reason: Option<&str>) {
+        let entry = self.lock_streams().remove(id.as_str());
+        if let Some(e) = entry {
+            e.window.close();
+            if let Some(reason) = cancel_reason
+                && !self.is_closed()
+            {
+                self.push_urgent(Message::cancel(id.as_str(), reason));
+            }
+        }
+    }
+
+    /// Runs the session until the socket ends or `shutdown` fires. Every
+    /// stream still running is cancelled on the way out: nothing produced
+    /// for this session is ever sent on a later one.
+    pub async fn run<S>(
+        self: Arc<Self>,
+        socket: WebSocketStream<S>,
+        rx: mpsc::Receiver<Ws>,
+        upstream: Arc<Upstream>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> SessionEnd
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sink, stream) = socket.split();
+        let writer = tokio::spawn(self.clone().write_loop(sink, rx));
+        let end = tokio::select! {
+            end = self.read_loop(stream, &upstream, &tasks) => end,
+            _ = shutdown.cancelled() => SessionEnd::Shutdown,
+        };
+        self.closed.cancel();
+        let streams: Vec<StreamEntry> = self.lock_streams().drain().map(|(_, e)| e).collect();
+        for e in streams {
+            e.cancel.cancel();
+            e.window.close();
+            if let Some(b) = e.body {
+                b.abort(StreamAbort::new(502, "relay session ended"));
+            }
+        }
+        let _ = writer.await;
+        end
+    }
+
+    async fn write_loop<S>(
+        self: Arc<Self>,
+        mut sink: SplitSink<WebSocketStream<S>, Ws>,
+        mut rx: mpsc::Receiver<Ws>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let result: Result<(), tokio_tungstenite::tungstenite::Error> = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.closed.cancelled() => break,
+                    _ = self.urgent.notify.notified() => {}
+                    frame = rx.recv() => match frame {
+                        Some(f) => sink.feed(f).await?,
+                        None => break,
+                    },
+                }
+                loop {
+                    let urgent = std::mem::take(
+                        &mut *self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner),
+                    );
+                    for msg in urgent {
+                        sink.feed(Ws::text(msg.encode())).await?;
+                    }
+                    let mut fed = 0;
+                    while fed < WRITE_BATCH {
+                        let Ok(f) = rx.try_recv() else { break };
+                        sink.feed(f).await?;
+                        fed += 1;
+                    }
+                    if fed < WRITE_BATCH {
+                        break;
+                    }
+                }
+                sink.flush().await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            debug!(session = %self.id, error = %e, "relay socket write failed");
+            self.closed.cancel();
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            sink.send(Ws::Close(None)).await?;
+            sink.close().await
+        })
+        .await;
+    }
+
+    async fn read_loop<S>(
+        self: &Arc<Self>,
+        mut stream: SplitStream<WebSocketStream<S>>,
+        upstream: &Arc<Upstream>,
+        tasks: &TaskTracker,
+    ) -> SessionEnd
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = self.closed.cancelled() => return SessionEnd::Lost("session closed".into()),
+                f = stream.next() => f,
+            };
+            let frame = match frame {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => return SessionEnd::Lost(format!("socket error: {e}")),
+                None => return SessionEnd::Lost("relay closed the connection".into()),
+            };
+            let outcome = match frame {
+                Ws::Text(text) => self.on_text(&text, upstream, tasks).await,
+                Ws::Binary(data) => self.on_binary(&data),
+                Ws::Close(frame) => {
+                    let why = frame
+                        .map(|f| format!("{} ({})", f.reason, u16::from(f.code)))
+                        .unwrap_or_default();
+                    return SessionEnd::Lost(format!("relay closed the session: {why}"));
+                }
+                Ws::Ping(_) | Ws::Pong(_) | Ws::Frame(_) => Ok(()),
+            };
+            if let Err(err) = outcome {
+                warn!(session = %self.id, error = %err, "refused a frame from the relay");
+                if self.send_msg(&Message::violation(None, &err)).await.is_err() {
+                    return SessionEnd::Lost("session closed".into());
+                }
+            }
+        }
+    }
+
+    async fn on_text(
+        self: &Arc<Self>,
+        text: &str,
+        upstream: &Arc<Upstream>,
+        tasks: &TaskTracker,
+    ) -> Result<(), ProtocolError> {
+        let msg = Message::decode(text, &self.local)?;
+        match msg {
+            Message::HttpRequest(m) => {
+                let id = m.id.clone();
+                let req = match m.into_request(&self.local) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = self.send_msg(&Message::error(id, 400, e.to_string())).await;
+                        return Ok(());
+                    }
+                };
+                self.start(req, upstream, tasks).await;
+            }
+            Message::Cancel(c) => {
+                let entry = self.lock_streams().remove(c.id.as_str());
+                if let Some(e) = entry {
+                    debug!(session = %self.id, stream = %c.id, reason = %c.reason, "relay cancelled stream");
+                    e.cancel.cancel();
+                    e.window.close();
+                }
+            }
+            Message::Error(e) => {
+                if e.id.is_empty() {
+                    warn!(session = %self.id, code = e.code, error = %e.error, "relay reported an error");
+                } else if let Some(entry) = self.lock_streams().remove(e.id.as_str()) {
+                    entry.cancel.cancel();
+                    entry.window.close();
+                }
+            }
+            Message::WindowUpdate(w) => {
+                let window = self.lock_streams().get(w.id.as_str()).map(|e| e.window.clone());
+                if let Some(window) = window {
+                    window.grant(w.credit)?;
+                }
+            }
+            Message::Ping(p) => {
+                let _ = self.send_msg(&Message::pong(&p)).await;
+            }
+            Message::Pong(_) => {}
+            Message::Goaway(g) => {
+                debug!(session = %self.id, reason = %g.reason, "relay is draining");
+            }
+            Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::HttpResponse(_)
+            | Message::ResponseHead(_) => {
+                return Err(ProtocolError::new(
+                    Violation::StreamState,
+                    "message not allowed from a relay",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(
+        self: &Arc<Self>,
+        req: proto::TunnelRequest,
+        upstream: &Arc<Upstream>,
+        tasks: &TaskTracker,
+    ) {
+        let id = req.id.clone();
+        let (body_tx, body_rx): (Option<InboxSender>, Option<Inbox>) = match req.body {
+            RequestBody::Streamed => {
+                let (tx, rx) = inbox(self.local.initial_window as usize, self.gauge.clone());
+                (Some(tx), Some(rx))
+            }
+            RequestBody::Inline(_) => (None, None),
+        };
+        let cancel = CancellationToken::new();
+        let window = Arc::new(SendWindow::new(self.peer.initial_window));
+        let refused = {
+            let mut streams = self.lock_streams();
+            if streams.contains_key(id.as_str()) {
+                Some((409, "duplicate stream id"))
+            } else if streams.len() >= self.local.max_streams as usize {
+                Some((429, "agent has too many requests in flight"))
+            } else {
+                streams.insert(
+                    id.as_str().to_owned(),
+                    StreamEntry { cancel: cancel.clone(), body: body_tx, window: window.clone() },
+                );
+                None
+            }
+        };
+        if let Some((code, why)) = refused {
+            let _ = self.send_msg(&Message::error(id.as_str(), code, why)).await;
+            return;
+        }
+        tasks.spawn(forward::serve(self.clone(), upstream.clone(), req, body_rx, window, cancel));
+    }
+
+    fn on_binary(&self, data: &Bytes) -> Result<(), ProtocolError> {
+        let f = frame::decode(data, self.local.max_chunk_bytes as usize)?;
+        let mut streams = self.lock_streams();
+        let Some(entry) = streams.get_mut(f.id.as_str()) else {
+            return Ok(()); // in flight when the stream ended
+        };
+        let Some(body) = &entry.body else {
+            return Err(ProtocolError::new(
+                Violation::StreamState,
+                format!("body bytes for {} which has none", f.id),
+            ));
+        };
+        match body.push(f.payload) {
+            Ok(()) | Err(PushError::Closed) => {}
+            Err(e @ PushError::Overflow { .. }) => {
+                if let Some(entry) = streams.remove(f.id.as_str()) {
+                    entry.cancel.cancel();
+                    entry.window.close();
+                }
+                drop(streams);
+                self.push_urgent(Message::cancel(f.id.as_str(), "flow-control window exceeded"));
+                return Err(e.into());
+            }
+        }
+        if f.end {
+            body.finish();
+            entry.body = None;
+        }
+        Ok(())
+    }
+}

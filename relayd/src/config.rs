@@ -1,0 +1,269 @@
+//! relayd configuration: the strict on-disk file and the resolved `Config`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use proto::Limits;
+
+/// The TOML file as written by the operator. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Address the HTTP listener binds (web clients and agents).
+    pub listen: Option<SocketAddr>,
+    /// Tokio worker threads; 0 or absent = one per core.
+    pub worker_threads: Option<usize>,
+    #[serde(default)]
+    pub users: Vec<UserFile>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserFile {
+    pub id: String,
+    /// Token the user's agent presents (`Authorization: Bearer`). Prefer
+    /// `agent_token_file`.
+    pub agent_token: Option<String>,
+    pub agent_token_file: Option<PathBuf>,
+    /// Token web clients must present for this user's routes. Without one,
+    /// the user's routes are open to anyone who can reach the relay.
+    pub client_token: Option<String>,
+    pub client_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub stream_window: Option<u32>,
+    pub max_chunk_bytes: Option<u32>,
+    pub max_streams_per_agent: Option<u32>,
+    pub max_request_body: Option<u64>,
+    pub legacy_max_body: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsFile {
+    #[serde(default, with = "opt_duration")]
+    pub first_byte: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub hello: Option<Duration>,
+}
+
+/// The resolved configuration relayd runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub worker_threads: usize,
+    #[serde(skip)]
+    pub users: Vec<User>,
+    /// Limits announced to agents in `welcome`.
+    pub limits: Limits,
+    /// Largest request body a web client may send (413 above it).
+    pub max_request_body: u64,
+    /// Largest request body sent to an original (version 0) agent, which
+    /// takes the body inline in one message.
+    pub legacy_max_body: usize,
+    /// Time from forwarding a request until the response head arrives (504).
+    #[serde(with = "humantime_serde_compat")]
+    pub first_byte_timeout: Duration,
+    /// Time an agent that offered the v1 subprotocol has to send `hello`.
+    #[serde(with = "humantime_serde_compat")]
+    pub hello_timeout: Duration,
+}
+
+/// One user and their tokens.
+#[derive(Clone)]
+pub struct User {
+    pub id: String,
+    pub agent_token: String,
+    pub client_token: Option<String>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            worker_threads: 0,
+            users: Vec::new(),
+            limits: Limits::default(),
+            max_request_body: 64 * 1024 * 1024 * 1024,
+            legacy_max_body: 16 * 1024 * 1024,
+            first_byte_timeout: Duration::from_secs(300),
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Applies defaults and checks every value; secrets in files are read.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let mut limits = Limits::default();
+        if let Some(w) = self.limits.stream_window {
+            limits.initial_window = w;
+        }
+        if let Some(c) = self.limits.max_chunk_bytes {
+            limits.max_chunk_bytes = c;
+        }
+        if let Some(s) = self.limits.max_streams_per_agent {
+            limits.max_streams = s;
+        }
+        limits.validate().map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
+        let mut users = Vec::with_capacity(self.users.len());
+        for u in self.users {
+            if !valid_user_id(&u.id) {
+                return Err(ConfigError::Invalid(format!(
+                    "user id {:?}: use 1-64 characters from [A-Za-z0-9._-]",
+                    u.id
+                )));
+            }
+            if users.iter().any(|x: &User| x.id == u.id) {
+                return Err(ConfigError::Invalid(format!("user {:?} is listed twice", u.id)));
+            }
+            let agent_token = secret(&u.id, "agent_token", u.agent_token, u.agent_token_file)?
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!("user {:?} has no agent_token", u.id))
+                })?;
+            let client_token = secret(&u.id, "client_token", u.client_token, u.client_token_file)?;
+            users.push(User { id: u.id, agent_token, client_token });
+        }
+        Ok(Config {
+            listen: self.listen.unwrap_or(d.listen),
+            worker_threads: self.worker_threads.unwrap_or(0),
+            users,
+            limits,
+            max_request_body: self.limits.max_request_body.unwrap_or(d.max_request_body),
+            legacy_max_body: self.limits.legacy_max_body.unwrap_or(d.legacy_max_body),
+            first_byte_timeout: self.timeouts.first_byte.unwrap_or(d.first_byte_timeout),
+            hello_timeout: self.timeouts.hello.unwrap_or(d.hello_timeout),
+        })
+    }
+}
+
+/// User ids appear in URLs: 1-64 characters from `[A-Za-z0-9._-]`.
+pub fn valid_user_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id != "."
+        && id != ".."
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn secret(
+    user: &str,
+    what: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    let value = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(format!(
+                "user {user:?}: set {what} or {what}_file, not both"
+            )));
+        }
+        (Some(v), None) => v,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::Read { path, source })?
+            .trim()
+            .to_owned(),
+        (None, None) => return Ok(None),
+    };
+    if value.len() < 16 {
+        return Err(ConfigError::Invalid(format!(
+            "user {user:?}: {what} must be at least 16 characters"
+        )));
+    }
+    Ok(Some(value))
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+        humantime::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str::<ConfigFile>(text)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?
+            .resolve()
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = parse("").expect("valid");
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.first_byte_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(parse("lisen = \"127.0.0.1:1\"").is_err());
+    }
+
+    #[test]
+    fn users_need_a_valid_id_and_a_long_enough_token() {
+        assert!(parse("[[users]]\nid = \"a/b\"\nagent_token = \"0123456789abcdef\"").is_err());
+        assert!(parse("[[users]]\nid = \"alice\"\nagent_token = \"short\"").is_err());
+        assert!(parse("[[users]]\nid = \"alice\"").is_err());
+        let c =
+            parse("[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"").expect("valid");
+        assert_eq!(c.users[0].id, "alice");
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let c = parse("[timeouts]\nfirst_byte = \"2m 30s\"").expect("valid");
+        assert_eq!(c.first_byte_timeout, Duration::from_secs(150));
+        assert!(parse("[timeouts]\nfirst_byte = \"soon\"").is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! Forwarding one web request through an agent session and answering it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tracing::debug;
+
+use proto::flow::{SendWindow, StreamAbort};
+use proto::{Headers, HttpRequestMsg, Message, StreamId, frame};
+
+use crate::Shared;
+use crate::body::RelayBody;
+use crate::session::{OpenError, Session};
+
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+/// Fields the relay never forwards: its own credential and the client's
+/// view of the relay's host (the agent sets `Host` for the local service).
+const NOT_FORWARDED: [HeaderName; 2] = [http::header::AUTHORIZATION, http::header::HOST];
+
+/// Forwards `req` to `session`'s agent as a request for `target` (path and
+/// query at the local service) and returns the streamed answer.
+pub async fn forward(
+    shared: &Shared,
+    session: Arc<Session>,
+    req: Request<Incoming>,
+    target: String,
+) -> Response<RelayBody> {
+    let (parts, body) = req.into_parts();
+    let headers = match Headers::from_map(&parts.headers, &NOT_FORWARDED) {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.detail),
+    };
+    if let Err(e) = headers.check_size(&shared.config.limits) {
+        return error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, &e.detail);
+    }
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > shared.config.max_request_body) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than this relay accepts",
+        );
+    }
+    let has_body = !http_body::Body::is_end_stream(&body);
+
+    let open = match session.open() {
+        Ok(o) => o,
+        Err(OpenError::TooManyStreams(n)) => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("this tunnel already has {n} requests in flight"),
+            );
+            r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+        Err(OpenError::Closed) => return unavailable(&session.user),
+    };
+
+    let sent = if session.is_legacy() {
+        let body = match read_legacy_body(body, shared.config.legacy_max_body).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let msg = HttpRequestMsg::new(&open.id, &parts.method, &target, headers, Some(body), false);
+        session.send_msg(&Message::HttpRequest(msg)).await
+    } else {
+        let msg = HttpRequestMsg::new(&open.id, &parts.method, &target, headers, None, has_body);
+        let sent = session.send_msg(&Message::HttpRequest(msg)).await;
+        if sent.is_ok() && has_body {
+            tokio::spawn(pump_request_body(
+                session.clone(),
+                open.id.clone(),
+                open.window.clone(),
+                body,
+                shared.config.max_request_body,
+            ));
+        }
+        sent
+    };
+    if sent.is_err() {
+        return error(StatusCode::BAD_GATEWAY, "agent disconnected");
+    }
+
+    let head = match tokio::time::timeout(shared.config.first_byte_timeout, open.head).await {
+        Ok(Ok(Ok(head))) => head,
+        Ok(Ok(Err(abort))) => return abort_response(&abort),
+        Ok(Err(_)) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
+        Err(_) => {
+            open.guard.cancel("no response head before the first-byte timeout");
+            return error(StatusCode::GATEWAY_TIMEOUT, "the local service did not answer in time");
+        }
+    };
+
+    let mut resp = Response::new(RelayBody::empty());
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    let ndjson = content_type_is(&resp, "application/x-ndjson");
+    let streamed = ndjson
+        || content_type_is(&resp, "text/event-stream")
+        || !resp.headers().contains_key(CONTENT_LENGTH);
+    if streamed {
+        resp.headers_mut().insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
+        resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    *resp.body_mut() = match head.body {
+        Some(full) => {
+            let mut guard = open.guard;
+            guard.complete();
+            RelayBody::full(full)
+        }
+        None if parts.method == Method::HEAD => {
+            // hyper never polls a HEAD body; the agent ended the stream with
+            // its head, so completing here cancels nothing.
+            let mut guard = open.guard;
+            guard.complete();
+            RelayBody::empty()
+        }
+        None => RelayBody::stream(open.inbox, session.recv_window(), open.guard, ndjson),
+    };
+    resp
+}
+
+/// Streams the web client's request body to the agent in chunks, spending
+/// flow-control credit before each one.
+async fn pump_request_body(
+    session: Arc<Session>,
+    id: StreamId,
+    window: Arc<SendWindow>,
+    mut body: Incoming,
+    max: u64,
+) {
+    let chunk = session.chunk_size();
+    let mut total: u64 = 0;
+    loop {
+        // `is_end_stream` is only a hint (a chunked body never sets it), so
+        // the end is also the `None` after the last frame.
+        let (data, last) = match body.frame().await {
+            None => (Bytes::new(), true),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => (d, http_body::Body::is_end_stream(&body)),
+                Err(_) => continue, // trailers are not forwarded
+            },
+            Some(Err(e)) => {
+                debug!(stream = %id, error = %e, "web client request body failed");
+                session
+                    .abort_stream(id.as_str(), StreamAbort::new(400, "request body ended early"));
+                return;
+            }
+        };
+        total += data.len() as u64;
+        if total > max {
+            session.abort_stream(
+                id.as_str(),
+                StreamAbort::new(413, "request body is larger than this relay accepts"),
+            );
+            return;
+        }
+        let mut data = data;
+        loop {
+            let want = data.len().min(chunk);
+            let n = match window.reserve(want).await {
+                Ok(n) => n,
+                Err(_) => return, // the stream ended; nobody needs the rest
+            };
+            let piece = data.split_to(n);
+            let end = last && data.is_empty();
+            if want > 0 || end {
+                let f = frame::encode(id.as_str(), end, &piece);
+                if session.send(Ws::Binary(f)).await.is_err() {
+                    return;
+                }
+            }
+            if data.is_empty() {
+                break;
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+async fn read_legacy_body(body: Incoming, max: usize) -> Result<String, Response<RelayBody>> {
+    let collected = http_body_util::Limited::new(body, max).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large for this agent (it speaks the original protocol)",
+            )
+        } else {
+            error(StatusCode::BAD_REQUEST, "request body ended early")
+        }
+    })?;
+    String::from_utf8(collected.to_bytes().to_vec()).map_err(|_| {
+        error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "this agent speaks the original protocol, which carries text bodies only; upgrade agentd for binary bodies",
+        )
+    })
+}
+
+fn content_type_is(resp: &Response<RelayBody>, mime: &str) -> bool {
+    resp.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(mime)))
+}
+
+fn abort_response(abort: &StreamAbort) -> Response<RelayBody> {
+    let status = StatusCode::from_u16(abort.code)
+        .ok()
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    error(status, &abort.message)
+}
+
+/// A JSON error in Ollama's shape: `{"error": "..."}`.
+pub fn error(status: StatusCode, message: &str) -> Response<RelayBody> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut resp = Response::new(RelayBody::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// 503 for a user whose agent is not connected.
+pub fn unavailable(user: &str) -> Response<RelayBody> {
+    let mut r =
+        error(StatusCode::SERVICE_UNAVAILABLE, &format!("the agent for {user:?} is not connected"));
+    r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}

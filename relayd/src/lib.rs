@@ -1,0 +1,141 @@
+//! relayd: the cloud side of the tunnel.
+//!
+//! Web clients call `ALL /api/tunnel/{user}/{*path}`; each user's agent holds
+//! one WebSocket on `GET /ws/tunnel`. The relay routes a request to the
+//! user's agent session ([`hub`]), correlates the answer by stream id
+//! ([`session`]) and streams it back chunk by chunk ([`forward`], [`body`]).
+//!
+//! [`Relay::new`] does not listen; [`Relay::serve`] takes any bound listener
+//! and a shutdown token, so tests run the relay in-process.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod forward;
+pub mod hub;
+pub mod server;
+pub mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info};
+
+use proto::flow::BufferGauge;
+
+pub use config::{Config, ConfigFile};
+pub use hub::Hub;
+
+/// How long in-flight connections get to finish once shutdown begins.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// State shared by every connection of one relay.
+pub struct Shared {
+    pub config: Config,
+    pub hub: Hub,
+    /// Response bytes buffered for web clients, across all streams.
+    pub gauge: Arc<BufferGauge>,
+    tasks: TaskTracker,
+}
+
+/// A relay, ready to serve on any listener.
+#[derive(Clone)]
+pub struct Relay {
+    shared: Arc<Shared>,
+}
+
+impl Relay {
+    pub fn new(config: Config) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                hub: Hub::default(),
+                gauge: Arc::new(BufferGauge::default()),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.shared.hub
+    }
+
+    /// Bytes of response bodies buffered in the relay right now and at peak.
+    pub fn buffered(&self) -> &BufferGauge {
+        &self.shared.gauge
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` is cancelled, then closes
+    /// agent sessions and gives open connections a bounded time to finish.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let shared = &self.shared;
+        info!(addr = %listener.local_addr()?, "relay listening");
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors or similar: keep serving the
+                        // connections we have and retry shortly.
+                        error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let conn_shared = shared.clone();
+            let conn_shutdown = shutdown.clone();
+            shared.tasks.spawn(async move {
+                let svc = service_fn(move |req| server::handle(conn_shared.clone(), req));
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                    }
+                    _ = conn_shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(DRAIN_DEADLINE, conn).await;
+                    }
+                }
+            });
+        }
+        for session in shared.hub.sessions() {
+            session.close(session::CloseReason::Shutdown);
+        }
+        shared.tasks.close();
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, shared.tasks.wait()).await;
+        info!("relay stopped");
+        Ok(())
+    }
+}
+
+/// Runs a relay with `config` on `listener` until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    Relay::new(config).serve(listener, shutdown).await
+}

@@ -1,0 +1,653 @@
+//! One agent's WebSocket session at the relay.
+//!
+//! A session owns the socket: a reader task that dispatches every incoming
+//! frame without ever waiting on a stream (flow control guarantees the
+//! per-stream inbox has room), and a writer task that batches outgoing frames
+//! (feed, then flush when the queue is empty). Streams are opened by web
+//! requests ([`Session::open`]) and live in the session's stream table until
+//! their response ends, the web client goes away, or the session closes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, StatusCode};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use proto::flow::{BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox};
+use proto::{Limits, Message, ProtocolError, StreamId, Violation, frame};
+
+/// Frames queued for the writer. Small: a full queue makes request senders
+/// wait (backpressure), while cancels and credit bypass it.
+const OUT_QUEUE: usize = 64;
+/// Frames the writer feeds before it looks at urgent control frames again.
+const WRITE_BATCH: usize = 32;
+
+pub type AgentSocket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Why a session ended, as seen by its streams and in the close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A newer session for the same user took over.
+    Replaced,
+    /// The agent closed the socket or it failed.
+    Disconnected,
+    /// The relay is shutting down.
+    Shutdown,
+    /// The agent broke the protocol beyond repair.
+    ProtocolError,
+}
+
+impl CloseReason {
+    fn text(self) -> &'static str {
+        match self {
+            CloseReason::Replaced => "agent session replaced by a newer connection",
+            CloseReason::Disconnected => "agent disconnected",
+            CloseReason::Shutdown => "relay shutting down",
+            CloseReason::ProtocolError => "agent violated the tunnel protocol",
+        }
+    }
+
+    fn close_code(self) -> CloseCode {
+        match self {
+            CloseReason::Replaced => CloseCode::Library(4000),
+            CloseReason::Disconnected => CloseCode::Normal,
+            CloseReason::Shutdown => CloseCode::Away,
+            CloseReason::ProtocolError => CloseCode::Protocol,
+        }
+    }
+}
+
+/// What the agent answered, once its head arrived.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// A whole body (original `http_response`), or `None` when the body
+    /// streams into the stream's inbox.
+    pub body: Option<Bytes>,
+}
+
+/// A stream opened by a web request.
+pub struct OpenStream {
+    pub id: StreamId,
+    pub head: oneshot::Receiver<Result<Head, StreamAbort>>,
+    /// Response body bytes (streamed responses only).
+    pub inbox: Inbox,
+    /// Credit for request body bytes towards the agent.
+    pub window: Arc<SendWindow>,
+    /// Cancels the stream at the agent unless it completed.
+    pub guard: StreamGuard,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("agent has {0} streams in flight, its limit")]
+    TooManyStreams(usize),
+    #[error("agent session is closing")]
+    Closed,
+}
+
+/// The session went away while a frame was being queued.
+#[derive(Debug, thiserror::Error)]
+#[error("agent session closed")]
+pub struct SessionClosed;
+
+struct Slot {
+    head: Option<oneshot::Sender<Result<Head, StreamAbort>>>,
+    body: InboxSender,
+    window: Arc<SendWindow>,
+}
+
+/// Cancels and credit updates: produced from synchronous code (a dropped
+/// body, a consumed chunk) that cannot wait on the bounded queue.
+#[derive(Default)]
+struct Urgent {
+    frames: Mutex<Vec<Message>>,
+    notify: Notify,
+}
+
+pub struct Session {
+    pub id: String,
+    pub user: String,
+    /// 0 for an original agent, else the negotiated version.
+    pub version: u32,
+    pub connected_at: SystemTime,
+    pub agent: String,
+    /// What the agent announced in `hello` (defaults for original agents).
+    peer: Limits,
+    /// What this relay announced in `welcome`.
+    local: Limits,
+    max_streams: usize,
+    out: mpsc::Sender<Ws>,
+    urgent: Urgent,
+    streams: Mutex<HashMap<String, Slot>>,
+    closed: CancellationToken,
+    close_reason: Mutex<Option<CloseReason>>,
+    next_id: AtomicU64,
+    gauge: Arc<BufferGauge>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("user", &self.user)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parameters fixed when the session is accepted.
+pub struct SessionParams {
+    pub user: String,
+    pub version: u32,
+    pub agent: String,
+    pub peer: Limits,
+    pub local: Limits,
+    pub gauge: Arc<BufferGauge>,
+}
+
+impl Session {
+    /// Creates the session and the receiver its writer task drains.
+    pub fn new(p: SessionParams) -> (Arc<Self>, mpsc::Receiver<Ws>) {
+        let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let max_streams = p.local.max_streams.min(p.peer.max_streams) as usize;
+        let session = Arc::new(Self {
+            id: new_session_id(),
+            user: p.user,
+            version: p.version,
+            connected_at: SystemTime::now(),
+            agent: p.agent,
+            peer: p.peer,
+            local: p.local,
+            max_streams,
+            out,
+            urgent: Urgent::default(),
+            streams: Mutex::new(HashMap::new()),
+            closed: CancellationToken::new(),
+            close_reason: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            gauge: p.gauge,
+        });
+        (session, rx)
+    }
+
+    pub fn is_legacy(&self) -> bool {
+        self.version == 0
+    }
+
+    /// Largest body chunk this relay sends to the agent.
+    pub fn chunk_size(&self) -> usize {
+        self.local.chunk_towards(&self.peer)
+    }
+
+    /// Receive window per stream announced to the agent.
+    pub fn recv_window(&self) -> u32 {
+        self.local.initial_window
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lock_streams().len()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves once the session has closed.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new stream. The caller sends its `http_request`.
+    pub fn open(self: &Arc<Self>) -> Result<OpenStream, OpenError> {
+        if self.is_closed() {
+            return Err(OpenError::Closed);
+        }
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = StreamId::new(format!("req_{n:x}")).expect("req_ + hex digits is a valid id");
+        let (head_tx, head_rx) = oneshot::channel();
+        let (body_tx, body_rx) = inbox(self.local.initial_window as usize, self.gauge.clone());
+        let window = Arc::new(SendWindow::new(self.peer.initial_window));
+        {
+            let mut streams = self.lock_streams();
+            if streams.len() >= self.max_streams {
+                return Err(OpenError::TooManyStreams(self.max_streams));
+            }
+            streams.insert(
+                id.as_str().to_owned(),
+                Slot { head: Some(head_tx), body: body_tx, window: window.clone() },
+            );
+        }
+        // The session may have closed between the check and the insert;
+        // its sweep could have missed this slot.
+        if self.is_closed() {
+            self.lock_streams().remove(id.as_str());
+            return Err(OpenError::Closed);
+        }
+        let guard = StreamGuard { session: self.clone(), id: id.clone(), done: false };
+        Ok(OpenStream { id, head: head_rx, inbox: body_rx, window, guard })
+    }
+
+    /// Queues a frame, waiting while the writer is behind.
+    pub async fn send(&self, frame: Ws) -> Result<(), SessionClosed> {
+        tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => Err(SessionClosed),
+            r = self.out.send(frame) => r.map_err(|_| SessionClosed),
+        }
+    }
+
+    /// Queues a control message.
+    pub async fn send_msg(&self, msg: &Message) -> Result<(), SessionClosed> {
+        self.send(Ws::text(msg.encode())).await
+    }
+
+    fn push_urgent(&self, msg: Message) {
+        let mut frames = self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner);
+        // Each live stream contributes at most a cancel and a credit update
+        // between two writer passes; far more means the writer is stuck.
+        if frames.len() >= 4 * self.max_streams.max(16) {
+            drop(frames);
+            warn!(session = %self.id, "control queue overflow; closing the session");
+            self.close(CloseReason::Disconnected);
+            return;
+        }
+        frames.push(msg);
+        drop(frames);
+        self.urgent.notify.notify_one();
+    }
+
+    fn take_urgent(&self) -> Vec<Message> {
+        std::mem::take(&mut *self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Returns `credit` bytes of response-body window to the agent.
+    pub fn grant(&self, id: &StreamId, credit: u32) {
+        if self.is_legacy() || self.is_closed() {
+            return;
+        }
+        self.push_urgent(Message::WindowUpdate(proto::WindowUpdate {
+            id: id.as_str().to_owned(),
+            credit,
+        }));
+    }
+
+    /// Forgets a stream; if it had not completed, tells the agent to stop.
+    fn release(&self, id: &StreamId, completed: bool, reason: &str) {
+        let slot = self.lock_streams().remove(id.as_str());
+        if let Some(slot) = &slot {
+            slot.window.close();
+        }
+        if !completed && slot.is_some() && !self.is_legacy() && !self.is_closed() {
+            debug!(session = %self.id, stream = %id, reason, "cancelling stream");
+            self.push_urgent(Message::cancel(id.as_str(), reason));
+        }
+    }
+
+    /// Closes the session: streams end with an error, the writer sends a
+    /// close frame and stops.
+    pub fn close(&self, reason: CloseReason) {
+        {
+            let mut r = self.close_reason.lock().unwrap_or_else(PoisonError::into_inner);
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason);
+        }
+        self.closed.cancel();
+        let streams: Vec<Slot> = self.lock_streams().drain().map(|(_, s)| s).collect();
+        let abort = StreamAbort::new(502, reason.text());
+        for mut slot in streams {
+            slot.window.close();
+            if let Some(head) = slot.head.take() {
+                let _ = head.send(Err(abort.clone()));
+            }
+            slot.body.abort(abort.clone());
+        }
+    }
+
+    fn close_reason(&self) -> CloseReason {
+        self.close_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or(CloseReason::Disconnected)
+    }
+
+    /// Runs the session until the socket closes or [`Session::close`].
+    pub async fn run(self: Arc<Self>, socket: AgentSocket, rx: mpsc::Receiver<Ws>) {
+        let (sink, stream) = socket.split();
+        let writer = tokio::spawn(self.clone().write_loop(sink, rx));
+        let reason = self.read_loop(stream).await;
+        self.close(reason);
+        let _ = writer.await;
+        info!(session = %self.id, reason = self.close_reason().text(), "agent session ended");
+    }
+
+    async fn write_loop(
+        self: Arc<Self>,
+        mut sink: futures_util::stream::SplitSink<AgentSocket, Ws>,
+        mut rx: mpsc::Receiver<Ws>,
+    ) {
+        let result: Result<(), tokio_tungstenite::tungstenite::Error> = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.closed.cancelled() => break,
+                    _ = self.urgent.notify.notified() => {}
+                    frame = rx.recv() => match frame {
+                        Some(f) => sink.feed(f).await?,
+                        None => break,
+                    },
+                }
+                loop {
+                    for msg in self.take_urgent() {
+                        sink.feed(Ws::text(msg.encode())).await?;
+                    }
+                    let mut fed = 0;
+                    while fed < WRITE_BATCH {
+                        let Ok(f) = rx.try_recv() else { break };
+                        sink.feed(f).await?;
+                        fed += 1;
+                    }
+                    if fed < WRITE_BATCH {
+                        break;
+                    }
+                }
+                sink.flush().await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            debug!(session = %self.id, error = %e, "agent socket write failed");
+            self.close(CloseReason::Disconnected);
+            return;
+        }
+        let reason = self.close_reason();
+        let frame = CloseFrame { code: reason.close_code(), reason: reason.text().into() };
+        let close = async {
+            sink.send(Ws::Close(Some(frame))).await?;
+            sink.close().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    }
+
+    async fn read_loop(
+        &self,
+        mut stream: futures_util::stream::SplitStream<AgentSocket>,
+    ) -> CloseReason {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = self.closed.cancelled() => return self.close_reason(),
+                f = stream.next() => f,
+            };
+            let frame = match frame {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    debug!(session = %self.id, error = %e, "agent socket read failed");
+                    return CloseReason::Disconnected;
+                }
+                None => return CloseReason::Disconnected,
+            };
+            let outcome = match frame {
+                Ws::Text(text) => self.on_text(&text).await,
+                Ws::Binary(data) => self.on_binary(&data),
+                Ws::Close(_) => return CloseReason::Disconnected,
+                Ws::Ping(_) | Ws::Pong(_) | Ws::Frame(_) => Ok(()),
+            };
+            if let Err(err) = outcome {
+                warn!(session = %self.id, error = %err, "refused a frame from the agent");
+                let reply = Message::violation(None, &err);
+                if self.send_msg(&reply).await.is_err() {
+                    return self.close_reason();
+                }
+            }
+        }
+    }
+
+    fn read_limits(&self) -> Limits {
+        if self.is_legacy() {
+            Limits {
+                max_control_bytes: proto::limits::LEGACY_MAX_MESSAGE_BYTES as u32,
+                ..self.local
+            }
+        } else {
+            self.local
+        }
+    }
+
+    async fn on_text(&self, text: &str) -> Result<(), ProtocolError> {
+        let msg = match Message::decode(text, &self.read_limits()) {
+            Ok(m) => m,
+            Err(e) => {
+                // A frame for a known stream that fails validation ends that
+                // stream, so its web client is not left waiting.
+                if let Some(id) = probe_id(text) {
+                    self.abort_stream(
+                        &id,
+                        StreamAbort::new(502, format!("agent sent an invalid response: {e}")),
+                    );
+                }
+                return Err(e);
+            }
+        };
+        match msg {
+            Message::ResponseHead(m) => {
+                let body_follows = m.body_follows;
+                let head = m.into_head(&self.local)?;
+                let mut streams = self.lock_streams();
+                let Some(slot) = streams.get_mut(head.id.as_str()) else { return Ok(()) };
+                let Some(tx) = slot.head.take() else {
+                    return Err(ProtocolError::new(
+                        Violation::StreamState,
+                        format!("second head for {}", head.id),
+                    ));
+                };
+                if !body_follows {
+                    slot.body.finish();
+                    slot.window.close();
+                    streams.remove(head.id.as_str());
+                }
+                let _ =
+                    tx.send(Ok(Head { status: head.status, headers: head.headers, body: None }));
+            }
+            Message::HttpResponse(m) => {
+                let (head, body) = m.into_parts(&self.local)?;
+                let Some(mut slot) = self.lock_streams().remove(head.id.as_str()) else {
+                    return Ok(());
+                };
+                slot.window.close();
+                match slot.head.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Ok(Head {
+                            status: head.status,
+                            headers: head.headers,
+                            body: Some(body),
+                        }));
+                    }
+                    None => {
+                        return Err(ProtocolError::new(
+                            Violation::StreamState,
+                            format!("second head for {}", head.id),
+                        ));
+                    }
+                }
+            }
+            Message::Error(e) => {
+                if e.id.is_empty() {
+                    warn!(session = %self.id, code = e.code, error = %e.error, "agent reported an error");
+                } else {
+                    let code = if (400..=599).contains(&e.code) { e.code } else { 502 };
+                    self.fail_stream(&e.id, StreamAbort::new(code, e.error));
+                }
+            }
+            Message::Cancel(c) => {
+                let why = if c.reason.is_empty() {
+                    "agent cancelled the request".to_owned()
+                } else {
+                    c.reason
+                };
+                self.fail_stream(&c.id, StreamAbort::new(502, why));
+            }
+            Message::WindowUpdate(w) => {
+                let window = self.lock_streams().get(w.id.as_str()).map(|s| s.window.clone());
+                if let Some(window) = window
+                    && let Err(e) = window.grant(w.credit)
+                {
+                    self.abort_stream(&w.id, StreamAbort::new(502, e.to_string()));
+                    return Err(e);
+                }
+            }
+            Message::Ping(p) => {
+                let _ = self.send_msg(&Message::pong(&p)).await;
+            }
+            Message::Pong(_) => {}
+            Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::HttpRequest(_)
+            | Message::Goaway(_) => {
+                return Err(ProtocolError::new(
+                    Violation::StreamState,
+                    "message not allowed from an agent at this point",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_binary(&self, data: &Bytes) -> Result<(), ProtocolError> {
+        if self.is_legacy() {
+            return Err(ProtocolError::new(
+                Violation::MalformedFrame,
+                "binary frames need protocol version 1",
+            ));
+        }
+        let f = frame::decode(data, self.local.max_chunk_bytes as usize)?;
+        let mut streams = self.lock_streams();
+        let Some(slot) = streams.get(f.id.as_str()) else {
+            // Bytes already in flight when the stream was cancelled.
+            return Ok(());
+        };
+        if slot.head.is_some() {
+            drop(streams);
+            self.abort_stream(
+                &f.id,
+                StreamAbort::new(502, "agent sent body bytes before the response head"),
+            );
+            return Err(ProtocolError::new(
+                Violation::StreamState,
+                format!("data before head on {}", f.id),
+            ));
+        }
+        match slot.body.push(f.payload) {
+            Ok(()) | Err(PushError::Closed) => {}
+            Err(e @ PushError::Overflow { .. }) => {
+                drop(streams);
+                self.abort_stream(
+                    &f.id,
+                    StreamAbort::new(502, "agent exceeded its flow-control window"),
+                );
+                return Err(e.into());
+            }
+        }
+        if f.end {
+            slot.body.finish();
+            if let Some(slot) = streams.remove(f.id.as_str()) {
+                slot.window.close();
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a stream from the relay's side and tells the agent to stop it.
+    pub fn abort_stream(&self, id: &str, abort: StreamAbort) {
+        let reason = abort.message.clone();
+        if self.fail_stream(id, abort) && !self.is_legacy() {
+            self.push_urgent(Message::cancel(id, reason));
+        }
+    }
+
+    /// Ends one stream with an error: before its head the web client gets
+    /// `abort.code`; after, its body is cut off.
+    /// Returns whether the stream was still live.
+    fn fail_stream(&self, id: &str, abort: StreamAbort) -> bool {
+        let Some(mut slot) = self.lock_streams().remove(id) else { return false };
+        slot.window.close();
+        match slot.head.take() {
+            Some(tx) => {
+                let _ = tx.send(Err(abort));
+            }
+            None => slot.body.abort(abort),
+        }
+        true
+    }
+}
+
+/// Cancels its stream at the agent when dropped before completion (the web
+/// client went away, or the relay gave up waiting).
+pub struct StreamGuard {
+    session: Arc<Session>,
+    id: StreamId,
+    done: bool,
+}
+
+impl StreamGuard {
+    pub fn id(&self) -> &StreamId {
+        &self.id
+    }
+
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// The response was delivered in full: nothing to cancel.
+    pub fn complete(&mut self) {
+        self.done = true;
+        self.session.release(&self.id, true, "");
+    }
+
+    /// Cancels now with `reason`.
+    pub fn cancel(mut self, reason: &str) {
+        self.done = true;
+        self.session.release(&self.id, false, reason);
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.session.release(&self.id, false, "client disconnected");
+        }
+    }
+}
+
+fn new_session_id() -> String {
+    format!("s_{:016x}", rand::random::<u64>())
+}
+
+/// The `id` of a JSON text frame that failed validation, if it names one.
+fn probe_id(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        id: String,
+    }
+    serde_json::from_str::<Probe>(text).ok().map(|p| p.id)
+}

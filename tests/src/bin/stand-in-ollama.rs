@@ -1,0 +1,31 @@
+//! A stand-in for Ollama on a local port, for the demo and manual tests.
+
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Serves enough of Ollama's API to try the tunnel without a model.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:11434")]
+    listen: std::net::SocketAddr,
+    /// Pause before each token, in milliseconds.
+    #[arg(long, default_value_t = 80)]
+    token_delay_ms: u64,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let config = tunnel_tests::StandInConfig {
+        token_delay: Duration::from_millis(args.token_delay_ms),
+        ..Default::default()
+    };
+    let _standin = tunnel_tests::StandIn::serve(listener, config);
+    eprintln!("stand-in-ollama: listening on http://{}", args.listen);
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}

@@ -1,0 +1,502 @@
+//! A stand-in for Ollama: enough of its HTTP API to exercise the tunnel.
+//!
+//! - `POST /api/chat`, `/api/generate`: NDJSON, one line per token with a
+//!   configurable delay (or a test-controlled gate), unless `"stream": false`;
+//! - `POST /v1/chat/completions`: SSE ending with `data: [DONE]`, or JSON;
+//! - `GET /api/tags`, `/api/version`, `DELETE /api/delete`;
+//! - test routes: `/echo` (streams the request body back), `/bytes?n=N`
+//!   (N pattern bytes), `/headers` (the request head as JSON), `/status/N`,
+//!   `/utf8` (multibyte text cut mid-character across chunks).
+//!
+//! It records when a client went away before a streamed answer ended, so
+//! tests can measure how fast a cancel reaches the model server.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// The text the stand-in "generates", one word per token.
+pub const WORDS: &[&str] = &[
+    "The", " tunnel", " streams", " every", " token", " as", " soon", " as", " the", " model",
+    " writes", " it", ",", " and", " stops", " the", " GPU", " when", " you", " leave", ".",
+];
+
+#[derive(Debug, Clone)]
+pub struct StandInConfig {
+    /// Pause before each token.
+    pub token_delay: Duration,
+    /// Tokens per answer unless the request sets `options.num_predict`.
+    pub tokens: usize,
+    pub model: String,
+}
+
+impl Default for StandInConfig {
+    fn default() -> Self {
+        Self {
+            token_delay: Duration::from_millis(20),
+            tokens: WORDS.len(),
+            model: "stand-in:latest".into(),
+        }
+    }
+}
+
+/// A client that went away before a streamed answer ended.
+#[derive(Debug, Clone)]
+pub struct Disconnect {
+    pub path: String,
+    pub at: Instant,
+}
+
+/// What the stand-in observed, for tests.
+#[derive(Default)]
+pub struct Events {
+    disconnects: Mutex<Vec<Disconnect>>,
+    changed: watch::Sender<u64>,
+    /// When set, each token waits for one permit (tests release them).
+    gate: Mutex<Option<Arc<Semaphore>>>,
+}
+
+impl Events {
+    pub fn disconnects(&self) -> Vec<Disconnect> {
+        self.disconnects.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn record_disconnect(&self, path: &str) {
+        let mut d = self.disconnects.lock().unwrap_or_else(PoisonError::into_inner);
+        if d.len() < 1024 {
+            d.push(Disconnect { path: path.to_owned(), at: Instant::now() });
+        }
+        drop(d);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Waits (at most `limit`) for the `n`-th disconnect.
+    pub async fn wait_disconnects(&self, n: usize, limit: Duration) -> Option<Vec<Disconnect>> {
+        let mut rx = self.changed.subscribe();
+        tokio::time::timeout(limit, async {
+            loop {
+                let d = self.disconnects();
+                if d.len() >= n {
+                    return d;
+                }
+                if rx.changed().await.is_err() {
+                    return d;
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+}
+
+/// A running stand-in; stops when dropped.
+pub struct StandIn {
+    pub addr: SocketAddr,
+    pub events: Arc<Events>,
+    shutdown: CancellationToken,
+}
+
+impl StandIn {
+    /// Binds 127.0.0.1 on a port the OS picks.
+    pub async fn start(config: StandInConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Ok(Self::serve(listener, config))
+    }
+
+    /// Serves on `listener` until dropped.
+    pub fn serve(listener: TcpListener, config: StandInConfig) -> Self {
+        let addr = listener.local_addr().expect("bound listener has an address");
+        let events = Arc::new(Events::default());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(config), events.clone(), shutdown.clone()));
+        Self { addr, events, shutdown }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Makes every token wait for a permit; returns the semaphore to
+    /// release them with.
+    pub fn gate(&self) -> Arc<Semaphore> {
+        let sem = Arc::new(Semaphore::new(0));
+        *self.events.gate.lock().unwrap_or_else(PoisonError::into_inner) = Some(sem.clone());
+        sem
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<StandInConfig>,
+    events: Arc<Events>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let config = config.clone();
+        let events = events.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(config.clone(), events.clone(), req));
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+type Resp = Response<StandInBody>;
+
+async fn handle(
+    config: Arc<StandInConfig>,
+    events: Arc<Events>,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let get = method == Method::GET || method == Method::HEAD;
+    let resp = match (path.as_str(), get) {
+        ("/api/tags", true) => json_response(
+            StatusCode::OK,
+            &json!({
+                "models": [{ "name": config.model, "model": config.model, "size": 0, "digest": "0".repeat(64) }]
+            }),
+        ),
+        ("/api/version", true) => {
+            json_response(StatusCode::OK, &json!({ "version": "0.0.0-stand-in" }))
+        }
+        ("/api/ps", true) => json_response(StatusCode::OK, &json!({ "models": [] })),
+        ("/api/chat" | "/api/generate", false) if method == Method::POST => {
+            let body = read_json(req).await;
+            chat(&config, &events, &path, body)
+        }
+        ("/v1/chat/completions", false) if method == Method::POST => {
+            let body = read_json(req).await;
+            openai(&config, &events, &path, body)
+        }
+        ("/api/delete", false) if method == Method::DELETE => Response::new(StandInBody::empty()),
+        ("/echo", false) => echo(req),
+        ("/bytes", true) => {
+            let n = query_param(req.uri().query(), "n").unwrap_or(1024);
+            bytes_response(&events, n)
+        }
+        ("/headers", true) => {
+            let headers: serde_json::Map<String, Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (k.as_str().to_owned(), Value::from(v.to_str().unwrap_or("<binary>")))
+                })
+                .collect();
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "method": method.as_str(),
+                    "path": path,
+                    "query": req.uri().query(),
+                    "headers": headers,
+                }),
+            )
+        }
+        ("/utf8", true) => utf8(&events),
+        (p, _) if p.starts_with("/status/") => {
+            let code =
+                p["/status/".len()..].parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
+            match code {
+                Some(code) => {
+                    let mut r = Response::new(StandInBody::empty());
+                    *r.status_mut() = code;
+                    r
+                }
+                None => json_response(StatusCode::BAD_REQUEST, &json!({ "error": "bad status" })),
+            }
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": format!("{method} {path} not found") }),
+        ),
+    };
+    Ok(resp)
+}
+
+async fn read_json(req: Request<Incoming>) -> Value {
+    match req.into_body().collect().await {
+        Ok(b) => serde_json::from_slice(&b.to_bytes()).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<u64> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
+fn token_count(config: &StandInConfig, body: &Value) -> usize {
+    body.pointer("/options/num_predict")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .map_or(config.tokens, |n| n as usize)
+}
+
+fn token(i: usize) -> &'static str {
+    WORDS[i % WORDS.len()]
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+fn chat(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Value) -> Resp {
+    let n = token_count(config, &body);
+    let model = body.get("model").and_then(Value::as_str).unwrap_or(&config.model).to_owned();
+    let is_chat = path == "/api/chat";
+    let piece = move |text: &str, done: bool| -> Value {
+        let mut v = if is_chat {
+            json!({ "model": model, "created_at": now(), "message": { "role": "assistant", "content": text }, "done": done })
+        } else {
+            json!({ "model": model, "created_at": now(), "response": text, "done": done })
+        };
+        if done {
+            v["done_reason"] = json!("stop");
+            v["eval_count"] = json!(n);
+        }
+        v
+    };
+    if body.get("stream") == Some(&Value::Bool(false)) {
+        let text: String = (0..n).map(token).collect();
+        return json_response(StatusCode::OK, &piece(&text, true));
+    }
+    let lines = (0..=n).map(move |i| {
+        let line = if i < n { piece(token(i), false) } else { piece("", true) };
+        Bytes::from(line.to_string() + "\n")
+    });
+    stream_response(config, events, path, "application/x-ndjson", lines.collect(), n)
+}
+
+fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Value) -> Resp {
+    let n = token_count(config, &body);
+    let model = body.get("model").and_then(Value::as_str).unwrap_or(&config.model).to_owned();
+    if body.get("stream") != Some(&Value::Bool(true)) {
+        let text: String = (0..n).map(token).collect();
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "id": "chatcmpl-standin", "object": "chat.completion", "model": model,
+                "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": "stop" }]
+            }),
+        );
+    }
+    let mut events_out: Vec<Bytes> = (0..n)
+        .map(|i| {
+            let chunk = json!({
+                "id": "chatcmpl-standin", "object": "chat.completion.chunk", "model": model,
+                "choices": [{ "index": 0, "delta": { "role": "assistant", "content": token(i) }, "finish_reason": null }]
+            });
+            Bytes::from(format!("data: {chunk}\n\n"))
+        })
+        .collect();
+    events_out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    stream_response(config, events, path, "text/event-stream", events_out, n)
+}
+
+/// Streams `pieces`, pausing (or waiting at the gate) before each of the
+/// first `paced` pieces.
+fn stream_response(
+    config: &Arc<StandInConfig>,
+    events: &Arc<Events>,
+    path: &str,
+    content_type: &'static str,
+    pieces: Vec<Bytes>,
+    paced: usize,
+) -> Resp {
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    let delay = config.token_delay;
+    let gate = events.gate.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    tokio::spawn(async move {
+        for (i, piece) in pieces.into_iter().enumerate() {
+            if i < paced {
+                if let Some(gate) = &gate {
+                    match gate.acquire().await {
+                        Ok(p) => p.forget(),
+                        Err(_) => return,
+                    }
+                } else if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if tx.send(piece).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut r = Response::new(StandInBody::channel(rx, events.clone(), path));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn echo(req: Request<Incoming>) -> Resp {
+    let content_type = req.headers().get(CONTENT_TYPE).cloned();
+    let mut r = Response::new(StandInBody::Echo(req.into_body()));
+    if let Some(ct) = content_type {
+        r.headers_mut().insert(CONTENT_TYPE, ct);
+    }
+    r
+}
+
+/// The byte at offset `i` of every pattern body (`/bytes`, tests' uploads).
+pub fn pattern_byte(i: u64) -> u8 {
+    ((i * 31 + 7) % 251) as u8
+}
+
+/// `len` pattern bytes starting at offset `start`.
+pub fn pattern(start: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern_byte(start + i)).collect()
+}
+
+fn bytes_response(events: &Arc<Events>, n: u64) -> Resp {
+    let (tx, rx) = mpsc::channel::<Bytes>(2);
+    tokio::spawn(async move {
+        let mut off = 0u64;
+        while off < n {
+            let len = (n - off).min(64 * 1024) as usize;
+            if tx.send(Bytes::from(pattern(off, len))).await.is_err() {
+                return;
+            }
+            off += len as u64;
+        }
+    });
+    let mut r = Response::new(StandInBody::channel(rx, events.clone(), "/bytes"));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    r.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+    r
+}
+
+/// Text with 2-, 3- and 4-byte characters, sent 1-3 bytes at a time so
+/// characters are cut across chunks.
+pub const UTF8_TEXT: &str = "héllo wörld — 日本語のテキスト 🦀🚀 ñandú ÆØÅ 你好 ✓";
+
+fn utf8(events: &Arc<Events>) -> Resp {
+    let bytes = UTF8_TEXT.as_bytes();
+    let mut pieces = Vec::new();
+    let mut i = 0;
+    let mut step = 1;
+    while i < bytes.len() {
+        let end = (i + step).min(bytes.len());
+        pieces.push(Bytes::copy_from_slice(&bytes[i..end]));
+        i = end;
+        step = step % 3 + 1;
+    }
+    let config = Arc::new(StandInConfig {
+        token_delay: Duration::from_millis(1),
+        ..StandInConfig::default()
+    });
+    let n = pieces.len();
+    stream_response(&config, events, "/utf8", "text/plain; charset=utf-8", pieces, n)
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Resp {
+    let mut r = Response::new(StandInBody::Full(Some(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    r
+}
+
+/// Response bodies of the stand-in.
+pub enum StandInBody {
+    Full(Option<Bytes>),
+    /// Streamed from a producer task; records a disconnect when dropped
+    /// before the producer finished.
+    Channel {
+        rx: mpsc::Receiver<Bytes>,
+        done: bool,
+        events: Arc<Events>,
+        path: String,
+    },
+    Echo(Incoming),
+}
+
+impl StandInBody {
+    fn empty() -> Self {
+        StandInBody::Full(None)
+    }
+
+    fn channel(rx: mpsc::Receiver<Bytes>, events: Arc<Events>, path: &str) -> Self {
+        StandInBody::Channel { rx, done: false, events, path: path.to_owned() }
+    }
+}
+
+impl http_body::Body for StandInBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            StandInBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            StandInBody::Channel { rx, done, .. } => match rx.poll_recv(cx) {
+                Poll::Ready(Some(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                Poll::Ready(None) => {
+                    *done = true;
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            StandInBody::Echo(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            StandInBody::Full(b) => {
+                http_body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for StandInBody {
+    fn drop(&mut self) {
+        if let StandInBody::Channel { done: false, events, path, .. } = self {
+            events.record_disconnect(path);
+        }
+    }
+}

@@ -201,6 +201,29 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_parses() {
+        let text = include_str!("../../packaging/agentd.toml");
+        toml::from_str::<ConfigFile>(text).expect("packaging/agentd.toml is valid");
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| {
+                        r.split_once(" = ").is_some_and(|(k, _)| {
+                            k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        })
+                    })
+                    .unwrap_or(l)
+            })
+            .filter(|l| !l.starts_with("token = "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: ConfigFile =
+            toml::from_str(&uncommented).expect("every documented knob is accepted");
+        assert!(file.reconnect.max_delay.is_some());
+    }
+
+    #[test]
     fn upstream_must_be_plain_http_without_a_path() {
         assert!(upstream_url("http://127.0.0.1:11434").is_ok());
         assert!(upstream_url("https://127.0.0.1:11434").is_err());

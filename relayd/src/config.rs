@@ -261,6 +261,35 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_parses() {
+        let text = include_str!("../../packaging/relayd.toml");
+        let file: ConfigFile = toml::from_str(text).expect("packaging/relayd.toml is valid");
+        assert_eq!(file.users.len(), 1);
+        // Every commented-out knob is a real key with a valid value.
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| {
+                        r.split_once(" = ").is_some_and(|(k, _)| {
+                            k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        })
+                    })
+                    .unwrap_or(l)
+            })
+            .map(|l| {
+                if l.starts_with("agent_token = ") || l.starts_with("client_token") {
+                    ""
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        toml::from_str::<ConfigFile>(&uncommented).expect("every documented knob is accepted");
+    }
+
+    #[test]
     fn durations_are_human_readable() {
         let c = parse("[timeouts]\nfirst_byte = \"2m 30s\"").expect("valid");
         assert_eq!(c.first_byte_timeout, Duration::from_secs(150));

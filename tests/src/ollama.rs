@@ -301,11 +301,12 @@ fn chat(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Val
         let text: String = (0..n).map(token).collect();
         return json_response(StatusCode::OK, &piece(&text, true));
     }
-    let lines = (0..=n).map(move |i| {
-        let line = if i < n { piece(token(i), false) } else { piece("", true) };
-        Bytes::from(line.to_string() + "\n")
-    });
-    stream_response(config, events, path, "application/x-ndjson", lines.collect(), n)
+    // Lines are made when they are sent, so `created_at` is the real time.
+    let line = move |i: usize| {
+        let v = if i < n { piece(token(i), false) } else { piece("", true) };
+        Bytes::from(v.to_string() + "\n")
+    };
+    stream_response(config, events, path, "application/x-ndjson", n + 1, line, n)
 }
 
 fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Value) -> Resp {
@@ -321,34 +322,35 @@ fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: V
             }),
         );
     }
-    let mut events_out: Vec<Bytes> = (0..n)
-        .map(|i| {
-            let chunk = json!({
-                "id": "chatcmpl-standin", "object": "chat.completion.chunk", "model": model,
-                "choices": [{ "index": 0, "delta": { "role": "assistant", "content": token(i) }, "finish_reason": null }]
-            });
-            Bytes::from(format!("data: {chunk}\n\n"))
-        })
-        .collect();
-    events_out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    stream_response(config, events, path, "text/event-stream", events_out, n)
+    let event = move |i: usize| {
+        if i == n {
+            return Bytes::from_static(b"data: [DONE]\n\n");
+        }
+        let chunk = json!({
+            "id": "chatcmpl-standin", "object": "chat.completion.chunk", "model": model,
+            "choices": [{ "index": 0, "delta": { "role": "assistant", "content": token(i) }, "finish_reason": null }]
+        });
+        Bytes::from(format!("data: {chunk}\n\n"))
+    };
+    stream_response(config, events, path, "text/event-stream", n + 1, event, n)
 }
 
-/// Streams `pieces`, pausing (or waiting at the gate) before each of the
-/// first `paced` pieces.
+/// Streams `count` pieces made by `piece(i)`, pausing (or waiting at the
+/// gate) before each of the first `paced` pieces.
 fn stream_response(
     config: &Arc<StandInConfig>,
     events: &Arc<Events>,
     path: &str,
     content_type: &'static str,
-    pieces: Vec<Bytes>,
+    count: usize,
+    piece: impl Fn(usize) -> Bytes + Send + 'static,
     paced: usize,
 ) -> Resp {
     let (tx, rx) = mpsc::channel::<Bytes>(1);
     let delay = config.token_delay;
     let gate = events.gate.lock().unwrap_or_else(PoisonError::into_inner).clone();
     tokio::spawn(async move {
-        for (i, piece) in pieces.into_iter().enumerate() {
+        for i in 0..count {
             if i < paced {
                 if let Some(gate) = &gate {
                     match gate.acquire().await {
@@ -359,7 +361,7 @@ fn stream_response(
                     tokio::time::sleep(delay).await;
                 }
             }
-            if tx.send(piece).await.is_err() {
+            if tx.send(piece(i)).await.is_err() {
                 return;
             }
         }
@@ -426,7 +428,15 @@ fn utf8(events: &Arc<Events>) -> Resp {
         ..StandInConfig::default()
     });
     let n = pieces.len();
-    stream_response(&config, events, "/utf8", "text/plain; charset=utf-8", pieces, n)
+    stream_response(
+        &config,
+        events,
+        "/utf8",
+        "text/plain; charset=utf-8",
+        n,
+        move |i| pieces[i].clone(),
+        n,
+    )
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Resp {

@@ -119,6 +119,12 @@ async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
         None => return Err(ConnectError::Protocol("relay closed before welcome".into())),
     };
     match Message::decode(&reply, limits) {
+        Ok(Message::Welcome(w))
+            if w.version == PROTOCOL_VERSION && capability::missing(&w.capabilities).is_some() =>
+        {
+            let c = capability::missing(&w.capabilities).unwrap_or_default();
+            Err(ConnectError::Protocol(format!("welcome lacks the required capability {c}")))
+        }
         Ok(Message::Welcome(w)) if w.version == PROTOCOL_VERSION => {
             Ok(Connected { socket, session_id: w.session_id, relay_limits: w.limits })
         }

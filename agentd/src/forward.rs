@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use proto::flow::{Inbox, RecvWindow, SendWindow, StreamAbort};
+use proto::flow::{Inbox, SendWindow, StreamAbort};
 use proto::{Headers, Message, RequestBody, ResponseHeadMsg, StreamId, TunnelRequest, frame};
 
 use crate::session::Session;
@@ -124,12 +124,9 @@ async fn exchange(
         }
     };
     let upstream_body = match (req.body, body) {
-        (RequestBody::Streamed, Some(inbox)) => UpstreamBody::Stream {
-            inbox,
-            window: RecvWindow::new(session.recv_window()),
-            session: session.clone(),
-            id: id.clone(),
-        },
+        (RequestBody::Streamed, Some(inbox)) => {
+            UpstreamBody::Stream { inbox, session: session.clone(), id: id.clone() }
+        }
         (RequestBody::Inline(b), _) => UpstreamBody::Full(Some(b)),
         (RequestBody::Streamed, None) => UpstreamBody::Full(None),
     };
@@ -244,7 +241,6 @@ pub enum UpstreamBody {
     /// Streamed from the relay; each chunk taken returns credit.
     Stream {
         inbox: Inbox,
-        window: RecvWindow,
         session: Arc<Session>,
         id: StreamId,
     },
@@ -262,9 +258,9 @@ impl http_body::Body for UpstreamBody {
             UpstreamBody::Full(b) => {
                 Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
             }
-            UpstreamBody::Stream { inbox, window, session, id } => match inbox.poll_recv(cx) {
+            UpstreamBody::Stream { inbox, session, id } => match inbox.poll_recv(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    if let Some(credit) = window.consumed(chunk.len()) {
+                    if let Some(credit) = inbox.take_credit() {
                         session.grant(id, credit);
                     }
                     Poll::Ready(Some(Ok(Frame::data(chunk))))

@@ -103,10 +103,6 @@ impl Session {
         self.local.chunk_towards(&self.peer)
     }
 
-    pub fn recv_window(&self) -> u32 {
-        self.local.initial_window
-    }
-
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
     }
@@ -267,7 +263,7 @@ impl Session {
                 None => return SessionEnd::Lost("relay closed the connection".into()),
             };
             let outcome = match frame {
-                Ws::Text(text) => self.on_text(&text, upstream, tasks).await,
+                Ws::Text(text) => self.on_text(&text, upstream, tasks),
                 Ws::Binary(data) => self.on_binary(&data),
                 Ws::Close(frame) => {
                     let why = frame
@@ -279,31 +275,41 @@ impl Session {
             };
             if let Err(err) = outcome {
                 warn!(session = %self.id, error = %err, "refused a frame from the relay");
-                if self.send_msg(&Message::violation(None, &err)).await.is_err() {
-                    return SessionEnd::Lost("session closed".into());
-                }
+                // Through the urgent list: the reader never waits on the
+                // writer, or two busy peers could each wait on the other.
+                self.push_urgent(Message::violation(None, &err));
             }
         }
     }
 
-    async fn on_text(
+    fn on_text(
         self: &Arc<Self>,
         text: &str,
         upstream: &Arc<Upstream>,
         tasks: &TaskTracker,
     ) -> Result<(), ProtocolError> {
-        let msg = Message::decode(text, &self.local)?;
+        let msg = match Message::decode(text, &self.local) {
+            Ok(m) => m,
+            Err(e) => {
+                // A refused request is answered for its stream, so its web
+                // client gets a 4xx at once instead of waiting for a timeout.
+                let peek = proto::message::Peek::of(text);
+                if peek.kind.as_deref() == Some("http_request")
+                    && let Some(id) = peek.stream_id()
+                {
+                    self.push_urgent(Message::error(id, e.code(), e.to_string()));
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        };
         match msg {
             Message::HttpRequest(m) => {
                 let id = m.id.clone();
-                let req = match m.into_request(&self.local) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = self.send_msg(&Message::error(id, 400, e.to_string())).await;
-                        return Ok(());
-                    }
-                };
-                self.start(req, upstream, tasks).await;
+                match m.into_request(&self.local) {
+                    Ok(req) => self.start(req, upstream, tasks),
+                    Err(e) => self.push_urgent(Message::error(id, e.code(), e.to_string())),
+                }
             }
             Message::Cancel(c) => {
                 let entry = self.lock_streams().remove(c.id.as_str());
@@ -323,13 +329,18 @@ impl Session {
             }
             Message::WindowUpdate(w) => {
                 let window = self.lock_streams().get(w.id.as_str()).map(|e| e.window.clone());
-                if let Some(window) = window {
-                    window.grant(w.credit)?;
+                if let Some(window) = window
+                    && let Err(e) = window.grant(w.credit)
+                {
+                    if let Some(entry) = self.lock_streams().remove(w.id.as_str()) {
+                        entry.cancel.cancel();
+                        entry.window.close();
+                    }
+                    self.push_urgent(Message::cancel(w.id.as_str(), "invalid flow-control credit"));
+                    return Err(e);
                 }
             }
-            Message::Ping(p) => {
-                let _ = self.send_msg(&Message::pong(&p)).await;
-            }
+            Message::Ping(p) => self.push_urgent(Message::pong(&p)),
             Message::Pong(_) => {}
             Message::Goaway(g) => {
                 debug!(session = %self.id, reason = %g.reason, "relay is draining");
@@ -347,7 +358,7 @@ impl Session {
         Ok(())
     }
 
-    async fn start(
+    fn start(
         self: &Arc<Self>,
         req: proto::TunnelRequest,
         upstream: &Arc<Upstream>,
@@ -378,7 +389,7 @@ impl Session {
             }
         };
         if let Some((code, why)) = refused {
-            let _ = self.send_msg(&Message::error(id.as_str(), code, why)).await;
+            self.push_urgent(Message::error(id.as_str(), code, why));
             return;
         }
         tasks.spawn(forward::serve(self.clone(), upstream.clone(), req, body_rx, window, cancel));

@@ -1,12 +1,13 @@
 //! Per-stream flow control: credit windows and the bounded inbox.
 //!
-//! The receiver of a body announces a window (`initial_window`) and buffers at
-//! most that many bytes per stream in an [`Inbox`]. The sender spends credit
-//! from a [`SendWindow`] before each binary frame and waits when it has none.
-//! As the receiver's consumer (the web client, or the local service) takes
-//! bytes out, its [`RecvWindow`] returns credit to the sender in
-//! `window_update` messages. So a slow reader holds at most one window per
-//! stream in memory, and never blocks the socket reader or other streams.
+//! The receiver of a body announces a window (`initial_window`) and buffers
+//! the stream's bytes in an [`Inbox`]. The sender spends credit from a
+//! [`SendWindow`] before each binary frame and waits when it has none. As the
+//! receiver's consumer (the web client, or the local service) takes bytes
+//! out, [`Inbox::take_credit`] hands back credit for the sender, sent in
+//! `window_update` messages. The inbox refuses any byte beyond the window
+//! plus the credit granted so far, so a slow reader holds at most one window
+//! per stream in memory, and never blocks the socket reader or other streams.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -68,8 +69,8 @@ impl BufferGauge {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
     /// The sender exceeded the credit it was given.
-    #[error("flow-control window of {window} bytes exceeded")]
-    Overflow { window: usize },
+    #[error("flow-control window exceeded ({received} bytes received, {allowed} allowed)")]
+    Overflow { received: u64, allowed: u64 },
     /// The consumer went away; the bytes were dropped.
     #[error("stream consumer is gone")]
     Closed,
@@ -84,7 +85,14 @@ impl From<PushError> for ProtocolError {
 struct InboxState {
     chunks: VecDeque<Bytes>,
     buffered: usize,
-    capacity: usize,
+    /// Bytes pushed so far, and the most the sender may have pushed: the
+    /// window plus every credit handed out.
+    received: u64,
+    allowed: u64,
+    /// Bytes consumed but not yet returned as credit.
+    unacked: u64,
+    /// Credit goes back once this much has been consumed (half a window).
+    threshold: u64,
     /// Set once by the producer: `Ok` for a clean end, `Err` for an abort.
     end: Option<Result<(), StreamAbort>>,
     consumer_gone: bool,
@@ -112,13 +120,16 @@ impl Shared {
     }
 }
 
-/// A bounded inbox holding at most `capacity` bytes (the announced window).
-pub fn inbox(capacity: usize, gauge: Arc<BufferGauge>) -> (InboxSender, Inbox) {
+/// A bounded inbox for a stream whose receiver announced `window` bytes.
+pub fn inbox(window: usize, gauge: Arc<BufferGauge>) -> (InboxSender, Inbox) {
     let shared = Arc::new(Shared {
         state: Mutex::new(InboxState {
             chunks: VecDeque::new(),
             buffered: 0,
-            capacity,
+            received: 0,
+            allowed: window as u64,
+            unacked: 0,
+            threshold: (window as u64 / 2).max(1),
             end: None,
             consumer_gone: false,
             waker: None,
@@ -142,9 +153,11 @@ impl InboxSender {
         if st.end.is_some() {
             return Err(PushError::Closed);
         }
-        if st.buffered + data.len() > st.capacity {
-            return Err(PushError::Overflow { window: st.capacity });
+        let received = st.received + data.len() as u64;
+        if received > st.allowed {
+            return Err(PushError::Overflow { received, allowed: st.allowed });
         }
+        st.received = received;
         st.buffered += data.len();
         self.shared.gauge.add(data.len());
         st.chunks.push_back(data);
@@ -192,6 +205,7 @@ impl Inbox {
         let mut st = self.shared.lock();
         if let Some(chunk) = st.chunks.pop_front() {
             st.buffered -= chunk.len();
+            st.unacked += chunk.len() as u64;
             self.shared.gauge.sub(chunk.len());
             return Poll::Ready(Some(Ok(chunk)));
         }
@@ -219,6 +233,20 @@ impl Inbox {
     pub fn buffered(&self) -> usize {
         self.shared.lock().buffered
     }
+
+    /// Credit to return to the sender, once half a window has been consumed
+    /// since the last return: one small `window_update` per half window.
+    /// The inbox counts it as granted at once, so the caller must send it.
+    pub fn take_credit(&mut self) -> Option<u32> {
+        let mut st = self.shared.lock();
+        if st.unacked < st.threshold {
+            return None;
+        }
+        let credit = st.unacked.min(MAX_WINDOW as u64);
+        st.unacked -= credit;
+        st.allowed += credit;
+        Some(credit as u32)
+    }
 }
 
 impl Drop for Inbox {
@@ -228,27 +256,6 @@ impl Drop for Inbox {
         self.shared.gauge.sub(st.buffered);
         st.buffered = 0;
         st.chunks.clear();
-    }
-}
-
-/// The receiver's bookkeeping of credit to hand back.
-#[derive(Debug, Clone)]
-pub struct RecvWindow {
-    threshold: u32,
-    unacked: u32,
-}
-
-impl RecvWindow {
-    /// Credit goes back once half the window has been consumed, so a
-    /// `window_update` costs one small message per half window.
-    pub fn new(window: u32) -> Self {
-        Self { threshold: (window / 2).max(1), unacked: 0 }
-    }
-
-    /// Records `n` consumed bytes; returns credit to send, if it is time.
-    pub fn consumed(&mut self, n: usize) -> Option<u32> {
-        self.unacked = self.unacked.saturating_add(n.min(MAX_WINDOW as usize) as u32);
-        if self.unacked >= self.threshold { Some(std::mem::take(&mut self.unacked)) } else { None }
     }
 }
 
@@ -356,7 +363,35 @@ mod tests {
     fn inbox_refuses_bytes_beyond_its_window() {
         let (tx, _rx) = inbox(4, gauge());
         tx.push(Bytes::from_static(b"abcd")).expect("fits exactly");
-        assert_eq!(tx.push(Bytes::from_static(b"e")), Err(PushError::Overflow { window: 4 }));
+        assert_eq!(
+            tx.push(Bytes::from_static(b"e")),
+            Err(PushError::Overflow { received: 5, allowed: 4 })
+        );
+    }
+
+    #[tokio::test]
+    async fn consumed_bytes_do_not_make_room_until_credit_is_granted() {
+        let (tx, mut rx) = inbox(4, gauge());
+        tx.push(Bytes::from_static(b"abcd")).expect("fits");
+        rx.recv().await.expect("chunk").expect("data");
+        // The buffer is empty, but the sender was never granted more.
+        assert!(matches!(tx.push(Bytes::from_static(b"e")), Err(PushError::Overflow { .. })));
+    }
+
+    #[tokio::test]
+    async fn credit_comes_back_every_half_window_and_widens_the_limit() {
+        let (tx, mut rx) = inbox(100, gauge());
+        tx.push(Bytes::from(vec![0u8; 30])).expect("fits");
+        rx.recv().await.expect("chunk").expect("data");
+        assert_eq!(rx.take_credit(), None);
+        tx.push(Bytes::from(vec![0u8; 30])).expect("fits");
+        rx.recv().await.expect("chunk").expect("data");
+        assert_eq!(rx.take_credit(), Some(60));
+        assert_eq!(rx.take_credit(), None);
+        // 60 received + 100 - 60 buffered-or-unconsumed... the sender may now
+        // send up to 160 in total: 100 more.
+        tx.push(Bytes::from(vec![0u8; 100])).expect("fits after credit");
+        assert!(tx.push(Bytes::from_static(b"x")).is_err());
     }
 
     #[tokio::test]
@@ -393,15 +428,6 @@ mod tests {
         tokio::task::yield_now().await;
         tx.push(Bytes::from_static(b"z")).expect("fits");
         assert_eq!(waiter.await.expect("task"), Some(Ok(Bytes::from_static(b"z"))));
-    }
-
-    #[test]
-    fn recv_window_returns_credit_every_half_window() {
-        let mut w = RecvWindow::new(100);
-        assert_eq!(w.consumed(30), None);
-        assert_eq!(w.consumed(30), Some(60));
-        assert_eq!(w.consumed(49), None);
-        assert_eq!(w.consumed(1), Some(50));
     }
 
     #[tokio::test]

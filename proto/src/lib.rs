@@ -53,4 +53,13 @@ pub mod capability {
 
     /// Everything version 1 defines, in the order it is advertised.
     pub const ALL: &[&str] = &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL, GOAWAY];
+
+    /// What every version-1 peer must offer: without them a session cannot
+    /// stream, cancel or bound its memory.
+    pub const REQUIRED: &[&str] = &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL];
+
+    /// The first required capability `offered` lacks.
+    pub fn missing(offered: &[String]) -> Option<&'static str> {
+        REQUIRED.iter().copied().find(|c| !offered.iter().any(|o| o == c))
+    }
 }

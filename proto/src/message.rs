@@ -195,7 +195,10 @@ impl Message {
     /// Checks every field against the protocol rules and `limits`.
     pub fn validate(&self, limits: &Limits) -> Result<(), ProtocolError> {
         match self {
-            Message::HttpRequest(m) => m.clone().into_request(limits).map(drop),
+            Message::HttpRequest(m) => {
+                m.check(limits)?;
+                m.headers.to_map(limits).map(drop)
+            }
             Message::HttpResponse(m) => {
                 validate_id(&m.id)?;
                 validate_status(m.status)?;
@@ -279,23 +282,38 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// The `type` and `id` of a text frame, read without validating anything
+/// else: lets a receiver answer a refused frame for the right stream.
+#[derive(Debug, Default, Deserialize)]
+pub struct Peek {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl Peek {
+    pub fn of(text: &str) -> Peek {
+        serde_json::from_str(text).unwrap_or_default()
+    }
+
+    /// The id, if it is a valid stream id.
+    pub fn stream_id(&self) -> Option<&str> {
+        self.id.as_deref().filter(|i| validate_id(i).is_ok())
+    }
+}
+
 /// Tells a frame with an unknown `type` (which a peer may answer and then
 /// ignore) from one that is not a message at all.
 fn classify(text: &str, err: serde_json::Error) -> ProtocolError {
-    #[derive(Deserialize)]
-    struct Probe {
-        #[serde(rename = "type")]
-        kind: String,
-        #[serde(default)]
-        id: Option<String>,
-    }
-    match serde_json::from_str::<Probe>(text) {
-        Ok(p) if !KNOWN_TYPES.contains(&p.kind.as_str()) => {
-            let mut kind = p.kind;
+    let peek = Peek::of(text);
+    match &peek.kind {
+        Some(kind) if !KNOWN_TYPES.contains(&kind.as_str()) => {
+            let mut kind = kind.clone();
             truncate_utf8(&mut kind, 64);
             let mut e =
                 ProtocolError::new(Violation::UnknownType, format!("unknown type {kind:?}"));
-            if let Some(id) = p.id.filter(|i| validate_id(i).is_ok()) {
+            if let Some(id) = peek.stream_id() {
                 e.detail.push_str(&format!(" (id {id})"));
             }
             e
@@ -330,12 +348,14 @@ pub fn validate_id(id: &str) -> Result<(), ProtocolError> {
 }
 
 fn validate_status(status: u16) -> Result<(), ProtocolError> {
-    if (100..=599).contains(&status) {
+    // Only final statuses: a 1xx would make the web side's HTTP stack
+    // believe the connection switched protocols or expect more heads.
+    if (200..=599).contains(&status) {
         Ok(())
     } else {
         Err(ProtocolError::new(
             Violation::InvalidStatus,
-            format!("status {status} outside 100..=599"),
+            format!("status {status} outside 200..=599"),
         ))
     }
 }
@@ -426,9 +446,10 @@ impl HttpRequestMsg {
         }
     }
 
-    /// Validates and converts into the domain type.
-    pub fn into_request(self, limits: &Limits) -> Result<TunnelRequest, ProtocolError> {
-        let id = StreamId::new(self.id)?;
+    /// Checks id, method, path, header counts and sizes, and the body form,
+    /// without converting anything: what a relay checks before sending.
+    pub fn check(&self, limits: &Limits) -> Result<(), ProtocolError> {
+        validate_id(&self.id)?;
         if self.method.is_empty()
             || self.method.len() > MAX_METHOD_LEN
             || !self.method.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
@@ -438,26 +459,37 @@ impl HttpRequestMsg {
                 format!("invalid method {:?}", self.method),
             ));
         }
-        let method = Method::from_bytes(self.method.as_bytes())
-            .map_err(|_| ProtocolError::new(Violation::InvalidMethod, "invalid method"))?;
         if !self.path.starts_with('/') || self.path.len() > MAX_PATH_LEN {
             return Err(ProtocolError::new(
                 Violation::InvalidPath,
                 "path must start with / and be at most 16 KiB",
             ));
         }
+        PathAndQuery::try_from(self.path.as_str()).map_err(|e| {
+            ProtocolError::new(Violation::InvalidPath, format!("invalid path: {e}"))
+        })?;
+        self.headers.check_size(limits)?;
+        if self.body.is_some() && self.body_follows {
+            return Err(ProtocolError::new(
+                Violation::StreamState,
+                "http_request has both body and body_follows",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates and converts into the domain type.
+    pub fn into_request(self, limits: &Limits) -> Result<TunnelRequest, ProtocolError> {
+        self.check(limits)?;
+        let id = StreamId::new(self.id)?;
+        let method = Method::from_bytes(self.method.as_bytes())
+            .map_err(|_| ProtocolError::new(Violation::InvalidMethod, "invalid method"))?;
         let path = PathAndQuery::try_from(self.path.as_str()).map_err(|e| {
             ProtocolError::new(Violation::InvalidPath, format!("invalid path: {e}"))
         })?;
         let headers = self.headers.to_map(limits)?;
         let body = match (self.body, self.body_follows) {
-            (Some(_), true) => {
-                return Err(ProtocolError::new(
-                    Violation::StreamState,
-                    "http_request has both body and body_follows",
-                ));
-            }
-            (Some(b), false) => RequestBody::Inline(Bytes::from(b)),
+            (Some(b), _) => RequestBody::Inline(Bytes::from(b)),
             (None, false) => RequestBody::Inline(Bytes::new()),
             (None, true) => RequestBody::Streamed,
         };

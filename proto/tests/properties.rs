@@ -26,10 +26,10 @@ fn message() -> impl Strategy<Value = Message> {
                     body,
                 })
             }),
-        (id(), 100u16..600, headers(), any::<String>()).prop_map(|(id, status, headers, body)| {
+        (id(), 200u16..600, headers(), any::<String>()).prop_map(|(id, status, headers, body)| {
             Message::HttpResponse(proto::HttpResponseMsg { id, status, headers, body: Some(body) })
         }),
-        (id(), 100u16..600, headers(), any::<bool>()).prop_map(
+        (id(), 200u16..600, headers(), any::<bool>()).prop_map(
             |(id, status, headers, body_follows)| {
                 Message::ResponseHead(proto::ResponseHeadMsg { id, status, headers, body_follows })
             }

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
-use proto::flow::{Inbox, RecvWindow, StreamAbort};
+use proto::flow::{Inbox, StreamAbort};
 
 use crate::session::StreamGuard;
 
@@ -23,7 +23,6 @@ pub enum RelayBody {
 
 pub struct StreamBody {
     inbox: Inbox,
-    window: RecvWindow,
     guard: Option<StreamGuard>,
     /// The stream carries NDJSON: an abort mid-stream ends it with an
     /// Ollama-style `{"error": ...}` line instead of cutting it off.
@@ -39,13 +38,8 @@ impl RelayBody {
         RelayBody::Full(None)
     }
 
-    pub fn stream(inbox: Inbox, window: u32, guard: StreamGuard, ndjson: bool) -> Self {
-        RelayBody::Stream(Box::new(StreamBody {
-            inbox,
-            window: RecvWindow::new(window),
-            guard: Some(guard),
-            ndjson,
-        }))
+    pub fn stream(inbox: Inbox, guard: StreamGuard, ndjson: bool) -> Self {
+        RelayBody::Stream(Box::new(StreamBody { inbox, guard: Some(guard), ndjson }))
     }
 }
 
@@ -95,7 +89,7 @@ impl StreamBody {
         match self.inbox.poll_recv(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(chunk))) => {
-                if let Some(credit) = self.window.consumed(chunk.len()) {
+                if let Some(credit) = self.inbox.take_credit() {
                     guard.session().grant(guard.id(), credit);
                 }
                 Poll::Ready(Some(Ok(Frame::data(chunk))))

@@ -7,11 +7,12 @@ use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, Head
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tracing::debug;
 
 use proto::flow::{SendWindow, StreamAbort};
-use proto::{Headers, HttpRequestMsg, Message, StreamId, frame};
+use proto::{Headers, HttpRequestMsg, Message, StreamId, Violation, frame};
 
 use crate::Shared;
 use crate::body::RelayBody;
@@ -65,37 +66,78 @@ pub async fn forward(
         Err(OpenError::Closed) => return unavailable(&session.user),
     };
 
-    let sent = if session.is_legacy() {
-        let body = match read_legacy_body(body, shared.config.legacy_max_body).await {
+    let mut guard = open.guard;
+    let mut body = Some(body);
+    let msg = if session.is_legacy() {
+        let whole = body.take().expect("the body is taken once");
+        let body = match read_legacy_body(whole, shared.config.legacy_max_body).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
-        let msg = HttpRequestMsg::new(&open.id, &parts.method, &target, headers, Some(body), false);
-        session.send_msg(&Message::HttpRequest(msg)).await
+        HttpRequestMsg::new(&open.id, &parts.method, &target, headers, Some(body), false)
     } else {
-        let msg = HttpRequestMsg::new(&open.id, &parts.method, &target, headers, None, has_body);
-        let sent = session.send_msg(&Message::HttpRequest(msg)).await;
-        if sent.is_ok() && has_body {
-            tokio::spawn(pump_request_body(
-                session.clone(),
-                open.id.clone(),
-                open.window.clone(),
-                body,
-                shared.config.max_request_body,
-            ));
-        }
-        sent
+        HttpRequestMsg::new(&open.id, &parts.method, &target, headers, None, has_body)
     };
-    if sent.is_err() {
-        return error(StatusCode::BAD_GATEWAY, "agent disconnected");
+    // Refuse here what the agent would refuse, so the web client gets a
+    // precise answer at once instead of a timeout.
+    if let Err(e) = msg.check(session.peer_limits()) {
+        guard.complete();
+        let status = match e.kind {
+            Violation::InvalidPath if target.len() > proto::limits::MAX_PATH_LEN => {
+                StatusCode::URI_TOO_LONG
+            }
+            Violation::TooManyHeaders | Violation::HeadersTooLarge => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            _ => StatusCode::BAD_REQUEST,
+        };
+        return error(status, &e.detail);
+    }
+    let text = Message::HttpRequest(msg).encode();
+    if !session.is_legacy() && text.len() > session.peer_limits().max_control_bytes as usize {
+        guard.complete();
+        return error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large for the agent",
+        );
+    }
+    let deadline = tokio::time::Instant::now() + shared.config.first_byte_timeout;
+    match tokio::time::timeout_at(deadline, session.send(&open.id, Ws::text(text))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
+        Err(_) => {
+            guard.cancel("the tunnel was too busy to send the request in time");
+            return error(StatusCode::GATEWAY_TIMEOUT, "the tunnel to the agent is congested");
+        }
     }
 
-    let head = match tokio::time::timeout(shared.config.first_byte_timeout, open.head).await {
+    // The first-byte clock starts once the whole request body is with the
+    // agent: a model server answers only after reading it, and a multi-GB
+    // upload must not count against it.
+    let (uploaded_tx, uploaded_rx) = oneshot::channel::<()>();
+    if let Some(body) = body.filter(|_| has_body) {
+        tokio::spawn(pump_request_body(
+            session.clone(),
+            open.id.clone(),
+            open.window.clone(),
+            body,
+            shared.config.max_request_body,
+            uploaded_tx,
+        ));
+    } else {
+        drop(uploaded_tx);
+    }
+    let mut head_rx = open.head;
+    let waited = tokio::select! {
+        h = &mut head_rx => Ok(h),
+        _ = uploaded_rx => tokio::time::timeout(shared.config.first_byte_timeout, &mut head_rx).await,
+    };
+    let head = match waited {
         Ok(Ok(Ok(head))) => head,
         Ok(Ok(Err(abort))) => return abort_response(&abort),
         Ok(Err(_)) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
         Err(_) => {
-            open.guard.cancel("no response head before the first-byte timeout");
+            guard.cancel("no response head before the first-byte timeout");
             return error(StatusCode::GATEWAY_TIMEOUT, "the local service did not answer in time");
         }
     };
@@ -104,27 +146,30 @@ pub async fn forward(
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
     let ndjson = content_type_is(&resp, "application/x-ndjson");
-    let streamed = ndjson
-        || content_type_is(&resp, "text/event-stream")
-        || !resp.headers().contains_key(CONTENT_LENGTH);
+    let has_length = resp.headers().contains_key(CONTENT_LENGTH);
+    let streamed = ndjson || content_type_is(&resp, "text/event-stream") || !has_length;
     if streamed {
         resp.headers_mut().insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
         resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     *resp.body_mut() = match head.body {
         Some(full) => {
-            let mut guard = open.guard;
             guard.complete();
+            // The length is the body's, not whatever the agent claimed.
+            if parts.method != Method::HEAD {
+                resp.headers_mut().remove(CONTENT_LENGTH);
+            }
             RelayBody::full(full)
         }
+        // hyper never polls a HEAD body. Dropping the guard cancels the
+        // stream only if the agent announced a body it should not have.
         None if parts.method == Method::HEAD => {
-            // hyper never polls a HEAD body; the agent ended the stream with
-            // its head, so completing here cancels nothing.
-            let mut guard = open.guard;
-            guard.complete();
+            drop(guard);
             RelayBody::empty()
         }
-        None => RelayBody::stream(open.inbox, session.recv_window(), open.guard, ndjson),
+        // With a declared length an appended error line would break the
+        // framing; such a stream is cut off instead.
+        None => RelayBody::stream(open.inbox, guard, ndjson && !has_length),
     };
     resp
 }
@@ -137,6 +182,7 @@ async fn pump_request_body(
     window: Arc<SendWindow>,
     mut body: Incoming,
     max: u64,
+    uploaded: oneshot::Sender<()>,
 ) {
     let chunk = session.chunk_size();
     let mut total: u64 = 0;
@@ -175,7 +221,7 @@ async fn pump_request_body(
             let end = last && data.is_empty();
             if want > 0 || end {
                 let f = frame::encode(id.as_str(), end, &piece);
-                if session.send(Ws::Binary(f)).await.is_err() {
+                if session.send(&id, Ws::Binary(f)).await.is_err() {
                     return;
                 }
             }
@@ -184,6 +230,7 @@ async fn pump_request_body(
             }
         }
         if last {
+            let _ = uploaded.send(());
             return;
         }
     }

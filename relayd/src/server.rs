@@ -247,7 +247,10 @@ async fn handshake(shared: &Shared, socket: &mut AgentSocket) -> Result<proto::H
         None => return Err("agent closed before hello".into()),
     };
     match Message::decode(&text, &shared.config.limits) {
-        Ok(Message::Hello(h)) if h.version >= 1 => Ok(h),
+        Ok(Message::Hello(h)) if h.version >= 1 => match capability::missing(&h.capabilities) {
+            Some(c) => Err(format!("hello lacks the required capability {c}")),
+            None => Ok(h),
+        },
         Ok(Message::Hello(h)) => Err(format!("unsupported protocol version {}", h.version)),
         Ok(_) => Err("first message must be hello".into()),
         Err(e) => Err(e.to_string()),

@@ -36,6 +36,14 @@ const WRITE_BATCH: usize = 32;
 
 pub type AgentSocket = WebSocketStream<TokioIo<Upgraded>>;
 
+/// A frame queued for the writer, with the stream it belongs to. The writer
+/// drops frames of streams that ended while they waited, so a `cancel` (which
+/// bypasses the queue) can never reach the agent before its `http_request`.
+pub struct Outbound {
+    stream: Option<StreamId>,
+    frame: Ws,
+}
+
 /// Why a session ended, as seen by its streams and in the close frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -130,7 +138,7 @@ pub struct Session {
     /// What this relay announced in `welcome`.
     local: Limits,
     max_streams: usize,
-    out: mpsc::Sender<Ws>,
+    out: mpsc::Sender<Outbound>,
     urgent: Urgent,
     streams: Mutex<HashMap<String, Slot>>,
     closed: CancellationToken,
@@ -161,7 +169,7 @@ pub struct SessionParams {
 
 impl Session {
     /// Creates the session and the receiver its writer task drains.
-    pub fn new(p: SessionParams) -> (Arc<Self>, mpsc::Receiver<Ws>) {
+    pub fn new(p: SessionParams) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
         let (out, rx) = mpsc::channel(OUT_QUEUE);
         let max_streams = p.local.max_streams.min(p.peer.max_streams) as usize;
         let session = Arc::new(Self {
@@ -191,11 +199,6 @@ impl Session {
     /// Largest body chunk this relay sends to the agent.
     pub fn chunk_size(&self) -> usize {
         self.local.chunk_towards(&self.peer)
-    }
-
-    /// Receive window per stream announced to the agent.
-    pub fn recv_window(&self) -> u32 {
-        self.local.initial_window
     }
 
     pub fn in_flight(&self) -> usize {
@@ -245,18 +248,19 @@ impl Session {
         Ok(OpenStream { id, head: head_rx, inbox: body_rx, window, guard })
     }
 
-    /// Queues a frame, waiting while the writer is behind.
-    pub async fn send(&self, frame: Ws) -> Result<(), SessionClosed> {
+    /// Queues a frame of stream `id`, waiting while the writer is behind.
+    pub async fn send(&self, id: &StreamId, frame: Ws) -> Result<(), SessionClosed> {
+        let out = Outbound { stream: Some(id.clone()), frame };
         tokio::select! {
             biased;
             _ = self.closed.cancelled() => Err(SessionClosed),
-            r = self.out.send(frame) => r.map_err(|_| SessionClosed),
+            r = self.out.send(out) => r.map_err(|_| SessionClosed),
         }
     }
 
-    /// Queues a control message.
-    pub async fn send_msg(&self, msg: &Message) -> Result<(), SessionClosed> {
-        self.send(Ws::text(msg.encode())).await
+    /// Largest control message the agent accepts.
+    pub fn peer_limits(&self) -> &Limits {
+        &self.peer
     }
 
     fn push_urgent(&self, msg: Message) {
@@ -331,7 +335,7 @@ impl Session {
     }
 
     /// Runs the session until the socket closes or [`Session::close`].
-    pub async fn run(self: Arc<Self>, socket: AgentSocket, rx: mpsc::Receiver<Ws>) {
+    pub async fn run(self: Arc<Self>, socket: AgentSocket, rx: mpsc::Receiver<Outbound>) {
         let (sink, stream) = socket.split();
         let writer = tokio::spawn(self.clone().write_loop(sink, rx));
         let reason = self.read_loop(stream).await;
@@ -343,16 +347,15 @@ impl Session {
     async fn write_loop(
         self: Arc<Self>,
         mut sink: futures_util::stream::SplitSink<AgentSocket, Ws>,
-        mut rx: mpsc::Receiver<Ws>,
+        mut rx: mpsc::Receiver<Outbound>,
     ) {
-        let result: Result<(), tokio_tungstenite::tungstenite::Error> = async {
+        let pump = async {
             loop {
                 tokio::select! {
                     biased;
-                    _ = self.closed.cancelled() => break,
                     _ = self.urgent.notify.notified() => {}
-                    frame = rx.recv() => match frame {
-                        Some(f) => sink.feed(f).await?,
+                    out = rx.recv() => match out {
+                        Some(out) => self.feed(&mut sink, out).await?,
                         None => break,
                     },
                 }
@@ -362,8 +365,8 @@ impl Session {
                     }
                     let mut fed = 0;
                     while fed < WRITE_BATCH {
-                        let Ok(f) = rx.try_recv() else { break };
-                        sink.feed(f).await?;
+                        let Ok(out) = rx.try_recv() else { break };
+                        self.feed(&mut sink, out).await?;
                         fed += 1;
                     }
                     if fed < WRITE_BATCH {
@@ -372,9 +375,14 @@ impl Session {
                 }
                 sink.flush().await?;
             }
-            Ok(())
-        }
-        .await;
+            Ok::<(), tokio_tungstenite::tungstenite::Error>(())
+        };
+        // A write stuck on a socket nobody reads must not keep a closed
+        // session alive: closing interrupts it.
+        let result = tokio::select! {
+            r = pump => r,
+            _ = self.closed.cancelled() => Ok(()),
+        };
         if let Err(e) = result {
             debug!(session = %self.id, error = %e, "agent socket write failed");
             self.close(CloseReason::Disconnected);
@@ -387,6 +395,20 @@ impl Session {
             sink.close().await
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    }
+
+    /// Writes one queued frame unless its stream ended meanwhile.
+    async fn feed(
+        &self,
+        sink: &mut futures_util::stream::SplitSink<AgentSocket, Ws>,
+        out: Outbound,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        if let Some(id) = &out.stream
+            && !self.lock_streams().contains_key(id.as_str())
+        {
+            return Ok(());
+        }
+        sink.feed(out.frame).await
     }
 
     async fn read_loop(
@@ -408,17 +430,16 @@ impl Session {
                 None => return CloseReason::Disconnected,
             };
             let outcome = match frame {
-                Ws::Text(text) => self.on_text(&text).await,
+                Ws::Text(text) => self.on_text(&text),
                 Ws::Binary(data) => self.on_binary(&data),
                 Ws::Close(_) => return CloseReason::Disconnected,
                 Ws::Ping(_) | Ws::Pong(_) | Ws::Frame(_) => Ok(()),
             };
             if let Err(err) = outcome {
                 warn!(session = %self.id, error = %err, "refused a frame from the agent");
-                let reply = Message::violation(None, &err);
-                if self.send_msg(&reply).await.is_err() {
-                    return self.close_reason();
-                }
+                // Through the urgent list: the reader never waits on the
+                // writer, or two busy peers could each wait on the other.
+                self.push_urgent(Message::violation(None, &err));
             }
         }
     }
@@ -434,15 +455,18 @@ impl Session {
         }
     }
 
-    async fn on_text(&self, text: &str) -> Result<(), ProtocolError> {
+    fn on_text(&self, text: &str) -> Result<(), ProtocolError> {
         let msg = match Message::decode(text, &self.read_limits()) {
             Ok(m) => m,
             Err(e) => {
                 // A frame for a known stream that fails validation ends that
-                // stream, so its web client is not left waiting.
-                if let Some(id) = probe_id(text) {
+                // stream, so its web client is not left waiting. An unknown
+                // type is a newer peer's extension, not a broken stream.
+                if e.kind != Violation::UnknownType
+                    && let Some(id) = proto::message::Peek::of(text).stream_id()
+                {
                     self.abort_stream(
-                        &id,
+                        id,
                         StreamAbort::new(502, format!("agent sent an invalid response: {e}")),
                     );
                 }
@@ -516,9 +540,7 @@ impl Session {
                     return Err(e);
                 }
             }
-            Message::Ping(p) => {
-                let _ = self.send_msg(&Message::pong(&p)).await;
-            }
+            Message::Ping(p) => self.push_urgent(Message::pong(&p)),
             Message::Pong(_) => {}
             Message::Hello(_)
             | Message::Welcome(_)
@@ -641,13 +663,4 @@ impl Drop for StreamGuard {
 
 fn new_session_id() -> String {
     format!("s_{:016x}", rand::random::<u64>())
-}
-
-/// The `id` of a JSON text frame that failed validation, if it names one.
-fn probe_id(text: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        id: String,
-    }
-    serde_json::from_str::<Probe>(text).ok().map(|p| p.id)
 }

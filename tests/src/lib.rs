@@ -5,6 +5,7 @@
 
 pub mod legacy;
 pub mod ollama;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

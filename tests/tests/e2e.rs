@@ -656,6 +656,13 @@ async fn relay_routes_refuse_bad_input_with_clear_errors() {
     assert_eq!(raw_status(s.relay.addr, "/api/tunnel/alice/api/%2e%2e/secret").await, 400);
     assert_eq!(raw_status(s.relay.addr, "/api/tunnel/alice/../bob/api/tags").await, 400);
     assert_eq!(get("/nowhere").await.unwrap().status(), 404);
+    // What the agent would refuse is refused by the relay at once.
+    let odd = reqwest::Method::from_bytes(b"FOO1").unwrap();
+    let resp = s.http.request(odd, s.relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("method"));
+    let long = format!("/api/{}", "x".repeat(17 * 1024));
+    assert_eq!(get(&format!("/api/tunnel/alice{long}")).await.unwrap().status(), 414);
     let ws = s.http.get(s.relay.url("/ws/tunnel")).send().await.unwrap();
     assert_eq!(ws.status(), 400);
     let health: Value = get("/api/tunnel/alice/health").await.unwrap().json().await.unwrap();

@@ -1,0 +1,232 @@
+//! The relay against an agent that misbehaves on purpose: every refused
+//! frame gets an `error` with a code, the session survives single bad
+//! frames, and a stream whose agent breaks the rules ends with a clean error
+//! for its web client.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tunnel_tests::raw::RawAgent;
+use tunnel_tests::{TestRelay, agent_token, init_logging};
+
+use proto::{Headers, Limits, Message, ResponseHeadMsg};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn relay_and_raw_agent() -> (TestRelay, RawAgent) {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let agent = RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default())
+        .await
+        .expect("connect");
+    relay.wait_for_agent("alice").await;
+    (relay, agent)
+}
+
+fn expect_error(msg: Message, code: u16, name: &str) {
+    match msg {
+        Message::Error(e) => {
+            assert_eq!(e.code, code, "{e:?}");
+            assert!(e.error.starts_with(name), "{e:?}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn welcome_announces_version_limits_and_capabilities() {
+    let (_relay, agent) = relay_and_raw_agent().await;
+    assert_eq!(agent.welcome.version, proto::PROTOCOL_VERSION);
+    assert_eq!(agent.welcome.limits, Limits::default());
+    assert!(agent.welcome.capabilities.iter().any(|c| c == "flow_control"));
+}
+
+#[tokio::test]
+async fn bad_frames_get_coded_errors_and_the_session_survives() {
+    let (relay, mut agent) = relay_and_raw_agent().await;
+    agent.send_text("this is not json").await;
+    expect_error(agent.recv_msg(T).await, 400, "malformed_message");
+    agent.send_text(r#"{"type":"teleport","id":"x"}"#).await;
+    expect_error(agent.recv_msg(T).await, 400, "unknown_type");
+    agent.send_binary(bytes::Bytes::from_static(b"\x80\x01a")).await;
+    expect_error(agent.recv_msg(T).await, 400, "malformed_frame");
+    agent.send_text(r#"{"type":"window_update","id":"req_1","credit":0}"#).await;
+    expect_error(agent.recv_msg(T).await, 400, "invalid_credit");
+    agent.send(&Message::ping("p1")).await;
+    assert!(matches!(agent.recv_msg(T).await, Message::Pong(p) if p.id == "p1"));
+    assert_eq!(relay.relay.hub().len(), 1);
+}
+
+#[tokio::test]
+async fn an_invalid_response_head_fails_only_its_stream_with_502() {
+    let (relay, mut agent) = relay_and_raw_agent().await;
+    let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/api/tags")));
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    assert_eq!(req.path, "/api/tags");
+    agent
+        .send_text(&format!(
+            r#"{{"type":"response_head","id":"{}","status":999,"headers":{{}}}}"#,
+            req.id
+        ))
+        .await;
+    // The relay refuses the frame and cancels the stream it named.
+    let (mut refused, mut cancelled) = (false, false);
+    for _ in 0..2 {
+        match agent.recv_msg(T).await {
+            Message::Cancel(c) => cancelled = c.id == req.id,
+            other => {
+                expect_error(other, 502, "invalid_status");
+                refused = true;
+            }
+        }
+    }
+    assert!(refused && cancelled);
+    let resp = client.await.unwrap().expect("response");
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("invalid"), "{v}");
+    // The session still serves the next request.
+    let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/ok")));
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    let id = proto::StreamId::new(req.id).unwrap();
+    agent
+        .send(&Message::ResponseHead(ResponseHeadMsg::new(
+            &id,
+            http::StatusCode::OK,
+            Headers::default(),
+            true,
+        )))
+        .await;
+    agent.send_data(id.as_str(), true, b"fine").await;
+    assert_eq!(client.await.unwrap().unwrap().text().await.unwrap(), "fine");
+}
+
+#[tokio::test]
+async fn an_agent_that_overruns_its_window_loses_the_stream_and_is_cancelled() {
+    let (relay, mut agent) = relay_and_raw_agent().await;
+    let window = agent.welcome.limits.initial_window as usize;
+    let client = tokio::spawn(async move {
+        let resp = reqwest::get(relay.tunnel_url("alice", "/big")).await.expect("response");
+        // Do not read: the relay must not buffer beyond the window.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (resp.status(), resp.bytes().await.map(|b| b.len()), relay)
+    });
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    let id = proto::StreamId::new(req.id).unwrap();
+    agent
+        .send(&Message::ResponseHead(ResponseHeadMsg::new(
+            &id,
+            http::StatusCode::OK,
+            Headers::default(),
+            true,
+        )))
+        .await;
+    // Far more than the window plus anything the socket buffers between
+    // relay and client could have earned back as credit.
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..512 {
+        agent.send_data(id.as_str(), false, &chunk).await;
+    }
+    let mut saw_error = false;
+    let mut saw_cancel = false;
+    while !(saw_error && saw_cancel) {
+        match agent.recv_msg(T).await {
+            Message::Error(e) if e.error.starts_with("flow_control") => saw_error = true,
+            Message::Cancel(c) if c.id == id.as_str() => saw_cancel = true,
+            Message::WindowUpdate(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (status, body, relay) = client.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.is_err(), "a cut-off body must not look complete");
+    assert!(relay.relay.buffered().peak() <= window);
+}
+
+#[tokio::test]
+async fn an_agent_error_before_the_head_becomes_the_http_status() {
+    let (relay, mut agent) = relay_and_raw_agent().await;
+    let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/api/pull")));
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    agent.send(&Message::error(req.id, 403, "endpoint not allowed by the owner's policy")).await;
+    let resp = client.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 403);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"], "endpoint not allowed by the owner's policy");
+}
+
+#[tokio::test]
+async fn requests_beyond_the_agents_stream_limit_get_429() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let limits = Limits { max_streams: 2, ..Limits::default() };
+    let mut agent =
+        RawAgent::connect(&relay.ws_url(), &agent_token("alice"), limits).await.unwrap();
+    relay.wait_for_agent("alice").await;
+    let held: Vec<_> =
+        (0..2).map(|_| tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/slow")))).collect();
+    for _ in 0..2 {
+        assert!(matches!(agent.recv_msg(T).await, Message::HttpRequest(_)));
+    }
+    let resp = reqwest::get(relay.tunnel_url("alice", "/one-too-many")).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    drop(held);
+    drop(agent);
+}
+
+#[tokio::test]
+async fn a_silent_agent_gets_504_after_the_first_byte_timeout_and_a_cancel() {
+    init_logging();
+    let relay =
+        TestRelay::start_with(&["alice"], |c| c.first_byte_timeout = Duration::from_millis(300))
+            .await;
+    let mut agent =
+        RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default()).await.unwrap();
+    relay.wait_for_agent("alice").await;
+    let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/api/chat")));
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    let resp = client.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 504);
+    match agent.recv_msg(T).await {
+        Message::Cancel(c) => assert_eq!(c.id, req.id),
+        other => panic!("expected cancel, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_agent_without_hello_is_closed_with_a_protocol_error() {
+    init_logging();
+    let relay =
+        TestRelay::start_with(&["alice"], |c| c.hello_timeout = Duration::from_millis(200)).await;
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            relay.ws_url(),
+        )
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {}", agent_token("alice")).parse().unwrap());
+    request.headers_mut().insert("sec-websocket-protocol", proto::SUBPROTOCOL.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    use futures_util::StreamExt;
+    let frame = tokio::time::timeout(T, socket.next()).await.unwrap();
+    match frame {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+            assert_eq!(u16::from(f.code), 1002)
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert!(relay.relay.hub().is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_agent_token_is_refused_with_401() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let err = RawAgent::connect(&relay.ws_url(), "not-the-token-0123456789", Limits::default())
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("401"), "{err}");
+}

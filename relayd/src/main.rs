@@ -29,6 +29,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = match relayd::ConfigFile::load(&args.config).and_then(relayd::ConfigFile::resolve)
     {
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
     };
     if args.check_config {
         match serde_json::to_string_pretty(&config) {
-            Ok(text) => eprintln!("{text}"),
+            Ok(text) => print_config(&text),
             Err(e) => eprintln!("relayd: {e}"),
         }
         return ExitCode::SUCCESS;
@@ -90,4 +91,9 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+#[allow(clippy::print_stdout)]
+fn print_config(text: &str) {
+    println!("{text}");
 }

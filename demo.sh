@@ -11,4 +11,4 @@ if ! command -v cargo >/dev/null; then
 fi
 echo "Building (release; the first build takes a few minutes)..." >&2
 cargo build --release --quiet --bins
-exec target/release/tunnel-demo "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/tunnel-demo" "$@"

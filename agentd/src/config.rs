@@ -24,6 +24,16 @@ pub struct ConfigFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub reconnect: ReconnectFile,
+    #[serde(default)]
+    pub liveness: LivenessFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LivenessFile {
+    #[serde(default, with = "opt_duration")]
+    pub ping_interval: Option<Duration>,
+    pub max_missed_pings: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +72,11 @@ pub struct Config {
     /// A session must stay up this long before the backoff resets.
     #[serde(serialize_with = "display_duration")]
     pub healthy_after: Duration,
+    /// The agent pings the relay this often...
+    #[serde(serialize_with = "display_duration")]
+    pub ping_interval: Duration,
+    /// ...and reconnects after this many silent intervals.
+    pub max_missed_pings: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +136,20 @@ impl ConfigFile {
             limits,
             reconnect_max_delay: self.reconnect.max_delay.unwrap_or(Duration::from_secs(30)),
             healthy_after: self.reconnect.healthy_after.unwrap_or(Duration::from_secs(30)),
+            ping_interval: match self.liveness.ping_interval {
+                Some(d) if d.is_zero() => {
+                    return Err(ConfigError::Invalid("ping_interval must be positive".into()));
+                }
+                Some(d) => d,
+                None => proto::liveness::DEFAULT_PING_INTERVAL,
+            },
+            max_missed_pings: match self.liveness.max_missed_pings {
+                Some(0) => {
+                    return Err(ConfigError::Invalid("max_missed_pings must be at least 1".into()));
+                }
+                Some(n) => n,
+                None => proto::liveness::DEFAULT_MAX_MISSED,
+            },
         })
     }
 }

@@ -88,6 +88,10 @@ impl Agent {
                         conn.relay_limits,
                         self.config.limits,
                         self.gauge.clone(),
+                        session::Liveness {
+                            ping_interval: self.config.ping_interval,
+                            max_missed: self.config.max_missed_pings,
+                        },
                     );
                     info!(session = %session.id, relay = %self.config.relay, "connected to the relay");
                     self.state.send_modify(|s| {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use proto::flow::{BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox};
+use proto::liveness::{Beat, Heartbeat};
 use proto::{Limits, Message, ProtocolError, RequestBody, StreamId, Violation, frame};
 
 use crate::forward::{self, Upstream};
@@ -62,6 +63,15 @@ pub struct Session {
     streams: Mutex<HashMap<String, StreamEntry>>,
     closed: CancellationToken,
     gauge: Arc<BufferGauge>,
+    heartbeat: Mutex<Heartbeat>,
+    liveness: Liveness,
+}
+
+/// How often to ping the relay, and how many silent intervals end the session.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub ping_interval: Duration,
+    pub max_missed: u32,
 }
 
 /// The session is gone; the frame was not sent.
@@ -75,6 +85,7 @@ impl Session {
         peer: Limits,
         local: Limits,
         gauge: Arc<BufferGauge>,
+        liveness: Liveness,
     ) -> (Arc<Self>, mpsc::Receiver<Ws>) {
         let (out, rx) = mpsc::channel(OUT_QUEUE);
         let s = Arc::new(Self {
@@ -86,8 +97,39 @@ impl Session {
             streams: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
             gauge,
+            heartbeat: Mutex::new(Heartbeat::new(liveness.max_missed, Instant::now())),
+            liveness,
         });
         (s, rx)
+    }
+
+    /// Pings the relay every interval; ends the session when it stays
+    /// silent, which also catches a half-open TCP connection.
+    async fn heartbeat(&self) -> SessionEnd {
+        let mut tick = tokio::time::interval(self.liveness.ping_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let beat = self.lock_heartbeat().tick(Instant::now());
+            match beat {
+                Beat::Ping(ping) => self.push_urgent(ping),
+                Beat::Dead { silent_for } => {
+                    return SessionEnd::Lost(format!(
+                        "relay stopped answering pings (silent for {silent_for:.1?})"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn lock_heartbeat(&self) -> MutexGuard<'_, Heartbeat> {
+        self.heartbeat.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Last measured ping round-trip time to the relay.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.lock_heartbeat().rtt()
     }
 
     fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, StreamEntry>> {
@@ -175,6 +217,7 @@ impl Session {
         let writer = tokio::spawn(self.clone().write_loop(sink, rx));
         let end = tokio::select! {
             end = self.read_loop(stream, &upstream, &tasks) => end,
+            end = self.heartbeat() => end,
             _ = shutdown.cancelled() => SessionEnd::Shutdown,
         };
         self.closed.cancel();
@@ -262,6 +305,7 @@ impl Session {
                 Some(Err(e)) => return SessionEnd::Lost(format!("socket error: {e}")),
                 None => return SessionEnd::Lost("relay closed the connection".into()),
             };
+            self.lock_heartbeat().heard(Instant::now());
             let outcome = match frame {
                 Ws::Text(text) => self.on_text(&text, upstream, tasks),
                 Ws::Binary(data) => self.on_binary(&data),
@@ -341,7 +385,9 @@ impl Session {
                 }
             }
             Message::Ping(p) => self.push_urgent(Message::pong(&p)),
-            Message::Pong(_) => {}
+            Message::Pong(p) => {
+                self.lock_heartbeat().pong(&p.id, Instant::now());
+            }
             Message::Goaway(g) => {
                 debug!(session = %self.id, reason = %g.reason, "relay is draining");
             }

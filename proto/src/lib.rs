@@ -17,6 +17,7 @@ pub mod flow;
 pub mod frame;
 pub mod headers;
 pub mod limits;
+pub mod liveness;
 pub mod message;
 
 pub use error::{ProtocolError, Violation};

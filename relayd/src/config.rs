@@ -22,6 +22,16 @@ pub struct ConfigFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub timeouts: TimeoutsFile,
+    #[serde(default)]
+    pub liveness: LivenessFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LivenessFile {
+    #[serde(default, with = "opt_duration")]
+    pub ping_interval: Option<Duration>,
+    pub max_missed_pings: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +87,11 @@ pub struct Config {
     /// Time an agent that offered the v1 subprotocol has to send `hello`.
     #[serde(with = "humantime_serde_compat")]
     pub hello_timeout: Duration,
+    /// The relay pings each agent this often...
+    #[serde(with = "humantime_serde_compat")]
+    pub ping_interval: Duration,
+    /// ...and drops a session silent for this many intervals.
+    pub max_missed_pings: u32,
 }
 
 /// One user and their tokens.
@@ -104,6 +119,8 @@ impl Default for Config {
             legacy_max_body: 16 * 1024 * 1024,
             first_byte_timeout: Duration::from_secs(300),
             hello_timeout: Duration::from_secs(10),
+            ping_interval: proto::liveness::DEFAULT_PING_INTERVAL,
+            max_missed_pings: proto::liveness::DEFAULT_MAX_MISSED,
         }
     }
 }
@@ -167,7 +184,29 @@ impl ConfigFile {
             legacy_max_body: self.limits.legacy_max_body.unwrap_or(d.legacy_max_body),
             first_byte_timeout: self.timeouts.first_byte.unwrap_or(d.first_byte_timeout),
             hello_timeout: self.timeouts.hello.unwrap_or(d.hello_timeout),
+            ping_interval: positive(self.liveness.ping_interval, d.ping_interval, "ping_interval")?,
+            max_missed_pings: match self.liveness.max_missed_pings {
+                Some(0) => {
+                    return Err(ConfigError::Invalid(
+                        "[liveness] max_missed_pings must be at least 1".into(),
+                    ));
+                }
+                Some(n) => n,
+                None => d.max_missed_pings,
+            },
         })
+    }
+}
+
+fn positive(
+    value: Option<Duration>,
+    default: Duration,
+    what: &str,
+) -> Result<Duration, ConfigError> {
+    match value {
+        Some(d) if d.is_zero() => Err(ConfigError::Invalid(format!("{what} must be positive"))),
+        Some(d) => Ok(d),
+        None => Ok(default),
     }
 }
 

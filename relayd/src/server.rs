@@ -90,6 +90,7 @@ fn health(shared: &Shared, user: &str) -> Response<RelayBody> {
             "protocol_version": s.version,
             "agent": s.agent,
             "in_flight": s.in_flight(),
+            "rtt_ms": s.rtt().map(|d| d.as_secs_f64() * 1e3),
         }),
         None => serde_json::json!({ "user": user, "connected": false }),
     };
@@ -217,6 +218,8 @@ async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v
         peer,
         local,
         gauge: shared.gauge.clone(),
+        ping_interval: shared.config.ping_interval,
+        max_missed: shared.config.max_missed_pings,
     });
     if v1 {
         let welcome = Message::Welcome(Welcome {

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use proto::flow::{BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox};
+use proto::liveness::{Beat, Heartbeat};
 use proto::{Limits, Message, ProtocolError, StreamId, Violation, frame};
 
 /// Frames queued for the writer. Small: a full queue makes request senders
@@ -55,6 +56,8 @@ pub enum CloseReason {
     Shutdown,
     /// The agent broke the protocol beyond repair.
     ProtocolError,
+    /// Nothing arrived from the agent for too many ping intervals.
+    Unresponsive,
 }
 
 impl CloseReason {
@@ -64,6 +67,7 @@ impl CloseReason {
             CloseReason::Disconnected => "agent disconnected",
             CloseReason::Shutdown => "relay shutting down",
             CloseReason::ProtocolError => "agent violated the tunnel protocol",
+            CloseReason::Unresponsive => "agent stopped answering pings",
         }
     }
 
@@ -73,6 +77,7 @@ impl CloseReason {
             CloseReason::Disconnected => CloseCode::Normal,
             CloseReason::Shutdown => CloseCode::Away,
             CloseReason::ProtocolError => CloseCode::Protocol,
+            CloseReason::Unresponsive => CloseCode::Library(4001),
         }
     }
 }
@@ -145,6 +150,8 @@ pub struct Session {
     close_reason: Mutex<Option<CloseReason>>,
     next_id: AtomicU64,
     gauge: Arc<BufferGauge>,
+    heartbeat: Mutex<Heartbeat>,
+    ping_interval: Duration,
 }
 
 impl std::fmt::Debug for Session {
@@ -165,6 +172,9 @@ pub struct SessionParams {
     pub peer: Limits,
     pub local: Limits,
     pub gauge: Arc<BufferGauge>,
+    /// Ping every this long; give up after `max_missed` silent intervals.
+    pub ping_interval: Duration,
+    pub max_missed: u32,
 }
 
 impl Session {
@@ -188,6 +198,8 @@ impl Session {
             close_reason: Mutex::new(None),
             next_id: AtomicU64::new(1),
             gauge: p.gauge,
+            heartbeat: Mutex::new(Heartbeat::new(p.max_missed, Instant::now())),
+            ping_interval: p.ping_interval,
         });
         (session, rx)
     }
@@ -338,7 +350,10 @@ impl Session {
     pub async fn run(self: Arc<Self>, socket: AgentSocket, rx: mpsc::Receiver<Outbound>) {
         let (sink, stream) = socket.split();
         let writer = tokio::spawn(self.clone().write_loop(sink, rx));
-        let reason = self.read_loop(stream).await;
+        let reason = tokio::select! {
+            r = self.read_loop(stream) => r,
+            r = self.heartbeat() => r,
+        };
         self.close(reason);
         let _ = writer.await;
         info!(session = %self.id, reason = self.close_reason().text(), "agent session ended");
@@ -411,6 +426,33 @@ impl Session {
         sink.feed(out.frame).await
     }
 
+    /// Pings the agent every interval; ends the session when it stays silent.
+    async fn heartbeat(&self) -> CloseReason {
+        let mut tick = tokio::time::interval(self.ping_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let beat = self.lock_heartbeat().tick(Instant::now());
+            match beat {
+                Beat::Ping(ping) => self.push_urgent(ping),
+                Beat::Dead { silent_for } => {
+                    warn!(session = %self.id, ?silent_for, "agent stopped answering pings");
+                    return CloseReason::Unresponsive;
+                }
+            }
+        }
+    }
+
+    fn lock_heartbeat(&self) -> MutexGuard<'_, Heartbeat> {
+        self.heartbeat.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Last measured ping round-trip time to the agent.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.lock_heartbeat().rtt()
+    }
+
     async fn read_loop(
         &self,
         mut stream: futures_util::stream::SplitStream<AgentSocket>,
@@ -429,6 +471,7 @@ impl Session {
                 }
                 None => return CloseReason::Disconnected,
             };
+            self.lock_heartbeat().heard(Instant::now());
             let outcome = match frame {
                 Ws::Text(text) => self.on_text(&text),
                 Ws::Binary(data) => self.on_binary(&data),
@@ -541,7 +584,9 @@ impl Session {
                 }
             }
             Message::Ping(p) => self.push_urgent(Message::pong(&p)),
-            Message::Pong(_) => {}
+            Message::Pong(p) => {
+                self.lock_heartbeat().pong(&p.id, Instant::now());
+            }
             Message::Hello(_)
             | Message::Welcome(_)
             | Message::HttpRequest(_)

@@ -5,6 +5,7 @@
 
 pub mod legacy;
 pub mod ollama;
+pub mod proxy;
 pub mod raw;
 
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ pub struct TestRelay {
     pub relay: relayd::Relay,
     pub addr: SocketAddr,
     shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl TestRelay {
@@ -39,6 +41,15 @@ impl TestRelay {
 
     /// Like [`TestRelay::start`], with `tweak` applied to the config.
     pub async fn start_with(users: &[&str], tweak: impl FnOnce(&mut relayd::Config)) -> Self {
+        Self::start_on("127.0.0.1:0".parse().expect("valid address"), users, tweak).await
+    }
+
+    /// A relay on `addr` (to restart one on the port it had).
+    pub async fn start_on(
+        addr: SocketAddr,
+        users: &[&str],
+        tweak: impl FnOnce(&mut relayd::Config),
+    ) -> Self {
         let mut config = relayd::Config::default();
         config.users = users
             .iter()
@@ -49,14 +60,14 @@ impl TestRelay {
             })
             .collect();
         tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind(addr).await.expect("bind the relay listener");
         let addr = listener.local_addr().expect("local addr");
         let relay = relayd::Relay::new(config);
         let shutdown = CancellationToken::new();
         let serving = relay.clone();
         let token = shutdown.clone();
-        tokio::spawn(async move { serving.serve(listener, token).await });
-        Self { relay, addr, shutdown }
+        let task = tokio::spawn(async move { serving.serve(listener, token).await });
+        Self { relay, addr, shutdown, task: Some(task) }
     }
 
     /// `http://127.0.0.1:PORT{path}`.
@@ -83,6 +94,14 @@ impl TestRelay {
     /// Stops the relay now.
     pub fn stop(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Stops the relay and waits until it released its port.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(WAIT, task).await;
+        }
     }
 }
 

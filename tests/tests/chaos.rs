@@ -1,0 +1,199 @@
+//! Chaos: agents, relays, networks and model servers that die mid-stream.
+//! Every request must end with an answer or a clean error, promptly, and the
+//! relay must let go of every stream it held.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tunnel_tests::proxy::{ChaosProxy, Mode};
+use tunnel_tests::{StandIn, StandInConfig, TestAgent, TestRelay, WAIT, init_logging};
+
+/// A chat that streams for a long time.
+fn endless() -> StandInConfig {
+    StandInConfig {
+        token_delay: Duration::from_millis(20),
+        tokens: 100_000,
+        ..StandInConfig::default()
+    }
+}
+
+async fn start_chat(
+    http: &reqwest::Client,
+    url: String,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + use<> {
+    let resp = http
+        .post(url)
+        .json(&json!({ "model": "m", "messages": [] }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let mut stream = Box::pin(resp.bytes_stream());
+    stream.next().await.expect("first chunk").expect("chunk");
+    stream
+}
+
+/// Reads until the body ends; returns the tail and how long that took.
+async fn until_end(
+    mut stream: impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+) -> (String, Duration) {
+    let started = Instant::now();
+    let mut tail = Vec::new();
+    let read = tokio::time::timeout(WAIT, async {
+        while let Some(c) = stream.next().await {
+            match c {
+                Ok(c) => tail.extend_from_slice(&c),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stream never ended");
+    let text = String::from_utf8_lossy(&tail);
+    let last = text.lines().last().unwrap_or_default().to_owned();
+    (last, started.elapsed())
+}
+
+/// Bounded poll: the gauge and stream tables have no change notification.
+async fn relay_lets_go(relay: &TestRelay) {
+    tokio::time::timeout(WAIT, async {
+        while relay.relay.buffered().current() > 0
+            || relay.relay.hub().sessions().iter().any(|s| s.in_flight() > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("relay kept streams or buffers of a dead session");
+}
+
+#[tokio::test]
+async fn agent_killed_mid_stream_ends_the_client_stream_with_an_error() {
+    init_logging();
+    let standin = StandIn::start(endless()).await.unwrap();
+    let relay = TestRelay::start(&["alice"]).await;
+    let agent = TestAgent::start(&relay, "alice", &standin.url()).await;
+    let http = reqwest::Client::new();
+    let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
+    agent.stop().await;
+    let (last, took) = until_end(Box::pin(stream)).await;
+    println!("agent stopped: client stream ended after {took:?} with {last}");
+    assert!(last.contains(r#""error""#), "{last}");
+    relay_lets_go(&relay).await;
+    let resp = http.get(relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+}
+
+#[tokio::test]
+async fn a_blackholed_network_is_detected_by_pings_and_the_agent_comes_back() {
+    init_logging();
+    let standin = StandIn::start(endless()).await.unwrap();
+    let ping = Duration::from_millis(100);
+    let relay = TestRelay::start_with(&["alice"], |c| {
+        c.ping_interval = ping;
+        c.max_missed_pings = 2;
+    })
+    .await;
+    let proxy = ChaosProxy::start(relay.addr).await;
+    let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
+        c.relay = proxy.url().parse().unwrap();
+        c.ping_interval = ping;
+        c.max_missed_pings = 2;
+        c.reconnect_max_delay = Duration::from_millis(200);
+    })
+    .await;
+    let first = relay.wait_for_agent("alice").await;
+    let http = reqwest::Client::new();
+    let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
+    proxy.set(Mode::Blackhole);
+    let (last, took) = until_end(Box::pin(stream)).await;
+    println!(
+        "blackhole: client stream ended after {took:?} (ping every {ping:?}, 2 missed) with {last}"
+    );
+    assert!(last.contains("stopped answering pings"), "{last}");
+    tokio::time::timeout(WAIT, first.closed()).await.expect("relay kept the dead session");
+    relay_lets_go(&relay).await;
+    proxy.set(Mode::Forward);
+    let mut state = agent.agent.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.connected && s.sessions >= 2))
+        .await
+        .expect("agent never came back")
+        .expect("state");
+    let resp = http.get(relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_stalled_network_is_detected_too() {
+    init_logging();
+    let standin = StandIn::start(endless()).await.unwrap();
+    let ping = Duration::from_millis(100);
+    let relay = TestRelay::start_with(&["alice"], |c| {
+        c.ping_interval = ping;
+        c.max_missed_pings = 2;
+    })
+    .await;
+    let proxy = ChaosProxy::start(relay.addr).await;
+    let _agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
+        c.relay = proxy.url().parse().unwrap();
+        c.ping_interval = ping;
+        c.max_missed_pings = 2;
+    })
+    .await;
+    let session = relay.wait_for_agent("alice").await;
+    let http = reqwest::Client::new();
+    let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
+    proxy.set(Mode::Stall);
+    let (last, took) = until_end(Box::pin(stream)).await;
+    println!("stall: client stream ended after {took:?}");
+    assert!(last.contains(r#""error""#), "{last}");
+    tokio::time::timeout(WAIT, session.closed()).await.expect("relay kept the stalled session");
+    relay_lets_go(&relay).await;
+}
+
+#[tokio::test]
+async fn relay_restarts_mid_stream_error_the_client_and_the_agent_reconnects() {
+    init_logging();
+    let standin = StandIn::start(endless()).await.unwrap();
+    let mut relay = TestRelay::start(&["alice"]).await;
+    let addr = relay.addr;
+    let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
+        c.reconnect_max_delay = Duration::from_millis(300);
+    })
+    .await;
+    let http = reqwest::Client::new();
+    for round in 1..=3 {
+        relay.wait_for_agent("alice").await;
+        let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
+        let ending = tokio::spawn(until_end(Box::pin(stream)));
+        relay.shutdown().await;
+        let (last, took) = ending.await.unwrap();
+        println!("relay restart {round}: client stream ended after {took:?} with {last}");
+        assert!(last.contains(r#""error""#), "{last}");
+        relay = TestRelay::start_on(addr, &["alice"], |_| {}).await;
+    }
+    relay.wait_for_agent("alice").await;
+    let mut state = agent.agent.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.connected && s.sessions >= 4))
+        .await
+        .expect("agent did not reconnect after every restart")
+        .expect("state");
+    let resp = http.get(relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn upstream_dying_mid_stream_ends_the_client_stream_with_an_error() {
+    init_logging();
+    let standin = StandIn::start(endless()).await.unwrap();
+    let relay = TestRelay::start(&["alice"]).await;
+    let _agent = TestAgent::start(&relay, "alice", &standin.url()).await;
+    let http = reqwest::Client::new();
+    let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
+    drop(standin);
+    let (last, took) = until_end(Box::pin(stream)).await;
+    println!("upstream died: client stream ended after {took:?} with {last}");
+    assert!(last.contains(r#""error""#), "{last}");
+    relay_lets_go(&relay).await;
+}

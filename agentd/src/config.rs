@@ -238,9 +238,10 @@ mod tests {
             .map(|l| {
                 l.strip_prefix("# ")
                     .filter(|r| {
-                        r.split_once(" = ").is_some_and(|(k, _)| {
-                            k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                        })
+                        r.starts_with("[[")
+                            || r.split_once(" = ").is_some_and(|(k, _)| {
+                                k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                            })
                     })
                     .unwrap_or(l)
             })

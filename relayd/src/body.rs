@@ -5,11 +5,14 @@
 //! credit to the agent. Dropping the body before its end (the web client went
 //! away) cancels the stream at the agent through its [`StreamGuard`].
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 use proto::flow::{Inbox, StreamAbort};
 
@@ -24,6 +27,10 @@ pub enum RelayBody {
 pub struct StreamBody {
     inbox: Inbox,
     guard: Option<StreamGuard>,
+    /// Longest pause between chunks, and the end of the whole exchange.
+    idle: Option<Duration>,
+    deadline: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
     /// The stream carries NDJSON: an abort mid-stream ends it with an
     /// Ollama-style `{"error": ...}` line instead of cutting it off.
     ndjson: bool,
@@ -38,8 +45,22 @@ impl RelayBody {
         RelayBody::Full(None)
     }
 
-    pub fn stream(inbox: Inbox, guard: StreamGuard, ndjson: bool) -> Self {
-        RelayBody::Stream(Box::new(StreamBody { inbox, guard: Some(guard), ndjson }))
+    pub fn stream(
+        inbox: Inbox,
+        guard: StreamGuard,
+        ndjson: bool,
+        idle: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Self {
+        let timer = next_wake(idle, deadline).map(|at| Box::pin(tokio::time::sleep_until(at)));
+        RelayBody::Stream(Box::new(StreamBody {
+            inbox,
+            guard: Some(guard),
+            ndjson,
+            idle,
+            deadline,
+            timer,
+        }))
     }
 }
 
@@ -87,10 +108,22 @@ impl StreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         let Some(guard) = &self.guard else { return Poll::Ready(None) };
         match self.inbox.poll_recv(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if let Some(timer) = &mut self.timer
+                    && timer.as_mut().poll(cx).is_ready()
+                {
+                    return self.expire();
+                }
+                Poll::Pending
+            }
             Poll::Ready(Some(Ok(chunk))) => {
                 if let Some(credit) = self.inbox.take_credit() {
                     guard.session().grant(guard.id(), credit);
+                }
+                if let (Some(timer), Some(at)) =
+                    (&mut self.timer, next_wake(self.idle, self.deadline))
+                {
+                    timer.as_mut().reset(at);
                 }
                 Poll::Ready(Some(Ok(Frame::data(chunk))))
             }
@@ -101,19 +134,49 @@ impl StreamBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(abort))) => {
-                // The stream is already gone at the relay; nothing to cancel
-                // if the agent ended it, but a relay-side abort must still
-                // reach the agent, which the guard's drop does.
+                // The stream is already gone at the relay; nothing to cancel.
                 self.guard = None;
-                if self.ndjson {
-                    // As Ollama does for errors mid-stream: a final error
-                    // line, then a clean end, so line-reading clients (which
-                    // would lose a truncated last chunk) see why.
-                    let line = serde_json::json!({ "error": abort.message }).to_string() + "\n";
-                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))));
-                }
-                Poll::Ready(Some(Err(BodyAborted(abort))))
+                self.fail(abort)
             }
         }
+    }
+
+    /// A timeout fired after the response started: cancel at the agent,
+    /// then end the body the way `fail` does.
+    fn expire(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        let total = self.deadline.is_some_and(|d| Instant::now() >= d);
+        let message = match (total, self.idle) {
+            (false, Some(idle)) => {
+                format!("no data from the local service for {}", humantime::format_duration(idle))
+            }
+            _ => "the response took longer than the relay's total timeout".to_owned(),
+        };
+        if let Some(guard) = self.guard.take() {
+            guard.cancel(&message);
+        }
+        self.fail(StreamAbort::new(504, message))
+    }
+
+    fn fail(&mut self, abort: StreamAbort) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        self.timer = None;
+        if self.ndjson {
+            // As Ollama does for errors mid-stream: a final error line,
+            // then a clean end, so line-reading clients (which would lose a
+            // truncated last chunk) see why.
+            self.ndjson = false;
+            let line = serde_json::json!({ "error": abort.message }).to_string() + "\n";
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))));
+        }
+        Poll::Ready(Some(Err(BodyAborted(abort))))
+    }
+}
+
+/// When the body's timer should fire next: the sooner of the idle limit
+/// (from now) and the total deadline.
+fn next_wake(idle: Option<Duration>, deadline: Option<Instant>) -> Option<Instant> {
+    let idle_at = idle.map(|d| Instant::now() + d);
+    match (idle_at, deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -65,6 +65,48 @@ pub struct TimeoutsFile {
     pub first_byte: Option<Duration>,
     #[serde(default, with = "opt_duration")]
     pub hello: Option<Duration>,
+    /// A duration, or "off".
+    #[serde(default, with = "opt_limit")]
+    pub idle: Option<Option<Duration>>,
+    #[serde(default, with = "opt_limit")]
+    pub total: Option<Option<Duration>>,
+    #[serde(default)]
+    pub route: Vec<RouteTimeoutsFile>,
+}
+
+/// Timeouts for requests whose path (at the local service) starts with
+/// `prefix`; unset fields keep the global values.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeoutsFile {
+    pub prefix: String,
+    #[serde(default, with = "opt_duration")]
+    pub first_byte: Option<Duration>,
+    #[serde(default, with = "opt_limit")]
+    pub idle: Option<Option<Duration>>,
+    #[serde(default, with = "opt_limit")]
+    pub total: Option<Option<Duration>>,
+}
+
+/// The timeouts that apply to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Timeouts {
+    /// Forward -> response head (504 when it passes).
+    #[serde(with = "humantime_serde_compat")]
+    pub first_byte: Duration,
+    /// Longest pause between two body chunks once the response started.
+    #[serde(with = "opt_humantime")]
+    pub idle: Option<Duration>,
+    /// Whole exchange, head and body.
+    #[serde(with = "opt_humantime")]
+    pub total: Option<Duration>,
+}
+
+/// Route-specific timeouts, matched by path prefix.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteTimeouts {
+    pub prefix: String,
+    pub timeouts: Timeouts,
 }
 
 /// The resolved configuration relayd runs with.
@@ -84,6 +126,14 @@ pub struct Config {
     /// Time from forwarding a request until the response head arrives (504).
     #[serde(with = "humantime_serde_compat")]
     pub first_byte_timeout: Duration,
+    /// Longest pause between body chunks once a response started.
+    #[serde(with = "opt_humantime")]
+    pub idle_timeout: Option<Duration>,
+    /// Longest whole exchange; off by default (generations and pulls run long).
+    #[serde(with = "opt_humantime")]
+    pub total_timeout: Option<Duration>,
+    /// Overrides by path prefix, longest prefix first.
+    pub route_timeouts: Vec<RouteTimeouts>,
     /// Time an agent that offered the v1 subprotocol has to send `hello`.
     #[serde(with = "humantime_serde_compat")]
     pub hello_timeout: Duration,
@@ -118,6 +168,9 @@ impl Default for Config {
             max_request_body: 64 * 1024 * 1024 * 1024,
             legacy_max_body: 16 * 1024 * 1024,
             first_byte_timeout: Duration::from_secs(300),
+            idle_timeout: Some(Duration::from_secs(300)),
+            total_timeout: None,
+            route_timeouts: Vec::new(),
             hello_timeout: Duration::from_secs(10),
             ping_interval: proto::liveness::DEFAULT_PING_INTERVAL,
             max_missed_pings: proto::liveness::DEFAULT_MAX_MISSED,
@@ -144,7 +197,29 @@ impl ConfigFile {
     }
 
     /// Applies defaults and checks every value; secrets in files are read.
-    pub fn resolve(self) -> Result<Config, ConfigError> {
+    pub fn resolve(mut self) -> Result<Config, ConfigError> {
+        let routes = std::mem::take(&mut self.timeouts.route);
+        let mut config = self.resolve_global()?;
+        for r in routes {
+            if !r.prefix.starts_with('/') {
+                return Err(ConfigError::Invalid(format!(
+                    "[[timeouts.route]] prefix {:?} must start with /",
+                    r.prefix
+                )));
+            }
+            let base = config.timeouts_for("");
+            let timeouts = Timeouts {
+                first_byte: positive(r.first_byte, base.first_byte, "first_byte")?,
+                idle: r.idle.unwrap_or(base.idle),
+                total: r.total.unwrap_or(base.total),
+            };
+            config.route_timeouts.push(RouteTimeouts { prefix: r.prefix, timeouts });
+        }
+        config.route_timeouts.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Ok(config)
+    }
+
+    fn resolve_global(self) -> Result<Config, ConfigError> {
         let d = Config::default();
         let mut limits = Limits::default();
         if let Some(w) = self.limits.stream_window {
@@ -182,7 +257,14 @@ impl ConfigFile {
             limits,
             max_request_body: self.limits.max_request_body.unwrap_or(d.max_request_body),
             legacy_max_body: self.limits.legacy_max_body.unwrap_or(d.legacy_max_body),
-            first_byte_timeout: self.timeouts.first_byte.unwrap_or(d.first_byte_timeout),
+            first_byte_timeout: positive(
+                self.timeouts.first_byte,
+                d.first_byte_timeout,
+                "first_byte",
+            )?,
+            idle_timeout: self.timeouts.idle.unwrap_or(d.idle_timeout),
+            total_timeout: self.timeouts.total.unwrap_or(d.total_timeout),
+            route_timeouts: Vec::new(),
             hello_timeout: self.timeouts.hello.unwrap_or(d.hello_timeout),
             ping_interval: positive(self.liveness.ping_interval, d.ping_interval, "ping_interval")?,
             max_missed_pings: match self.liveness.max_missed_pings {
@@ -207,6 +289,21 @@ fn positive(
         Some(d) if d.is_zero() => Err(ConfigError::Invalid(format!("{what} must be positive"))),
         Some(d) => Ok(d),
         None => Ok(default),
+    }
+}
+
+impl Config {
+    /// The timeouts for a request to `path` at the local service: the
+    /// longest matching route prefix, else the global values.
+    pub fn timeouts_for(&self, path: &str) -> Timeouts {
+        self.route_timeouts.iter().find(|r| path.starts_with(&r.prefix)).map_or(
+            Timeouts {
+                first_byte: self.first_byte_timeout,
+                idle: self.idle_timeout,
+                total: self.total_timeout,
+            },
+            |r| r.timeouts,
+        )
     }
 }
 
@@ -254,6 +351,42 @@ mod opt_duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
         humantime::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration or `"off"`: `None` when absent, `Some(None)` for off.
+mod opt_limit {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<Duration>>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+        if text.trim() == "off" {
+            return Ok(Some(None));
+        }
+        match humantime::parse_duration(&text) {
+            Ok(d) if d.is_zero() => Err(serde::de::Error::custom("use \"off\" instead of 0")),
+            Ok(d) => Ok(Some(Some(d))),
+            Err(e) => {
+                Err(serde::de::Error::custom(format!("{e} (a duration like \"5m\", or \"off\")")))
+            }
+        }
+    }
+}
+
+mod opt_humantime {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_str("off"),
+        }
     }
 }
 
@@ -310,9 +443,10 @@ mod tests {
             .map(|l| {
                 l.strip_prefix("# ")
                     .filter(|r| {
-                        r.split_once(" = ").is_some_and(|(k, _)| {
-                            k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                        })
+                        r.starts_with("[[")
+                            || r.split_once(" = ").is_some_and(|(k, _)| {
+                                k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                            })
                     })
                     .unwrap_or(l)
             })
@@ -326,6 +460,26 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         toml::from_str::<ConfigFile>(&uncommented).expect("every documented knob is accepted");
+    }
+
+    #[test]
+    fn route_timeouts_override_by_longest_prefix() {
+        let c = parse(
+            "[timeouts]\nidle = \"1m\"\ntotal = \"off\"\n\
+             [[timeouts.route]]\nprefix = \"/api\"\nfirst_byte = \"1m\"\n\
+             [[timeouts.route]]\nprefix = \"/api/pull\"\nidle = \"off\"\ntotal = \"2h\"\n",
+        )
+        .expect("valid");
+        let pull = c.timeouts_for("/api/pull");
+        assert_eq!(pull.idle, None);
+        assert_eq!(pull.total, Some(Duration::from_secs(7200)));
+        assert_eq!(pull.first_byte, Duration::from_secs(300));
+        let chat = c.timeouts_for("/api/chat");
+        assert_eq!(chat.first_byte, Duration::from_secs(60));
+        assert_eq!(chat.idle, Some(Duration::from_secs(60)));
+        assert_eq!(c.timeouts_for("/v1/models").total, None);
+        assert!(parse("[timeouts]\nidle = \"0s\"").is_err());
+        assert!(parse("[[timeouts.route]]\nprefix = \"api\"").is_err());
     }
 
     #[test]

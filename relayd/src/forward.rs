@@ -101,7 +101,11 @@ pub async fn forward(
             "request head too large for the agent",
         );
     }
-    let deadline = tokio::time::Instant::now() + shared.config.first_byte_timeout;
+    let started = tokio::time::Instant::now();
+    let limits = shared.config.timeouts_for(target.split('?').next().unwrap_or(&target));
+    let total_deadline = limits.total.map(|t| started + t);
+    let first_byte = limits.total.map_or(limits.first_byte, |t| t.min(limits.first_byte));
+    let deadline = started + first_byte;
     match tokio::time::timeout_at(deadline, session.send(&open.id, Ws::text(text))).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
@@ -130,7 +134,13 @@ pub async fn forward(
     let mut head_rx = open.head;
     let waited = tokio::select! {
         h = &mut head_rx => Ok(h),
-        _ = uploaded_rx => tokio::time::timeout(shared.config.first_byte_timeout, &mut head_rx).await,
+        _ = uploaded_rx => {
+            let mut until = tokio::time::Instant::now() + limits.first_byte;
+            if let Some(total) = total_deadline {
+                until = until.min(total);
+            }
+            tokio::time::timeout_at(until, &mut head_rx).await
+        }
     };
     let head = match waited {
         Ok(Ok(Ok(head))) => head,
@@ -169,7 +179,9 @@ pub async fn forward(
         }
         // With a declared length an appended error line would break the
         // framing; such a stream is cut off instead.
-        None => RelayBody::stream(open.inbox, guard, ndjson && !has_length),
+        None => {
+            RelayBody::stream(open.inbox, guard, ndjson && !has_length, limits.idle, total_deadline)
+        }
     };
     resp
 }

@@ -230,3 +230,88 @@ async fn a_wrong_agent_token_is_refused_with_401() {
         .expect("refused");
     assert!(err.to_string().contains("401"), "{err}");
 }
+
+async fn ndjson_head(agent: &mut RawAgent) -> proto::StreamId {
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    let id = proto::StreamId::new(req.id).expect("relay ids are valid");
+    let headers = Headers(vec![("content-type".into(), "application/x-ndjson".into())]);
+    agent
+        .send(&Message::ResponseHead(ResponseHeadMsg::new(
+            &id,
+            http::StatusCode::OK,
+            headers,
+            true,
+        )))
+        .await;
+    id
+}
+
+async fn expect_cancel(agent: &mut RawAgent, id: &proto::StreamId) -> String {
+    loop {
+        match agent.recv_msg(T).await {
+            Message::Cancel(c) if c.id == id.as_str() => return c.reason,
+            Message::WindowUpdate(_) | Message::Ping(_) => {}
+            other => panic!("expected cancel, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_quiet_is_ended_after_the_idle_timeout() {
+    init_logging();
+    let relay =
+        TestRelay::start_with(&["alice"], |c| c.idle_timeout = Some(Duration::from_millis(200)))
+            .await;
+    let mut agent =
+        RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default()).await.unwrap();
+    relay.wait_for_agent("alice").await;
+    let url = relay.tunnel_url("alice", "/api/chat");
+    let client =
+        tokio::spawn(async move { reqwest::get(url).await.unwrap().text().await.unwrap() });
+    let id = ndjson_head(&mut agent).await;
+    agent.send_data(id.as_str(), false, b"{\"done\":false}\n").await;
+    let reason = expect_cancel(&mut agent, &id).await;
+    assert!(reason.contains("no data"), "{reason}");
+    let body = client.await.unwrap();
+    let last = body.lines().last().unwrap();
+    assert!(last.starts_with(r#"{"error":"no data from the local service"#), "{body}");
+}
+
+#[tokio::test]
+async fn a_route_with_a_total_timeout_is_cut_even_while_data_flows() {
+    init_logging();
+    let relay = TestRelay::start_with(&["alice"], |c| {
+        c.route_timeouts.push(relayd::config::RouteTimeouts {
+            prefix: "/api/chat".into(),
+            timeouts: relayd::config::Timeouts {
+                first_byte: Duration::from_secs(5),
+                idle: None,
+                total: Some(Duration::from_millis(300)),
+            },
+        })
+    })
+    .await;
+    let mut agent =
+        RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default()).await.unwrap();
+    relay.wait_for_agent("alice").await;
+    let url = relay.tunnel_url("alice", "/api/chat");
+    let client =
+        tokio::spawn(async move { reqwest::get(url).await.unwrap().text().await.unwrap() });
+    let id = ndjson_head(&mut agent).await;
+    let feeder = {
+        let id = id.clone();
+        async move {
+            for _ in 0..100 {
+                agent.send_data(id.as_str(), false, b"{\"done\":false}\n").await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            agent
+        }
+    };
+    let (body, mut agent) = tokio::join!(client, feeder);
+    let body = body.unwrap();
+    assert!(body.lines().count() < 100, "the total timeout never fired");
+    assert!(body.lines().last().unwrap().contains("total timeout"), "{body}");
+    let reason = expect_cancel(&mut agent, &id).await;
+    assert!(reason.contains("total timeout"), "{reason}");
+}

@@ -42,8 +42,7 @@ pub struct AgentState {
     pub last_error: Option<String>,
 }
 
-/// How long in-flight streams get to finish after shutdown.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+use crate::session::DRAIN_DEADLINE;
 
 pub struct Agent {
     config: Config,
@@ -113,14 +112,22 @@ impl Agent {
                             s.last_error = Some(why.clone());
                         }
                     });
-                    match end {
-                        SessionEnd::Shutdown => break,
-                        SessionEnd::Lost(why) => warn!(reason = %why, "relay session lost"),
-                    }
                     if started.elapsed() >= self.config.healthy_after {
                         backoff.reset();
                     }
-                    backoff.next_delay()
+                    match end {
+                        SessionEnd::Shutdown => break,
+                        // A drain is not a failure: come back when asked,
+                        // spread a little so a relay's agents do not return
+                        // in one instant.
+                        SessionEnd::Goaway(retry) => {
+                            retry + retry.mul_f64(rand::random::<f64>() * 0.5)
+                        }
+                        SessionEnd::Lost(why) => {
+                            warn!(reason = %why, "relay session lost");
+                            backoff.next_delay()
+                        }
+                    }
                 }
                 Err(e) => {
                     let delay = match &e {

@@ -19,8 +19,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use proto::flow::{BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox};
 use proto::liveness::{Beat, Heartbeat};
@@ -38,7 +39,15 @@ pub enum SessionEnd {
     Shutdown,
     /// The socket closed or failed; reconnect.
     Lost(String),
+    /// The relay is draining: its streams are done; reconnect after this
+    /// long without counting it as a failure.
+    Goaway(Duration),
 }
+
+/// How long in-flight streams get to finish when agentd shuts down.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// Reconnect delay after a `goaway` without a hint.
+const GOAWAY_DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
 struct StreamEntry {
     cancel: CancellationToken,
@@ -65,6 +74,13 @@ pub struct Session {
     gauge: Arc<BufferGauge>,
     heartbeat: Mutex<Heartbeat>,
     liveness: Liveness,
+    /// Woken whenever a stream leaves the table.
+    stream_done: Notify,
+    /// Set on shutdown or `goaway`: new requests are refused.
+    draining: std::sync::atomic::AtomicBool,
+    /// The relay's `goaway`, once it came.
+    goaway: Mutex<Option<Duration>>,
+    goaway_notify: Notify,
 }
 
 /// How often to ping the relay, and how many silent intervals end the session.
@@ -99,8 +115,56 @@ impl Session {
             gauge,
             heartbeat: Mutex::new(Heartbeat::new(liveness.max_missed, Instant::now())),
             liveness,
+            stream_done: Notify::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            goaway: Mutex::new(None),
+            goaway_notify: Notify::new(),
         });
         (s, rx)
+    }
+
+    /// Resolves when the session should end by choice: on shutdown once the
+    /// in-flight streams finished (or the drain deadline passed), on a
+    /// relay's `goaway` once they finished. The reader keeps serving those
+    /// streams meanwhile; new requests are refused.
+    async fn drain(&self, shutdown: &CancellationToken) -> SessionEnd {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                let idle = self.idle();
+                if tokio::time::timeout(DRAIN_DEADLINE, idle).await.is_err() {
+                    warn!(session = %self.id, in_flight = self.in_flight(), "drain deadline passed; cancelling the rest");
+                }
+                SessionEnd::Shutdown
+            }
+            retry = self.goaway_received() => {
+                self.idle().await;
+                SessionEnd::Goaway(retry)
+            }
+        }
+    }
+
+    async fn goaway_received(&self) -> Duration {
+        loop {
+            let notified = self.goaway_notify.notified();
+            if let Some(retry) = *self.goaway.lock().unwrap_or_else(PoisonError::into_inner) {
+                return retry;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves once no stream is in flight.
+    async fn idle(&self) {
+        loop {
+            let notified = self.stream_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Pings the relay every interval; ends the session when it stays
@@ -130,6 +194,13 @@ impl Session {
     /// Last measured ping round-trip time to the relay.
     pub fn rtt(&self) -> Option<Duration> {
         self.lock_heartbeat().rtt()
+    }
+
+    /// Takes a stream out of the table and wakes drain waiters.
+    fn remove_stream(&self, id: &str) -> Option<StreamEntry> {
+        let entry = self.lock_streams().remove(id);
+        self.stream_done.notify_waiters();
+        entry
     }
 
     fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, StreamEntry>> {
@@ -188,7 +259,7 @@ impl Session {
     /// The stream's task is done: forget it. With `cancel_reason`, also tell
     /// the relay the stream was abandoned.
     pub fn finish(&self, id: &StreamId, cancel_reason: Option<&str>) {
-        let entry = self.lock_streams().remove(id.as_str());
+        let entry = self.remove_stream(id.as_str());
         if let Some(e) = entry {
             e.window.close();
             if let Some(reason) = cancel_reason
@@ -214,11 +285,12 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (sink, stream) = socket.split();
-        let writer = tokio::spawn(self.clone().write_loop(sink, rx));
+        // Aborted if this future is dropped, so the socket never outlives it.
+        let writer = AbortOnDropHandle::new(tokio::spawn(self.clone().write_loop(sink, rx)));
         let end = tokio::select! {
             end = self.read_loop(stream, &upstream, &tasks) => end,
             end = self.heartbeat() => end,
-            _ = shutdown.cancelled() => SessionEnd::Shutdown,
+            end = self.drain(&shutdown) => end,
         };
         self.closed.cancel();
         let streams: Vec<StreamEntry> = self.lock_streams().drain().map(|(_, e)| e).collect();
@@ -356,7 +428,7 @@ impl Session {
                 }
             }
             Message::Cancel(c) => {
-                let entry = self.lock_streams().remove(c.id.as_str());
+                let entry = self.remove_stream(c.id.as_str());
                 if let Some(e) = entry {
                     debug!(session = %self.id, stream = %c.id, reason = %c.reason, "relay cancelled stream");
                     e.cancel.cancel();
@@ -366,7 +438,7 @@ impl Session {
             Message::Error(e) => {
                 if e.id.is_empty() {
                     warn!(session = %self.id, code = e.code, error = %e.error, "relay reported an error");
-                } else if let Some(entry) = self.lock_streams().remove(e.id.as_str()) {
+                } else if let Some(entry) = self.remove_stream(e.id.as_str()) {
                     entry.cancel.cancel();
                     entry.window.close();
                 }
@@ -376,7 +448,7 @@ impl Session {
                 if let Some(window) = window
                     && let Err(e) = window.grant(w.credit)
                 {
-                    if let Some(entry) = self.lock_streams().remove(w.id.as_str()) {
+                    if let Some(entry) = self.remove_stream(w.id.as_str()) {
                         entry.cancel.cancel();
                         entry.window.close();
                     }
@@ -389,7 +461,12 @@ impl Session {
                 self.lock_heartbeat().pong(&p.id, Instant::now());
             }
             Message::Goaway(g) => {
-                debug!(session = %self.id, reason = %g.reason, "relay is draining");
+                let retry = g.retry_after_ms.map_or(GOAWAY_DEFAULT_RETRY, Duration::from_millis);
+                info!(session = %self.id, reason = %g.reason, ?retry, "relay is draining; finishing streams, then reconnecting");
+                self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                *self.goaway.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(retry.min(Duration::from_secs(300)));
+                self.goaway_notify.notify_one();
             }
             Message::Hello(_)
             | Message::Welcome(_)
@@ -422,7 +499,9 @@ impl Session {
         let window = Arc::new(SendWindow::new(self.peer.initial_window));
         let refused = {
             let mut streams = self.lock_streams();
-            if streams.contains_key(id.as_str()) {
+            if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                Some((503, "the agent is shutting down or reconnecting"))
+            } else if streams.contains_key(id.as_str()) {
                 Some((409, "duplicate stream id"))
             } else if streams.len() >= self.local.max_streams as usize {
                 Some((429, "agent has too many requests in flight"))
@@ -461,6 +540,7 @@ impl Session {
                     entry.window.close();
                 }
                 drop(streams);
+                self.stream_done.notify_waiters();
                 self.push_urgent(Message::cancel(f.id.as_str(), "flow-control window exceeded"));
                 return Err(e.into());
             }

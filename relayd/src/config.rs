@@ -72,6 +72,9 @@ pub struct TimeoutsFile {
     pub total: Option<Option<Duration>>,
     #[serde(default)]
     pub route: Vec<RouteTimeoutsFile>,
+    /// Time in-flight streams get to finish on shutdown.
+    #[serde(default, with = "opt_duration")]
+    pub drain: Option<Duration>,
 }
 
 /// Timeouts for requests whose path (at the local service) starts with
@@ -134,6 +137,9 @@ pub struct Config {
     pub total_timeout: Option<Duration>,
     /// Overrides by path prefix, longest prefix first.
     pub route_timeouts: Vec<RouteTimeouts>,
+    /// On SIGTERM, time in-flight streams get before they are ended.
+    #[serde(with = "humantime_serde_compat")]
+    pub drain_timeout: Duration,
     /// Time an agent that offered the v1 subprotocol has to send `hello`.
     #[serde(with = "humantime_serde_compat")]
     pub hello_timeout: Duration,
@@ -171,6 +177,7 @@ impl Default for Config {
             idle_timeout: Some(Duration::from_secs(300)),
             total_timeout: None,
             route_timeouts: Vec::new(),
+            drain_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
             ping_interval: proto::liveness::DEFAULT_PING_INTERVAL,
             max_missed_pings: proto::liveness::DEFAULT_MAX_MISSED,
@@ -265,6 +272,7 @@ impl ConfigFile {
             idle_timeout: self.timeouts.idle.unwrap_or(d.idle_timeout),
             total_timeout: self.timeouts.total.unwrap_or(d.total_timeout),
             route_timeouts: Vec::new(),
+            drain_timeout: self.timeouts.drain.unwrap_or(d.drain_timeout),
             hello_timeout: self.timeouts.hello.unwrap_or(d.hello_timeout),
             ping_interval: positive(self.liveness.ping_interval, d.ping_interval, "ping_interval")?,
             max_missed_pings: match self.liveness.max_missed_pings {

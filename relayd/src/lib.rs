@@ -17,6 +17,7 @@ pub mod server;
 pub mod session;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -25,15 +26,18 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use proto::flow::BufferGauge;
 
 pub use config::{Config, ConfigFile};
 pub use hub::Hub;
 
-/// How long in-flight connections get to finish once shutdown begins.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// Once the drain deadline passed and sessions are closed, how long their
+/// tasks get to wind down.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
+/// The reconnect delay a draining relay suggests to its agents.
+const GOAWAY_RETRY: Duration = Duration::from_secs(1);
 
 /// State shared by every connection of one relay.
 pub struct Shared {
@@ -41,7 +45,18 @@ pub struct Shared {
     pub hub: Hub,
     /// Response bytes buffered for web clients, across all streams.
     pub gauge: Arc<BufferGauge>,
-    tasks: TaskTracker,
+    /// HTTP connections (web clients; agents until their upgrade).
+    conns: TaskTracker,
+    /// Agent sessions.
+    sessions: TaskTracker,
+    /// Set once shutdown began: new requests get 503.
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
 }
 
 /// A relay, ready to serve on any listener.
@@ -57,7 +72,9 @@ impl Relay {
                 config,
                 hub: Hub::default(),
                 gauge: Arc::new(BufferGauge::default()),
-                tasks: TaskTracker::new(),
+                conns: TaskTracker::new(),
+                sessions: TaskTracker::new(),
+                draining: AtomicBool::new(false),
             }),
         }
     }
@@ -75,8 +92,10 @@ impl Relay {
         &self.shared.config
     }
 
-    /// Serves HTTP on `listener` until `shutdown` is cancelled, then closes
-    /// agent sessions and gives open connections a bounded time to finish.
+    /// Serves HTTP on `listener` until `shutdown` is cancelled, then drains:
+    /// stops accepting, answers new requests 503, sends `goaway` to agents,
+    /// lets in-flight streams finish until `drain_timeout`, then ends the
+    /// rest and closes the sessions.
     pub async fn serve(
         &self,
         listener: TcpListener,
@@ -101,7 +120,7 @@ impl Relay {
             let _ = stream.set_nodelay(true);
             let conn_shared = shared.clone();
             let conn_shutdown = shutdown.clone();
-            shared.tasks.spawn(async move {
+            shared.conns.spawn(async move {
                 let svc = service_fn(move |req| server::handle(conn_shared.clone(), req));
                 let conn = http1::Builder::new()
                     .keep_alive(true)
@@ -115,17 +134,32 @@ impl Relay {
                         }
                     }
                     _ = conn_shutdown.cancelled() => {
+                        // Finish the request in flight, then close.
                         conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(DRAIN_DEADLINE, conn).await;
+                        let _ = conn.await;
                     }
                 }
             });
         }
+        // Drain: no new work, agents told to go elsewhere after their
+        // streams, in-flight streams given until the deadline.
+        shared.draining.store(true, Ordering::Relaxed);
+        drop(listener);
+        let sessions = shared.hub.sessions();
+        info!(agents = sessions.len(), deadline = ?shared.config.drain_timeout, "draining");
+        for session in &sessions {
+            session.goaway("relay shutting down", GOAWAY_RETRY);
+        }
+        shared.conns.close();
+        if tokio::time::timeout(shared.config.drain_timeout, shared.conns.wait()).await.is_err() {
+            warn!("drain deadline passed; ending the remaining streams");
+        }
         for session in shared.hub.sessions() {
             session.close(session::CloseReason::Shutdown);
         }
-        shared.tasks.close();
-        let _ = tokio::time::timeout(DRAIN_DEADLINE, shared.tasks.wait()).await;
+        shared.sessions.close();
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, shared.sessions.wait()).await;
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, shared.conns.wait()).await;
         info!("relay stopped");
         Ok(())
     }

@@ -71,6 +71,12 @@ async fn tunnel(
     if target == "/health" && req.method() == Method::GET {
         return health(shared, &user);
     }
+    if shared.is_draining() {
+        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down");
+        r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
     let Some(session) = shared.hub.get(&user) else { return unavailable(&user) };
     if let Some(q) = req.uri().query() {
         target.push('?');
@@ -145,7 +151,7 @@ fn accept_agent(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Re
 
     let upgrade = hyper::upgrade::on(&mut req);
     let task_shared = shared.clone();
-    shared.tasks.spawn(async move {
+    shared.sessions.spawn(async move {
         let upgraded = match upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -194,9 +200,11 @@ pub fn ws_config(limits: &Limits, v1: bool) -> WebSocketConfig {
 
 async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v1: bool) {
     let local = shared.config.limits;
-    let (version, agent, peer) = if v1 {
+    let (version, agent, peer, capabilities) = if v1 {
         match handshake(&shared, &mut socket).await {
-            Ok(hello) => (PROTOCOL_VERSION.min(hello.version), hello.agent, hello.limits),
+            Ok(hello) => {
+                (PROTOCOL_VERSION.min(hello.version), hello.agent, hello.limits, hello.capabilities)
+            }
             Err(why) => {
                 warn!(reason = %why, "agent handshake failed");
                 let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
@@ -209,7 +217,7 @@ async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v
             }
         }
     } else {
-        (0, "original".to_owned(), Limits::default())
+        (0, "original".to_owned(), Limits::default(), Vec::new())
     };
     let (session, rx) = Session::new(SessionParams {
         user,
@@ -220,6 +228,7 @@ async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v
         gauge: shared.gauge.clone(),
         ping_interval: shared.config.ping_interval,
         max_missed: shared.config.max_missed_pings,
+        goaway: capabilities.iter().any(|c| c == capability::GOAWAY),
     });
     if v1 {
         let welcome = Message::Welcome(Welcome {

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use proto::flow::{BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox};
@@ -152,6 +153,7 @@ pub struct Session {
     gauge: Arc<BufferGauge>,
     heartbeat: Mutex<Heartbeat>,
     ping_interval: Duration,
+    goaway: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -175,6 +177,8 @@ pub struct SessionParams {
     /// Ping every this long; give up after `max_missed` silent intervals.
     pub ping_interval: Duration,
     pub max_missed: u32,
+    /// The agent listed the `goaway` capability.
+    pub goaway: bool,
 }
 
 impl Session {
@@ -200,6 +204,7 @@ impl Session {
             gauge: p.gauge,
             heartbeat: Mutex::new(Heartbeat::new(p.max_missed, Instant::now())),
             ping_interval: p.ping_interval,
+            goaway: p.goaway,
         });
         (session, rx)
     }
@@ -294,6 +299,18 @@ impl Session {
         std::mem::take(&mut *self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// Tells the agent the relay is draining: finish in-flight streams, then
+    /// reconnect after `retry`. Agents that did not list `goaway` are simply
+    /// closed at the end of the drain.
+    pub fn goaway(&self, reason: &str, retry: Duration) {
+        if self.goaway && !self.is_closed() {
+            self.push_urgent(Message::Goaway(proto::Goaway {
+                reason: reason.to_owned(),
+                retry_after_ms: Some(retry.as_millis() as u64),
+            }));
+        }
+    }
+
     /// Returns `credit` bytes of response-body window to the agent.
     pub fn grant(&self, id: &StreamId, credit: u32) {
         if self.is_legacy() || self.is_closed() {
@@ -349,7 +366,8 @@ impl Session {
     /// Runs the session until the socket closes or [`Session::close`].
     pub async fn run(self: Arc<Self>, socket: AgentSocket, rx: mpsc::Receiver<Outbound>) {
         let (sink, stream) = socket.split();
-        let writer = tokio::spawn(self.clone().write_loop(sink, rx));
+        // Aborted if this future is dropped, so the socket never outlives it.
+        let writer = AbortOnDropHandle::new(tokio::spawn(self.clone().write_loop(sink, rx)));
         let reason = tokio::select! {
             r = self.read_loop(stream) => r,
             r = self.heartbeat() => r,

@@ -154,7 +154,15 @@ impl TestAgent {
         Self { agent, shutdown, task: Some(task) }
     }
 
-    /// Stops the agent and waits for it to finish.
+    /// Kills the agent as a crash would: no drain, no close frame.
+    pub async fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Stops the agent (it drains its streams first) and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {

@@ -76,9 +76,9 @@ async fn agent_killed_mid_stream_ends_the_client_stream_with_an_error() {
     let agent = TestAgent::start(&relay, "alice", &standin.url()).await;
     let http = reqwest::Client::new();
     let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
-    agent.stop().await;
+    agent.kill().await;
     let (last, took) = until_end(Box::pin(stream)).await;
-    println!("agent stopped: client stream ended after {took:?} with {last}");
+    println!("agent killed: client stream ended after {took:?} with {last}");
     assert!(last.contains(r#""error""#), "{last}");
     relay_lets_go(&relay).await;
     let resp = http.get(relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
@@ -156,7 +156,10 @@ async fn a_stalled_network_is_detected_too() {
 async fn relay_restarts_mid_stream_error_the_client_and_the_agent_reconnects() {
     init_logging();
     let standin = StandIn::start(endless()).await.unwrap();
-    let mut relay = TestRelay::start(&["alice"]).await;
+    // A short drain: the endless streams would otherwise hold each relay
+    // for the whole default drain deadline.
+    let short_drain = |c: &mut relayd::Config| c.drain_timeout = Duration::from_millis(200);
+    let mut relay = TestRelay::start_with(&["alice"], short_drain).await;
     let addr = relay.addr;
     let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
         c.reconnect_max_delay = Duration::from_millis(300);
@@ -171,7 +174,7 @@ async fn relay_restarts_mid_stream_error_the_client_and_the_agent_reconnects() {
         let (last, took) = ending.await.unwrap();
         println!("relay restart {round}: client stream ended after {took:?} with {last}");
         assert!(last.contains(r#""error""#), "{last}");
-        relay = TestRelay::start_on(addr, &["alice"], |_| {}).await;
+        relay = TestRelay::start_on(addr, &["alice"], short_drain).await;
     }
     relay.wait_for_agent("alice").await;
     let mut state = agent.agent.state();
@@ -196,4 +199,61 @@ async fn upstream_dying_mid_stream_ends_the_client_stream_with_an_error() {
     println!("upstream died: client stream ended after {took:?} with {last}");
     assert!(last.contains(r#""error""#), "{last}");
     relay_lets_go(&relay).await;
+}
+
+/// A chat that ends by itself after `tokens` tokens.
+fn finite(tokens: usize) -> StandInConfig {
+    StandInConfig { token_delay: Duration::from_millis(20), tokens, ..StandInConfig::default() }
+}
+
+#[tokio::test]
+async fn a_draining_relay_lets_streams_finish_refuses_new_ones_and_sends_goaway() {
+    init_logging();
+    let standin = StandIn::start(finite(25)).await.unwrap();
+    let relay = TestRelay::start(&["alice"]).await;
+    let addr = relay.addr;
+    let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
+        c.reconnect_max_delay = Duration::from_millis(300);
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
+    let ending = tokio::spawn(until_end(Box::pin(stream)));
+    relay.stop();
+    // New work is refused while the stream in flight goes on.
+    let refused = reqwest::Client::new().get(relay.tunnel_url("alice", "/api/tags")).send().await;
+    if let Ok(resp) = refused {
+        assert_eq!(resp.status(), 503);
+    }
+    let (last, took) = ending.await.unwrap();
+    println!("drain: the in-flight stream finished after {took:?} with {last}");
+    assert!(last.contains(r#""done":true"#), "the stream was cut: {last}");
+    relay.shutdown().await;
+    // The agent left on the relay's goaway and comes back to its successor.
+    let successor = TestRelay::start_on(addr, &["alice"], |_| {}).await;
+    successor.wait_for_agent("alice").await;
+    let mut state = agent.agent.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.connected && s.sessions >= 2))
+        .await
+        .expect("agent did not come back after the goaway")
+        .expect("state");
+}
+
+#[tokio::test]
+async fn a_stopping_agent_finishes_its_streams_first() {
+    init_logging();
+    let standin = StandIn::start(finite(25)).await.unwrap();
+    let relay = TestRelay::start(&["alice"]).await;
+    let agent = TestAgent::start(&relay, "alice", &standin.url()).await;
+    let http = reqwest::Client::new();
+    let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
+    let ending = tokio::spawn(until_end(Box::pin(stream)));
+    let stopping = tokio::spawn(agent.stop());
+    let (last, took) = ending.await.unwrap();
+    println!("agent drain: the in-flight stream finished after {took:?}");
+    assert!(last.contains(r#""done":true"#), "the stream was cut: {last}");
+    stopping.await.unwrap();
+    tokio::time::timeout(WAIT, relay.relay.hub().wait_until(|h| h.is_empty()))
+        .await
+        .expect("agent never left");
 }

@@ -33,6 +33,8 @@ pub struct Connected {
 pub enum ConnectError {
     #[error("the relay refused the agent token ({0})")]
     Unauthorized(u16),
+    #[error("the relay is busy or draining (503); retrying")]
+    Busy,
     #[error("cannot reach the relay: {0}")]
     Io(#[from] std::io::Error),
     #[error("WebSocket handshake failed: {0}")]

@@ -56,6 +56,7 @@ pub struct LimitsFile {
     pub max_streams_per_agent: Option<u32>,
     pub max_request_body: Option<u64>,
     pub legacy_max_body: Option<usize>,
+    pub handshakes_per_second: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +127,9 @@ pub struct Config {
     /// Largest request body sent to an original (version 0) agent, which
     /// takes the body inline in one message.
     pub legacy_max_body: usize,
+    /// Agent handshakes admitted per second; above it agents get 503 and
+    /// retry with backoff (a relay restart brings everyone back at once).
+    pub handshakes_per_second: u32,
     /// Time from forwarding a request until the response head arrives (504).
     #[serde(with = "humantime_serde_compat")]
     pub first_byte_timeout: Duration,
@@ -173,6 +177,7 @@ impl Default for Config {
             limits: Limits::default(),
             max_request_body: 64 * 1024 * 1024 * 1024,
             legacy_max_body: 16 * 1024 * 1024,
+            handshakes_per_second: 200,
             first_byte_timeout: Duration::from_secs(300),
             idle_timeout: Some(Duration::from_secs(300)),
             total_timeout: None,
@@ -264,6 +269,15 @@ impl ConfigFile {
             limits,
             max_request_body: self.limits.max_request_body.unwrap_or(d.max_request_body),
             legacy_max_body: self.limits.legacy_max_body.unwrap_or(d.legacy_max_body),
+            handshakes_per_second: match self.limits.handshakes_per_second {
+                Some(0) => {
+                    return Err(ConfigError::Invalid(
+                        "[limits] handshakes_per_second must be at least 1".into(),
+                    ));
+                }
+                Some(n) => n,
+                None => d.handshakes_per_second,
+            },
             first_byte_timeout: positive(
                 self.timeouts.first_byte,
                 d.first_byte_timeout,

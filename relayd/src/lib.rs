@@ -16,9 +16,9 @@ pub mod hub;
 pub mod server;
 pub mod session;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -51,11 +51,45 @@ pub struct Shared {
     sessions: TaskTracker,
     /// Set once shutdown began: new requests get 503.
     draining: AtomicBool,
+    /// Agent handshakes admitted per second (reconnect storms).
+    handshakes: Mutex<TokenBucket>,
+}
+
+/// A token bucket: `rate` tokens per second, at most `rate` banked.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, now: Instant) -> Self {
+        Self { rate: rate as f64, tokens: rate as f64, last: now }
+    }
+
+    /// Takes a token if one is available at `now`.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Admits one agent handshake, or says the relay is busy.
+    pub fn admit_handshake(&self) -> bool {
+        self.handshakes.lock().unwrap_or_else(PoisonError::into_inner).take(Instant::now())
     }
 }
 
@@ -67,6 +101,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(config: Config) -> Self {
+        let handshakes = TokenBucket::new(config.handshakes_per_second, Instant::now());
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -75,6 +110,7 @@ impl Relay {
                 conns: TaskTracker::new(),
                 sessions: TaskTracker::new(),
                 draining: AtomicBool::new(false),
+                handshakes: Mutex::new(handshakes),
             }),
         }
     }
@@ -172,4 +208,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     Relay::new(config).serve(listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_admits_its_rate_per_second() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, t0);
+        assert_eq!((0..20).filter(|_| b.take(t0)).count(), 10);
+        assert!(!b.take(t0 + Duration::from_millis(50)));
+        assert!(b.take(t0 + Duration::from_millis(100)));
+        assert_eq!((0..20).filter(|_| b.take(t0 + Duration::from_secs(5))).count(), 10);
+    }
 }

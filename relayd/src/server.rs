@@ -137,6 +137,11 @@ fn accept_agent(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Re
         r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
         return r;
     }
+    if shared.is_draining() || !shared.admit_handshake() {
+        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "relay busy; retry with backoff");
+        r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
     let Some(user) = auth::bearer(headers).and_then(|t| auth::agent_user(&shared.config, t)) else {
         return unauthorized("agent token missing or not valid");
     };

@@ -257,3 +257,43 @@ async fn a_stopping_agent_finishes_its_streams_first() {
         .await
         .expect("agent never left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_relay_restart_a_crowd_of_agents_all_comes_back_under_the_handshake_limit() {
+    const AGENTS: usize = 300;
+    init_logging();
+    let standin = StandIn::start(finite(1)).await.unwrap();
+    let users: Vec<String> = (0..AGENTS).map(|i| format!("u{i}")).collect();
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    let limit = |c: &mut relayd::Config| {
+        c.handshakes_per_second = 100;
+        c.drain_timeout = Duration::from_millis(100);
+    };
+    let relay = TestRelay::start_with(&names, limit).await;
+    let addr = relay.addr;
+    let mut agents = Vec::with_capacity(AGENTS);
+    for user in &names {
+        agents.push(
+            TestAgent::start_with(&relay, user, &standin.url(), |c| {
+                c.reconnect_max_delay = Duration::from_secs(2)
+            })
+            .await,
+        );
+    }
+    assert_eq!(relay.relay.hub().len(), AGENTS);
+    relay.shutdown().await;
+    let restarted = Instant::now();
+    let relay = TestRelay::start_on(addr, &names, limit).await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        relay.relay.hub().wait_until(|h| h.len() == AGENTS),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("only {} of {AGENTS} agents came back", relay.relay.hub().len()));
+    println!(
+        "{AGENTS} agents back {:?} after the restart (100 handshakes/s admitted, backoff cap 2 s)",
+        restarted.elapsed()
+    );
+    let resp = reqwest::get(relay.tunnel_url("u7", "/api/tags")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+}

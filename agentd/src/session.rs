@@ -23,7 +23,9 @@ use tokio_util::task::AbortOnDropHandle;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use proto::flow::{BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox};
+use proto::flow::{
+    BufferGauge, ControlQueue, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
+};
 use proto::liveness::{Beat, Heartbeat};
 use proto::{Limits, Message, ProtocolError, RequestBody, StreamId, Violation, frame};
 
@@ -55,12 +57,6 @@ struct StreamEntry {
     window: Arc<SendWindow>,
 }
 
-#[derive(Default)]
-struct Urgent {
-    frames: Mutex<Vec<Message>>,
-    notify: Notify,
-}
-
 /// One live session.
 pub struct Session {
     pub id: String,
@@ -68,7 +64,7 @@ pub struct Session {
     peer: Limits,
     local: Limits,
     out: mpsc::Sender<Ws>,
-    urgent: Urgent,
+    urgent: ControlQueue,
     streams: Mutex<HashMap<String, StreamEntry>>,
     closed: CancellationToken,
     gauge: Arc<BufferGauge>,
@@ -109,7 +105,7 @@ impl Session {
             peer,
             local,
             out,
-            urgent: Urgent::default(),
+            urgent: ControlQueue::new(local.max_streams as usize),
             streams: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
             gauge,
@@ -234,16 +230,10 @@ impl Session {
     }
 
     fn push_urgent(&self, msg: Message) {
-        let mut frames = self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner);
-        if frames.len() >= 4 * (self.local.max_streams as usize).max(16) {
-            drop(frames);
+        if self.urgent.push(msg).is_err() {
             warn!(session = %self.id, "control queue overflow; closing the session");
             self.closed.cancel();
-            return;
         }
-        frames.push(msg);
-        drop(frames);
-        self.urgent.notify.notify_one();
     }
 
     /// Returns request-body credit to the relay.
@@ -317,17 +307,14 @@ impl Session {
                 tokio::select! {
                     biased;
                     _ = self.closed.cancelled() => break,
-                    _ = self.urgent.notify.notified() => {}
+                    _ = self.urgent.pushed() => {}
                     frame = rx.recv() => match frame {
                         Some(f) => sink.feed(f).await?,
                         None => break,
                     },
                 }
                 loop {
-                    let urgent = std::mem::take(
-                        &mut *self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner),
-                    );
-                    for msg in urgent {
+                    for msg in self.urgent.take() {
                         sink.feed(Ws::text(msg.encode())).await?;
                     }
                     let mut fed = 0;

@@ -50,11 +50,6 @@ impl BufferGauge {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// Forgets the peak, so a test can measure one phase.
-    pub fn reset_peak(&self) {
-        self.peak.store(self.current(), Ordering::Relaxed);
-    }
-
     fn add(&self, n: usize) {
         let now = self.current.fetch_add(n, Ordering::Relaxed) + n;
         self.peak.fetch_max(now, Ordering::Relaxed);
@@ -230,10 +225,6 @@ impl Inbox {
         st.chunks.is_empty() && matches!(st.end, Some(Ok(())))
     }
 
-    pub fn buffered(&self) -> usize {
-        self.shared.lock().buffered
-    }
-
     /// Credit to return to the sender, once half a window has been consumed
     /// since the last return: one small `window_update` per half window.
     /// The inbox counts it as granted at once, so the caller must send it.
@@ -256,6 +247,56 @@ impl Drop for Inbox {
         self.shared.gauge.sub(st.buffered);
         st.buffered = 0;
         st.chunks.clear();
+    }
+}
+
+/// Control messages that must not wait behind body frames (cancels, credit,
+/// pongs, refusals): pushed from code that cannot wait (a dropped body, the
+/// socket reader), drained by the writer before its next batch. Bounded:
+/// each live stream contributes at most a cancel and a credit update between
+/// two writer passes, so far more means the writer is stuck.
+#[derive(Debug)]
+pub struct ControlQueue {
+    frames: Mutex<Vec<crate::Message>>,
+    notify: Notify,
+    bound: usize,
+}
+
+/// The control queue is full: the peer stopped reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("control queue overflow")]
+pub struct QueueFull;
+
+impl ControlQueue {
+    /// A queue for a session of at most `max_streams` streams.
+    pub fn new(max_streams: usize) -> Self {
+        Self {
+            frames: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+            bound: 4 * max_streams.max(16),
+        }
+    }
+
+    /// Queues `msg` and wakes the writer; never waits.
+    pub fn push(&self, msg: crate::Message) -> Result<(), QueueFull> {
+        let mut frames = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
+        if frames.len() >= self.bound {
+            return Err(QueueFull);
+        }
+        frames.push(msg);
+        drop(frames);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Everything queued so far.
+    pub fn take(&self) -> Vec<crate::Message> {
+        std::mem::take(&mut *self.frames.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Resolves after the next push (or at once if one happened unseen).
+    pub async fn pushed(&self) {
+        self.notify.notified().await
     }
 }
 
@@ -453,6 +494,18 @@ mod tests {
         tokio::task::yield_now().await;
         w.close();
         assert_eq!(waiter.await.expect("task"), Err(WindowClosed));
+    }
+
+    #[tokio::test]
+    async fn control_queue_wakes_the_writer_and_refuses_beyond_its_bound() {
+        let q = ControlQueue::new(1);
+        for i in 0..64 {
+            q.push(crate::Message::ping(format!("p{i}"))).expect("within the bound");
+        }
+        assert_eq!(q.push(crate::Message::ping("p")), Err(QueueFull));
+        q.pushed().await;
+        assert_eq!(q.take().len(), 64);
+        assert!(q.take().is_empty());
     }
 
     #[test]

@@ -179,19 +179,6 @@ impl Message {
         serde_json::to_string(self).expect("protocol messages always serialise")
     }
 
-    /// The stream id this message belongs to, if any.
-    pub fn stream_id(&self) -> Option<&str> {
-        match self {
-            Message::HttpRequest(m) => Some(&m.id),
-            Message::HttpResponse(m) => Some(&m.id),
-            Message::ResponseHead(m) => Some(&m.id),
-            Message::Cancel(m) => Some(&m.id),
-            Message::WindowUpdate(m) => Some(&m.id),
-            Message::Error(m) if !m.id.is_empty() => Some(&m.id),
-            _ => None,
-        }
-    }
-
     /// Checks every field against the protocol rules and `limits`.
     pub fn validate(&self, limits: &Limits) -> Result<(), ProtocolError> {
         match self {
@@ -378,14 +365,17 @@ fn validate_capabilities(caps: &[String]) -> Result<(), ProtocolError> {
 }
 
 /// A validated stream id.
+///
+/// Shared, so the per-chunk clones on the data path cost a reference count,
+/// not an allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StreamId(String);
+pub struct StreamId(std::sync::Arc<str>);
 
 impl StreamId {
     pub fn new(id: impl Into<String>) -> Result<Self, ProtocolError> {
         let id = id.into();
         validate_id(&id)?;
-        Ok(Self(id))
+        Ok(Self(id.into()))
     }
 
     pub fn as_str(&self) -> &str {

@@ -17,7 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
-use proto::flow::{BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox};
+use proto::flow::{
+    BufferGauge, ControlQueue, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
+};
 use proto::liveness::{Beat, Heartbeat};
 use proto::{Limits, Message, ProtocolError, StreamId, Violation, frame};
 
@@ -124,14 +126,6 @@ struct Slot {
     window: Arc<SendWindow>,
 }
 
-/// Cancels and credit updates: produced from synchronous code (a dropped
-/// body, a consumed chunk) that cannot wait on the bounded queue.
-#[derive(Default)]
-struct Urgent {
-    frames: Mutex<Vec<Message>>,
-    notify: Notify,
-}
-
 pub struct Session {
     pub id: String,
     pub user: String,
@@ -145,7 +139,7 @@ pub struct Session {
     local: Limits,
     max_streams: usize,
     out: mpsc::Sender<Outbound>,
-    urgent: Urgent,
+    urgent: ControlQueue,
     streams: Mutex<HashMap<String, Slot>>,
     closed: CancellationToken,
     close_reason: Mutex<Option<CloseReason>>,
@@ -196,7 +190,7 @@ impl Session {
             local: p.local,
             max_streams,
             out,
-            urgent: Urgent::default(),
+            urgent: ControlQueue::new(max_streams),
             streams: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
             close_reason: Mutex::new(None),
@@ -275,28 +269,16 @@ impl Session {
         }
     }
 
-    /// Largest control message the agent accepts.
+    /// The limits the agent announced in `hello` (defaults for original agents).
     pub fn peer_limits(&self) -> &Limits {
         &self.peer
     }
 
     fn push_urgent(&self, msg: Message) {
-        let mut frames = self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner);
-        // Each live stream contributes at most a cancel and a credit update
-        // between two writer passes; far more means the writer is stuck.
-        if frames.len() >= 4 * self.max_streams.max(16) {
-            drop(frames);
+        if self.urgent.push(msg).is_err() {
             warn!(session = %self.id, "control queue overflow; closing the session");
             self.close(CloseReason::Disconnected);
-            return;
         }
-        frames.push(msg);
-        drop(frames);
-        self.urgent.notify.notify_one();
-    }
-
-    fn take_urgent(&self) -> Vec<Message> {
-        std::mem::take(&mut *self.urgent.frames.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Tells the agent the relay is draining: finish in-flight streams, then
@@ -386,14 +368,14 @@ impl Session {
             loop {
                 tokio::select! {
                     biased;
-                    _ = self.urgent.notify.notified() => {}
+                    _ = self.urgent.pushed() => {}
                     out = rx.recv() => match out {
                         Some(out) => self.feed(&mut sink, out).await?,
                         None => break,
                     },
                 }
                 loop {
-                    for msg in self.take_urgent() {
+                    for msg in self.urgent.take() {
                         sink.feed(Ws::text(msg.encode())).await?;
                     }
                     let mut fed = 0;

@@ -25,6 +25,8 @@ pub struct Connected {
     pub socket: RelaySocket,
     pub session_id: String,
     pub relay_limits: Limits,
+    /// The relay listed `ack`: acknowledge each request as it is accepted.
+    pub relay_acks: bool,
 }
 
 /// Why a connection attempt failed. Callers branch on `Unauthorized` (retry
@@ -128,7 +130,8 @@ async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
             Err(ConnectError::Protocol(format!("welcome lacks the required capability {c}")))
         }
         Ok(Message::Welcome(w)) if w.version == PROTOCOL_VERSION => {
-            Ok(Connected { socket, session_id: w.session_id, relay_limits: w.limits })
+            let relay_acks = w.capabilities.iter().any(|c| c == capability::ACK);
+            Ok(Connected { socket, session_id: w.session_id, relay_limits: w.limits, relay_acks })
         }
         Ok(Message::Welcome(w)) => {
             Err(ConnectError::Protocol(format!("relay chose version {}", w.version)))

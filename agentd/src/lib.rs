@@ -91,6 +91,7 @@ impl Agent {
                             ping_interval: self.config.ping_interval,
                             max_missed: self.config.max_missed_pings,
                         },
+                        conn.relay_acks,
                     );
                     info!(session = %session.id, relay = %self.config.relay, "connected to the relay");
                     self.state.send_modify(|s| {

@@ -77,6 +77,8 @@ pub struct Session {
     /// The relay's `goaway`, once it came.
     goaway: Mutex<Option<Duration>>,
     goaway_notify: Notify,
+    /// The relay listed `ack`: each accepted request is acknowledged.
+    acks: bool,
 }
 
 /// How often to ping the relay, and how many silent intervals end the session.
@@ -98,6 +100,7 @@ impl Session {
         local: Limits,
         gauge: Arc<BufferGauge>,
         liveness: Liveness,
+        acks: bool,
     ) -> (Arc<Self>, mpsc::Receiver<Ws>) {
         let (out, rx) = mpsc::channel(OUT_QUEUE);
         let s = Arc::new(Self {
@@ -115,6 +118,7 @@ impl Session {
             draining: std::sync::atomic::AtomicBool::new(false),
             goaway: Mutex::new(None),
             goaway_notify: Notify::new(),
+            acks,
         });
         (s, rx)
     }
@@ -458,7 +462,8 @@ impl Session {
             Message::Hello(_)
             | Message::Welcome(_)
             | Message::HttpResponse(_)
-            | Message::ResponseHead(_) => {
+            | Message::ResponseHead(_)
+            | Message::Ack(_) => {
                 return Err(ProtocolError::new(
                     Violation::StreamState,
                     "message not allowed from a relay",
@@ -503,6 +508,9 @@ impl Session {
         if let Some((code, why)) = refused {
             self.push_urgent(Message::error(id.as_str(), code, why));
             return;
+        }
+        if self.acks {
+            self.push_urgent(Message::ack(id.as_str()));
         }
         tasks.spawn(forward::serve(self.clone(), upstream.clone(), req, body_rx, window, cancel));
     }

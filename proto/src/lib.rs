@@ -24,8 +24,8 @@ pub use error::{ProtocolError, Violation};
 pub use headers::Headers;
 pub use limits::Limits;
 pub use message::{
-    Cancel, ErrorMsg, Goaway, Hello, HttpRequestMsg, HttpResponseMsg, Message, Ping, RequestBody,
-    ResponseHead, ResponseHeadMsg, StreamId, TunnelRequest, Welcome, WindowUpdate,
+    Ack, Cancel, ErrorMsg, Goaway, Hello, HttpRequestMsg, HttpResponseMsg, Message, Ping,
+    RequestBody, ResponseHead, ResponseHeadMsg, StreamId, TunnelRequest, Welcome, WindowUpdate,
 };
 
 /// Version of the extended protocol negotiated by `hello`/`welcome`.
@@ -51,9 +51,11 @@ pub mod capability {
     pub const FLOW_CONTROL: &str = "flow_control";
     /// `goaway` before a relay drains.
     pub const GOAWAY: &str = "goaway";
+    /// `ack` when an agent accepts a request.
+    pub const ACK: &str = "ack";
 
     /// Everything version 1 defines, in the order it is advertised.
-    pub const ALL: &[&str] = &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL, GOAWAY];
+    pub const ALL: &[&str] = &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL, GOAWAY, ACK];
 
     /// What every version-1 peer must offer: without them a session cannot
     /// stream, cancel or bound its memory.

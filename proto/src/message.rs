@@ -37,6 +37,8 @@ pub enum Message {
     WindowUpdate(WindowUpdate),
     /// Relay -> agent: the relay is draining; reconnect later or elsewhere.
     Goaway(Goaway),
+    /// Agent -> relay: the agent took the request and is forwarding it.
+    Ack(Ack),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +125,15 @@ pub struct Cancel {
     pub reason: String,
 }
 
+/// The agent accepted a request (`ack` capability): it passed the agent's
+/// checks and is on its way to the local service. Starts nothing; it stops
+/// the relay's acknowledgement timer, which tells a stuck agent from a model
+/// that is slow to load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub id: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowUpdate {
     pub id: String,
@@ -156,6 +167,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "cancel",
     "window_update",
     "goaway",
+    "ack",
 ];
 
 impl Message {
@@ -231,6 +243,7 @@ impl Message {
                 Ok(())
             }
             Message::Goaway(g) => validate_reason(&g.reason),
+            Message::Ack(a) => validate_id(&a.id),
         }
     }
 
@@ -255,6 +268,10 @@ impl Message {
     /// The `pong` answering `ping`: same id, same timestamp.
     pub fn pong(ping: &Ping) -> Message {
         Message::Pong(ping.clone())
+    }
+
+    pub fn ack(id: impl Into<String>) -> Message {
+        Message::Ack(Ack { id: id.into() })
     }
 
     pub fn cancel(id: impl Into<String>, reason: impl Into<String>) -> Message {

@@ -116,6 +116,7 @@ fn extension_messages_round_trip() {
         r#"{"type":"cancel","id":"req_2","reason":"client disconnected"}"#,
         r#"{"type":"window_update","id":"req_2","credit":131072}"#,
         r#"{"type":"goaway","reason":"relay draining","retry_after_ms":1000}"#,
+        r#"{"type":"ack","id":"req_2"}"#,
     ];
     for text in texts {
         assert_eq!(decode(text).expect(text).encode(), text);

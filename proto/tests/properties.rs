@@ -46,6 +46,7 @@ fn message() -> impl Strategy<Value = Message> {
         (".{0,100}", prop::option::of(any::<u64>())).prop_map(|(reason, retry_after_ms)| {
             Message::Goaway(proto::Goaway { reason, retry_after_ms })
         }),
+        id().prop_map(|id| Message::Ack(proto::Ack { id })),
     ]
 }
 

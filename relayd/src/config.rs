@@ -63,6 +63,8 @@ pub struct LimitsFile {
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsFile {
     #[serde(default, with = "opt_duration")]
+    pub ack: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
     pub first_byte: Option<Duration>,
     #[serde(default, with = "opt_duration")]
     pub hello: Option<Duration>,
@@ -130,6 +132,9 @@ pub struct Config {
     /// Agent handshakes admitted per second; above it agents get 503 and
     /// retry with backoff (a relay restart brings everyone back at once).
     pub handshakes_per_second: u32,
+    /// Time an agent that listed `ack` has to acknowledge a request (504).
+    #[serde(with = "humantime_serde_compat")]
+    pub ack_timeout: Duration,
     /// Time from forwarding a request until the response head arrives (504).
     #[serde(with = "humantime_serde_compat")]
     pub first_byte_timeout: Duration,
@@ -178,6 +183,7 @@ impl Default for Config {
             max_request_body: 64 * 1024 * 1024 * 1024,
             legacy_max_body: 16 * 1024 * 1024,
             handshakes_per_second: 200,
+            ack_timeout: Duration::from_secs(30),
             first_byte_timeout: Duration::from_secs(300),
             idle_timeout: Some(Duration::from_secs(300)),
             total_timeout: None,
@@ -278,6 +284,7 @@ impl ConfigFile {
                 Some(n) => n,
                 None => d.handshakes_per_second,
             },
+            ack_timeout: positive(self.timeouts.ack, d.ack_timeout, "ack")?,
             first_byte_timeout: positive(
                 self.timeouts.first_byte,
                 d.first_byte_timeout,

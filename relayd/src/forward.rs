@@ -104,9 +104,13 @@ pub async fn forward(
     let started = tokio::time::Instant::now();
     let limits = shared.config.timeouts_for(target.split('?').next().unwrap_or(&target));
     let total_deadline = limits.total.map(|t| started + t);
+    // Until the agent acknowledges, the acknowledgement timer bounds the
+    // wait too: it is what tells a stuck agent from a slow model.
+    let mut ack = open.ack;
+    let ack_deadline = ack.as_ref().map(|_| started + shared.config.ack_timeout);
     let first_byte = limits.total.map_or(limits.first_byte, |t| t.min(limits.first_byte));
-    let deadline = started + first_byte;
-    match tokio::time::timeout_at(deadline, session.send(&open.id, Ws::text(text))).await {
+    let send_deadline = ack_deadline.map_or(started + first_byte, |a| a.min(started + first_byte));
+    match tokio::time::timeout_at(send_deadline, session.send(&open.id, Ws::text(text))).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
         Err(_) => {
@@ -118,7 +122,7 @@ pub async fn forward(
     // The first-byte clock starts once the whole request body is with the
     // agent: a model server answers only after reading it, and a multi-GB
     // upload must not count against it.
-    let (uploaded_tx, uploaded_rx) = oneshot::channel::<()>();
+    let (uploaded_tx, mut uploaded_rx) = oneshot::channel::<()>();
     if let Some(body) = body.filter(|_| has_body) {
         tokio::spawn(pump_request_body(
             session.clone(),
@@ -132,23 +136,47 @@ pub async fn forward(
         drop(uploaded_tx);
     }
     let mut head_rx = open.head;
-    let waited = tokio::select! {
-        h = &mut head_rx => Ok(h),
-        _ = uploaded_rx => {
-            let mut until = tokio::time::Instant::now() + limits.first_byte;
-            if let Some(total) = total_deadline {
-                until = until.min(total);
+    let mut head_deadline: Option<tokio::time::Instant> = total_deadline;
+    let mut uploaded = false;
+    let head = loop {
+        let ack_pending = ack.is_some();
+        let deadline = match (ack_pending.then_some(ack_deadline).flatten(), head_deadline) {
+            (Some(a), Some(h)) => Some(a.min(h)),
+            (a, h) => a.or(h),
+        };
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
             }
-            tokio::time::timeout_at(until, &mut head_rx).await
-        }
-    };
-    let head = match waited {
-        Ok(Ok(Ok(head))) => head,
-        Ok(Ok(Err(abort))) => return abort_response(&abort),
-        Ok(Err(_)) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
-        Err(_) => {
-            guard.cancel("no response head before the first-byte timeout");
-            return error(StatusCode::GATEWAY_TIMEOUT, "the local service did not answer in time");
+        };
+        tokio::select! {
+            biased;
+            h = &mut head_rx => match h {
+                Ok(Ok(head)) => break head,
+                Ok(Err(abort)) => return abort_response(&abort),
+                Err(_) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
+            },
+            // An ack, or the stream ended (then the head resolves too).
+            _ = async { ack.as_mut().expect("polled only while pending").await }, if ack_pending => {
+                ack = None;
+            }
+            _ = &mut uploaded_rx, if !uploaded => {
+                uploaded = true;
+                let until = tokio::time::Instant::now() + limits.first_byte;
+                head_deadline = Some(total_deadline.map_or(until, |t| t.min(until)));
+            }
+            _ = sleep => {
+                if ack.is_some() && ack_deadline.is_some_and(|a| a <= tokio::time::Instant::now()) {
+                    guard.cancel("the agent did not acknowledge the request in time");
+                    return error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the agent did not acknowledge the request in time",
+                    );
+                }
+                guard.cancel("no response head before the first-byte timeout");
+                return error(StatusCode::GATEWAY_TIMEOUT, "the local service did not answer in time");
+            }
         }
     };
 

@@ -234,6 +234,7 @@ async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v
         ping_interval: shared.config.ping_interval,
         max_missed: shared.config.max_missed_pings,
         goaway: capabilities.iter().any(|c| c == capability::GOAWAY),
+        acks: capabilities.iter().any(|c| c == capability::ACK),
     });
     if v1 {
         let welcome = Message::Welcome(Welcome {

@@ -105,6 +105,9 @@ pub struct OpenStream {
     pub window: Arc<SendWindow>,
     /// Cancels the stream at the agent unless it completed.
     pub guard: StreamGuard,
+    /// Resolves when the agent acknowledges the request (or the stream
+    /// ends); `None` when the agent did not list the `ack` capability.
+    pub ack: Option<oneshot::Receiver<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +125,7 @@ pub struct SessionClosed;
 
 struct Slot {
     head: Option<oneshot::Sender<Result<Head, StreamAbort>>>,
+    ack: Option<oneshot::Sender<()>>,
     body: InboxSender,
     window: Arc<SendWindow>,
 }
@@ -148,6 +152,7 @@ pub struct Session {
     heartbeat: Mutex<Heartbeat>,
     ping_interval: Duration,
     goaway: bool,
+    acks: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -173,6 +178,8 @@ pub struct SessionParams {
     pub max_missed: u32,
     /// The agent listed the `goaway` capability.
     pub goaway: bool,
+    /// The agent listed the `ack` capability.
+    pub acks: bool,
 }
 
 impl Session {
@@ -199,6 +206,7 @@ impl Session {
             heartbeat: Mutex::new(Heartbeat::new(p.max_missed, Instant::now())),
             ping_interval: p.ping_interval,
             goaway: p.goaway,
+            acks: p.acks,
         });
         (session, rx)
     }
@@ -239,6 +247,12 @@ impl Session {
         let (head_tx, head_rx) = oneshot::channel();
         let (body_tx, body_rx) = inbox(self.local.initial_window as usize, self.gauge.clone());
         let window = Arc::new(SendWindow::new(self.peer.initial_window));
+        let (ack_tx, ack_rx) = if self.acks {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         {
             let mut streams = self.lock_streams();
             if streams.len() >= self.max_streams {
@@ -246,7 +260,7 @@ impl Session {
             }
             streams.insert(
                 id.as_str().to_owned(),
-                Slot { head: Some(head_tx), body: body_tx, window: window.clone() },
+                Slot { head: Some(head_tx), ack: ack_tx, body: body_tx, window: window.clone() },
             );
         }
         // The session may have closed between the check and the insert;
@@ -256,7 +270,7 @@ impl Session {
             return Err(OpenError::Closed);
         }
         let guard = StreamGuard { session: self.clone(), id: id.clone(), done: false };
-        Ok(OpenStream { id, head: head_rx, inbox: body_rx, window, guard })
+        Ok(OpenStream { id, head: head_rx, inbox: body_rx, window, guard, ack: ack_rx })
     }
 
     /// Queues a frame of stream `id`, waiting while the writer is behind.
@@ -581,6 +595,14 @@ impl Session {
                 {
                     self.abort_stream(&w.id, StreamAbort::new(502, e.to_string()));
                     return Err(e);
+                }
+            }
+            Message::Ack(a) => {
+                // An ack for a stream that already ended (or a second one)
+                // changes nothing.
+                let tx = self.lock_streams().get_mut(a.id.as_str()).and_then(|s| s.ack.take());
+                if let Some(tx) = tx {
+                    let _ = tx.send(());
                 }
             }
             Message::Ping(p) => self.push_urgent(Message::pong(&p)),

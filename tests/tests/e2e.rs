@@ -683,3 +683,59 @@ async fn raw_status(addr: std::net::SocketAddr, target: &str) -> u16 {
     tcp.read_exact(&mut head).await.expect("status line");
     std::str::from_utf8(&head[9..12]).expect("ascii").parse().expect("status code")
 }
+
+#[tokio::test]
+async fn agentd_acknowledges_so_a_slow_model_load_outlasts_the_ack_timeout() {
+    init_logging();
+    let ack_timeout = Duration::from_millis(100);
+    let relay = TestRelay::start_with(&["alice"], |c| c.ack_timeout = ack_timeout).await;
+    // An upstream that takes a request and answers only when the test says:
+    // a model still loading.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", upstream.local_addr().unwrap());
+    let _agent = TestAgent::start(&relay, "alice", &url).await;
+    let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/api/tags")));
+    let (mut conn, _) = tokio::time::timeout(WAIT, upstream.accept()).await.unwrap().unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut conn, &mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    tokio::time::sleep(ack_timeout * 4).await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut conn,
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n{\"models\":[]}",
+    )
+    .await
+    .unwrap();
+    let resp = tokio::time::timeout(WAIT, client).await.expect("answered").unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "{\"models\":[]}");
+}
+
+#[tokio::test]
+async fn original_protocol_agents_are_not_held_to_the_ack_timeout() {
+    init_logging();
+    let standin = StandIn::start(StandInConfig {
+        token_delay: Duration::from_millis(50),
+        ..StandInConfig::default()
+    })
+    .await
+    .unwrap();
+    let relay =
+        TestRelay::start_with(&["alice"], |c| c.ack_timeout = Duration::from_millis(50)).await;
+    let _legacy = LegacyAgent::connect(&relay.ws_url(), &agent_token("alice"), &standin.url())
+        .await
+        .expect("connect");
+    relay.wait_for_agent("alice").await;
+    // Four tokens at 50 ms: the whole answer comes after 200 ms, and an
+    // original agent has no way to acknowledge before it.
+    let resp = reqwest::Client::new()
+        .post(relay.tunnel_url("alice", "/api/chat"))
+        .json(&json!({ "model": "m", "stream": false, "messages": [], "options": { "num_predict": 4 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

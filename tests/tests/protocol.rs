@@ -315,3 +315,55 @@ async fn a_route_with_a_total_timeout_is_cut_even_while_data_flows() {
     let reason = expect_cancel(&mut agent, &id).await;
     assert!(reason.contains("total timeout"), "{reason}");
 }
+
+#[tokio::test]
+async fn an_agent_that_never_acknowledges_gets_504_and_a_cancel_long_before_the_first_byte_timeout()
+{
+    init_logging();
+    let relay = TestRelay::start_with(&["alice"], |c| {
+        c.ack_timeout = Duration::from_millis(200);
+        c.first_byte_timeout = Duration::from_secs(300);
+    })
+    .await;
+    let mut agent =
+        RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default()).await.unwrap();
+    assert!(agent.welcome.capabilities.iter().any(|c| c == "ack"));
+    relay.wait_for_agent("alice").await;
+    let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/api/tags")));
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    let resp = tokio::time::timeout(T, client).await.expect("answered").unwrap().unwrap();
+    assert_eq!(resp.status(), 504);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("did not acknowledge"), "{body}");
+    match agent.recv_msg(T).await {
+        Message::Cancel(c) => assert_eq!(c.id, req.id),
+        other => panic!("expected cancel, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_acknowledged_request_may_wait_past_the_ack_timeout_for_its_head() {
+    init_logging();
+    let ack_timeout = Duration::from_millis(100);
+    let relay = TestRelay::start_with(&["alice"], |c| c.ack_timeout = ack_timeout).await;
+    let mut agent =
+        RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default()).await.unwrap();
+    relay.wait_for_agent("alice").await;
+    let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/api/tags")));
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    agent.send(&Message::ack(req.id.as_str())).await;
+    // A model loading: the head comes well after the acknowledgement timer
+    // would have fired.
+    tokio::time::sleep(ack_timeout * 4).await;
+    agent
+        .send(&Message::HttpResponse(proto::HttpResponseMsg {
+            id: req.id,
+            status: 200,
+            headers: Headers::default(),
+            body: Some("{\"models\":[]}".into()),
+        }))
+        .await;
+    let resp = tokio::time::timeout(T, client).await.expect("answered").unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "{\"models\":[]}");
+}

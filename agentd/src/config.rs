@@ -20,6 +20,8 @@ pub struct ConfigFile {
     pub token_file: Option<PathBuf>,
     /// The local service requests go to.
     pub upstream: Option<String>,
+    /// Address for Prometheus `GET /metrics`; absent = no metrics listener.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default)]
     pub limits: LimitsFile,
     #[serde(default)]
@@ -77,6 +79,7 @@ pub struct Config {
     pub ping_interval: Duration,
     /// ...and reconnects after this many silent intervals.
     pub max_missed_pings: u32,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +153,7 @@ impl ConfigFile {
                 Some(n) => n,
                 None => proto::liveness::DEFAULT_MAX_MISSED,
             },
+            metrics_listen: self.metrics_listen,
         })
     }
 }

@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod config;
 pub mod connect;
 pub mod forward;
+pub mod metrics;
 pub mod session;
 
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub struct Agent {
     config: Config,
     state: watch::Sender<AgentState>,
     gauge: Arc<BufferGauge>,
+    /// The live session, for its stream count.
+    current: std::sync::Mutex<Option<Arc<Session>>>,
 }
 
 impl Agent {
@@ -56,7 +59,19 @@ impl Agent {
             config,
             state: watch::channel(AgentState::default()).0,
             gauge: Arc::new(BufferGauge::default()),
+            current: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Requests in flight in the current session.
+    pub fn in_flight(&self) -> usize {
+        let current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        current.as_ref().map_or(0, |s| s.in_flight())
+    }
+
+    /// The Prometheus text `GET /metrics` answers.
+    pub fn metrics(&self) -> String {
+        metrics::render(self)
     }
 
     pub fn state(&self) -> watch::Receiver<AgentState> {
@@ -101,10 +116,13 @@ impl Agent {
                         s.sessions += 1;
                         s.last_error = None;
                     });
+                    *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(session.clone());
                     let end = session
                         .clone()
                         .run(conn.socket, rx, upstream.clone(), tasks.clone(), shutdown.clone())
                         .await;
+                    *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                     self.state.send_modify(|s| {
                         s.connected = false;
                         s.session_id = None;

@@ -61,9 +61,25 @@ fn main() -> ExitCode {
             wait_for_signal().await;
             signal.cancel();
         });
-        agentd::run(config, shutdown).await;
-    });
-    ExitCode::SUCCESS
+        let metrics = match config.metrics_listen {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("agentd: cannot listen for metrics on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
+        let agent = std::sync::Arc::new(agentd::Agent::new(config));
+        if let Some(listener) = metrics {
+            let agent = agent.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(agentd::metrics::serve(agent, listener, shutdown));
+        }
+        agent.run(shutdown).await;
+        ExitCode::SUCCESS
+    })
 }
 
 async fn wait_for_signal() {

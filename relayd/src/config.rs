@@ -16,6 +16,8 @@ pub struct ConfigFile {
     pub listen: Option<SocketAddr>,
     /// Tokio worker threads; 0 or absent = one per core.
     pub worker_threads: Option<usize>,
+    /// Address for Prometheus `GET /metrics`; absent = no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub users: Vec<UserFile>,
     #[serde(default)]
@@ -120,6 +122,7 @@ pub struct RouteTimeouts {
 pub struct Config {
     pub listen: SocketAddr,
     pub worker_threads: usize,
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(skip)]
     pub users: Vec<User>,
     /// Limits announced to agents in `welcome`.
@@ -178,6 +181,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             worker_threads: 0,
+            metrics_listen: None,
             users: Vec::new(),
             limits: Limits::default(),
             max_request_body: 64 * 1024 * 1024 * 1024,
@@ -271,6 +275,7 @@ impl ConfigFile {
         Ok(Config {
             listen: self.listen.unwrap_or(d.listen),
             worker_threads: self.worker_threads.unwrap_or(0),
+            metrics_listen: self.metrics_listen,
             users,
             limits,
             max_request_body: self.limits.max_request_body.unwrap_or(d.max_request_body),

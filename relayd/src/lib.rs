@@ -13,6 +13,7 @@ pub mod body;
 pub mod config;
 pub mod forward;
 pub mod hub;
+pub mod metrics;
 pub mod server;
 pub mod session;
 
@@ -126,6 +127,16 @@ impl Relay {
 
     pub fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    /// The Prometheus text `GET /metrics` answers.
+    pub fn metrics(&self) -> String {
+        metrics::render(&self.shared)
+    }
+
+    /// Serves `GET /metrics` on `listener` until `shutdown`.
+    pub async fn serve_metrics(&self, listener: TcpListener, shutdown: CancellationToken) {
+        metrics::serve(self.shared.clone(), listener, shutdown).await
     }
 
     /// Serves HTTP on `listener` until `shutdown` is cancelled, then drains:

@@ -71,13 +71,27 @@ async fn serve(config: relayd::Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         signal.cancel();
     });
-    relayd::run(config, listener, shutdown).await?;
+    let relay = relayd::Relay::new(config);
+    if let Some(listener) = metrics {
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { relay.serve_metrics(listener, shutdown).await });
+    }
+    relay.serve(listener, shutdown).await?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! ([`legacy`]). Everything binds 127.0.0.1 on OS-picked ports and stops when
 //! dropped; readiness is awaited on handles, never slept for.
 
+pub mod footprint;
 pub mod legacy;
 pub mod ollama;
 pub mod proxy;
@@ -192,4 +193,15 @@ pub fn init_logging() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+}
+
+/// Raises this process's open-file limit to its hard limit, for tests and
+/// benchmarks that hold thousands of sockets; returns the new soft limit.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
 }

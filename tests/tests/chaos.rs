@@ -1,11 +1,14 @@
 //! Chaos: agents, relays, networks and model servers that die mid-stream.
 //! Every request must end with an answer or a clean error, promptly, and the
-//! relay must let go of every stream it held.
+//! relay must let go of every stream it held. Each test also measures the
+//! tasks alive on its runtime and the sockets open on its ports while idle,
+//! and checks both return there afterwards: no leaked task or descriptor.
 
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::json;
+use tunnel_tests::footprint::Footprint;
 use tunnel_tests::proxy::{ChaosProxy, Mode};
 use tunnel_tests::{StandIn, StandInConfig, TestAgent, TestRelay, WAIT, init_logging};
 
@@ -68,11 +71,37 @@ async fn relay_lets_go(relay: &TestRelay) {
     .expect("relay kept streams or buffers of a dead session");
 }
 
+/// Checks that tasks and sockets came back to `baseline` (or below).
+#[allow(clippy::print_stdout)]
+async fn no_leaks(baseline: Footprint, ports: &[u16], what: &str) {
+    match baseline.settled(ports).await {
+        Ok(now) => println!("{what}: idle {baseline:?}, after {now:?}"),
+        Err(now) => panic!("{what}: leaked; idle {baseline:?}, after {now:?}"),
+    }
+}
+
+/// Serves one request, so that the idle footprint taken next includes
+/// what a tunnel that has served a request keeps: the web client's pooled
+/// connection to the relay and the agent's pooled connection to the model
+/// server. The test ends with a request through the same client.
+async fn warm_up(http: &reqwest::Client, relay: &TestRelay) {
+    let resp = http.get(relay.tunnel_url("alice", "/api/tags")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.expect("body");
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':').next().and_then(|p| p.split('/').next()?.parse().ok()).expect("a port")
+}
+
 #[tokio::test]
 async fn agent_killed_mid_stream_ends_the_client_stream_with_an_error() {
     init_logging();
     let standin = StandIn::start(endless()).await.unwrap();
     let relay = TestRelay::start(&["alice"]).await;
+    let ports = [relay.addr.port(), port_of(&standin.url())];
+    // Before the agent: everything it and its session held must go.
+    let idle = Footprint::now(&ports);
     let agent = TestAgent::start(&relay, "alice", &standin.url()).await;
     let http = reqwest::Client::new();
     let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
@@ -83,6 +112,8 @@ async fn agent_killed_mid_stream_ends_the_client_stream_with_an_error() {
     relay_lets_go(&relay).await;
     let resp = http.get(relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
+    drop((resp, http));
+    no_leaks(idle, &ports, "agent killed").await;
 }
 
 #[tokio::test]
@@ -104,7 +135,10 @@ async fn a_blackholed_network_is_detected_by_pings_and_the_agent_comes_back() {
     })
     .await;
     let first = relay.wait_for_agent("alice").await;
+    let ports = [relay.addr.port(), proxy.addr.port(), port_of(&standin.url())];
     let http = reqwest::Client::new();
+    warm_up(&http, &relay).await;
+    let idle = Footprint::now(&ports);
     let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
     proxy.set(Mode::Blackhole);
     let (last, took) = until_end(Box::pin(stream)).await;
@@ -122,6 +156,9 @@ async fn a_blackholed_network_is_detected_by_pings_and_the_agent_comes_back() {
         .expect("state");
     let resp = http.get(relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    drop(first);
+    no_leaks(idle, &ports, "blackhole").await;
 }
 
 #[tokio::test]
@@ -135,13 +172,16 @@ async fn a_stalled_network_is_detected_too() {
     })
     .await;
     let proxy = ChaosProxy::start(relay.addr).await;
-    let _agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
+    let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
         c.relay = proxy.url().parse().unwrap();
         c.ping_interval = ping;
         c.max_missed_pings = 2;
+        c.reconnect_max_delay = Duration::from_millis(200);
     })
     .await;
     let session = relay.wait_for_agent("alice").await;
+    let ports = [relay.addr.port(), proxy.addr.port(), port_of(&standin.url())];
+    let idle = Footprint::now(&ports);
     let http = reqwest::Client::new();
     let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
     proxy.set(Mode::Stall);
@@ -150,6 +190,18 @@ async fn a_stalled_network_is_detected_too() {
     assert!(last.contains(r#""error""#), "{last}");
     tokio::time::timeout(WAIT, session.closed()).await.expect("relay kept the stalled session");
     relay_lets_go(&relay).await;
+    // The network recovers; the proxy's own stalled pipes are the harness's,
+    // not the tunnel's, so they are cut.
+    proxy.cut();
+    proxy.set(Mode::Forward);
+    let mut state = agent.agent.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.connected && s.sessions >= 2))
+        .await
+        .expect("agent never came back")
+        .expect("state");
+    relay.wait_for_agent("alice").await;
+    drop((http, session));
+    no_leaks(idle, &ports, "stall").await;
 }
 
 #[tokio::test]
@@ -165,7 +217,11 @@ async fn relay_restarts_mid_stream_error_the_client_and_the_agent_reconnects() {
         c.reconnect_max_delay = Duration::from_millis(300);
     })
     .await;
+    let ports = [addr.port(), port_of(&standin.url())];
+    relay.wait_for_agent("alice").await;
     let http = reqwest::Client::new();
+    warm_up(&http, &relay).await;
+    let idle = Footprint::now(&ports);
     for round in 1..=3 {
         relay.wait_for_agent("alice").await;
         let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
@@ -184,6 +240,8 @@ async fn relay_restarts_mid_stream_error_the_client_and_the_agent_reconnects() {
         .expect("state");
     let resp = http.get(relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    no_leaks(idle, &ports, "three relay restarts").await;
 }
 
 #[tokio::test]
@@ -192,6 +250,8 @@ async fn upstream_dying_mid_stream_ends_the_client_stream_with_an_error() {
     let standin = StandIn::start(endless()).await.unwrap();
     let relay = TestRelay::start(&["alice"]).await;
     let _agent = TestAgent::start(&relay, "alice", &standin.url()).await;
+    let ports = [relay.addr.port(), port_of(&standin.url())];
+    let idle = Footprint::now(&ports);
     let http = reqwest::Client::new();
     let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
     drop(standin);
@@ -199,6 +259,8 @@ async fn upstream_dying_mid_stream_ends_the_client_stream_with_an_error() {
     println!("upstream died: client stream ended after {took:?} with {last}");
     assert!(last.contains(r#""error""#), "{last}");
     relay_lets_go(&relay).await;
+    drop(http);
+    no_leaks(idle, &ports, "upstream died").await;
 }
 
 /// A chat that ends by itself after `tokens` tokens.
@@ -216,7 +278,10 @@ async fn a_draining_relay_lets_streams_finish_refuses_new_ones_and_sends_goaway(
         c.reconnect_max_delay = Duration::from_millis(300);
     })
     .await;
+    let ports = [addr.port(), port_of(&standin.url())];
     let http = reqwest::Client::new();
+    warm_up(&http, &relay).await;
+    let idle = Footprint::now(&ports);
     let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
     let ending = tokio::spawn(until_end(Box::pin(stream)));
     relay.stop();
@@ -237,6 +302,8 @@ async fn a_draining_relay_lets_streams_finish_refuses_new_ones_and_sends_goaway(
         .await
         .expect("agent did not come back after the goaway")
         .expect("state");
+    warm_up(&http, &successor).await;
+    no_leaks(idle, &ports, "relay drain").await;
 }
 
 #[tokio::test]
@@ -244,6 +311,8 @@ async fn a_stopping_agent_finishes_its_streams_first() {
     init_logging();
     let standin = StandIn::start(finite(25)).await.unwrap();
     let relay = TestRelay::start(&["alice"]).await;
+    let ports = [relay.addr.port(), port_of(&standin.url())];
+    let idle = Footprint::now(&ports);
     let agent = TestAgent::start(&relay, "alice", &standin.url()).await;
     let http = reqwest::Client::new();
     let stream = start_chat(&http, relay.tunnel_url("alice", "/api/chat")).await;
@@ -256,28 +325,34 @@ async fn a_stopping_agent_finishes_its_streams_first() {
     tokio::time::timeout(WAIT, relay.relay.hub().wait_until(|h| h.is_empty()))
         .await
         .expect("agent never left");
+    drop(http);
+    no_leaks(idle, &ports, "agent drain").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_relay_restart_a_crowd_of_agents_all_comes_back_under_the_handshake_limit() {
-    const AGENTS: usize = 300;
+    const AGENTS: usize = 1000;
+    const RATE: u32 = 200;
+    const CAP: Duration = Duration::from_secs(2);
     init_logging();
+    // Two sockets per agent in this one process.
+    let fds = tunnel_tests::raise_fd_limit().expect("raise the open-file limit");
+    assert!(fds > 2 * AGENTS as u64 + 100, "the open-file limit ({fds}) is too low for this test");
     let standin = StandIn::start(finite(1)).await.unwrap();
     let users: Vec<String> = (0..AGENTS).map(|i| format!("u{i}")).collect();
     let names: Vec<&str> = users.iter().map(String::as_str).collect();
     let limit = |c: &mut relayd::Config| {
-        c.handshakes_per_second = 100;
+        c.handshakes_per_second = RATE;
         c.drain_timeout = Duration::from_millis(100);
     };
-    let relay = TestRelay::start_with(&names, limit).await;
+    // The crowd first arrives one by one, without a limit to wait on.
+    let relay = TestRelay::start_with(&names, |c| c.handshakes_per_second = 100_000).await;
     let addr = relay.addr;
     let mut agents = Vec::with_capacity(AGENTS);
     for user in &names {
         agents.push(
-            TestAgent::start_with(&relay, user, &standin.url(), |c| {
-                c.reconnect_max_delay = Duration::from_secs(2)
-            })
-            .await,
+            TestAgent::start_with(&relay, user, &standin.url(), |c| c.reconnect_max_delay = CAP)
+                .await,
         );
     }
     assert_eq!(relay.relay.hub().len(), AGENTS);
@@ -291,7 +366,7 @@ async fn after_a_relay_restart_a_crowd_of_agents_all_comes_back_under_the_handsh
     .await
     .unwrap_or_else(|_| panic!("only {} of {AGENTS} agents came back", relay.relay.hub().len()));
     println!(
-        "{AGENTS} agents back {:?} after the restart (100 handshakes/s admitted, backoff cap 2 s)",
+        "{AGENTS} agents back {:?} after the restart ({RATE} handshakes/s admitted, backoff cap {CAP:?})",
         restarted.elapsed()
     );
     let resp = reqwest::get(relay.tunnel_url("u7", "/api/tags")).await.unwrap();

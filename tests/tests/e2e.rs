@@ -739,3 +739,61 @@ async fn original_protocol_agents_are_not_held_to_the_ack_timeout() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_agents_streams_and_tasks_on_their_own_listener() {
+    let s = setup(StandInConfig {
+        token_delay: Duration::from_millis(10),
+        tokens: 100_000,
+        ..StandInConfig::default()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = s.relay.relay.clone();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.serve_metrics(listener, stop).await }
+    });
+    let scrape = || async {
+        let resp = reqwest::get(&url).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    };
+    let idle = scrape().await;
+    assert_eq!(metric(&idle, "relayd_agents_connected"), 1);
+    assert_eq!(metric(&idle, "relayd_streams_in_flight"), 0);
+    assert!(metric(&idle, "relayd_tasks") > 0);
+    assert!(idle.contains("# TYPE relayd_buffered_bytes gauge"));
+    assert_eq!(metric(&s.agent.agent.metrics(), "agentd_connected"), 1);
+
+    let resp = s
+        .http
+        .post(s.relay.tunnel_url("alice", "/api/chat"))
+        .json(&json!({ "model": "m", "messages": [] }))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    assert_eq!(metric(&scrape().await, "relayd_streams_in_flight"), 1);
+    assert_eq!(metric(&s.agent.agent.metrics(), "agentd_streams_in_flight"), 1);
+    drop(body);
+    tokio::time::timeout(WAIT, async {
+        while metric(&scrape().await, "relayd_streams_in_flight") != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the cancelled stream stayed in flight");
+    let missing = reqwest::get(url.replace("/metrics", "/other")).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    stop.cancel();
+}

@@ -2,8 +2,8 @@
 //! processes and the stand-in Ollama as real processes, drives M concurrent
 //! client streams per agent with churn (cancelled requests, slow readers,
 //! agents killed and restarted), and samples both daemons' RSS, open file
-//! descriptors, threads and CLOSE_WAIT sockets, plus the streams in flight,
-//! over time. Writes `soak.csv` and `soak.svg` into `--out`.
+//! descriptors, threads, CLOSE_WAIT sockets and tokio tasks (from each
+//! daemon's `/metrics`), plus the streams in flight, over time. Writes `soak.csv` and `soak.svg` into `--out`.
 //!
 //! ```sh
 //! cargo build --release --bins
@@ -93,7 +93,10 @@ async fn main() -> Result<()> {
         "stand-in",
     )?;
     let relay_port = free_port()?;
-    let mut conf = format!("listen = \"127.0.0.1:{relay_port}\"\nworker_threads = 1\n");
+    let relay_metrics = free_port()?;
+    let mut conf = format!(
+        "listen = \"127.0.0.1:{relay_port}\"\nworker_threads = 1\nmetrics_listen = \"127.0.0.1:{relay_metrics}\"\n"
+    );
     for i in 0..args.agents {
         let token = dir.join(format!("u{i}.token"));
         std::fs::write(&token, format!("soak-agent-token-{i:06}-0123456789"))?;
@@ -108,11 +111,14 @@ async fn main() -> Result<()> {
         &dir,
         "relayd",
     )?;
+    let mut agent_metrics = Vec::with_capacity(args.agents);
     for i in 0..args.agents {
+        let port = free_port()?;
+        agent_metrics.push(port);
         std::fs::write(
             dir.join(format!("agentd-{i}.toml")),
             format!(
-                "relay = \"ws://127.0.0.1:{relay_port}\"\ntoken_file = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\n\n[reconnect]\nmax_delay = \"5s\"\n",
+                "relay = \"ws://127.0.0.1:{relay_port}\"\ntoken_file = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[reconnect]\nmax_delay = \"5s\"\n",
                 dir.join(format!("u{i}.token")).display()
             ),
         )?;
@@ -153,7 +159,7 @@ async fn main() -> Result<()> {
 
     let started = Instant::now();
     let mut rows = Vec::new();
-    let header = "t_s,relay_rss_kib,relay_fds,relay_threads,relay_close_wait,agents_rss_kib,agents_fds,agents_close_wait,in_flight,done,cancelled,errors";
+    let header = "t_s,relay_rss_kib,relay_fds,relay_threads,relay_close_wait,agents_rss_kib,agents_fds,agents_close_wait,in_flight,done,cancelled,errors,relay_tasks,agents_tasks";
     println!("{header}");
     while started.elapsed() < args.duration {
         tokio::time::sleep(args.sample).await;
@@ -168,8 +174,13 @@ async fn main() -> Result<()> {
             a.close_wait += s.close_wait;
         }
         let in_flight = in_flight(&http, &base, args.agents).await;
+        let relay_tasks = scrape(&http, relay_metrics, "relayd_tasks").await.unwrap_or(0);
+        let mut agents_tasks = 0;
+        for port in &agent_metrics {
+            agents_tasks += scrape(&http, *port, "agentd_tasks").await.unwrap_or(0);
+        }
         let row = format!(
-            "{:.0},{},{},{},{},{},{},{},{},{},{},{}",
+            "{:.0},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             started.elapsed().as_secs_f64(),
             r.rss_kib,
             r.fds,
@@ -182,6 +193,8 @@ async fn main() -> Result<()> {
             counters.done.load(Ordering::Relaxed),
             counters.cancelled.load(Ordering::Relaxed),
             counters.errors.load(Ordering::Relaxed),
+            relay_tasks,
+            agents_tasks,
         );
         println!("{row}");
         rows.push(row);
@@ -369,6 +382,18 @@ async fn in_flight(http: &Http, base: &str, agents: usize) -> u64 {
     total
 }
 
+/// One value from a daemon's `/metrics` on `port`.
+async fn scrape(http: &Http, port: u16, name: &str) -> Option<u64> {
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), http.request(req)).await.ok()?.ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 async fn wait_connected(http: &Http, base: &str, agents: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     'outer: while Instant::now() < deadline {
@@ -426,15 +451,16 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Three panels over time: RSS (relay, all agents), open fds (relay, all
-/// agents), streams in flight. Plain SVG, no plotting dependency.
+/// Four panels over time: RSS (relay, all agents), open fds (relay, all
+/// agents), streams in flight, tokio tasks. Plain SVG, no plotting
+/// dependency.
 fn plot(rows: &[String]) -> String {
     let data: Vec<Vec<f64>> =
         rows.iter().map(|r| r.split(',').filter_map(|v| v.parse().ok()).collect()).collect();
     let col = |i: usize| -> Vec<(f64, f64)> {
         data.iter().filter(|r| r.len() > i).map(|r| (r[0], r[i])).collect()
     };
-    let panels: [(&str, Vec<Series>); 3] = [
+    let panels: [(&str, Vec<Series>); 4] = [
         (
             "RSS (MiB)",
             vec![
@@ -450,12 +476,13 @@ fn plot(rows: &[String]) -> String {
                 ("CLOSE_WAIT (both)", "#8e44ad", sum(col(4), col(7))),
             ],
         ),
+        ("tokio tasks", vec![("relayd", "#c0392b", col(12)), ("all agentd", "#2980b9", col(13))]),
     ];
     let (w, h, pad) = (900.0, 220.0, 50.0);
     let t_max = data.iter().map(|r| r[0]).fold(1.0, f64::max);
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">"#,
-        h * 3.0
+        h * panels.len() as f64
     );
     svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
     for (p, (title, series)) in panels.iter().enumerate() {

@@ -1,0 +1,85 @@
+//! Prometheus text metrics on an optional listener (`metrics_listen`):
+//! the agent's gauges for operators, soak runs and benchmarks. Off unless
+//! configured; keep it on loopback, it has no authentication.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Agent;
+
+/// The metrics text of `agent` at this moment.
+pub fn render(agent: &Agent) -> String {
+    let state = agent.state.borrow().clone();
+    let tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks())
+        .unwrap_or_default();
+    let mut out = String::with_capacity(1024);
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+    };
+    metric("agentd_connected", "gauge", "1 while a relay session is up.", state.connected as u64);
+    metric("agentd_sessions_total", "counter", "Relay sessions established.", state.sessions);
+    metric(
+        "agentd_streams_in_flight",
+        "gauge",
+        "Requests in flight to the local service.",
+        agent.in_flight() as u64,
+    );
+    metric(
+        "agentd_buffered_bytes",
+        "gauge",
+        "Request body bytes buffered for the local service.",
+        agent.gauge.current() as u64,
+    );
+    metric(
+        "agentd_buffered_bytes_peak",
+        "gauge",
+        "Most request body bytes buffered at once since start.",
+        agent.gauge.peak() as u64,
+    );
+    metric("agentd_tasks", "gauge", "Tokio tasks alive in the agent process.", tasks as u64);
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let resp = if req.uri().path() == "/metrics" {
+                    let mut r = Response::new(Full::new(bytes::Bytes::from(render(&agent))));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    r
+                } else {
+                    let mut r = Response::new(Full::new(bytes::Bytes::from_static(
+                        b"only /metrics here\n",
+                    )));
+                    *r.status_mut() = StatusCode::NOT_FOUND;
+                    r
+                };
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

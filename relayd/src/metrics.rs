@@ -1,0 +1,80 @@
+//! Prometheus text metrics on an optional, separate listener
+//! (`metrics_listen`): the relay's gauges for operators, soak runs and
+//! benchmarks. Off unless configured; bind it to loopback or a private
+//! network, it has no authentication.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+
+/// The metrics text of `shared` at this moment.
+pub fn render(shared: &Shared) -> String {
+    let sessions = shared.hub.sessions();
+    let streams: usize = sessions.iter().map(|s| s.in_flight()).sum();
+    let tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks())
+        .unwrap_or_default();
+    let mut out = String::with_capacity(1024);
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n");
+    };
+    gauge("relayd_agents_connected", "Agent sessions connected.", sessions.len() as u64);
+    gauge("relayd_streams_in_flight", "Requests in flight through all tunnels.", streams as u64);
+    gauge(
+        "relayd_buffered_bytes",
+        "Response body bytes buffered for web clients.",
+        shared.gauge.current() as u64,
+    );
+    gauge(
+        "relayd_buffered_bytes_peak",
+        "Most response body bytes buffered at once since start.",
+        shared.gauge.peak() as u64,
+    );
+    gauge("relayd_tasks", "Tokio tasks alive in the relay process.", tasks as u64);
+    gauge("relayd_draining", "1 while the relay drains for shutdown.", shared.is_draining() as u64);
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let resp = if req.uri().path() == "/metrics" {
+                    let mut r = Response::new(Full::new(bytes::Bytes::from(render(&shared))));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    r
+                } else {
+                    let mut r = Response::new(Full::new(bytes::Bytes::from_static(
+                        b"only /metrics here\n",
+                    )));
+                    *r.status_mut() = StatusCode::NOT_FOUND;
+                    r
+                };
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

@@ -46,6 +46,9 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    // Every agent holds a socket: take the whole open-file allowance (the
+    // soft limit is often 1024, the hard one far higher), as servers do.
+    raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         rt.worker_threads(config.worker_threads);
@@ -104,6 +107,18 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) => tracing::debug!(limit = soft, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
     }
 }
 

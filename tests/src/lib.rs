@@ -6,8 +6,10 @@
 pub mod footprint;
 pub mod legacy;
 pub mod ollama;
+pub mod procs;
 pub mod proxy;
 pub mod raw;
+pub mod svg;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -5,8 +5,15 @@
 //! - `POST /v1/chat/completions`: SSE ending with `data: [DONE]`, or JSON;
 //! - `GET /api/tags`, `/api/version`, `DELETE /api/delete`;
 //! - test routes: `/echo` (streams the request body back), `/bytes?n=N`
-//!   (N pattern bytes), `/headers` (the request head as JSON), `/status/N`,
-//!   `/utf8` (multibyte text cut mid-character across chunks).
+//!   (N pattern bytes), `/zeros?n=N` (N zero bytes, at no cost: for
+//!   throughput), `/sink` (reads the body, answers `{"bytes": N}`),
+//!   `/headers` (the request head as JSON), `/status/N`, `/utf8` (multibyte
+//!   text cut mid-character across chunks).
+//!
+//! A chat request may set `options.token_delay_ms` to override the pause
+//! between tokens (benchmarks mix paces on one stand-in). `created_at` has
+//! nanoseconds, as Ollama's does, so a client on the same machine can tell
+//! how long each line took to reach it.
 //!
 //! It records when a client went away before a streamed answer ended, so
 //! tests can measure how fast a cancel reaches the model server.
@@ -209,6 +216,20 @@ async fn handle(
         }
         ("/api/delete", false) if method == Method::DELETE => Response::new(StandInBody::empty()),
         ("/echo", false) => echo(req),
+        ("/sink", false) => {
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(d) = frame.data_ref() {
+                    n += d.len() as u64;
+                }
+            }
+            json_response(StatusCode::OK, &json!({ "bytes": n }))
+        }
+        ("/zeros", true) => {
+            let n = query_param(req.uri().query(), "n").unwrap_or(1024);
+            zeros_response(&events, n)
+        }
         ("/bytes", true) => {
             let n = query_param(req.uri().query(), "n").unwrap_or(1024);
             bytes_response(&events, n)
@@ -278,7 +299,7 @@ fn token(i: usize) -> &'static str {
 }
 
 fn now() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()
 }
 
 fn chat(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Value) -> Resp {
@@ -306,7 +327,11 @@ fn chat(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Val
         let v = if i < n { piece(token(i), false) } else { piece("", true) };
         Bytes::from(v.to_string() + "\n")
     };
-    stream_response(config, events, path, "application/x-ndjson", n + 1, line, n)
+    let delay = body
+        .pointer("/options/token_delay_ms")
+        .and_then(Value::as_u64)
+        .map_or(config.token_delay, Duration::from_millis);
+    stream_response(delay, events, path, "application/x-ndjson", n + 1, line, n)
 }
 
 fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Value) -> Resp {
@@ -332,13 +357,13 @@ fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: V
         });
         Bytes::from(format!("data: {chunk}\n\n"))
     };
-    stream_response(config, events, path, "text/event-stream", n + 1, event, n)
+    stream_response(config.token_delay, events, path, "text/event-stream", n + 1, event, n)
 }
 
 /// Streams `count` pieces made by `piece(i)`, pausing (or waiting at the
 /// gate) before each of the first `paced` pieces.
 fn stream_response(
-    config: &Arc<StandInConfig>,
+    delay: Duration,
     events: &Arc<Events>,
     path: &str,
     content_type: &'static str,
@@ -347,7 +372,6 @@ fn stream_response(
     paced: usize,
 ) -> Resp {
     let (tx, rx) = mpsc::channel::<Bytes>(1);
-    let delay = config.token_delay;
     let gate = events.gate.lock().unwrap_or_else(PoisonError::into_inner).clone();
     tokio::spawn(async move {
         for i in 0..count {
@@ -408,6 +432,25 @@ fn bytes_response(events: &Arc<Events>, n: u64) -> Resp {
     r
 }
 
+fn zeros_response(events: &Arc<Events>, n: u64) -> Resp {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        let mut left = n;
+        while left > 0 {
+            let len = left.min(ZEROS.len() as u64) as usize;
+            if tx.send(Bytes::from_static(&ZEROS[..len])).await.is_err() {
+                return;
+            }
+            left -= len as u64;
+        }
+    });
+    let mut r = Response::new(StandInBody::channel(rx, events.clone(), "/zeros"));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    r.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+    r
+}
+
 /// Text with 2-, 3- and 4-byte characters, sent 1-3 bytes at a time so
 /// characters are cut across chunks.
 pub const UTF8_TEXT: &str = "héllo wörld — 日本語のテキスト 🦀🚀 ñandú ÆØÅ 你好 ✓";
@@ -423,13 +466,9 @@ fn utf8(events: &Arc<Events>) -> Resp {
         i = end;
         step = step % 3 + 1;
     }
-    let config = Arc::new(StandInConfig {
-        token_delay: Duration::from_millis(1),
-        ..StandInConfig::default()
-    });
     let n = pieces.len();
     stream_response(
-        &config,
+        Duration::from_millis(1),
         events,
         "/utf8",
         "text/plain; charset=utf-8",

@@ -10,11 +10,8 @@
 //! target/release/tunnel-soak --agents 100 --streams 4 --duration 30m --out docs/soak
 //! ```
 
-use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,8 +24,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::Mutex;
+use tunnel_tests::procs::{ProcStats, bin_dir, free_port, path, proc_stats, scrape, spawn};
 
 #[derive(Parser, Debug)]
 #[command(about = "Soak the tunnel with real processes and sample resource use")]
@@ -69,12 +67,7 @@ struct Counters {
 #[allow(clippy::print_stdout)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let bin = std::env::current_exe()?.parent().context("no bin dir")?.to_owned();
-    for name in ["relayd", "agentd", "stand-in-ollama"] {
-        if !bin.join(name).exists() {
-            bail!("{name} missing next to tunnel-soak; run cargo build --release --bins");
-        }
-    }
+    let bin = bin_dir(&["relayd", "agentd", "stand-in-ollama"])?;
     std::fs::create_dir_all(&args.out)?;
     let dir = std::env::temp_dir().join(format!("tunnel-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -174,10 +167,10 @@ async fn main() -> Result<()> {
             a.close_wait += s.close_wait;
         }
         let in_flight = in_flight(&http, &base, args.agents).await;
-        let relay_tasks = scrape(&http, relay_metrics, "relayd_tasks").await.unwrap_or(0);
+        let relay_tasks = scrape(relay_metrics, "relayd_tasks").await.unwrap_or(0);
         let mut agents_tasks = 0;
         for port in &agent_metrics {
-            agents_tasks += scrape(&http, *port, "agentd_tasks").await.unwrap_or(0);
+            agents_tasks += scrape(*port, "agentd_tasks").await.unwrap_or(0);
         }
         let row = format!(
             "{:.0},{},{},{},{},{},{},{},{},{},{},{},{},{}",
@@ -313,55 +306,6 @@ async fn churn_loop(
     }
 }
 
-#[derive(Default, Debug)]
-struct ProcStats {
-    rss_kib: u64,
-    fds: u64,
-    threads: u64,
-    close_wait: u64,
-}
-
-/// RSS, fds, threads and CLOSE_WAIT sockets of one process, from /proc.
-fn proc_stats(pid: u32) -> ProcStats {
-    let mut s = ProcStats::default();
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        for line in status.lines() {
-            let num =
-                |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-            if line.starts_with("VmRSS:") {
-                s.rss_kib = num(line);
-            } else if line.starts_with("Threads:") {
-                s.threads = num(line);
-            }
-        }
-    }
-    let mut inodes = HashSet::new();
-    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for fd in fds.flatten() {
-            s.fds += 1;
-            if let Ok(target) = std::fs::read_link(fd.path()) {
-                let t = target.to_string_lossy();
-                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                    inodes.insert(inode.to_owned());
-                }
-            }
-        }
-    }
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            // st 08 = CLOSE_WAIT; column 9 is the inode.
-            if cols.len() > 9 && cols[3] == "08" && inodes.contains(cols[9]) {
-                s.close_wait += 1;
-            }
-        }
-    }
-    s
-}
-
 async fn in_flight(http: &Http, base: &str, agents: usize) -> u64 {
     let mut total = 0;
     for i in 0..agents {
@@ -380,18 +324,6 @@ async fn in_flight(http: &Http, base: &str, agents: usize) -> u64 {
         }
     }
     total
-}
-
-/// One value from a daemon's `/metrics` on `port`.
-async fn scrape(http: &Http, port: u16, name: &str) -> Option<u64> {
-    let req = http::Request::get(format!("http://127.0.0.1:{port}/metrics"))
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), http.request(req)).await.ok()?.ok()?;
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 async fn wait_connected(http: &Http, base: &str, agents: usize) -> Result<()> {
@@ -427,28 +359,6 @@ fn spawn_agent(bin: &Path, dir: &Path, i: usize) -> Result<Child> {
         dir,
         &format!("agentd-{i}"),
     )
-}
-
-fn spawn(bin: &Path, name: &str, args: &[String], dir: &Path, log: &str) -> Result<Child> {
-    let log = std::fs::File::create(dir.join(format!("{log}.log")))?;
-    Command::new(bin.join(name))
-        .args(args)
-        .env("RELAYD_LOG", "warn")
-        .env("AGENTD_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// Four panels over time: RSS (relay, all agents), open fds (relay, all

@@ -46,14 +46,15 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let rt =
-        match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("agentd: cannot start the runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+    // One thread: the agent's work is a few sockets, and with every task on
+    // the thread that polls the sockets no wake-up crosses threads.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     rt.block_on(async {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();

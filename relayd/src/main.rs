@@ -49,10 +49,18 @@ fn main() -> ExitCode {
     // Every agent holds a socket: take the whole open-file allowance (the
     // soft limit is often 1024, the hard one far higher), as servers do.
     raise_fd_limit();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
-        rt.worker_threads(config.worker_threads);
-    }
+    // One worker: a current-thread runtime, every task on the thread that
+    // polls the sockets. More: a work-stealing pool, with the serve loop in
+    // a task so the main thread only waits.
+    let mut rt = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if config.worker_threads > 1 {
+            b.worker_threads(config.worker_threads);
+        }
+        b
+    };
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -60,7 +68,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(config)) {
+    let served = rt.block_on(async {
+        tokio::spawn(serve(config))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("relay task failed: {e}")))
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("relayd: {e:#}");

@@ -58,7 +58,16 @@ struct Args {
     /// Rounds per measurement (each round runs direct and tunnel once).
     #[arg(long, global = true)]
     rounds: Option<usize>,
+    /// Flow-control window per stream, both daemons (default: theirs).
+    #[arg(long, global = true)]
+    stream_window: Option<u32>,
+    /// Largest body chunk per frame, both daemons (default: theirs).
+    #[arg(long, global = true)]
+    max_chunk: Option<u32>,
 }
+
+/// `[limits]` lines both daemons get (from --stream-window, --max-chunk).
+static LIMITS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -109,6 +118,14 @@ impl Scenario {
 #[allow(clippy::print_stdout)]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let mut limits = String::new();
+    if let Some(w) = args.stream_window {
+        limits.push_str(&format!("stream_window = {w}\n"));
+    }
+    if let Some(c) = args.max_chunk {
+        limits.push_str(&format!("max_chunk_bytes = {c}\n"));
+    }
+    LIMITS.get_or_init(|| limits);
     let fds = tunnel_tests::raise_fd_limit()?;
     std::fs::create_dir_all(&args.out)?;
     let bin = bin_dir(&["relayd", "agentd", "stand-in-ollama"])?;
@@ -146,6 +163,7 @@ async fn main() -> Result<()> {
             "load_before": load_before,
             "load_after": load_after,
             "relay_workers": args.relay_workers,
+            "limits": LIMITS.get().cloned().unwrap_or_default(),
             "agent_workers": 1,
             "when": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         });
@@ -269,8 +287,9 @@ impl Rig {
             conf.push_str(&format!("\n[[users]]\nid = \"u{i}\"\nagent_token = \"{}\"\n", token(i)));
         }
         conf.push_str(&format!(
-            "\n[limits]\nhandshakes_per_second = {}\n",
-            o.handshakes_per_second
+            "\n[limits]\nhandshakes_per_second = {}\n{}",
+            o.handshakes_per_second,
+            LIMITS.get().map(String::as_str).unwrap_or_default()
         ));
         std::fs::write(dir.join("relayd.toml"), conf)?;
         let mut rig = Rig {
@@ -292,8 +311,9 @@ impl Rig {
             std::fs::write(
                 &file,
                 format!(
-                    "relay = \"ws://127.0.0.1:{relay_port}\"\ntoken = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n",
-                    token(i)
+                    "relay = \"ws://127.0.0.1:{relay_port}\"\ntoken = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[limits]\n{}",
+                    token(i),
+                    LIMITS.get().map(String::as_str).unwrap_or_default()
                 ),
             )?;
             rig.agents.push(spawn(

@@ -81,7 +81,7 @@ async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
     let max = (limits.max_control_bytes as usize)
         .max(limits.max_chunk_bytes as usize + 2 + proto::limits::MAX_ID_LEN);
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(64 * 1024)
+        .read_buffer_size(8 * 1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(Some(max))

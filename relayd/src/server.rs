@@ -196,7 +196,7 @@ pub fn ws_config(limits: &Limits, v1: bool) -> WebSocketConfig {
         proto::limits::LEGACY_MAX_MESSAGE_BYTES
     };
     WebSocketConfig::default()
-        .read_buffer_size(32 * 1024)
+        .read_buffer_size(8 * 1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(Some(max))

@@ -64,6 +64,9 @@ struct Args {
     /// Largest body chunk per frame, both daemons (default: theirs).
     #[arg(long, global = true)]
     max_chunk: Option<u32>,
+    /// Pause between tokens in the `streams` scenario, in milliseconds.
+    #[arg(long, global = true, default_value_t = 100)]
+    token_ms: u64,
 }
 
 /// `[limits]` lines both daemons get (from --stream-window, --max-chunk).
@@ -1040,7 +1043,7 @@ async fn fan_in(bin: &Path, args: &Args) -> Result<Value> {
 #[allow(clippy::print_stdout)]
 async fn streams(bin: &Path, args: &Args) -> Result<Value> {
     let (agents, per_agent, tokens, delay_ms) =
-        if args.smoke { (5, 10, 10, 20) } else { (100, 10, 40, 50) };
+        if args.smoke { (5, 10, 10, 20) } else { (100, 10, 40, args.token_ms) };
     let rounds = if args.smoke { 1 } else { args.rounds.unwrap_or(3) };
     let rig = Rig::start(
         bin,

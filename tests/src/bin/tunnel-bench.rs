@@ -234,10 +234,11 @@ struct RigOpts {
     users: usize,
     /// agentd processes (for u0.., each its own).
     agents: usize,
-    relay_workers: usize,
-    token_delay_ms: u64,
     handshakes_per_second: u32,
 }
+
+/// One user with one agentd: most scenarios.
+const ONE_AGENT: RigOpts = RigOpts { users: 1, agents: 1, handshakes_per_second: 1000 };
 
 /// The stand-in, relayd and agentd processes of one scenario.
 struct Rig {
@@ -259,7 +260,7 @@ fn token(i: usize) -> String {
 }
 
 impl Rig {
-    async fn start(bin: &Path, o: RigOpts) -> Result<Rig> {
+    async fn start(bin: &Path, args: &Args, o: RigOpts) -> Result<Rig> {
         let dir = std::env::temp_dir().join(format!(
             "tunnel-bench-{}-{}",
             std::process::id(),
@@ -273,8 +274,9 @@ impl Rig {
             &[
                 "--listen".into(),
                 format!("127.0.0.1:{standin_port}"),
+                // Each chat request sets its own pace.
                 "--token-delay-ms".into(),
-                o.token_delay_ms.to_string(),
+                "0".into(),
             ],
             &dir,
             "stand-in",
@@ -284,7 +286,7 @@ impl Rig {
         let relay_metrics = free_port()?;
         let mut conf = format!(
             "listen = \"127.0.0.1:{relay_port}\"\nworker_threads = {}\nmetrics_listen = \"127.0.0.1:{relay_metrics}\"\n",
-            o.relay_workers
+            args.relay_workers
         );
         for i in 0..o.users {
             conf.push_str(&format!("\n[[users]]\nid = \"u{i}\"\nagent_token = \"{}\"\n", token(i)));
@@ -471,17 +473,7 @@ fn write_plot(out: &Path, name: &str, svg: String) -> Result<()> {
 
 #[allow(clippy::print_stdout)]
 async fn small(bin: &Path, args: &Args) -> Result<Value> {
-    let rig = Rig::start(
-        bin,
-        RigOpts {
-            users: 1,
-            agents: 1,
-            relay_workers: args.relay_workers,
-            token_delay_ms: 0,
-            handshakes_per_second: 1000,
-        },
-    )
-    .await?;
+    let rig = Rig::start(bin, args, ONE_AGENT).await?;
     let http = client(256);
     let (rounds, dur) = if args.smoke {
         (1, Duration::from_millis(300))
@@ -652,17 +644,7 @@ fn gaps(arrivals: &[f64]) -> Vec<f64> {
 
 #[allow(clippy::print_stdout)]
 async fn stream(bin: &Path, args: &Args) -> Result<Value> {
-    let rig = Rig::start(
-        bin,
-        RigOpts {
-            users: 1,
-            agents: 1,
-            relay_workers: args.relay_workers,
-            token_delay_ms: 0,
-            handshakes_per_second: 1000,
-        },
-    )
-    .await?;
+    let rig = Rig::start(bin, args, ONE_AGENT).await?;
     let http = client(16);
     let (paced_rounds, burst_rounds) =
         if args.smoke { (1, 2) } else { (args.rounds.unwrap_or(10), 30) };
@@ -796,17 +778,7 @@ async fn upload(http: &Http, url: &str, size: u64) -> Result<Duration> {
 
 #[allow(clippy::print_stdout)]
 async fn bulk(bin: &Path, args: &Args) -> Result<Value> {
-    let rig = Rig::start(
-        bin,
-        RigOpts {
-            users: 1,
-            agents: 1,
-            relay_workers: args.relay_workers,
-            token_delay_ms: 0,
-            handshakes_per_second: 1000,
-        },
-    )
-    .await?;
+    let rig = Rig::start(bin, args, ONE_AGENT).await?;
     let http = client(4);
     let sizes: Vec<u64> = if args.smoke { vec![4 << 20] } else { vec![50 << 20, 1 << 30] };
     let rounds = if args.smoke { 1 } else { args.rounds.unwrap_or(3) };
@@ -861,17 +833,7 @@ async fn bulk(bin: &Path, args: &Args) -> Result<Value> {
 
 #[allow(clippy::print_stdout)]
 async fn slow_reader(bin: &Path, args: &Args) -> Result<Value> {
-    let rig = Rig::start(
-        bin,
-        RigOpts {
-            users: 1,
-            agents: 1,
-            relay_workers: args.relay_workers,
-            token_delay_ms: 0,
-            handshakes_per_second: 1000,
-        },
-    )
-    .await?;
+    let rig = Rig::start(bin, args, ONE_AGENT).await?;
     let http = client(4);
     let read_for = if args.smoke { Duration::from_millis(1500) } else { Duration::from_secs(10) };
     let rate = 1_000_000.0; // bytes per second
@@ -981,17 +943,9 @@ async fn idle_agent(url: String, token: String) -> Result<tokio::task::JoinHandl
 async fn fan_in(bin: &Path, args: &Args) -> Result<Value> {
     let total = if args.smoke { 200 } else { 10_000 };
     let step = if args.smoke { 100 } else { 1000 };
-    let rig = Rig::start(
-        bin,
-        RigOpts {
-            users: total,
-            agents: 0,
-            relay_workers: args.relay_workers,
-            token_delay_ms: 0,
-            handshakes_per_second: 100_000,
-        },
-    )
-    .await?;
+    let rig =
+        Rig::start(bin, args, RigOpts { users: total, agents: 0, handshakes_per_second: 100_000 })
+            .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = proc_stats(rig.relay_pid()).rss_kib;
     let url = format!("ws://127.0.0.1:{}/ws/tunnel", rig.relay_port);
@@ -1045,17 +999,8 @@ async fn streams(bin: &Path, args: &Args) -> Result<Value> {
     let (agents, per_agent, tokens, delay_ms) =
         if args.smoke { (5, 10, 10, 20) } else { (100, 10, 40, args.token_ms) };
     let rounds = if args.smoke { 1 } else { args.rounds.unwrap_or(3) };
-    let rig = Rig::start(
-        bin,
-        RigOpts {
-            users: agents,
-            agents,
-            relay_workers: args.relay_workers,
-            token_delay_ms: 0,
-            handshakes_per_second: 1000,
-        },
-    )
-    .await?;
+    let rig = Rig::start(bin, args, RigOpts { users: agents, agents, handshakes_per_second: 1000 })
+        .await?;
     let http = client(agents * per_agent);
     let n = agents * per_agent;
     println!(
@@ -1121,17 +1066,8 @@ async fn streams(bin: &Path, args: &Args) -> Result<Value> {
 async fn storm(bin: &Path, args: &Args) -> Result<Value> {
     let n = if args.smoke { 100 } else { 1000 };
     let rate = 200;
-    let mut rig = Rig::start(
-        bin,
-        RigOpts {
-            users: n,
-            agents: 0,
-            relay_workers: args.relay_workers,
-            token_delay_ms: 0,
-            handshakes_per_second: rate,
-        },
-    )
-    .await?;
+    let mut rig =
+        Rig::start(bin, args, RigOpts { users: n, agents: 0, handshakes_per_second: rate }).await?;
     // In-process agents: the agentd library, with its default backoff
     // (1..30 s, full jitter). Sessions count as healthy after 1 s instead of
     // 30 s so the crowd starts from a reset backoff without a long wait.

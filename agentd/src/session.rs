@@ -233,6 +233,13 @@ impl Session {
         self.send(Ws::text(msg.encode())).await
     }
 
+    /// Acknowledges request `id` to a relay that listed `ack`.
+    pub fn ack(&self, id: &StreamId) {
+        if self.acks && self.lock_streams().contains_key(id.as_str()) {
+            self.push_urgent(Message::ack(id.as_str()));
+        }
+    }
+
     fn push_urgent(&self, msg: Message) {
         if self.urgent.push(msg).is_err() {
             warn!(session = %self.id, "control queue overflow; closing the session");
@@ -508,9 +515,6 @@ impl Session {
         if let Some((code, why)) = refused {
             self.push_urgent(Message::error(id.as_str(), code, why));
             return;
-        }
-        if self.acks {
-            self.push_urgent(Message::ack(id.as_str()));
         }
         tasks.spawn(forward::serve(self.clone(), upstream.clone(), req, body_rx, window, cancel));
     }

@@ -117,6 +117,10 @@ pub struct RouteTimeouts {
     pub timeouts: Timeouts,
 }
 
+/// The shortest `[timeouts] ack`: an agent acknowledges only requests whose
+/// response head takes longer than 100 ms.
+pub const ACK_FLOOR: Duration = Duration::from_secs(1);
+
 /// The resolved configuration relayd runs with.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -289,7 +293,16 @@ impl ConfigFile {
                 Some(n) => n,
                 None => d.handshakes_per_second,
             },
-            ack_timeout: positive(self.timeouts.ack, d.ack_timeout, "ack")?,
+            ack_timeout: match self.timeouts.ack {
+                // Agents may wait ACK_FLOOR / 10 before acknowledging.
+                Some(a) if a < ACK_FLOOR => {
+                    return Err(ConfigError::Invalid(format!(
+                        "[timeouts] ack must be at least {ACK_FLOOR:?}"
+                    )));
+                }
+                Some(a) => a,
+                None => d.ack_timeout,
+            },
             first_byte_timeout: positive(
                 self.timeouts.first_byte,
                 d.first_byte_timeout,
@@ -521,5 +534,13 @@ mod tests {
         let c = parse("[timeouts]\nfirst_byte = \"2m 30s\"").expect("valid");
         assert_eq!(c.first_byte_timeout, Duration::from_secs(150));
         assert!(parse("[timeouts]\nfirst_byte = \"soon\"").is_err());
+    }
+
+    #[test]
+    fn the_ack_timeout_has_a_floor_of_one_second() {
+        assert_eq!(parse("").expect("valid").ack_timeout, Duration::from_secs(30));
+        assert_eq!(parse("[timeouts]\nack = \"1s\"").expect("valid").ack_timeout, ACK_FLOOR);
+        let err = parse("[timeouts]\nack = \"500ms\"").expect_err("below the floor");
+        assert!(err.to_string().contains("at least"), "{err}");
     }
 }

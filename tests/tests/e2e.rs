@@ -687,7 +687,9 @@ async fn raw_status(addr: std::net::SocketAddr, target: &str) -> u16 {
 #[tokio::test]
 async fn agentd_acknowledges_so_a_slow_model_load_outlasts_the_ack_timeout() {
     init_logging();
-    let ack_timeout = Duration::from_millis(100);
+    // The shortest acknowledgement timeout a relay accepts; agentd
+    // acknowledges a request whose head takes longer than 100 ms.
+    let ack_timeout = relayd::config::ACK_FLOOR;
     let relay = TestRelay::start_with(&["alice"], |c| c.ack_timeout = ack_timeout).await;
     // An upstream that takes a request and answers only when the test says:
     // a model still loading.
@@ -702,7 +704,7 @@ async fn agentd_acknowledges_so_a_slow_model_load_outlasts_the_ack_timeout() {
         tokio::io::AsyncReadExt::read_exact(&mut conn, &mut byte).await.unwrap();
         head.push(byte[0]);
     }
-    tokio::time::sleep(ack_timeout * 4).await;
+    tokio::time::sleep(ack_timeout + ack_timeout / 2).await;
     tokio::io::AsyncWriteExt::write_all(
         &mut conn,
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n{\"models\":[]}",

@@ -146,12 +146,18 @@ async fn exchange(
     headers.insert(HOST, upstream.host.clone());
     *out.headers_mut() = headers;
 
+    // Until the head is queued for the relay, the acknowledgement timer
+    // runs: once it passes ACK_DELAY, `ack` goes out on the urgent path.
+    let ack_due = tokio::time::sleep(ACK_DELAY);
+    tokio::pin!(ack_due);
+    let mut acked = false;
     let request = upstream.client.request(out);
     tokio::pin!(request);
     let answered = tokio::select! {
         r = &mut request => r,
-        _ = tokio::time::sleep(ACK_DELAY) => {
+        _ = &mut ack_due => {
             session.ack(&id);
+            acked = true;
             request.await
         }
     };
@@ -178,8 +184,20 @@ async fn exchange(
         }
     };
     let body_follows = !http_body::Body::is_end_stream(&body);
-    let head = ResponseHeadMsg::new(&id, parts.status, headers, body_follows);
-    if session.send_msg(&Message::ResponseHead(head)).await.is_err() {
+    let head =
+        Message::ResponseHead(ResponseHeadMsg::new(&id, parts.status, headers, body_follows));
+    // A full writer queue (a congested tunnel) must not hold the head past
+    // the acknowledgement: the ack overtakes it.
+    let queued = session.send_msg(&head);
+    tokio::pin!(queued);
+    let queued = tokio::select! {
+        r = &mut queued => r,
+        _ = &mut ack_due, if !acked => {
+            session.ack(&id);
+            queued.await
+        }
+    };
+    if queued.is_err() {
         return Outcome::SessionGone;
     }
     if !body_follows {

@@ -57,7 +57,12 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
-                Err(_) => continue,
+                Err(_) => {
+                    // Out of file descriptors: the backlog would fail again
+                    // at once; give the serving side room first.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             },
         };
         let agent = agent.clone();

@@ -130,6 +130,7 @@ pub async fn forward(
             open.window.clone(),
             body,
             shared.config.max_request_body,
+            limits.idle,
             uploaded_tx,
         ));
     } else {
@@ -167,11 +168,19 @@ pub async fn forward(
                 head_deadline = Some(total_deadline.map_or(until, |t| t.min(until)));
             }
             _ = sleep => {
-                if ack.is_some() && ack_deadline.is_some_and(|a| a <= tokio::time::Instant::now()) {
+                let now = tokio::time::Instant::now();
+                if ack.is_some() && ack_deadline.is_some_and(|a| a <= now) {
                     guard.cancel("the agent did not acknowledge the request in time");
                     return error(
                         StatusCode::GATEWAY_TIMEOUT,
                         "the agent did not acknowledge the request in time",
+                    );
+                }
+                if total_deadline.is_some_and(|t| t <= now) {
+                    guard.cancel("the total timeout passed before the response head");
+                    return error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the request took longer than the relay's total timeout",
                     );
                 }
                 guard.cancel("no response head before the first-byte timeout");
@@ -215,21 +224,32 @@ pub async fn forward(
 }
 
 /// Streams the web client's request body to the agent in chunks, spending
-/// flow-control credit before each one.
+/// flow-control credit before each one. `idle` bounds each wait: for the
+/// client's next bytes and for the agent's credit.
 async fn pump_request_body(
     session: Arc<Session>,
     id: StreamId,
     window: Arc<SendWindow>,
     mut body: Incoming,
     max: u64,
+    idle: Option<std::time::Duration>,
     uploaded: oneshot::Sender<()>,
 ) {
     let chunk = session.chunk_size();
     let mut total: u64 = 0;
+    let stalled = |code: u16, what: &str| {
+        session.abort_stream(id.as_str(), StreamAbort::new(code, what));
+    };
     loop {
         // `is_end_stream` is only a hint (a chunked body never sets it), so
         // the end is also the `None` after the last frame.
-        let (data, last) = match body.frame().await {
+        let next = match bounded(idle, body.frame()).await {
+            Some(f) => f,
+            None => {
+                return stalled(408, "the request body stalled longer than the idle timeout");
+            }
+        };
+        let (data, last) = match next {
             None => (Bytes::new(), true),
             Some(Ok(f)) => match f.into_data() {
                 Ok(d) => (d, http_body::Body::is_end_stream(&body)),
@@ -253,9 +273,15 @@ async fn pump_request_body(
         let mut data = data;
         loop {
             let want = data.len().min(chunk);
-            let n = match window.reserve(want).await {
-                Ok(n) => n,
-                Err(_) => return, // the stream ended; nobody needs the rest
+            let n = match bounded(idle, window.reserve(want)).await {
+                Some(Ok(n)) => n,
+                Some(Err(_)) => return, // the stream ended; nobody needs the rest
+                None => {
+                    return stalled(
+                        504,
+                        "the local service stopped reading the request body for longer than the idle timeout",
+                    );
+                }
             };
             let piece = data.split_to(n);
             let end = last && data.is_empty();
@@ -273,6 +299,17 @@ async fn pump_request_body(
             let _ = uploaded.send(());
             return;
         }
+    }
+}
+
+/// `fut`, or `None` once `limit` passed (never without a limit).
+async fn bounded<T>(
+    limit: Option<std::time::Duration>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match limit {
+        Some(l) => tokio::time::timeout(l, fut).await.ok(),
+        None => Some(fut.await),
     }
 }
 

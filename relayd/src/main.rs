@@ -102,12 +102,16 @@ async fn serve(config: relayd::Config) -> anyhow::Result<()> {
         signal.cancel();
     });
     let relay = relayd::Relay::new(config);
+    // Metrics outlive the drain, so `relayd_draining` can be scraped.
+    let metrics_stop = CancellationToken::new();
     if let Some(listener) = metrics {
         let relay = relay.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move { relay.serve_metrics(listener, shutdown).await });
+        let stop = metrics_stop.clone();
+        tokio::spawn(async move { relay.serve_metrics(listener, stop).await });
     }
-    relay.serve(listener, shutdown).await?;
+    let served = relay.serve(listener, shutdown).await;
+    metrics_stop.cancel();
+    served?;
     Ok(())
 }
 

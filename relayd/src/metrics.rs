@@ -52,7 +52,12 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: Cancell
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
-                Err(_) => continue,
+                Err(_) => {
+                    // Out of file descriptors: the backlog would fail again
+                    // at once; give the serving side room first.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             },
         };
         let shared = shared.clone();

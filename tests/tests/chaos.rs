@@ -261,6 +261,17 @@ async fn upstream_dying_mid_stream_ends_the_client_stream_with_an_error() {
     relay_lets_go(&relay).await;
     drop(http);
     no_leaks(idle, &ports, "upstream died").await;
+    // The stand-in's own tasks and sockets left with it, which could hide a
+    // leak in the totals: nothing may still touch its port, so the agent
+    // closed its connection to the dead model server.
+    let standin_port = ports[1];
+    tokio::time::timeout(WAIT, async {
+        while tunnel_tests::footprint::sockets_on(&[standin_port]) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("a socket to the dead model server stayed open");
 }
 
 /// A chat that ends by itself after `tokens` tokens.

@@ -799,3 +799,28 @@ async fn metrics_count_agents_streams_and_tasks_on_their_own_listener() {
     assert_eq!(missing.status(), 404);
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_request_body_that_stalls_is_ended_after_the_idle_timeout() {
+    init_logging();
+    let standin = StandIn::start(fast()).await.unwrap();
+    let relay =
+        TestRelay::start_with(&["alice"], |c| c.idle_timeout = Some(Duration::from_millis(200)))
+            .await;
+    let _agent = TestAgent::start(&relay, "alice", &standin.url()).await;
+    // Promises 100 bytes, sends 10, then goes quiet without closing.
+    let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut conn,
+        b"POST /api/tunnel/alice/sink HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut conn, &mut answer))
+        .await
+        .expect("the stalled upload was never answered")
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+}

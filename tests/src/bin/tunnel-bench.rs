@@ -523,14 +523,14 @@ async fn small(bin: &Path, args: &Args) -> Result<Value> {
         let mut p99 = [Vec::new(), Vec::new()];
         let mut lat = [Vec::new(), Vec::new()];
         let mut cpu_per_req = Vec::new();
-        let mut errors = 0;
+        let mut errors = [0u64, 0];
         for r in 0..rounds {
             for p in order(r) {
                 let k = p as usize;
                 let cpu0 = rig.daemons_cpu();
                 let l = closed_loop(&http, make_for(p), c, dur).await;
                 let cpu = rig.daemons_cpu().saturating_sub(cpu0);
-                errors += l.errors;
+                errors[k] += l.errors;
                 rps[k].push(l.ok as f64 / l.elapsed.as_secs_f64());
                 p50[k].push(percentile(&l.latencies_ms, 50.0));
                 p99[k].push(percentile(&l.latencies_ms, 99.0));
@@ -548,7 +548,7 @@ async fn small(bin: &Path, args: &Args) -> Result<Value> {
             "tunnel_p50_ms": median(&p50[1]), "tunnel_p99_ms": median(&p99[1]),
             "daemons_cpu_us_per_request": median(&cpu_per_req),
             "rounds_rps": { "direct": rps[0], "tunnel": rps[1] },
-            "errors": errors,
+            "errors": { "direct": errors[0], "tunnel": errors[1] },
         });
         println!(
             "{:<16} {:>4} {:>10.0} {:>10.0} {:>5.2}x {:>7.2}/{:<7.2} {:>7.2}/{:<7.2} {:>9.1}{}",
@@ -562,7 +562,11 @@ async fn small(bin: &Path, args: &Args) -> Result<Value> {
             median(&p50[1]),
             median(&p99[1]),
             median(&cpu_per_req),
-            if errors > 0 { format!("  ({errors} errors)") } else { String::new() }
+            if errors != [0, 0] {
+                format!("  (errors: direct {}, tunnel {})", errors[0], errors[1])
+            } else {
+                String::new()
+            }
         );
         if label.starts_with("GET") && c == 64 {
             for (k, p) in [Route::Direct, Route::Tunnel].iter().enumerate() {

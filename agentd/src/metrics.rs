@@ -50,8 +50,16 @@ pub fn render(agent: &Agent) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
+/// Scrapes served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+/// Longest a scrape connection may stay open.
+const CONNECTION_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `GET /metrics` on `listener` until `shutdown`, at most
+/// `MAX_CONNECTIONS` connections at a time, each for at most
+/// `CONNECTION_LIMIT`.
 pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -66,7 +74,9 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: Cancellat
             },
         };
         let agent = agent.clone();
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let resp = if req.uri().path() == "/metrics" {
                     let mut r = Response::new(Full::new(bytes::Bytes::from(render(&agent))));
@@ -84,7 +94,8 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: Cancellat
                 };
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_LIMIT, conn).await;
         });
     }
 }

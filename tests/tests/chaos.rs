@@ -116,24 +116,35 @@ async fn agent_killed_mid_stream_ends_the_client_stream_with_an_error() {
     no_leaks(idle, &ports, "agent killed").await;
 }
 
-#[tokio::test]
-async fn a_blackholed_network_is_detected_by_pings_and_the_agent_comes_back() {
+/// Ping interval of the proxied set-up: a dead path is noticed after two
+/// silent intervals.
+const PING: Duration = Duration::from_millis(100);
+
+/// A stand-in with an endless chat, a relay, and an agent that reaches the
+/// relay through a [`ChaosProxy`]; both daemons ping every [`PING`] and give
+/// up after two silent intervals.
+async fn behind_a_proxy() -> (StandIn, TestRelay, ChaosProxy, TestAgent) {
     init_logging();
-    let standin = StandIn::start(endless()).await.unwrap();
-    let ping = Duration::from_millis(100);
+    let standin = StandIn::start(endless()).await.expect("stand-in");
     let relay = TestRelay::start_with(&["alice"], |c| {
-        c.ping_interval = ping;
+        c.ping_interval = PING;
         c.max_missed_pings = 2;
     })
     .await;
     let proxy = ChaosProxy::start(relay.addr).await;
     let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
-        c.relay = proxy.url().parse().unwrap();
-        c.ping_interval = ping;
+        c.relay = proxy.url().parse().expect("proxy url");
+        c.ping_interval = PING;
         c.max_missed_pings = 2;
         c.reconnect_max_delay = Duration::from_millis(200);
     })
     .await;
+    (standin, relay, proxy, agent)
+}
+
+#[tokio::test]
+async fn a_blackholed_network_is_detected_by_pings_and_the_agent_comes_back() {
+    let (standin, relay, proxy, agent) = behind_a_proxy().await;
     let first = relay.wait_for_agent("alice").await;
     let ports = [relay.addr.port(), proxy.addr.port(), port_of(&standin.url())];
     let http = reqwest::Client::new();
@@ -143,7 +154,7 @@ async fn a_blackholed_network_is_detected_by_pings_and_the_agent_comes_back() {
     proxy.set(Mode::Blackhole);
     let (last, took) = until_end(Box::pin(stream)).await;
     println!(
-        "blackhole: client stream ended after {took:?} (ping every {ping:?}, 2 missed) with {last}"
+        "blackhole: client stream ended after {took:?} (ping every {PING:?}, 2 missed) with {last}"
     );
     assert!(last.contains("stopped answering pings"), "{last}");
     tokio::time::timeout(WAIT, first.closed()).await.expect("relay kept the dead session");
@@ -163,22 +174,7 @@ async fn a_blackholed_network_is_detected_by_pings_and_the_agent_comes_back() {
 
 #[tokio::test]
 async fn a_stalled_network_is_detected_too() {
-    init_logging();
-    let standin = StandIn::start(endless()).await.unwrap();
-    let ping = Duration::from_millis(100);
-    let relay = TestRelay::start_with(&["alice"], |c| {
-        c.ping_interval = ping;
-        c.max_missed_pings = 2;
-    })
-    .await;
-    let proxy = ChaosProxy::start(relay.addr).await;
-    let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
-        c.relay = proxy.url().parse().unwrap();
-        c.ping_interval = ping;
-        c.max_missed_pings = 2;
-        c.reconnect_max_delay = Duration::from_millis(200);
-    })
-    .await;
+    let (standin, relay, proxy, agent) = behind_a_proxy().await;
     let session = relay.wait_for_agent("alice").await;
     let ports = [relay.addr.port(), proxy.addr.port(), port_of(&standin.url())];
     let idle = Footprint::now(&ports);

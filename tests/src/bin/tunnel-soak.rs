@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::process::Child;
 use tokio::sync::Mutex;
 use tunnel_tests::procs::{ProcStats, bin_dir, free_port, path, proc_stats, scrape, spawn};
@@ -125,7 +125,7 @@ async fn main() -> Result<()> {
         .pool_max_idle_per_host(args.agents * args.streams)
         .build(HttpConnector::new());
     let base = format!("http://127.0.0.1:{relay_port}");
-    wait_connected(&http, &base, args.agents).await?;
+    wait_connected(relay_metrics, args.agents).await?;
     println!("{} agents connected; soaking for {:?}", args.agents, args.duration);
 
     let counters = Arc::new(Counters::default());
@@ -166,7 +166,7 @@ async fn main() -> Result<()> {
             a.fds += s.fds;
             a.close_wait += s.close_wait;
         }
-        let in_flight = in_flight(&http, &base, args.agents).await;
+        let in_flight = scrape(relay_metrics, "relayd_streams_in_flight").await.unwrap_or(0);
         let relay_tasks = scrape(relay_metrics, "relayd_tasks").await.unwrap_or(0);
         let mut agents_tasks = 0;
         for port in &agent_metrics {
@@ -306,47 +306,14 @@ async fn churn_loop(
     }
 }
 
-async fn in_flight(http: &Http, base: &str, agents: usize) -> u64 {
-    let mut total = 0;
-    for i in 0..agents {
-        let Ok(req) = http::Request::get(format!("{base}/api/tunnel/u{i}/health"))
-            .body(Full::new(Bytes::new()))
-        else {
-            continue;
-        };
-        let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), http.request(req)).await
-        else {
-            continue;
-        };
-        if let Ok(body) = resp.into_body().collect().await {
-            let v: Value = serde_json::from_slice(&body.to_bytes()).unwrap_or(Value::Null);
-            total += v["in_flight"].as_u64().unwrap_or(0);
-        }
-    }
-    total
-}
-
-async fn wait_connected(http: &Http, base: &str, agents: usize) -> Result<()> {
+/// Waits until the relay counts `agents` connected agents.
+async fn wait_connected(relay_metrics: u16, agents: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    'outer: while Instant::now() < deadline {
-        for i in 0..agents {
-            let req = http::Request::get(format!("{base}/api/tunnel/u{i}/health"))
-                .body(Full::new(Bytes::new()))?;
-            let connected = match http.request(req).await {
-                Ok(resp) => {
-                    let body = resp.into_body().collect().await?.to_bytes();
-                    serde_json::from_slice::<Value>(&body)
-                        .map(|v| v["connected"] == true)
-                        .unwrap_or(false)
-                }
-                Err(_) => false,
-            };
-            if !connected {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue 'outer;
-            }
+    while Instant::now() < deadline {
+        if scrape(relay_metrics, "relayd_agents_connected").await.unwrap_or(0) as usize >= agents {
+            return Ok(());
         }
-        return Ok(());
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bail!("agents did not all connect within 60 s")
 }

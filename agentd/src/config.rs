@@ -28,6 +28,16 @@ pub struct ConfigFile {
     pub reconnect: ReconnectFile,
     #[serde(default)]
     pub liveness: LivenessFile,
+    #[serde(default)]
+    pub tls: TlsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM file of the CAs to trust for a `wss://` relay instead of the
+    /// system's roots (a relay with a private CA or a self-signed cert).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +90,11 @@ pub struct Config {
     /// ...and reconnects after this many silent intervals.
     pub max_missed_pings: u32,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The CA file trusted for `wss://` instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// TLS client settings, for `wss://` relays only.
+    #[serde(skip)]
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +119,15 @@ impl ConfigFile {
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let relay = self.relay.ok_or_else(|| ConfigError::Invalid("relay is not set".into()))?;
         let relay = relay_url(&relay)?;
+        let tls = match (relay.scheme_str(), &self.tls.ca_file) {
+            (Some("wss"), ca_file) => Some(crate::tls::client_config(ca_file.as_deref())?),
+            (_, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "[tls] ca_file is set but the relay is not a wss:// URL".into(),
+                ));
+            }
+            _ => None,
+        };
         let token = match (self.token, self.token_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid("set token or token_file, not both".into()));
@@ -154,6 +178,8 @@ impl ConfigFile {
                 None => proto::liveness::DEFAULT_MAX_MISSED,
             },
             metrics_listen: self.metrics_listen,
+            ca_file: self.tls.ca_file,
+            tls,
         })
     }
 }

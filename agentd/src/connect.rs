@@ -6,10 +6,13 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use rustls::pki_types::ServerName;
 
 use proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
 
@@ -18,7 +21,7 @@ use crate::Config;
 /// Time allowed for TCP connect, upgrade and handshake together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub type RelaySocket = WebSocketStream<TcpStream>;
+pub type RelaySocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A session the relay accepted.
 pub struct Connected {
@@ -45,10 +48,8 @@ pub enum ConnectError {
     Protocol(String),
     #[error("timed out connecting to the relay")]
     Timeout,
-    #[error(
-        "wss:// relays are not supported by this build yet; use ws:// behind a TLS-terminating proxy"
-    )]
-    TlsUnsupported,
+    #[error("TLS with the relay failed: {0}")]
+    Tls(String),
 }
 
 pub async fn connect(config: &Config) -> Result<Connected, ConnectError> {
@@ -59,14 +60,23 @@ pub async fn connect(config: &Config) -> Result<Connected, ConnectError> {
 
 async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
     let uri = &config.relay;
-    if uri.scheme_str() == Some("wss") {
-        return Err(ConnectError::TlsUnsupported);
-    }
-    let host = uri.host().unwrap_or("localhost");
-    let port = uri.port_u16().unwrap_or(80);
-    let tcp =
-        TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)).await?;
+    let host = uri.host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(if config.tls.is_some() { 443 } else { 80 });
+    let tcp = TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
+    let stream = match &config.tls {
+        None => MaybeTlsStream::Plain(tcp),
+        Some(tls) => {
+            let name = ServerName::try_from(host.to_owned()).map_err(|e| {
+                ConnectError::Tls(format!("{host:?} is not a valid server name: {e}"))
+            })?;
+            let stream = TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ConnectError::Tls(e.to_string()))?;
+            MaybeTlsStream::Rustls(stream)
+        }
+    };
 
     let mut request = uri
         .to_string()
@@ -87,16 +97,16 @@ async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
     let (mut socket, response) =
-        tokio_tungstenite::client_async_with_config(request, tcp, Some(ws_config)).await.map_err(
-            |e| match e {
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config))
+            .await
+            .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(resp)
                     if resp.status() == 401 || resp.status() == 403 =>
                 {
                     ConnectError::Unauthorized(resp.status().as_u16())
                 }
                 other => ConnectError::Handshake(other.to_string()),
-            },
-        )?;
+            })?;
     if response.headers().get(SEC_WEBSOCKET_PROTOCOL).is_none_or(|p| p != SUBPROTOCOL) {
         return Err(ConnectError::Protocol("no subprotocol in the upgrade response".into()));
     }

@@ -14,6 +14,7 @@ pub mod connect;
 pub mod forward;
 pub mod metrics;
 pub mod session;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

@@ -26,6 +26,37 @@ pub struct ConfigFile {
     pub timeouts: TimeoutsFile,
     #[serde(default)]
     pub liveness: LivenessFile,
+    /// Serve HTTPS/WSS on `listen`; absent = plain HTTP (behind a TLS proxy).
+    #[serde(default)]
+    pub tls: TlsFile,
+}
+
+/// `[tls]`: both files, or neither (plain HTTP).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the leaf certificate.
+    pub key_file: Option<PathBuf>,
+}
+
+/// TLS termination, loaded and checked.
+#[derive(Clone, Serialize)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(skip)]
+    pub server: std::sync::Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +158,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub worker_threads: usize,
     pub metrics_listen: Option<SocketAddr>,
+    /// HTTPS/WSS on `listen` when set.
+    pub tls: Option<Tls>,
     #[serde(skip)]
     pub users: Vec<User>,
     /// Limits announced to agents in `welcome`.
@@ -186,6 +219,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             worker_threads: 0,
             metrics_listen: None,
+            tls: None,
             users: Vec::new(),
             limits: Limits::default(),
             max_request_body: 64 * 1024 * 1024 * 1024,
@@ -280,6 +314,19 @@ impl ConfigFile {
             listen: self.listen.unwrap_or(d.listen),
             worker_threads: self.worker_threads.unwrap_or(0),
             metrics_listen: self.metrics_listen,
+            tls: match (self.tls.cert_file, self.tls.key_file) {
+                (None, None) => None,
+                (Some(cert_file), Some(key_file)) => Some(Tls {
+                    server: crate::tls::server_config(&cert_file, &key_file)?,
+                    cert_file,
+                    key_file,
+                }),
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "[tls] needs both cert_file and key_file".into(),
+                    ));
+                }
+            },
             users,
             limits,
             max_request_body: self.limits.max_request_body.unwrap_or(d.max_request_body),
@@ -507,6 +554,16 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         toml::from_str::<ConfigFile>(&uncommented).expect("every documented knob is accepted");
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let err = parse("[tls]\ncert_file = \"/x/cert.pem\"\n").expect_err("must fail");
+        assert!(err.to_string().contains("both cert_file and key_file"), "{err}");
+        let err = parse("[tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/x/k.pem\"\n")
+            .expect_err("must fail");
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+        assert!(parse("[tls]\n").expect("valid").tls.is_none());
     }
 
     #[test]

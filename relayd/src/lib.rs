@@ -16,7 +16,9 @@ pub mod hub;
 pub mod metrics;
 pub mod server;
 pub mod session;
+pub mod tls;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -25,6 +27,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -149,7 +152,8 @@ impl Relay {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let shared = &self.shared;
-        info!(addr = %listener.local_addr()?, "relay listening");
+        let tls = shared.config.tls.as_ref().map(|t| TlsAcceptor::from(t.server.clone()));
+        info!(addr = %listener.local_addr()?, tls = tls.is_some(), "relay listening");
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -167,25 +171,22 @@ impl Relay {
             let _ = stream.set_nodelay(true);
             let conn_shared = shared.clone();
             let conn_shutdown = shutdown.clone();
+            let tls = tls.clone();
             shared.conns.spawn(async move {
-                let svc = service_fn(move |req| server::handle(conn_shared.clone(), req));
-                let conn = http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    }
-                    _ = conn_shutdown.cancelled() => {
-                        // Finish the request in flight, then close.
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
+                let Some(acceptor) = tls else {
+                    return serve_connection(conn_shared, stream, peer, conn_shutdown).await;
+                };
+                let handshake =
+                    tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                let stream = tokio::select! {
+                    r = handshake => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                    },
+                    _ = conn_shutdown.cancelled() => return,
+                };
+                serve_connection(conn_shared, stream, peer, conn_shutdown).await
             });
         }
         // Drain: no new work, agents told to go elsewhere after their
@@ -209,6 +210,35 @@ impl Relay {
         let _ = tokio::time::timeout(CLOSE_DEADLINE, shared.conns.wait()).await;
         info!("relay stopped");
         Ok(())
+    }
+}
+
+/// Serves HTTP/1.1 (with upgrades, for agents) on one accepted connection
+/// until it ends; on `shutdown`, finishes the request in flight and closes.
+async fn serve_connection<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let svc = service_fn(move |req| server::handle(shared.clone(), req));
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 

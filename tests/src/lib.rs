@@ -10,6 +10,7 @@ pub mod procs;
 pub mod proxy;
 pub mod raw;
 pub mod svg;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -32,6 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tokio::process::Child;
+use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -40,6 +41,7 @@ use tunnel_tests::procs::{
     bin_dir, cpu_time, free_port, machine, path, proc_stats, reset_peak_rss, scrape, spawn,
 };
 use tunnel_tests::svg::{COLORS, Series, cdf, chart};
+use tunnel_tests::tls::TestCert;
 
 #[derive(Parser, Debug)]
 #[command(about = "Measure the tunnel against the direct path, scenario by scenario")]
@@ -235,10 +237,13 @@ struct RigOpts {
     /// agentd processes (for u0.., each its own).
     agents: usize,
     handshakes_per_second: u32,
+    /// relayd terminates TLS (a throwaway self-signed certificate); agents
+    /// dial `wss://`.
+    tls: bool,
 }
 
 /// One user with one agentd: most scenarios.
-const ONE_AGENT: RigOpts = RigOpts { users: 1, agents: 1, handshakes_per_second: 1000 };
+const ONE_AGENT: RigOpts = RigOpts { users: 1, agents: 1, handshakes_per_second: 1000, tls: false };
 
 /// The stand-in, relayd and agentd processes of one scenario.
 struct Rig {
@@ -251,6 +256,8 @@ struct Rig {
     relay_port: u16,
     relay_metrics: u16,
     agent_metrics: Vec<u16>,
+    /// The relay's certificate when it serves TLS.
+    cert: Option<TestCert>,
 }
 
 static RIGS: AtomicUsize = AtomicUsize::new(0);
@@ -296,6 +303,14 @@ impl Rig {
             o.handshakes_per_second,
             LIMITS.get().map(String::as_str).unwrap_or_default()
         ));
+        let cert = if o.tls { Some(TestCert::new()?) } else { None };
+        if let Some(c) = &cert {
+            conf.push_str(&format!(
+                "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                path(&c.cert_file),
+                path(&c.key_file)
+            ));
+        }
         std::fs::write(dir.join("relayd.toml"), conf)?;
         let mut rig = Rig {
             bin: bin.to_owned(),
@@ -307,6 +322,7 @@ impl Rig {
             relay_port,
             relay_metrics,
             agent_metrics: Vec::new(),
+            cert,
         };
         wait_port(relay_metrics).await?;
         for i in 0..o.agents {
@@ -316,9 +332,14 @@ impl Rig {
             std::fs::write(
                 &file,
                 format!(
-                    "relay = \"ws://127.0.0.1:{relay_port}\"\ntoken = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[limits]\n{}",
+                    "relay = \"{}://127.0.0.1:{relay_port}\"\ntoken = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[limits]\n{}{}",
+                    if rig.cert.is_some() { "wss" } else { "ws" },
                     token(i),
-                    LIMITS.get().map(String::as_str).unwrap_or_default()
+                    LIMITS.get().map(String::as_str).unwrap_or_default(),
+                    rig.cert.as_ref().map_or(String::new(), |c| format!(
+                        "\n[tls]\nca_file = \"{}\"\n",
+                        path(&c.cert_file)
+                    )),
                 ),
             )?;
             rig.agents.push(spawn(
@@ -914,12 +935,23 @@ async fn slow_reader(bin: &Path, args: &Args) -> Result<Value> {
 // ---------------------------------------------------------------- fan-in
 
 /// A minimal version-1 agent that connects, says hello and answers pings:
-/// an idle tunnel, at the cost of one task and one socket here.
-async fn idle_agent(url: String, token: String) -> Result<tokio::task::JoinHandle<()>> {
-    let mut request = url.into_client_request()?;
+/// an idle tunnel, at the cost of one task and one socket here. Over TLS
+/// when `tls` is given.
+async fn idle_agent(
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    token: String,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    let mut request = format!("{scheme}://127.0.0.1:{port}/ws/tunnel").into_client_request()?;
     request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
     request.headers_mut().insert("sec-websocket-protocol", SUBPROTOCOL.parse()?);
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let stream = match &tls {
+        Some(client) => MaybeTlsStream::Rustls(tunnel_tests::tls::connect(client, addr).await?),
+        None => MaybeTlsStream::Plain(tokio::net::TcpStream::connect(addr).await?),
+    };
+    let (mut socket, _) = tokio_tungstenite::client_async(request, stream).await?;
     let hello = Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         agent: "bench-idle-agent".into(),
@@ -943,26 +975,39 @@ async fn idle_agent(url: String, token: String) -> Result<tokio::task::JoinHandl
     }))
 }
 
-#[allow(clippy::print_stdout)]
+/// Idle tunnels on one relay, over TLS (the target) and then over plain
+/// WebSockets (what TLS adds).
 async fn fan_in(bin: &Path, args: &Args) -> Result<Value> {
+    let tls = fan_in_pass(bin, args, true).await?;
+    let plain = fan_in_pass(bin, args, false).await?;
+    Ok(json!({ "tls": tls, "plain": plain }))
+}
+
+#[allow(clippy::print_stdout)]
+async fn fan_in_pass(bin: &Path, args: &Args, tls: bool) -> Result<Value> {
     let total = if args.smoke { 200 } else { 10_000 };
     let step = if args.smoke { 100 } else { 1000 };
-    let rig =
-        Rig::start(bin, args, RigOpts { users: total, agents: 0, handshakes_per_second: 100_000 })
-            .await?;
+    let rig = Rig::start(
+        bin,
+        args,
+        RigOpts { users: total, agents: 0, handshakes_per_second: 100_000, tls },
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = proc_stats(rig.relay_pid()).rss_kib;
-    let url = format!("ws://127.0.0.1:{}/ws/tunnel", rig.relay_port);
+    let client = rig.cert.as_ref().map(TestCert::client);
     let mut agents = Vec::with_capacity(total);
     let mut points = vec![(0.0, base as f64 / 1024.0)];
     let mut rows = Vec::new();
-    println!("fan-in: idle agents on one relay (plain ws: relayd has no TLS yet)");
+    let kind = if tls { "TLS (wss)" } else { "plain ws" };
+    println!("fan-in: idle agents on one relay, {kind}");
     println!("{:>8} {:>14} {:>18}", "agents", "relayd RSS", "per idle tunnel");
     println!("{:>8} {:>10.1} MiB {:>18}", 0, base as f64 / 1024.0, "");
     while agents.len() < total {
         let from = agents.len();
-        let batch: Vec<_> =
-            (from..from + step).map(|i| idle_agent(url.clone(), token(i))).collect();
+        let batch: Vec<_> = (from..from + step)
+            .map(|i| idle_agent(rig.relay_port, client.clone(), token(i)))
+            .collect();
         // At most 200 handshakes in flight from this client.
         let mut connected = futures_util::stream::iter(batch).buffer_unordered(200);
         while let Some(r) = connected.next().await {
@@ -982,9 +1027,9 @@ async fn fan_in(bin: &Path, args: &Args) -> Result<Value> {
     println!("  relayd: {} fds, {} threads with {} agents", stats.fds, stats.threads, agents.len());
     write_plot(
         &args.out,
-        "fan-in-memory.svg",
+        if tls { "fan-in-memory.svg" } else { "fan-in-memory-plain.svg" },
         chart(
-            "relayd resident memory against idle tunnels",
+            &format!("relayd resident memory against idle tunnels ({kind})"),
             "idle agents",
             "relayd RSS (MiB)",
             &[Series { name: "relayd RSS".into(), color: COLORS[1], points }],
@@ -993,7 +1038,7 @@ async fn fan_in(bin: &Path, args: &Args) -> Result<Value> {
     for a in agents {
         a.abort();
     }
-    Ok(json!({ "tls": false, "baseline_rss_kib": base, "rows": rows, "relayd_fds": stats.fds }))
+    Ok(json!({ "tls": tls, "baseline_rss_kib": base, "rows": rows, "relayd_fds": stats.fds }))
 }
 
 // ---------------------------------------------------------------- 1,000 streams
@@ -1003,8 +1048,12 @@ async fn streams(bin: &Path, args: &Args) -> Result<Value> {
     let (agents, per_agent, tokens, delay_ms) =
         if args.smoke { (5, 10, 10, 20) } else { (100, 10, 40, args.token_ms) };
     let rounds = if args.smoke { 1 } else { args.rounds.unwrap_or(3) };
-    let rig = Rig::start(bin, args, RigOpts { users: agents, agents, handshakes_per_second: 1000 })
-        .await?;
+    let rig = Rig::start(
+        bin,
+        args,
+        RigOpts { users: agents, agents, handshakes_per_second: 1000, tls: false },
+    )
+    .await?;
     let http = client(agents * per_agent);
     let n = agents * per_agent;
     println!(
@@ -1070,8 +1119,12 @@ async fn streams(bin: &Path, args: &Args) -> Result<Value> {
 async fn storm(bin: &Path, args: &Args) -> Result<Value> {
     let n = if args.smoke { 100 } else { 1000 };
     let rate = 200;
-    let mut rig =
-        Rig::start(bin, args, RigOpts { users: n, agents: 0, handshakes_per_second: rate }).await?;
+    let mut rig = Rig::start(
+        bin,
+        args,
+        RigOpts { users: n, agents: 0, handshakes_per_second: rate, tls: false },
+    )
+    .await?;
     // In-process agents: the agentd library, with its default backoff
     // (1..30 s, full jitter). Sessions count as healthy after 1 s instead of
     // 30 s so the crowd starts from a reset backoff without a long wait.

@@ -68,6 +68,23 @@ pub async fn forward(
 
     let mut guard = open.guard;
     let mut body = Some(body);
+    // A small body with a declared length (a chat request, most often) is
+    // read first and sent right behind the request, in the same socket
+    // write: one frame for the agent to wait for instead of two, and the
+    // local service gets head and body together.
+    let chunk = (session.chunk_size() as u64).min(open.window.available());
+    let small = declared.filter(|&n| has_body && n > 0 && n <= chunk);
+    let mut inline: Option<Bytes> = None;
+    if let Some(n) = small.filter(|_| !session.is_legacy()) {
+        let whole = body.take().expect("the body is taken once");
+        match read_small_body(whole, n as usize, shared.config.timeouts_for(&target).idle).await {
+            Ok(b) => inline = Some(b),
+            Err(resp) => {
+                guard.complete();
+                return resp;
+            }
+        }
+    }
     let msg = if session.is_legacy() {
         let whole = body.take().expect("the body is taken once");
         let body = match read_legacy_body(whole, shared.config.legacy_max_body).await {
@@ -123,7 +140,15 @@ pub async fn forward(
     // agent: a model server answers only after reading it, and a multi-GB
     // upload must not count against it.
     let (uploaded_tx, mut uploaded_rx) = oneshot::channel::<()>();
-    if let Some(body) = body.filter(|_| has_body) {
+    if let Some(data) = inline {
+        // Within the window (checked above): no credit to wait for.
+        let reserved = open.window.reserve(data.len()).await;
+        let frame = frame::encode(open.id.as_str(), true, &data);
+        if reserved != Ok(data.len()) || session.send(&open.id, Ws::Binary(frame)).await.is_err() {
+            return error(StatusCode::BAD_GATEWAY, "agent disconnected");
+        }
+        drop(uploaded_tx);
+    } else if let Some(body) = body.filter(|_| has_body) {
         tokio::spawn(pump_request_body(
             session.clone(),
             open.id.clone(),
@@ -311,6 +336,49 @@ async fn bounded<T>(
         Some(l) => tokio::time::timeout(l, fut).await.ok(),
         None => Some(fut.await),
     }
+}
+
+/// Reads a body of exactly `len` bytes (its declared `Content-Length`);
+/// `idle` bounds each wait for the client's next bytes.
+async fn read_small_body(
+    mut body: Incoming,
+    len: usize,
+    idle: Option<std::time::Duration>,
+) -> Result<Bytes, Response<RelayBody>> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
+    loop {
+        let frame = match bounded(idle, body.frame()).await {
+            None => {
+                return Err(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body stalled longer than the idle timeout",
+                ));
+            }
+            Some(None) => break,
+            Some(Some(Ok(f))) => f,
+            Some(Some(Err(_))) => {
+                return Err(error(StatusCode::BAD_REQUEST, "request body ended early"));
+            }
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        // Usually the whole body is one frame: keep it without copying.
+        match &first {
+            None if rest.is_empty() => first = Some(data),
+            _ => {
+                if let Some(f) = first.take() {
+                    rest.extend_from_slice(&f);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    let got = first.unwrap_or_else(|| Bytes::from(rest));
+    // hyper enforces the declared length; a mismatch is a broken request.
+    if got.len() != len {
+        return Err(error(StatusCode::BAD_REQUEST, "request body ended early"));
+    }
+    Ok(got)
 }
 
 async fn read_legacy_body(body: Incoming, max: usize) -> Result<String, Response<RelayBody>> {

@@ -808,19 +808,39 @@ async fn a_request_body_that_stalls_is_ended_after_the_idle_timeout() {
         TestRelay::start_with(&["alice"], |c| c.idle_timeout = Some(Duration::from_millis(200)))
             .await;
     let _agent = TestAgent::start(&relay, "alice", &standin.url()).await;
-    // Promises 100 bytes, sends 10, then goes quiet without closing.
-    let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut conn,
-        b"POST /api/tunnel/alice/sink HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789",
-    )
-    .await
-    .unwrap();
-    let mut answer = vec![0u8; 512];
-    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut conn, &mut answer))
+    // Promises a small body (read whole before forwarding) or a large one
+    // (streamed), sends 10 bytes, then goes quiet without closing.
+    for promised in [100, 10_000_000] {
+        let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+        let head = format!(
+            "POST /api/tunnel/alice/sink HTTP/1.1\r\nhost: x\r\ncontent-length: {promised}\r\n\r\n0123456789"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut conn, &mut answer))
+            .await
+            .expect("the stalled upload was never answered")
+            .unwrap();
+        let head = String::from_utf8_lossy(&answer[..n]);
+        assert!(head.starts_with("HTTP/1.1 408"), "{promised}: {head}");
+    }
+}
+
+#[tokio::test]
+async fn a_small_body_that_arrives_in_pieces_is_forwarded_whole() {
+    let s = setup(fast()).await;
+    let mut conn = tokio::net::TcpStream::connect(s.relay.addr).await.unwrap();
+    let head = "POST /api/tunnel/alice/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 26\r\nconnection: close\r\n\r\nabcdefghijklm";
+    tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await.unwrap();
+    // A pause, so the second half is a separate segment (and body frame).
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::io::AsyncWriteExt::write_all(&mut conn, b"nopqrstuvwxyz").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut answer))
         .await
-        .expect("the stalled upload was never answered")
+        .expect("answered in time")
         .unwrap();
-    let head = String::from_utf8_lossy(&answer[..n]);
-    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("abcdefghijklmnopqrstuvwxyz"), "{answer}");
 }

@@ -133,7 +133,7 @@ async fn main() -> Result<()> {
     LIMITS.get_or_init(|| limits);
     let fds = tunnel_tests::raise_fd_limit()?;
     std::fs::create_dir_all(&args.out)?;
-    let bin = bin_dir(&["relayd", "agentd", "stand-in-ollama"])?;
+    let bin = bin_dir(&["relayd", "agentd", "stand-in-ollama", "tcp-forward"])?;
     let list: Vec<Scenario> =
         if args.scenario == Scenario::All { ALL.to_vec() } else { vec![args.scenario] };
     let (load, cores) = machine();
@@ -212,8 +212,13 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// Which way a request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
+    /// Client -> stand-in.
     Direct,
+    /// Client -> relayd -> agentd -> stand-in.
     Tunnel,
+    /// Client -> tcp-forward -> tcp-forward -> stand-in: the raw-TCP
+    /// baseline, two hops that only copy bytes.
+    Raw,
 }
 
 impl Route {
@@ -221,14 +226,19 @@ impl Route {
         match self {
             Route::Direct => "direct",
             Route::Tunnel => "tunnel",
+            Route::Raw => "raw TCP",
         }
     }
 }
 
-/// The order of the two paths in round `r`: alternating, so neither always
-/// runs on a warmer machine.
-fn order(r: usize) -> [Route; 2] {
-    if r % 2 == 0 { [Route::Direct, Route::Tunnel] } else { [Route::Tunnel, Route::Direct] }
+/// The order of the paths in round `r`: rotating, so none always runs on a
+/// warmer machine.
+fn order(r: usize) -> [Route; 3] {
+    match r % 3 {
+        0 => [Route::Direct, Route::Tunnel, Route::Raw],
+        1 => [Route::Tunnel, Route::Raw, Route::Direct],
+        _ => [Route::Raw, Route::Direct, Route::Tunnel],
+    }
 }
 
 struct RigOpts {
@@ -258,6 +268,10 @@ struct Rig {
     agent_metrics: Vec<u16>,
     /// The relay's certificate when it serves TLS.
     cert: Option<TestCert>,
+    /// The two chained forwarders of the raw-TCP baseline, and the port of
+    /// the first.
+    forwarders: Vec<Child>,
+    raw_port: u16,
 }
 
 static RIGS: AtomicUsize = AtomicUsize::new(0);
@@ -289,6 +303,23 @@ impl Rig {
             "stand-in",
         )?;
         wait_port(standin_port).await?;
+        let (raw_port, second) = (free_port()?, free_port()?);
+        let mut forwarders = Vec::new();
+        for (name, listen, to) in [("fwd-2", second, standin_port), ("fwd-1", raw_port, second)] {
+            forwarders.push(spawn(
+                bin,
+                "tcp-forward",
+                &[
+                    "--listen".into(),
+                    format!("127.0.0.1:{listen}"),
+                    "--to".into(),
+                    format!("127.0.0.1:{to}"),
+                ],
+                &dir,
+                name,
+            )?);
+            wait_port(listen).await?;
+        }
         let relay_port = free_port()?;
         let relay_metrics = free_port()?;
         let mut conf = format!(
@@ -323,6 +354,8 @@ impl Rig {
             relay_metrics,
             agent_metrics: Vec::new(),
             cert,
+            forwarders,
+            raw_port,
         };
         wait_port(relay_metrics).await?;
         for i in 0..o.agents {
@@ -379,6 +412,21 @@ impl Rig {
             Route::Tunnel => {
                 format!("http://127.0.0.1:{}/api/tunnel/u{user}{target}", self.relay_port)
             }
+            Route::Raw => format!("http://127.0.0.1:{}{target}", self.raw_port),
+        }
+    }
+
+    /// CPU time of the two raw-TCP forwarders so far.
+    fn forwarders_cpu(&self) -> Duration {
+        self.forwarders.iter().filter_map(Child::id).map(cpu_time).sum()
+    }
+
+    /// CPU time of what carries `p` besides the client and the stand-in.
+    fn path_cpu(&self, p: Route) -> Duration {
+        match p {
+            Route::Direct => Duration::ZERO,
+            Route::Tunnel => self.daemons_cpu(),
+            Route::Raw => self.forwarders_cpu(),
         }
     }
 
@@ -508,17 +556,23 @@ async fn small(bin: &Path, args: &Args) -> Result<Value> {
         ("GET /api/tags", Method::GET, "/api/tags", None, 64),
         ("POST /api/chat", Method::POST, "/api/chat", Some(chat), 16),
     ];
-    println!("small requests ({rounds} rounds x {dur:?} per path, medians)");
     println!(
-        "{:<16} {:>4} {:>10} {:>10} {:>6} {:>15} {:>15} {:>9}",
+        "small requests ({rounds} rounds x {dur:?} per path, medians; raw = two plain TCP forwarders)"
+    );
+    println!(
+        "{:<16} {:>4} {:>9} {:>9} {:>6} {:>9} {:>6} {:>13} {:>13} {:>13} {:>7} {:>7}",
         "request",
         "c",
         "direct/s",
         "tunnel/s",
         "ratio",
-        "direct p50/p99",
-        "tunnel p50/p99",
-        "cpu us/req"
+        "raw/s",
+        "ratio",
+        "direct p50/99",
+        "tunnel p50/99",
+        "raw p50/99",
+        "tun us",
+        "raw us"
     );
     let mut rows = Vec::new();
     let mut plot = Vec::new();
@@ -535,62 +589,70 @@ async fn small(bin: &Path, args: &Args) -> Result<Value> {
                 b.body(full(body.clone().unwrap_or_default())).expect("valid request")
             })
         };
-        // Warm both paths (connections, pools, page cache).
-        for p in [Route::Direct, Route::Tunnel] {
+        // Warm every path (connections, pools, page cache).
+        for p in order(0) {
             closed_loop(&http, make_for(p), c, Duration::from_millis(200)).await;
         }
-        let mut rps = [Vec::new(), Vec::new()];
-        let mut p50 = [Vec::new(), Vec::new()];
-        let mut p99 = [Vec::new(), Vec::new()];
-        let mut lat = [Vec::new(), Vec::new()];
-        let mut cpu_per_req = Vec::new();
-        let mut errors = [0u64, 0];
+        let mut rps = [Vec::new(), Vec::new(), Vec::new()];
+        let mut p50 = [Vec::new(), Vec::new(), Vec::new()];
+        let mut p99 = [Vec::new(), Vec::new(), Vec::new()];
+        let mut lat = [Vec::new(), Vec::new(), Vec::new()];
+        let mut cpu_per_req = [Vec::new(), Vec::new(), Vec::new()];
+        let mut errors = [0u64; 3];
         for r in 0..rounds {
             for p in order(r) {
                 let k = p as usize;
-                let cpu0 = rig.daemons_cpu();
+                let cpu0 = rig.path_cpu(p);
                 let l = closed_loop(&http, make_for(p), c, dur).await;
-                let cpu = rig.daemons_cpu().saturating_sub(cpu0);
+                let cpu = rig.path_cpu(p).saturating_sub(cpu0);
                 errors[k] += l.errors;
                 rps[k].push(l.ok as f64 / l.elapsed.as_secs_f64());
                 p50[k].push(percentile(&l.latencies_ms, 50.0));
                 p99[k].push(percentile(&l.latencies_ms, 99.0));
-                if p == Route::Tunnel && l.ok > 0 {
-                    cpu_per_req.push(cpu.as_secs_f64() * 1e6 / l.ok as f64);
+                if l.ok > 0 {
+                    cpu_per_req[k].push(cpu.as_secs_f64() * 1e6 / l.ok as f64);
                 }
                 lat[k].extend(l.latencies_ms);
             }
         }
-        let (d, t) = (median(&rps[0]), median(&rps[1]));
+        let (d, t, w) = (median(&rps[0]), median(&rps[1]), median(&rps[2]));
         let row = json!({
             "request": label, "concurrency": c,
             "direct_rps": d, "tunnel_rps": t, "ratio": t / d,
+            "raw_tcp_rps": w, "raw_tcp_ratio": w / d,
             "direct_p50_ms": median(&p50[0]), "direct_p99_ms": median(&p99[0]),
             "tunnel_p50_ms": median(&p50[1]), "tunnel_p99_ms": median(&p99[1]),
-            "daemons_cpu_us_per_request": median(&cpu_per_req),
-            "rounds_rps": { "direct": rps[0], "tunnel": rps[1] },
-            "errors": { "direct": errors[0], "tunnel": errors[1] },
+            "raw_tcp_p50_ms": median(&p50[2]), "raw_tcp_p99_ms": median(&p99[2]),
+            "daemons_cpu_us_per_request": median(&cpu_per_req[1]),
+            "raw_tcp_forwarders_cpu_us_per_request": median(&cpu_per_req[2]),
+            "rounds_rps": { "direct": rps[0], "tunnel": rps[1], "raw_tcp": rps[2] },
+            "errors": { "direct": errors[0], "tunnel": errors[1], "raw_tcp": errors[2] },
         });
         println!(
-            "{:<16} {:>4} {:>10.0} {:>10.0} {:>5.2}x {:>7.2}/{:<7.2} {:>7.2}/{:<7.2} {:>9.1}{}",
+            "{:<16} {:>4} {:>9.0} {:>9.0} {:>5.2}x {:>9.0} {:>5.2}x {:>6.2}/{:<6.2} {:>6.2}/{:<6.2} {:>6.2}/{:<6.2} {:>7.1} {:>7.1}{}",
             label,
             c,
             d,
             t,
             t / d,
+            w,
+            w / d,
             median(&p50[0]),
             median(&p99[0]),
             median(&p50[1]),
             median(&p99[1]),
-            median(&cpu_per_req),
-            if errors != [0, 0] {
-                format!("  (errors: direct {}, tunnel {})", errors[0], errors[1])
+            median(&p50[2]),
+            median(&p99[2]),
+            median(&cpu_per_req[1]),
+            median(&cpu_per_req[2]),
+            if errors != [0; 3] {
+                format!("  (errors: direct {}, tunnel {}, raw {})", errors[0], errors[1], errors[2])
             } else {
                 String::new()
             }
         );
         if label.starts_with("GET") && c == 64 {
-            for (k, p) in [Route::Direct, Route::Tunnel].iter().enumerate() {
+            for (k, p) in [Route::Direct, Route::Tunnel, Route::Raw].iter().enumerate() {
                 plot.push(Series {
                     name: format!("{} (c=64)", p.name()),
                     color: COLORS[k],
@@ -674,13 +736,13 @@ async fn stream(bin: &Path, args: &Args) -> Result<Value> {
     let (paced_rounds, burst_rounds) =
         if args.smoke { (1, 2) } else { (args.rounds.unwrap_or(10), 30) };
     let tokens = 200;
-    for p in [Route::Direct, Route::Tunnel] {
+    for p in order(0) {
         chat_stream(&http, &rig.url(p, 0, "/api/chat"), 5, 0).await?;
     }
-    let mut ttft = [Vec::new(), Vec::new()];
-    let mut gap = [Vec::new(), Vec::new()];
-    let mut delivery = [Vec::new(), Vec::new()];
-    let mut coalesced = [0usize, 0];
+    let mut ttft = [Vec::new(), Vec::new(), Vec::new()];
+    let mut gap = [Vec::new(), Vec::new(), Vec::new()];
+    let mut delivery = [Vec::new(), Vec::new(), Vec::new()];
+    let mut coalesced = [0usize; 3];
     for r in 0..paced_rounds {
         for p in order(r) {
             let k = p as usize;
@@ -691,8 +753,8 @@ async fn stream(bin: &Path, args: &Args) -> Result<Value> {
             coalesced[k] += s.coalesced;
         }
     }
-    let mut burst = [Vec::new(), Vec::new()];
-    let mut burst_coalesced = [0usize, 0];
+    let mut burst = [Vec::new(), Vec::new(), Vec::new()];
+    let mut burst_coalesced = [0usize; 3];
     for r in 0..burst_rounds {
         for p in order(r) {
             let k = p as usize;
@@ -701,33 +763,44 @@ async fn stream(bin: &Path, args: &Args) -> Result<Value> {
             burst_coalesced[k] += s.coalesced;
         }
     }
-    let added_ttft = median(&ttft[1]) - median(&ttft[0]);
-    let added_burst = median(&burst[1]) - median(&burst[0]);
     println!(
         "streaming: {tokens} tokens at 5 ms ({paced_rounds} rounds), burst at 0 ms ({burst_rounds} rounds)"
     );
-    println!("{:<34} {:>10} {:>10} {:>10}", "", "direct", "tunnel", "added");
-    let line =
-        |name: &str, d: f64, t: f64| println!("{name:<34} {d:>10.3} {t:>10.3} {:>10.3}", t - d);
-    line("time to first token, median (ms)", median(&ttft[0]), median(&ttft[1]));
-    line(
-        "line delivery latency p50 (ms)",
-        percentile(&delivery[0], 50.0),
-        percentile(&delivery[1], 50.0),
-    );
-    line(
-        "line delivery latency p99 (ms)",
-        percentile(&delivery[0], 99.0),
-        percentile(&delivery[1], 99.0),
-    );
-    line("gap between lines p50 (ms)", percentile(&gap[0], 50.0), percentile(&gap[1], 50.0));
-    line("gap between lines p99 (ms)", percentile(&gap[0], 99.0), percentile(&gap[1], 99.0));
-    line("200-token burst, whole (ms)", median(&burst[0]), median(&burst[1]));
     println!(
-        "{:<34} {:>10} {:>10}",
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "direct", "tunnel", "added", "raw TCP", "added"
+    );
+    let line = |name: &str, v: [f64; 3]| {
+        println!(
+            "{name:<34} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+            v[0],
+            v[1],
+            v[1] - v[0],
+            v[2],
+            v[2] - v[0]
+        )
+    };
+    let each = |f: &dyn Fn(usize) -> f64| [f(0), f(1), f(2)];
+    let ttft_m = each(&|k| median(&ttft[k]));
+    let d50 = each(&|k| percentile(&delivery[k], 50.0));
+    let d99 = each(&|k| percentile(&delivery[k], 99.0));
+    let g50 = each(&|k| percentile(&gap[k], 50.0));
+    let g99 = each(&|k| percentile(&gap[k], 99.0));
+    let gmax = each(&|k| percentile(&gap[k], 100.0));
+    let burst_m = each(&|k| median(&burst[k]));
+    line("time to first token, median (ms)", ttft_m);
+    line("line delivery latency p50 (ms)", d50);
+    line("line delivery latency p99 (ms)", d99);
+    line("gap between lines p50 (ms)", g50);
+    line("gap between lines p99 (ms)", g99);
+    line("200-token burst, whole (ms)", burst_m);
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10}",
         "coalesced lines (paced / burst)",
         format!("{}/{}", coalesced[0], burst_coalesced[0]),
-        format!("{}/{}", coalesced[1], burst_coalesced[1])
+        format!("{}/{}", coalesced[1], burst_coalesced[1]),
+        "",
+        format!("{}/{}", coalesced[2], burst_coalesced[2])
     );
     write_plot(
         &args.out,
@@ -739,23 +812,21 @@ async fn stream(bin: &Path, args: &Args) -> Result<Value> {
             &[
                 Series { name: "direct".into(), color: COLORS[0], points: cdf(&delivery[0]) },
                 Series { name: "tunnel".into(), color: COLORS[1], points: cdf(&delivery[1]) },
+                Series { name: "raw TCP".into(), color: COLORS[2], points: cdf(&delivery[2]) },
             ],
         ),
     )?;
+    let per_path = |v: [f64; 3]| json!({ "direct": v[0], "tunnel": v[1], "raw_tcp": v[2], "added": v[1] - v[0], "added_raw_tcp": v[2] - v[0] });
+    let pct = |k: usize| json!({ "p50": d50[k], "p99": d99[k] });
+    let gp = |k: usize| json!({ "p50": g50[k], "p99": g99[k], "max": gmax[k] });
     Ok(json!({
         "tokens": tokens, "token_delay_ms": 5, "paced_rounds": paced_rounds, "burst_rounds": burst_rounds,
-        "ttft_ms": { "direct": median(&ttft[0]), "tunnel": median(&ttft[1]), "added": added_ttft },
-        "delivery_ms": {
-            "direct": { "p50": percentile(&delivery[0], 50.0), "p99": percentile(&delivery[0], 99.0) },
-            "tunnel": { "p50": percentile(&delivery[1], 50.0), "p99": percentile(&delivery[1], 99.0) },
-        },
-        "gap_ms": {
-            "direct": { "p50": percentile(&gap[0], 50.0), "p99": percentile(&gap[0], 99.0), "max": percentile(&gap[0], 100.0) },
-            "tunnel": { "p50": percentile(&gap[1], 50.0), "p99": percentile(&gap[1], 99.0), "max": percentile(&gap[1], 100.0) },
-        },
-        "coalesced_lines": { "direct": coalesced[0], "tunnel": coalesced[1] },
-        "burst_ms": { "direct": median(&burst[0]), "tunnel": median(&burst[1]), "added": added_burst },
-        "burst_coalesced_lines": { "direct": burst_coalesced[0], "tunnel": burst_coalesced[1] },
+        "ttft_ms": per_path(ttft_m),
+        "delivery_ms": { "direct": pct(0), "tunnel": pct(1), "raw_tcp": pct(2) },
+        "gap_ms": { "direct": gp(0), "tunnel": gp(1), "raw_tcp": gp(2) },
+        "coalesced_lines": { "direct": coalesced[0], "tunnel": coalesced[1], "raw_tcp": coalesced[2] },
+        "burst_ms": per_path(burst_m),
+        "burst_coalesced_lines": { "direct": burst_coalesced[0], "tunnel": burst_coalesced[1], "raw_tcp": burst_coalesced[2] },
     }))
 }
 
@@ -809,13 +880,20 @@ async fn bulk(bin: &Path, args: &Args) -> Result<Value> {
     let rounds = if args.smoke { 1 } else { args.rounds.unwrap_or(3) };
     println!("bulk transfers ({rounds} rounds, medians; MB = 10^6 bytes)");
     println!(
-        "{:<22} {:>11} {:>11} {:>6} {:>14} {:>14}",
-        "transfer", "direct MB/s", "tunnel MB/s", "ratio", "relayd peak", "agentd peak"
+        "{:<22} {:>11} {:>11} {:>6} {:>11} {:>6} {:>14} {:>14}",
+        "transfer",
+        "direct MB/s",
+        "tunnel MB/s",
+        "ratio",
+        "raw MB/s",
+        "ratio",
+        "relayd peak",
+        "agentd peak"
     );
     let mut rows = Vec::new();
     for &size in &sizes {
         for dir in ["download", "upload"] {
-            let mut mbps = [Vec::new(), Vec::new()];
+            let mut mbps = [Vec::new(), Vec::new(), Vec::new()];
             let mut peak = (0u64, 0u64);
             for r in 0..rounds {
                 for p in order(r) {
@@ -835,19 +913,21 @@ async fn bulk(bin: &Path, args: &Args) -> Result<Value> {
                     }
                 }
             }
-            let (d, t) = (median(&mbps[0]), median(&mbps[1]));
+            let (d, t, w) = (median(&mbps[0]), median(&mbps[1]), median(&mbps[2]));
             let label = format!("{dir} {} MiB", size >> 20);
             println!(
-                "{label:<22} {d:>11.0} {t:>11.0} {:>5.2}x {:>10.1} MiB {:>10.1} MiB",
+                "{label:<22} {d:>11.0} {t:>11.0} {:>5.2}x {w:>11.0} {:>5.2}x {:>10.1} MiB {:>10.1} MiB",
                 t / d,
+                w / d,
                 peak.0 as f64 / 1024.0,
                 peak.1 as f64 / 1024.0
             );
             rows.push(json!({
                 "transfer": dir, "bytes": size,
                 "direct_mb_s": d, "tunnel_mb_s": t, "ratio": t / d,
+                "raw_tcp_mb_s": w, "raw_tcp_ratio": w / d,
                 "relayd_peak_rss_kib": peak.0, "agentd_peak_rss_kib": peak.1,
-                "rounds_mb_s": { "direct": mbps[0], "tunnel": mbps[1] },
+                "rounds_mb_s": { "direct": mbps[0], "tunnel": mbps[1], "raw_tcp": mbps[2] },
             }));
         }
     }
@@ -1059,8 +1139,8 @@ async fn streams(bin: &Path, args: &Args) -> Result<Value> {
     println!(
         "{n} concurrent streams across {agents} agents: {tokens} tokens at {delay_ms} ms each ({rounds} rounds)"
     );
-    let mut delivery = [Vec::new(), Vec::new()];
-    let mut failures = [0usize, 0];
+    let mut delivery = [Vec::new(), Vec::new(), Vec::new()];
+    let mut failures = [0usize; 3];
     for r in 0..rounds {
         for p in order(r) {
             let mut tasks = Vec::with_capacity(n);
@@ -1080,14 +1160,22 @@ async fn streams(bin: &Path, args: &Args) -> Result<Value> {
         }
     }
     println!(
-        "{:<30} {:>10} {:>10} {:>10}",
-        "line delivery latency (ms)", "direct", "tunnel", "added"
+        "{:<30} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "line delivery latency (ms)", "direct", "tunnel", "added", "raw TCP", "added"
     );
     for q in [50.0, 99.0] {
-        let (d, t) = (percentile(&delivery[0], q), percentile(&delivery[1], q));
-        println!("{:<30} {d:>10.3} {t:>10.3} {:>10.3}", format!("p{q}"), t - d);
+        let [d, t, w] = [0, 1, 2].map(|k| percentile(&delivery[k], q));
+        println!(
+            "{:<30} {d:>10.3} {t:>10.3} {:>10.3} {w:>10.3} {:>10.3}",
+            format!("p{q}"),
+            t - d,
+            w - d
+        );
     }
-    println!("  failed streams: direct {}, tunnel {}", failures[0], failures[1]);
+    println!(
+        "  failed streams: direct {}, tunnel {}, raw TCP {}",
+        failures[0], failures[1], failures[2]
+    );
     write_plot(
         &args.out,
         "streams-latency.svg",
@@ -1098,6 +1186,7 @@ async fn streams(bin: &Path, args: &Args) -> Result<Value> {
             &[
                 Series { name: "direct".into(), color: COLORS[0], points: cdf(&delivery[0]) },
                 Series { name: "tunnel".into(), color: COLORS[1], points: cdf(&delivery[1]) },
+                Series { name: "raw TCP".into(), color: COLORS[2], points: cdf(&delivery[2]) },
             ],
         ),
     )?;
@@ -1107,9 +1196,11 @@ async fn streams(bin: &Path, args: &Args) -> Result<Value> {
         "delivery_ms": {
             "direct": { "p50": pct(0, 50.0), "p99": pct(0, 99.0) },
             "tunnel": { "p50": pct(1, 50.0), "p99": pct(1, 99.0) },
+            "raw_tcp": { "p50": pct(2, 50.0), "p99": pct(2, 99.0) },
             "added": { "p50": pct(1, 50.0) - pct(0, 50.0), "p99": pct(1, 99.0) - pct(0, 99.0) },
+            "added_raw_tcp": { "p50": pct(2, 50.0) - pct(0, 50.0), "p99": pct(2, 99.0) - pct(0, 99.0) },
         },
-        "failed_streams": { "direct": failures[0], "tunnel": failures[1] },
+        "failed_streams": { "direct": failures[0], "tunnel": failures[1], "raw_tcp": failures[2] },
     }))
 }
 

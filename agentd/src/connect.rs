@@ -61,12 +61,16 @@ pub async fn connect(config: &Config) -> Result<Connected, ConnectError> {
 async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
     let uri = &config.relay;
     let host = uri.host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(if config.tls.is_some() { 443 } else { 80 });
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
     let tcp = TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
-    let stream = match &config.tls {
-        None => MaybeTlsStream::Plain(tcp),
-        Some(tls) => {
+    let stream = match (uri.scheme_str(), &config.tls) {
+        (Some("ws"), _) => MaybeTlsStream::Plain(tcp),
+        (_, None) => {
+            // Never fall back to plain text (and the token in clear).
+            return Err(ConnectError::Tls(format!("no TLS settings for {uri}")));
+        }
+        (_, Some(tls)) => {
             let name = ServerName::try_from(host.to_owned()).map_err(|e| {
                 ConnectError::Tls(format!("{host:?} is not a valid server name: {e}"))
             })?;

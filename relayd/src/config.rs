@@ -101,6 +101,8 @@ pub struct TimeoutsFile {
     pub first_byte: Option<Duration>,
     #[serde(default, with = "opt_duration")]
     pub hello: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub header_read: Option<Duration>,
     /// A duration, or "off".
     #[serde(default, with = "opt_limit")]
     pub idle: Option<Option<Duration>>,
@@ -189,6 +191,10 @@ pub struct Config {
     /// On SIGTERM, time in-flight streams get before they are ended.
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
+    /// Time a connection has to send a request's headers (also how long an
+    /// idle keep-alive connection stays open).
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
     /// Time an agent that offered the v1 subprotocol has to send `hello`.
     #[serde(with = "humantime_serde_compat")]
     pub hello_timeout: Duration,
@@ -232,6 +238,7 @@ impl Default for Config {
             route_timeouts: Vec::new(),
             drain_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
             ping_interval: proto::liveness::DEFAULT_PING_INTERVAL,
             max_missed_pings: proto::liveness::DEFAULT_MAX_MISSED,
         }
@@ -360,6 +367,11 @@ impl ConfigFile {
             route_timeouts: Vec::new(),
             drain_timeout: self.timeouts.drain.unwrap_or(d.drain_timeout),
             hello_timeout: self.timeouts.hello.unwrap_or(d.hello_timeout),
+            header_read_timeout: positive(
+                self.timeouts.header_read,
+                d.header_read_timeout,
+                "header_read",
+            )?,
             ping_interval: positive(self.liveness.ping_interval, d.ping_interval, "ping_interval")?,
             max_missed_pings: match self.liveness.max_missed_pings {
                 Some(0) => {

@@ -68,23 +68,6 @@ pub async fn forward(
 
     let mut guard = open.guard;
     let mut body = Some(body);
-    // A small body with a declared length (a chat request, most often) is
-    // read first and sent right behind the request, in the same socket
-    // write: one frame for the agent to wait for instead of two, and the
-    // local service gets head and body together.
-    let chunk = (session.chunk_size() as u64).min(open.window.available());
-    let small = declared.filter(|&n| has_body && n > 0 && n <= chunk);
-    let mut inline: Option<Bytes> = None;
-    if let Some(n) = small.filter(|_| !session.is_legacy()) {
-        let whole = body.take().expect("the body is taken once");
-        match read_small_body(whole, n as usize, shared.config.timeouts_for(&target).idle).await {
-            Ok(b) => inline = Some(b),
-            Err(resp) => {
-                guard.complete();
-                return resp;
-            }
-        }
-    }
     let msg = if session.is_legacy() {
         let whole = body.take().expect("the body is taken once");
         let body = match read_legacy_body(whole, shared.config.legacy_max_body).await {
@@ -118,16 +101,50 @@ pub async fn forward(
             "request head too large for the agent",
         );
     }
-    let started = tokio::time::Instant::now();
     let limits = shared.config.timeouts_for(target.split('?').next().unwrap_or(&target));
-    let total_deadline = limits.total.map(|t| started + t);
+    let total_deadline = limits.total.map(|t| tokio::time::Instant::now() + t);
+
+    // A small body with a declared length (a chat request, most often) is
+    // read first and queued together with the request, so both go out in
+    // one socket write: one frame for the agent to wait for instead of two,
+    // and the local service gets head and body together.
+    let chunk = (session.chunk_size() as u64).min(open.window.available());
+    let small = declared.filter(|&n| has_body && n > 0 && n <= chunk && !session.is_legacy());
+    let mut inline = None;
+    if let Some(n) = small {
+        let whole = body.take().expect("the body is taken once");
+        let read = read_small_body(whole, n as usize, limits.idle);
+        let data = match total_deadline {
+            Some(t) => tokio::time::timeout_at(t, read).await.unwrap_or(Err((
+                StatusCode::GATEWAY_TIMEOUT,
+                "the request took longer than the relay's total timeout",
+            ))),
+            None => read.await,
+        };
+        let data = match data {
+            Ok(d) => d,
+            Err((status, why)) => {
+                // Nothing was sent: the agent has nothing to cancel.
+                guard.complete();
+                return error(status, why);
+            }
+        };
+        // Within the window (checked above): no credit to wait for.
+        if open.window.reserve(data.len()).await != Ok(data.len()) {
+            return error(StatusCode::BAD_GATEWAY, "agent disconnected");
+        }
+        inline = Some(Ws::Binary(frame::encode(open.id.as_str(), true, &data)));
+    }
+
+    let started = tokio::time::Instant::now();
     // Until the agent acknowledges, the acknowledgement timer bounds the
     // wait too: it is what tells a stuck agent from a slow model.
     let mut ack = open.ack;
     let ack_deadline = ack.as_ref().map(|_| started + shared.config.ack_timeout);
     let first_byte = limits.total.map_or(limits.first_byte, |t| t.min(limits.first_byte));
     let send_deadline = ack_deadline.map_or(started + first_byte, |a| a.min(started + first_byte));
-    match tokio::time::timeout_at(send_deadline, session.send(&open.id, Ws::text(text))).await {
+    let sent = session.send_then(&open.id, Ws::text(text), inline);
+    match tokio::time::timeout_at(send_deadline, sent).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
         Err(_) => {
@@ -140,15 +157,7 @@ pub async fn forward(
     // agent: a model server answers only after reading it, and a multi-GB
     // upload must not count against it.
     let (uploaded_tx, mut uploaded_rx) = oneshot::channel::<()>();
-    if let Some(data) = inline {
-        // Within the window (checked above): no credit to wait for.
-        let reserved = open.window.reserve(data.len()).await;
-        let frame = frame::encode(open.id.as_str(), true, &data);
-        if reserved != Ok(data.len()) || session.send(&open.id, Ws::Binary(frame)).await.is_err() {
-            return error(StatusCode::BAD_GATEWAY, "agent disconnected");
-        }
-        drop(uploaded_tx);
-    } else if let Some(body) = body.filter(|_| has_body) {
+    if let Some(body) = body.filter(|_| has_body) {
         tokio::spawn(pump_request_body(
             session.clone(),
             open.id.clone(),
@@ -159,6 +168,7 @@ pub async fn forward(
             uploaded_tx,
         ));
     } else {
+        // No body, or it went with the request.
         drop(uploaded_tx);
     }
     let mut head_rx = open.head;
@@ -344,13 +354,13 @@ async fn read_small_body(
     mut body: Incoming,
     len: usize,
     idle: Option<std::time::Duration>,
-) -> Result<Bytes, Response<RelayBody>> {
+) -> Result<Bytes, (StatusCode, &'static str)> {
     let mut first: Option<Bytes> = None;
     let mut rest: Vec<u8> = Vec::new();
     loop {
         let frame = match bounded(idle, body.frame()).await {
             None => {
-                return Err(error(
+                return Err((
                     StatusCode::REQUEST_TIMEOUT,
                     "the request body stalled longer than the idle timeout",
                 ));
@@ -358,10 +368,14 @@ async fn read_small_body(
             Some(None) => break,
             Some(Some(Ok(f))) => f,
             Some(Some(Err(_))) => {
-                return Err(error(StatusCode::BAD_REQUEST, "request body ended early"));
+                return Err((StatusCode::BAD_REQUEST, "request body ended early"));
             }
         };
         let Ok(data) = frame.into_data() else { continue };
+        // hyper stops at the declared length; this only bounds the buffer.
+        if first.as_ref().map_or(0, Bytes::len) + rest.len() + data.len() > len {
+            return Err((StatusCode::BAD_REQUEST, "request body longer than declared"));
+        }
         // Usually the whole body is one frame: keep it without copying.
         match &first {
             None if rest.is_empty() => first = Some(data),
@@ -376,7 +390,7 @@ async fn read_small_body(
     let got = first.unwrap_or_else(|| Bytes::from(rest));
     // hyper enforces the declared length; a mismatch is a broken request.
     if got.len() != len {
-        return Err(error(StatusCode::BAD_REQUEST, "request body ended early"));
+        return Err((StatusCode::BAD_REQUEST, "request body ended early"));
     }
     Ok(got)
 }

@@ -19,13 +19,13 @@ pub mod session;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,9 @@ pub struct Shared {
     draining: AtomicBool,
     /// Agent handshakes admitted per second (reconnect storms).
     handshakes: Mutex<TokenBucket>,
+    /// TLS handshakes that failed or timed out (logged at debug only: on a
+    /// public port most are scanners).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 /// A token bucket: `rate` tokens per second, at most `rate` banked.
@@ -115,6 +118,7 @@ impl Relay {
                 sessions: TaskTracker::new(),
                 draining: AtomicBool::new(false),
                 handshakes: Mutex::new(handshakes),
+                tls_handshake_failures: AtomicU64::new(0),
             }),
         }
     }
@@ -181,8 +185,14 @@ impl Relay {
                 let stream = tokio::select! {
                     r = handshake => match r {
                         Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            conn_shared.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                            return debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            conn_shared.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                            return debug!(%peer, "TLS handshake timed out");
+                        }
                     },
                     _ = conn_shutdown.cancelled() => return,
                 };
@@ -223,8 +233,14 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
+    let header_read = shared.config.header_read_timeout;
     let svc = service_fn(move |req| server::handle(shared.clone(), req));
+    // Without a timer hyper has no header timeout at all: a client that
+    // connects (and finishes TLS) and then sends nothing would hold its
+    // connection forever.
     let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();

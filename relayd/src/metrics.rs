@@ -42,6 +42,12 @@ pub fn render(shared: &Shared) -> String {
     );
     gauge("relayd_tasks", "Tokio tasks alive in the relay process.", tasks as u64);
     gauge("relayd_draining", "1 while the relay drains for shutdown.", shared.is_draining() as u64);
+    let failed = shared.tls_handshake_failures.load(std::sync::atomic::Ordering::Relaxed);
+    let name = "relayd_tls_handshake_failures_total";
+    let _ = write!(
+        out,
+        "# HELP {name} TLS handshakes that failed or timed out (clients speaking plain HTTP, untrusted or wrong certificates, scanners).\n# TYPE {name} counter\n{name} {failed}\n"
+    );
     out
 }
 

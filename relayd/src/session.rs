@@ -46,6 +46,9 @@ pub type AgentSocket = WebSocketStream<TokioIo<Upgraded>>;
 pub struct Outbound {
     stream: Option<StreamId>,
     frame: Ws,
+    /// A frame that must follow `frame` in the same write (a small request
+    /// body behind its request).
+    then: Option<Ws>,
 }
 
 /// Why a session ended, as seen by its streams and in the close frame.
@@ -275,7 +278,21 @@ impl Session {
 
     /// Queues a frame of stream `id`, waiting while the writer is behind.
     pub async fn send(&self, id: &StreamId, frame: Ws) -> Result<(), SessionClosed> {
-        let out = Outbound { stream: Some(id.clone()), frame };
+        self.send_out(Outbound { stream: Some(id.clone()), frame, then: None }).await
+    }
+
+    /// Queues `frame` of stream `id` with `then` right behind it: both go
+    /// out in the same socket write unless the writer's buffer fills between.
+    pub async fn send_then(
+        &self,
+        id: &StreamId,
+        frame: Ws,
+        then: Option<Ws>,
+    ) -> Result<(), SessionClosed> {
+        self.send_out(Outbound { stream: Some(id.clone()), frame, then }).await
+    }
+
+    async fn send_out(&self, out: Outbound) -> Result<(), SessionClosed> {
         tokio::select! {
             biased;
             _ = self.closed.cancelled() => Err(SessionClosed),
@@ -437,7 +454,11 @@ impl Session {
         {
             return Ok(());
         }
-        sink.feed(out.frame).await
+        sink.feed(out.frame).await?;
+        match out.then {
+            Some(then) => sink.feed(then).await,
+            None => Ok(()),
+        }
     }
 
     /// Pings the agent every interval; ends the session when it stays silent.

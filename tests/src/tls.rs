@@ -22,14 +22,17 @@ pub struct TestCert {
 
 impl TestCert {
     pub fn new() -> anyhow::Result<Self> {
+        Self::for_names(&["127.0.0.1", "localhost"])
+    }
+
+    /// A self-signed certificate valid for `names` only.
+    pub fn for_names(names: &[&str]) -> anyhow::Result<Self> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("tunnel-cert-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let generated = rcgen::generate_simple_self_signed(vec![
-            "127.0.0.1".to_owned(),
-            "localhost".to_owned(),
-        ])?;
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let generated = rcgen::generate_simple_self_signed(names)?;
         let cert_file = dir.join("cert.pem");
         let key_file = dir.join("key.pem");
         std::fs::write(&cert_file, generated.cert.pem())?;

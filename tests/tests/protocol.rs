@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tunnel_tests::raw::RawAgent;
+use tunnel_tests::raw::{RawAgent, Received};
 use tunnel_tests::{TestRelay, agent_token, init_logging};
 
 use proto::{Headers, Limits, Message, ResponseHeadMsg};
@@ -366,4 +366,121 @@ async fn an_acknowledged_request_may_wait_past_the_ack_timeout_for_its_head() {
     let resp = tokio::time::timeout(T, client).await.expect("answered").unwrap().unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "{\"models\":[]}");
+}
+
+/// Reads what the relay sends for one request: the `http_request` and the
+/// body frames up to the one with the end flag.
+async fn request_and_body(agent: &mut RawAgent) -> (proto::HttpRequestMsg, Vec<(bool, usize)>) {
+    let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
+    let mut frames = Vec::new();
+    loop {
+        match agent.recv(T).await {
+            Received::Data(d) => {
+                assert_eq!(d.id, req.id);
+                frames.push((d.end, d.payload.len()));
+                if d.end {
+                    return (req, frames);
+                }
+            }
+            Received::Msg(Message::WindowUpdate(_) | Message::Ping(_)) => continue,
+            other => panic!("expected body frames, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_small_body_arriving_in_pieces_follows_its_request_as_one_final_frame() {
+    let (relay, mut agent) = relay_and_raw_agent().await;
+    // The client sends the head and half the body, pauses, sends the rest.
+    let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut conn,
+        b"POST /api/tunnel/alice/api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 26\r\n\r\nabcdefghijklm",
+    )
+    .await
+    .unwrap();
+    let (mut req, mut frames) = (None, None);
+    let read = async {
+        let got = request_and_body(&mut agent).await;
+        req = Some(got.0);
+        frames = Some(got.1);
+    };
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut conn, b"nopqrstuvwxyz").await.unwrap();
+    };
+    tokio::join!(read, write);
+    let req = req.expect("request");
+    assert!(req.body_follows);
+    assert_eq!(frames, Some(vec![(true, 26)]), "the whole body in one final frame");
+}
+
+#[tokio::test]
+async fn a_body_larger_than_a_chunk_is_streamed_in_chunks() {
+    let (relay, mut agent) = relay_and_raw_agent().await;
+    let chunk = agent.welcome.limits.max_chunk_bytes as usize;
+    let size = chunk * 2 + 10;
+    let body = vec![7u8; size];
+    let url = relay.tunnel_url("alice", "/api/blobs/x");
+    let client =
+        tokio::spawn(async move { reqwest::Client::new().post(url).body(body).send().await });
+    let (req, frames) = request_and_body(&mut agent).await;
+    assert!(req.body_follows);
+    assert!(frames.len() >= 3, "{frames:?}");
+    assert!(frames.iter().all(|(_, n)| *n <= chunk), "{frames:?}");
+    assert_eq!(frames.iter().map(|(_, n)| n).sum::<usize>(), size);
+    client.abort();
+}
+
+#[tokio::test]
+async fn the_total_timeout_bounds_a_small_body_that_never_completes() {
+    init_logging();
+    let relay = TestRelay::start_with(&["alice"], |c| {
+        c.idle_timeout = None;
+        c.total_timeout = Some(Duration::from_millis(300));
+    })
+    .await;
+    let mut agent = RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default())
+        .await
+        .expect("connect");
+    relay.wait_for_agent("alice").await;
+    let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut conn,
+        b"POST /api/tunnel/alice/api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(T, tokio::io::AsyncReadExt::read(&mut conn, &mut answer))
+        .await
+        .expect("the stalled upload was never answered")
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(head.contains("total timeout"), "{head}");
+    // The request never reached the agent.
+    agent.send(&Message::ping("after")).await;
+    assert!(matches!(agent.recv_msg(T).await, Message::Pong(p) if p.id == "after"));
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_no_headers_is_closed_after_the_header_timeout() {
+    init_logging();
+    let relay = TestRelay::start_with(&["alice"], |c| {
+        c.header_read_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut conn, b"GET /healthz HTTP/1.1\r\nhost:")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    // Closed (possibly with a 408) instead of held open.
+    tokio::time::timeout(T, tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut answer))
+        .await
+        .expect("the silent connection was never closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
 }

@@ -85,17 +85,13 @@ async fn the_relays_own_endpoints_answer_over_https_and_plain_http_gets_nothing(
     assert!(err.is_err(), "plain HTTP must not be answered: {err:?}");
 }
 
-#[tokio::test]
-async fn an_agent_refuses_a_relay_whose_certificate_it_does_not_trust() {
-    init_logging();
-    let served = TestCert::new().expect("certificate");
-    let other = TestCert::new().expect("certificate");
-    let tls = served.relay_tls();
-    let relay = TestRelay::start_with(&["alice"], move |c| c.tls = Some(tls)).await;
+/// Runs an agent for "alice" against `relay` over `wss://` trusting
+/// `ca_file`, and returns the error of its first failed attempt.
+async fn first_connect_error(relay: &TestRelay, ca_file: &std::path::Path) -> String {
     let config = agentd::ConfigFile {
         relay: Some(format!("wss://{}", relay.addr)),
         token: Some(tunnel_tests::agent_token("alice")),
-        tls: agentd::config::TlsFile { ca_file: Some(other.cert_file.clone()) },
+        tls: agentd::config::TlsFile { ca_file: Some(ca_file.to_owned()) },
         ..agentd::ConfigFile::default()
     }
     .resolve()
@@ -112,11 +108,37 @@ async fn an_agent_refuses_a_relay_whose_certificate_it_does_not_trust() {
         .expect("agent state")
         .clone();
     assert!(!seen.connected);
-    let why = seen.last_error.expect("an error");
-    assert!(why.contains("TLS") && why.contains("certificate"), "{why}");
     assert!(relay.relay.hub().get("alice").is_none());
     shutdown.cancel();
     let _ = tokio::time::timeout(WAIT, task).await;
+    seen.last_error.expect("an error")
+}
+
+#[tokio::test]
+async fn an_agent_refuses_a_relay_whose_certificate_it_does_not_trust() {
+    init_logging();
+    let served = TestCert::new().expect("certificate");
+    let other = TestCert::new().expect("certificate");
+    let tls = served.relay_tls();
+    let relay = TestRelay::start_with(&["alice"], move |c| c.tls = Some(tls)).await;
+    let why = first_connect_error(&relay, &other.cert_file).await;
+    // Both test certificates carry rcgen's default subject, so rustls
+    // finds the other one as issuer and the signature does not verify.
+    assert!(why.contains("TLS") && why.contains("invalid peer certificate"), "{why}");
+    let metrics = relay.relay.metrics();
+    assert!(metrics.contains("relayd_tls_handshake_failures_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_agent_refuses_a_trusted_certificate_for_another_name() {
+    init_logging();
+    // Trusted (the agent's CA file is this very certificate), but issued
+    // for another host than the 127.0.0.1 the agent dials.
+    let served = TestCert::for_names(&["relay.example.invalid"]).expect("certificate");
+    let tls = served.relay_tls();
+    let relay = TestRelay::start_with(&["alice"], move |c| c.tls = Some(tls)).await;
+    let why = first_connect_error(&relay, &served.cert_file).await;
+    assert!(why.contains("TLS") && why.contains("not valid for name"), "{why}");
 }
 
 #[test]

@@ -181,6 +181,26 @@ impl Drop for TestAgent {
     }
 }
 
+/// Opens a plain TCP connection to `addr` and writes `bytes` as they are:
+/// for requests a well-behaved HTTP client would not send.
+pub async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(bytes).await.expect("write the raw request");
+    conn
+}
+
+/// The first bytes of the answer on `conn` (up to 4 KiB), failing the test
+/// if none come within [`WAIT`].
+pub async fn read_answer(conn: &mut tokio::net::TcpStream) -> String {
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(conn, &mut answer))
+        .await
+        .expect("no answer in time")
+        .expect("read the answer");
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
 /// Resident set size of this process in KiB, from /proc.
 pub fn rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use tunnel_tests::legacy::LegacyAgent;
 use tunnel_tests::ollama::{UTF8_TEXT, pattern, pattern_byte};
 use tunnel_tests::{
-    StandIn, StandInConfig, TestAgent, TestRelay, WAIT, agent_token, init_logging, rss_kib,
+    StandIn, StandInConfig, TestAgent, TestRelay, WAIT, agent_token, init_logging, read_answer,
+    rss_kib, send_raw,
 };
 
 /// Relay, agent for "alice" and a stand-in, wired together.
@@ -811,17 +812,11 @@ async fn a_request_body_that_stalls_is_ended_after_the_idle_timeout() {
     // Promises a small body (read whole before forwarding) or a large one
     // (streamed), sends 10 bytes, then goes quiet without closing.
     for promised in [100, 10_000_000] {
-        let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
         let head = format!(
             "POST /api/tunnel/alice/sink HTTP/1.1\r\nhost: x\r\ncontent-length: {promised}\r\n\r\n0123456789"
         );
-        tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await.unwrap();
-        let mut answer = vec![0u8; 512];
-        let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut conn, &mut answer))
-            .await
-            .expect("the stalled upload was never answered")
-            .unwrap();
-        let head = String::from_utf8_lossy(&answer[..n]);
+        let mut conn = send_raw(relay.addr, head.as_bytes()).await;
+        let head = read_answer(&mut conn).await;
         assert!(head.starts_with("HTTP/1.1 408"), "{promised}: {head}");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tunnel_tests::raw::{RawAgent, Received};
-use tunnel_tests::{TestRelay, agent_token, init_logging};
+use tunnel_tests::{TestRelay, agent_token, init_logging, read_answer, send_raw};
 
 use proto::{Headers, Limits, Message, ResponseHeadMsg};
 
@@ -392,13 +392,11 @@ async fn request_and_body(agent: &mut RawAgent) -> (proto::HttpRequestMsg, Vec<(
 async fn a_small_body_arriving_in_pieces_follows_its_request_as_one_final_frame() {
     let (relay, mut agent) = relay_and_raw_agent().await;
     // The client sends the head and half the body, pauses, sends the rest.
-    let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut conn,
+    let mut conn = send_raw(
+        relay.addr,
         b"POST /api/tunnel/alice/api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 26\r\n\r\nabcdefghijklm",
     )
-    .await
-    .unwrap();
+    .await;
     let (mut req, mut frames) = (None, None);
     let read = async {
         let got = request_and_body(&mut agent).await;
@@ -444,19 +442,12 @@ async fn the_total_timeout_bounds_a_small_body_that_never_completes() {
         .await
         .expect("connect");
     relay.wait_for_agent("alice").await;
-    let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut conn,
+    let mut conn = send_raw(
+        relay.addr,
         b"POST /api/tunnel/alice/api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789",
     )
-    .await
-    .unwrap();
-    let mut answer = vec![0u8; 512];
-    let n = tokio::time::timeout(T, tokio::io::AsyncReadExt::read(&mut conn, &mut answer))
-        .await
-        .expect("the stalled upload was never answered")
-        .unwrap();
-    let head = String::from_utf8_lossy(&answer[..n]);
+    .await;
+    let head = read_answer(&mut conn).await;
     assert!(head.starts_with("HTTP/1.1 504"), "{head}");
     assert!(head.contains("total timeout"), "{head}");
     // The request never reached the agent.
@@ -471,10 +462,7 @@ async fn a_connection_that_sends_no_headers_is_closed_after_the_header_timeout()
         c.header_read_timeout = Duration::from_millis(200);
     })
     .await;
-    let mut conn = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut conn, b"GET /healthz HTTP/1.1\r\nhost:")
-        .await
-        .unwrap();
+    let mut conn = send_raw(relay.addr, b"GET /healthz HTTP/1.1\r\nhost:").await;
     let mut answer = Vec::new();
     // Closed (possibly with a 408) instead of held open.
     tokio::time::timeout(T, tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut answer))

@@ -108,8 +108,12 @@ pub async fn forward(
     // read first and queued together with the request, so both go out in
     // one socket write: one frame for the agent to wait for instead of two,
     // and the local service gets head and body together.
-    let chunk = (session.chunk_size() as u64).min(open.window.available());
-    let small = declared.filter(|&n| has_body && n > 0 && n <= chunk && !session.is_legacy());
+    let small = declared.filter(|&n| {
+        has_body
+            && n > 0
+            && !session.is_legacy()
+            && n <= (session.chunk_size() as u64).min(open.window.available())
+    });
     let mut inline = None;
     if let Some(n) = small {
         let whole = body.take().expect("the body is taken once");
@@ -355,8 +359,8 @@ async fn read_small_body(
     len: usize,
     idle: Option<std::time::Duration>,
 ) -> Result<Bytes, (StatusCode, &'static str)> {
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<u8> = Vec::new();
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut got = 0;
     loop {
         let frame = match bounded(idle, body.frame()).await {
             None => {
@@ -372,27 +376,23 @@ async fn read_small_body(
             }
         };
         let Ok(data) = frame.into_data() else { continue };
+        got += data.len();
         // hyper stops at the declared length; this only bounds the buffer.
-        if first.as_ref().map_or(0, Bytes::len) + rest.len() + data.len() > len {
+        if got > len {
             return Err((StatusCode::BAD_REQUEST, "request body longer than declared"));
         }
-        // Usually the whole body is one frame: keep it without copying.
-        match &first {
-            None if rest.is_empty() => first = Some(data),
-            _ => {
-                if let Some(f) = first.take() {
-                    rest.extend_from_slice(&f);
-                }
-                rest.extend_from_slice(&data);
-            }
+        if !data.is_empty() {
+            parts.push(data);
         }
     }
-    let got = first.unwrap_or_else(|| Bytes::from(rest));
-    // hyper enforces the declared length; a mismatch is a broken request.
-    if got.len() != len {
+    if got != len {
         return Err((StatusCode::BAD_REQUEST, "request body ended early"));
     }
-    Ok(got)
+    // Usually the whole body is one frame: kept without a copy.
+    Ok(match parts.len() {
+        1 => parts.swap_remove(0),
+        _ => Bytes::from(parts.concat()),
+    })
 }
 
 async fn read_legacy_body(body: Incoming, max: usize) -> Result<String, Response<RelayBody>> {

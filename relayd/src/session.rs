@@ -278,7 +278,7 @@ impl Session {
 
     /// Queues a frame of stream `id`, waiting while the writer is behind.
     pub async fn send(&self, id: &StreamId, frame: Ws) -> Result<(), SessionClosed> {
-        self.send_out(Outbound { stream: Some(id.clone()), frame, then: None }).await
+        self.send_then(id, frame, None).await
     }
 
     /// Queues `frame` of stream `id` with `then` right behind it: both go
@@ -289,10 +289,7 @@ impl Session {
         frame: Ws,
         then: Option<Ws>,
     ) -> Result<(), SessionClosed> {
-        self.send_out(Outbound { stream: Some(id.clone()), frame, then }).await
-    }
-
-    async fn send_out(&self, out: Outbound) -> Result<(), SessionClosed> {
+        let out = Outbound { stream: Some(id.clone()), frame, then };
         tokio::select! {
             biased;
             _ = self.closed.cancelled() => Err(SessionClosed),

@@ -54,6 +54,7 @@ pub struct LimitsFile {
     pub stream_window: Option<u32>,
     pub max_chunk_bytes: Option<u32>,
     pub max_streams: Option<u32>,
+    pub max_headers: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +155,9 @@ impl ConfigFile {
         }
         if let Some(s) = self.limits.max_streams {
             limits.max_streams = s;
+        }
+        if let Some(h) = self.limits.max_headers {
+            limits.max_headers = h;
         }
         limits.validate().map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
         Ok(Config {

@@ -24,7 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use proto::flow::{Inbox, SendWindow, StreamAbort};
 use proto::{Headers, Message, RequestBody, ResponseHeadMsg, StreamId, TunnelRequest, frame};
@@ -48,12 +48,15 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(base: Uri) -> Self {
+    /// A client of the local service at `base` that reads response heads of
+    /// up to `max_headers` fields (the limit the tunnel carries).
+    pub fn new(base: Uri, max_headers: usize) -> Self {
         let mut connector = HttpConnector::new();
         // Nagle on the upstream connection made small POSTs 13x slower.
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .http1_max_headers(max_headers)
             .build(connector);
         let authority = base.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1");
         let host =
@@ -96,9 +99,13 @@ pub async fn serve(
             session.finish(&id, None);
             let _ = session.send_msg(&Message::error(id.as_str(), code, message)).await;
         }
-        Outcome::Failed { before_head: false, message, .. } => {
+        Outcome::Failed { before_head: false, code, message } => {
             debug!(stream = %id, %method, %path, %message, "response failed mid-stream");
-            session.finish(&id, Some(&message));
+            // In order, behind the body bytes that did arrive (a `cancel`
+            // would overtake them on the urgent path): the relay delivers
+            // them, then ends the stream with the error.
+            let _ = session.send_msg(&Message::error(id.as_str(), code, message)).await;
+            session.finish(&id, None);
         }
         Outcome::SessionGone => session.finish(&id, None),
     }
@@ -161,25 +168,31 @@ async fn exchange(
             request.await
         }
     };
+    // What crosses the tunnel says what happened, never where: the web
+    // side must not learn the desktop's addresses or library errors. The
+    // detail stays in this log.
     let resp = match answered {
         Ok(r) => r,
         Err(e) => {
             let message = if e.is_connect() {
-                format!("local service unreachable at {}: {}", upstream.base, source_text(&e))
+                warn!(stream = %id, upstream = %upstream.base, error = %source_text(&e), "local service unreachable");
+                "the local service is unreachable from the agent"
             } else {
-                format!("local service failed: {}", source_text(&e))
+                warn!(stream = %id, upstream = %upstream.base, error = %source_text(&e), "local service failed");
+                "the local service failed before answering"
             };
-            return Outcome::Failed { before_head: true, code: 502, message };
+            return Outcome::Failed { before_head: true, code: 502, message: message.into() };
         }
     };
     let (parts, mut body) = resp.into_parts();
     let headers = match Headers::from_map(&parts.headers, &[]) {
         Ok(h) => h,
         Err(e) => {
+            warn!(stream = %id, error = %e, "local service sent an unusable head");
             return Outcome::Failed {
                 before_head: true,
                 code: 502,
-                message: format!("local service sent {e}"),
+                message: "the local service sent a response head the tunnel cannot carry".into(),
             };
         }
     };
@@ -214,10 +227,11 @@ async fn exchange(
                 Err(_) => continue, // trailers are not forwarded
             },
             Some(Err(e)) => {
+                warn!(stream = %id, error = %source_text(&e), "local service failed mid-response");
                 return Outcome::Failed {
                     before_head: false,
                     code: 502,
-                    message: format!("local service failed mid-response: {}", source_text(&e)),
+                    message: "the local service failed mid-response".into(),
                 };
             }
         };

@@ -87,7 +87,10 @@ impl Agent {
     /// Connects, serves, reconnects; returns once `shutdown` fires and the
     /// in-flight streams ended (or the drain deadline passed).
     pub async fn run(&self, shutdown: CancellationToken) {
-        let upstream = Arc::new(Upstream::new(self.config.upstream.clone()));
+        let upstream = Arc::new(Upstream::new(
+            self.config.upstream.clone(),
+            self.config.limits.max_headers as usize,
+        ));
         let tasks = TaskTracker::new();
         let mut backoff = Backoff::new(Duration::from_secs(1), self.config.reconnect_max_delay);
         while !shutdown.is_cancelled() {

@@ -18,11 +18,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use proto::budget::{Flood, PeerBudget};
+use proto::error::Rejected;
 use proto::flow::{
     BufferGauge, ControlQueue, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
 };
@@ -69,6 +73,11 @@ pub struct Session {
     closed: CancellationToken,
     gauge: Arc<BufferGauge>,
     heartbeat: Mutex<Heartbeat>,
+    /// Pings and refused frames the relay may still send.
+    budget: Mutex<PeerBudget>,
+    /// The close frame the writer sends when the agent ends the session
+    /// because of something the relay did.
+    close_frame: Mutex<Option<CloseFrame>>,
     liveness: Liveness,
     /// Woken whenever a stream leaves the table.
     stream_done: Notify,
@@ -113,6 +122,8 @@ impl Session {
             closed: CancellationToken::new(),
             gauge,
             heartbeat: Mutex::new(Heartbeat::new(liveness.max_missed, Instant::now())),
+            budget: Mutex::new(PeerBudget::new(Instant::now())),
+            close_frame: Mutex::new(None),
             liveness,
             stream_done: Notify::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -243,8 +254,21 @@ impl Session {
     fn push_urgent(&self, msg: Message) {
         if self.urgent.push(msg).is_err() {
             warn!(session = %self.id, "control queue overflow; closing the session");
-            self.closed.cancel();
+            self.close_with(CloseCode::Policy, "relay is not reading the agent's messages");
         }
+    }
+
+    /// Ends the session, telling the relay why in the close frame.
+    fn close_with(&self, code: CloseCode, reason: &'static str) {
+        self.close_frame
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(CloseFrame { code, reason: reason.into() });
+        self.closed.cancel();
+    }
+
+    fn lock_budget(&self) -> MutexGuard<'_, PeerBudget> {
+        self.budget.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Returns request-body credit to the relay.
@@ -348,8 +372,9 @@ impl Session {
             self.closed.cancel();
             return;
         }
+        let frame = self.close_frame.lock().unwrap_or_else(PoisonError::into_inner).take();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            sink.send(Ws::Close(None)).await?;
+            sink.send(Ws::Close(frame)).await?;
             sink.close().await
         })
         .await;
@@ -372,12 +397,27 @@ impl Session {
             };
             let frame = match frame {
                 Some(Ok(f)) => f,
-                Some(Err(e)) => return SessionEnd::Lost(format!("socket error: {e}")),
+                Some(Err(e)) => {
+                    use tokio_tungstenite::tungstenite::Error;
+                    match &e {
+                        Error::Utf8(_) => self.close_with(
+                            CloseCode::Invalid,
+                            "relay sent a text frame that is not UTF-8",
+                        ),
+                        Error::Capacity(_) => self.close_with(
+                            CloseCode::Size,
+                            "relay sent a message above the size limit",
+                        ),
+                        _ => {}
+                    }
+                    return SessionEnd::Lost(format!("socket error: {e}"));
+                }
                 None => return SessionEnd::Lost("relay closed the connection".into()),
             };
-            self.lock_heartbeat().heard(Instant::now());
+            let now = Instant::now();
+            self.lock_heartbeat().heard(now);
             let outcome = match frame {
-                Ws::Text(text) => self.on_text(&text, upstream, tasks),
+                Ws::Text(text) => self.on_text(&text, now, upstream, tasks),
                 Ws::Binary(data) => self.on_binary(&data),
                 Ws::Close(frame) => {
                     let why = frame
@@ -385,36 +425,75 @@ impl Session {
                         .unwrap_or_default();
                     return SessionEnd::Lost(format!("relay closed the session: {why}"));
                 }
-                Ws::Ping(_) | Ws::Pong(_) | Ws::Frame(_) => Ok(()),
+                // WebSocket-level pings cost the same as protocol pings.
+                Ws::Ping(_) => self.lock_budget().ping(now).map_err(Rejected::from),
+                Ws::Pong(_) | Ws::Frame(_) => Ok(()),
             };
-            if let Err(err) = outcome {
-                warn!(session = %self.id, error = %err, "refused a frame from the relay");
-                // Through the urgent list: the reader never waits on the
-                // writer, or two busy peers could each wait on the other.
-                self.push_urgent(Message::violation(None, &err));
-            }
+            let flood = match outcome {
+                Ok(()) => continue,
+                Err(Rejected::Flood(flood)) => flood,
+                Err(Rejected::Frame { err, stream }) => match self.lock_budget().refusal(now) {
+                    Err(flood) => flood,
+                    Ok(()) => {
+                        self.refuse(err, stream);
+                        continue;
+                    }
+                },
+            };
+            self.close_with(
+                CloseCode::Policy,
+                match flood {
+                    Flood::Pings => "relay sent too many pings",
+                    Flood::Refusals => "relay sent too many invalid frames",
+                },
+            );
+            return SessionEnd::Lost(format!("relay flooded the session: {flood}"));
         }
+    }
+
+    /// Answers a refused frame with `error`; a live stream it named ends
+    /// (its upstream request is dropped) and the relay is told with
+    /// `cancel`.
+    fn refuse(&self, err: ProtocolError, stream: Option<String>) {
+        warn!(session = %self.id, error = %err, "refused a frame from the relay");
+        if let Some(id) = stream
+            && err.kind != Violation::UnknownType
+            && let Some(entry) = self.remove_stream(&id)
+        {
+            entry.cancel.cancel();
+            entry.window.close();
+            self.push_urgent(Message::cancel(id, format!("relay sent an invalid frame: {err}")));
+        }
+        // Through the urgent list: the reader never waits on the writer, or
+        // two busy peers could each wait on the other.
+        self.push_urgent(Message::violation(None, &err));
     }
 
     fn on_text(
         self: &Arc<Self>,
         text: &str,
+        now: Instant,
         upstream: &Arc<Upstream>,
         tasks: &TaskTracker,
-    ) -> Result<(), ProtocolError> {
+    ) -> Result<(), Rejected> {
         let msg = match Message::decode(text, &self.local) {
             Ok(m) => m,
             Err(e) => {
                 // A refused request is answered for its stream, so its web
                 // client gets a 4xx at once instead of waiting for a timeout.
                 let peek = proto::message::Peek::of(text);
+                let id = peek.stream_id();
                 if peek.kind.as_deref() == Some("http_request")
-                    && let Some(id) = peek.stream_id()
+                    && let Some(id) = id
+                    && !self.lock_streams().contains_key(id)
                 {
                     self.push_urgent(Message::error(id, e.code(), e.to_string()));
                     return Ok(());
                 }
-                return Err(e);
+                return Err(match id {
+                    Some(id) => Rejected::on(id, e),
+                    None => e.into(),
+                });
             }
         };
         match msg {
@@ -451,10 +530,13 @@ impl Session {
                         entry.window.close();
                     }
                     self.push_urgent(Message::cancel(w.id.as_str(), "invalid flow-control credit"));
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
-            Message::Ping(p) => self.push_urgent(Message::pong(&p)),
+            Message::Ping(p) => {
+                self.lock_budget().ping(now)?;
+                self.push_urgent(Message::pong(&p));
+            }
             Message::Pong(p) => {
                 self.lock_heartbeat().pong(&p.id, Instant::now());
             }
@@ -474,7 +556,8 @@ impl Session {
                 return Err(ProtocolError::new(
                     Violation::StreamState,
                     "message not allowed from a relay",
-                ));
+                )
+                .into());
             }
         }
         Ok(())
@@ -519,16 +602,24 @@ impl Session {
         tasks.spawn(forward::serve(self.clone(), upstream.clone(), req, body_rx, window, cancel));
     }
 
-    fn on_binary(&self, data: &Bytes) -> Result<(), ProtocolError> {
-        let f = frame::decode(data, self.local.max_chunk_bytes as usize)?;
+    fn on_binary(&self, data: &Bytes) -> Result<(), Rejected> {
+        let f = frame::decode(data, self.local.max_chunk_bytes as usize).map_err(|e| {
+            match frame::peek_id(data) {
+                Some(id) => Rejected::on(id, e),
+                None => e.into(),
+            }
+        })?;
         let mut streams = self.lock_streams();
         let Some(entry) = streams.get_mut(f.id.as_str()) else {
             return Ok(()); // in flight when the stream ended
         };
         let Some(body) = &entry.body else {
-            return Err(ProtocolError::new(
-                Violation::StreamState,
-                format!("body bytes for {} which has none", f.id),
+            return Err(Rejected::on(
+                &f.id,
+                ProtocolError::new(
+                    Violation::StreamState,
+                    format!("body bytes for {} which has none", f.id),
+                ),
             ));
         };
         match body.push(f.payload) {
@@ -541,7 +632,7 @@ impl Session {
                 drop(streams);
                 self.stream_done.notify_waiters();
                 self.push_urgent(Message::cancel(f.id.as_str(), "flow-control window exceeded"));
-                return Err(e.into());
+                return Err(ProtocolError::from(e).into());
             }
         }
         if f.end {

@@ -90,3 +90,33 @@ impl ProtocolError {
         self.kind.code()
     }
 }
+
+/// Why a receiver did not take a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejected {
+    /// The frame broke a rule: it is answered with `error`, and the stream
+    /// it named (if any) ends with it.
+    Frame { err: ProtocolError, stream: Option<String> },
+    /// The peer spent its budget of pings or refused frames: the session
+    /// ends with close code 1008.
+    Flood(crate::budget::Flood),
+}
+
+impl From<ProtocolError> for Rejected {
+    fn from(err: ProtocolError) -> Self {
+        Rejected::Frame { err, stream: None }
+    }
+}
+
+impl From<crate::budget::Flood> for Rejected {
+    fn from(flood: crate::budget::Flood) -> Self {
+        Rejected::Flood(flood)
+    }
+}
+
+impl Rejected {
+    /// A refused frame that named stream `id`.
+    pub fn on(id: &str, err: ProtocolError) -> Self {
+        Rejected::Frame { err, stream: Some(id.to_owned()) }
+    }
+}

@@ -40,6 +40,14 @@ pub fn encode(id: &str, end: bool, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// The stream id a frame names, read without checking anything else: lets
+/// a receiver end the stream a refused frame belonged to.
+pub fn peek_id(frame: &[u8]) -> Option<&str> {
+    let id_len = *frame.get(1)? as usize;
+    let id = std::str::from_utf8(frame.get(2..2 + id_len)?).ok()?;
+    validate_id(id).ok().map(|()| id)
+}
+
 /// Decodes a frame, refusing reserved flags, a bad id or a payload above
 /// `max_payload`.
 pub fn decode(frame: &Bytes, max_payload: usize) -> Result<DataFrame, ProtocolError> {
@@ -72,6 +80,18 @@ pub fn decode(frame: &Bytes, max_payload: usize) -> Result<DataFrame, ProtocolEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_id_of_a_refused_frame_can_still_be_read() {
+        let mut f = encode("req_7", false, &[0u8; 100]).to_vec();
+        assert_eq!(peek_id(&f), Some("req_7"));
+        f[0] = 0x80;
+        assert!(decode(&Bytes::from(f.clone()), 1024).is_err());
+        assert_eq!(peek_id(&f), Some("req_7"));
+        assert_eq!(peek_id(b"\x00"), None);
+        assert_eq!(peek_id(b"\x00\x09req"), None);
+        assert_eq!(peek_id(b"\x00\x02a b"), None);
+    }
 
     #[test]
     fn frame_round_trips_with_and_without_end() {

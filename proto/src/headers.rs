@@ -66,10 +66,19 @@ impl Headers {
     /// fields `drop` names. Fails on a value that is not visible ASCII/UTF-8,
     /// which JSON cannot carry faithfully.
     pub fn from_map(map: &HeaderMap, drop: &[HeaderName]) -> Result<Self, ProtocolError> {
+        Self::from_map_without(map, |name| drop.contains(name))
+    }
+
+    /// Like [`Headers::from_map`], dropping every field for which `drop`
+    /// holds.
+    pub fn from_map_without(
+        map: &HeaderMap,
+        drop: impl Fn(&HeaderName) -> bool,
+    ) -> Result<Self, ProtocolError> {
         let listed = connection_listed(map);
         let mut out = Vec::with_capacity(map.len());
         for (name, value) in map {
-            if is_hop_by_hop(name, &listed) || drop.contains(name) {
+            if is_hop_by_hop(name, &listed) || drop(name) {
                 continue;
             }
             let value = value.to_str().map_err(|_| {

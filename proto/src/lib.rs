@@ -12,6 +12,7 @@
 //!
 //! `docs/PROTOCOL.md` is the human-readable specification of the same rules.
 
+pub mod budget;
 pub mod error;
 pub mod flow;
 pub mod frame;

@@ -7,6 +7,7 @@
 use http::HeaderMap;
 
 use crate::config::{Config, User};
+use crate::response::Unauthorized;
 
 /// The bearer token of a request, if it carries one.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -28,13 +29,14 @@ pub fn agent_user<'a>(config: &'a Config, token: &str) -> Option<&'a User> {
     found
 }
 
-/// Whether a web request may use `user`'s routes.
-pub fn client_allowed(user: &User, headers: &HeaderMap) -> bool {
-    match &user.client_token {
-        None => true,
-        Some(expected) => {
-            bearer(headers).is_some_and(|t| constant_time_eq(expected.as_bytes(), t.as_bytes()))
-        }
+/// Whether a web request may use `user`'s routes, and if not, whether it
+/// lacked a token or carried a wrong one.
+pub fn client_allowed(user: &User, headers: &HeaderMap) -> Result<(), Unauthorized> {
+    let Some(expected) = &user.client_token else { return Ok(()) };
+    match bearer(headers) {
+        None => Err(Unauthorized::Missing),
+        Some(t) if constant_time_eq(expected.as_bytes(), t.as_bytes()) => Ok(()),
+        Some(_) => Err(Unauthorized::Invalid),
     }
 }
 

@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use proto::flow::{Inbox, StreamAbort};
 
+use crate::response::{Trailer, code_for_status};
 use crate::session::StreamGuard;
 
 pub enum RelayBody {
@@ -31,9 +32,12 @@ pub struct StreamBody {
     idle: Option<Duration>,
     deadline: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
-    /// The stream carries NDJSON: an abort mid-stream ends it with an
-    /// Ollama-style `{"error": ...}` line instead of cutting it off.
-    ndjson: bool,
+    /// An abort held back for one turn, so hyper writes what it already
+    /// took before the error cuts the stream.
+    cut: Option<StreamAbort>,
+    /// How an abort mid-stream ends the body: an error line or event the
+    /// client can show, or a cut.
+    trailer: Trailer,
 }
 
 impl RelayBody {
@@ -48,7 +52,7 @@ impl RelayBody {
     pub fn stream(
         inbox: Inbox,
         guard: StreamGuard,
-        ndjson: bool,
+        trailer: Trailer,
         idle: Option<Duration>,
         deadline: Option<Instant>,
     ) -> Self {
@@ -56,7 +60,8 @@ impl RelayBody {
         RelayBody::Stream(Box::new(StreamBody {
             inbox,
             guard: Some(guard),
-            ndjson,
+            trailer,
+            cut: None,
             idle,
             deadline,
             timer,
@@ -106,13 +111,16 @@ impl StreamBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        if let Some(abort) = self.cut.take() {
+            return Poll::Ready(Some(Err(BodyAborted(abort))));
+        }
         let Some(guard) = &self.guard else { return Poll::Ready(None) };
         match self.inbox.poll_recv(cx) {
             Poll::Pending => {
                 if let Some(timer) = &mut self.timer
                     && timer.as_mut().poll(cx).is_ready()
                 {
-                    return self.expire();
+                    return self.expire(cx);
                 }
                 Poll::Pending
             }
@@ -136,14 +144,14 @@ impl StreamBody {
             Poll::Ready(Some(Err(abort))) => {
                 // The stream is already gone at the relay; nothing to cancel.
                 self.guard = None;
-                self.fail(abort)
+                self.fail(cx, abort)
             }
         }
     }
 
     /// A timeout fired after the response started: cancel at the agent,
     /// then end the body the way `fail` does.
-    fn expire(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+    fn expire(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         let total = self.deadline.is_some_and(|d| Instant::now() >= d);
         let message = match (total, self.idle) {
             (false, Some(idle)) => {
@@ -154,20 +162,30 @@ impl StreamBody {
         if let Some(guard) = self.guard.take() {
             guard.cancel(&message);
         }
-        self.fail(StreamAbort::new(504, message))
+        self.fail(cx, StreamAbort::new(504, message))
     }
 
-    fn fail(&mut self, abort: StreamAbort) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+    fn fail(
+        &mut self,
+        cx: &mut Context<'_>,
+        abort: StreamAbort,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         self.timer = None;
-        if self.ndjson {
-            // As Ollama does for errors mid-stream: a final error line,
-            // then a clean end, so line-reading clients (which would lose a
-            // truncated last chunk) see why.
-            self.ndjson = false;
-            let line = serde_json::json!({ "error": abort.message }).to_string() + "\n";
-            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))));
+        let code =
+            http::StatusCode::from_u16(abort.code).map_or("upstream_failed", code_for_status);
+        // As Ollama does for errors mid-stream: a final error line (or SSE
+        // event), then a clean end, so clients that read by line or event
+        // (and would lose a truncated last chunk) see why.
+        if let Some(last) =
+            std::mem::replace(&mut self.trailer, Trailer::None).bytes(code, &abort.message)
+        {
+            return Poll::Ready(Some(Ok(Frame::data(last))));
         }
-        Poll::Ready(Some(Err(BodyAborted(abort))))
+        // hyper drops its write buffer when a body fails: a pending turn
+        // lets it flush the bytes the client is owed, then the cut comes.
+        self.cut = Some(abort);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

@@ -29,6 +29,32 @@ pub struct ConfigFile {
     /// Serve HTTPS/WSS on `listen`; absent = plain HTTP (behind a TLS proxy).
     #[serde(default)]
     pub tls: TlsFile,
+    #[serde(default)]
+    pub proxy: ProxyFile,
+    #[serde(default)]
+    pub http: HttpFile,
+}
+
+/// `[proxy]`: reverse proxies in front of the relay.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyFile {
+    /// Addresses or CIDR networks of proxies whose `X-Forwarded-For` (and
+    /// other forwarding headers) are believed.
+    #[serde(default)]
+    pub trusted: Vec<String>,
+}
+
+/// `[http]`: what crosses the tunnel.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    /// Forward the web client's `Cookie` header to the local service.
+    pub forward_cookies: Option<bool>,
+    /// Methods beyond GET, HEAD, POST, PUT, DELETE, PATCH and OPTIONS that
+    /// the tunnel carries (CONNECT and TRACE never).
+    #[serde(default)]
+    pub extra_methods: Vec<String>,
 }
 
 /// `[tls]`: both files, or neither (plain HTTP).
@@ -90,6 +116,8 @@ pub struct LimitsFile {
     pub max_request_body: Option<u64>,
     pub legacy_max_body: Option<usize>,
     pub handshakes_per_second: Option<u32>,
+    pub refused_handshakes_per_minute: Option<u32>,
+    pub max_headers: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,9 +199,19 @@ pub struct Config {
     /// Largest request body sent to an original (version 0) agent, which
     /// takes the body inline in one message.
     pub legacy_max_body: usize,
-    /// Agent handshakes admitted per second; above it agents get 503 and
-    /// retry with backoff (a relay restart brings everyone back at once).
+    /// Agent handshakes with a valid credential admitted per second; above
+    /// it agents get 503 and retry with backoff (a relay restart brings
+    /// everyone back at once).
     pub handshakes_per_second: u32,
+    /// Refused agent handshakes one source address may make: this many at
+    /// once, then this many per minute; beyond it the source gets 429.
+    pub refused_handshakes_per_minute: u32,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: crate::admission::TrustedProxies,
+    /// The web client's `Cookie` reaches the local service.
+    pub forward_cookies: bool,
+    /// Methods carried beyond the standard ones.
+    pub extra_methods: Vec<String>,
     /// Time an agent that listed `ack` has to acknowledge a request (504).
     #[serde(with = "humantime_serde_compat")]
     pub ack_timeout: Duration,
@@ -231,6 +269,10 @@ impl Default for Config {
             max_request_body: 64 * 1024 * 1024 * 1024,
             legacy_max_body: 16 * 1024 * 1024,
             handshakes_per_second: 200,
+            refused_handshakes_per_minute: 20,
+            trusted_proxies: Default::default(),
+            forward_cookies: false,
+            extra_methods: Vec::new(),
             ack_timeout: Duration::from_secs(30),
             first_byte_timeout: Duration::from_secs(300),
             idle_timeout: Some(Duration::from_secs(300)),
@@ -298,6 +340,9 @@ impl ConfigFile {
         if let Some(s) = self.limits.max_streams_per_agent {
             limits.max_streams = s;
         }
+        if let Some(h) = self.limits.max_headers {
+            limits.max_headers = h;
+        }
         limits.validate().map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
         let mut users = Vec::with_capacity(self.users.len());
         for u in self.users {
@@ -317,6 +362,31 @@ impl ConfigFile {
             let client_token = secret(&u.id, "client_token", u.client_token, u.client_token_file)?;
             users.push(User { id: u.id, agent_token, client_token });
         }
+        distinct_tokens(&users)?;
+        let trusted_proxies = self
+            .proxy
+            .trusted
+            .iter()
+            .map(|t| t.parse().map_err(|e| ConfigError::Invalid(format!("[proxy] trusted: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let extra_methods = self
+            .http
+            .extra_methods
+            .into_iter()
+            .map(|m| match m.as_str() {
+                "CONNECT" | "TRACE" => Err(ConfigError::Invalid(format!(
+                    "[http] extra_methods: {m} cannot cross the tunnel"
+                ))),
+                _ if http::Method::from_bytes(m.as_bytes()).is_err()
+                    || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') =>
+                {
+                    Err(ConfigError::Invalid(format!(
+                        "[http] extra_methods: {m:?} is not a method name (upper-case letters, - and _)"
+                    )))
+                }
+                _ => Ok(m),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             listen: self.listen.unwrap_or(d.listen),
             worker_threads: self.worker_threads.unwrap_or(0),
@@ -347,6 +417,18 @@ impl ConfigFile {
                 Some(n) => n,
                 None => d.handshakes_per_second,
             },
+            refused_handshakes_per_minute: match self.limits.refused_handshakes_per_minute {
+                Some(0) => {
+                    return Err(ConfigError::Invalid(
+                        "[limits] refused_handshakes_per_minute must be at least 1".into(),
+                    ));
+                }
+                Some(n) => n,
+                None => d.refused_handshakes_per_minute,
+            },
+            trusted_proxies: crate::admission::TrustedProxies(trusted_proxies),
+            forward_cookies: self.http.forward_cookies.unwrap_or(d.forward_cookies),
+            extra_methods,
             ack_timeout: match self.timeouts.ack {
                 // Agents may wait ACK_FLOOR / 10 before acknowledging.
                 Some(a) if a < ACK_FLOOR => {
@@ -420,6 +502,27 @@ pub fn valid_user_id(id: &str) -> bool {
         && id != "."
         && id != ".."
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Every token must be different: one secret for two users would let one
+/// user's agent serve another's traffic, and one for both roles would let a
+/// web client register as the agent.
+fn distinct_tokens(users: &[User]) -> Result<(), ConfigError> {
+    let mut seen: Vec<(&str, &str, &str)> = Vec::new();
+    for u in users {
+        let tokens = std::iter::once(("agent_token", u.agent_token.as_str()))
+            .chain(u.client_token.as_deref().map(|t| ("client_token", t)));
+        for (role, token) in tokens {
+            if let Some((other, other_role, _)) = seen.iter().find(|(_, _, t)| *t == token) {
+                return Err(ConfigError::Invalid(format!(
+                    "user {:?}'s {role} is the same as user {other:?}'s {other_role}; every token must be different",
+                    u.id
+                )));
+            }
+            seen.push((&u.id, role, token));
+        }
+    }
+    Ok(())
 }
 
 fn secret(
@@ -566,6 +669,50 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         toml::from_str::<ConfigFile>(&uncommented).expect("every documented knob is accepted");
+    }
+
+    #[test]
+    fn one_secret_for_two_users_or_two_roles_is_refused() {
+        let err = parse(
+            "[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"\n\
+             [[users]]\nid = \"bob\"\nagent_token = \"0123456789abcdef\"\n",
+        )
+        .expect_err("shared agent token");
+        assert!(
+            err.to_string()
+                .contains("user \"bob\"'s agent_token is the same as user \"alice\"'s agent_token"),
+            "{err}"
+        );
+        let err = parse(
+            "[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"\nclient_token = \"0123456789abcdef\"\n",
+        )
+        .expect_err("one token, two roles");
+        assert!(
+            err.to_string().contains("client_token is the same as user \"alice\"'s agent_token"),
+            "{err}"
+        );
+        let err = parse(
+            "[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"\nclient_token = \"fedcba9876543210\"\n\
+             [[users]]\nid = \"bob\"\nagent_token = \"fedcba9876543210\"\n",
+        )
+        .expect_err("alice's client token is bob's agent token");
+        assert!(err.to_string().contains("bob"), "{err}");
+    }
+
+    #[test]
+    fn proxies_methods_and_header_limits_are_checked() {
+        let c = parse(
+            "[proxy]\ntrusted = [\"10.0.0.0/8\", \"::1\"]\n[http]\nextra_methods = [\"PROPFIND\"]\n[limits]\nmax_headers = 64\n",
+        )
+        .expect("valid");
+        assert_eq!(c.trusted_proxies.0.len(), 2);
+        assert_eq!(c.extra_methods, ["PROPFIND"]);
+        assert_eq!(c.limits.max_headers, 64);
+        assert!(!c.forward_cookies);
+        assert!(parse("[proxy]\ntrusted = [\"10.0.0.0/40\"]").is_err());
+        let err = parse("[http]\nextra_methods = [\"CONNECT\"]").expect_err("never");
+        assert!(err.to_string().contains("cannot cross the tunnel"), "{err}");
+        assert!(parse("[http]\nextra_methods = [\"get me\"]").is_err());
     }
 
     #[test]

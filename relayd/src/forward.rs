@@ -16,24 +16,48 @@ use proto::{Headers, HttpRequestMsg, Message, StreamId, Violation, frame};
 
 use crate::Shared;
 use crate::body::RelayBody;
+use crate::response::{self, Shape, Trailer};
+use crate::server::Conn;
 use crate::session::{OpenError, Session};
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
-/// Fields the relay never forwards: its own credential and the client's
-/// view of the relay's host (the agent sets `Host` for the local service).
-const NOT_FORWARDED: [HeaderName; 2] = [http::header::AUTHORIZATION, http::header::HOST];
+/// Whether a web client's header field stays at the relay: the relay's own
+/// credential and cookies (unless `forward_cookies`), the client's view of
+/// the relay's host (the agent sets `Host` for the local service), `Expect`
+/// (the relay already answered it), and forwarding fields a client could
+/// forge (unless they come from a trusted proxy).
+fn not_forwarded(name: &HeaderName, forward_cookies: bool, trusted_peer: bool) -> bool {
+    use http::header::{AUTHORIZATION, COOKIE, EXPECT, FORWARDED, HOST};
+    name == AUTHORIZATION
+        || name == HOST
+        || name == EXPECT
+        || (name == COOKIE && !forward_cookies)
+        || (!trusted_peer
+            && (name == FORWARDED
+                || name.as_str().starts_with("x-forwarded-")
+                || name.as_str() == "x-real-ip"))
+}
 
 /// Forwards `req` to `session`'s agent as a request for `target` (path and
 /// query at the local service) and returns the streamed answer.
 pub async fn forward(
     shared: &Shared,
+    conn: &Conn,
     session: Arc<Session>,
     req: Request<Incoming>,
     target: String,
 ) -> Response<RelayBody> {
+    let shape = Shape::of(&target);
+    let error = |status: StatusCode, message: &str| {
+        response::error(shape, status, response::code_for_status(status), message)
+    };
     let (parts, body) = req.into_parts();
-    let headers = match Headers::from_map(&parts.headers, &NOT_FORWARDED) {
+    let forward_cookies = shared.config.forward_cookies;
+    let trusted_peer = shared.config.trusted_proxies.trusts(conn.peer.ip());
+    let headers = match Headers::from_map_without(&parts.headers, |n| {
+        not_forwarded(n, forward_cookies, trusted_peer)
+    }) {
         Ok(h) => h,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.detail),
     };
@@ -56,21 +80,24 @@ pub async fn forward(
     let open = match session.open() {
         Ok(o) => o,
         Err(OpenError::TooManyStreams(n)) => {
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!("this tunnel already has {n} requests in flight"),
+            return response::retry_after(
+                response::error(
+                    shape,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    &format!("this tunnel already has {n} requests in flight"),
+                ),
+                1,
             );
-            r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return r;
         }
-        Err(OpenError::Closed) => return unavailable(&session.user),
+        Err(OpenError::Closed) => return response::agent_offline(shape, &session.user),
     };
 
     let mut guard = open.guard;
     let mut body = Some(body);
     let msg = if session.is_legacy() {
         let whole = body.take().expect("the body is taken once");
-        let body = match read_legacy_body(whole, shared.config.legacy_max_body).await {
+        let body = match read_legacy_body(whole, shared.config.legacy_max_body, shape).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
@@ -102,6 +129,9 @@ pub async fn forward(
         );
     }
     let limits = shared.config.timeouts_for(target.split('?').next().unwrap_or(&target));
+    // A client that stops reading this answer is as stalled as an agent
+    // that stops sending it.
+    conn.stall.set(limits.idle);
     let total_deadline = limits.total.map(|t| tokio::time::Instant::now() + t);
 
     // A small body with a declared length (a chat request, most often) is
@@ -194,7 +224,7 @@ pub async fn forward(
             biased;
             h = &mut head_rx => match h {
                 Ok(Ok(head)) => break head,
-                Ok(Err(abort)) => return abort_response(&abort),
+                Ok(Err(abort)) => return abort_response(shape, &abort),
                 Err(_) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
             },
             // An ack, or the stream ended (then the head resolves too).
@@ -231,12 +261,25 @@ pub async fn forward(
     let mut resp = Response::new(RelayBody::empty());
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
-    let ndjson = content_type_is(&resp, "application/x-ndjson");
-    let has_length = resp.headers().contains_key(CONTENT_LENGTH);
-    let streamed = ndjson || content_type_is(&resp, "text/event-stream") || !has_length;
+    response::secure_tunnelled(resp.headers_mut());
+    let trailer = if content_type_is(&resp, "application/x-ndjson") {
+        Trailer::NdjsonLine
+    } else if content_type_is(&resp, "text/event-stream") {
+        Trailer::SseEvent
+    } else {
+        Trailer::None
+    };
+    let streamed = trailer != Trailer::None || !resp.headers().contains_key(CONTENT_LENGTH);
     if streamed {
         resp.headers_mut().insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
         resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    // A stream that fails mid-way can say so only without a declared
+    // length (an appended error line would break the framing), so token
+    // streams go out chunked; the agent's length is a promise the relay
+    // cannot keep for them anyway.
+    if trailer != Trailer::None && parts.method != Method::HEAD {
+        resp.headers_mut().remove(CONTENT_LENGTH);
     }
     *resp.body_mut() = match head.body {
         Some(full) => {
@@ -253,11 +296,9 @@ pub async fn forward(
             drop(guard);
             RelayBody::empty()
         }
-        // With a declared length an appended error line would break the
+        // With a declared length an appended error would break the
         // framing; such a stream is cut off instead.
-        None => {
-            RelayBody::stream(open.inbox, guard, ndjson && !has_length, limits.idle, total_deadline)
-        }
+        None => RelayBody::stream(open.inbox, guard, trailer, limits.idle, total_deadline),
     };
     resp
 }
@@ -395,20 +436,33 @@ async fn read_small_body(
     })
 }
 
-async fn read_legacy_body(body: Incoming, max: usize) -> Result<String, Response<RelayBody>> {
+async fn read_legacy_body(
+    body: Incoming,
+    max: usize,
+    shape: Shape,
+) -> Result<String, Response<RelayBody>> {
     let collected = http_body_util::Limited::new(body, max).collect().await.map_err(|e| {
         if e.is::<http_body_util::LengthLimitError>() {
-            error(
+            response::error(
+                shape,
                 StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
                 "request body too large for this agent (it speaks the original protocol)",
             )
         } else {
-            error(StatusCode::BAD_REQUEST, "request body ended early")
+            response::error(
+                shape,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "request body ended early",
+            )
         }
     })?;
     String::from_utf8(collected.to_bytes().to_vec()).map_err(|_| {
-        error(
+        response::error(
+            shape,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "binary_body",
             "this agent speaks the original protocol, which carries text bodies only; upgrade agentd for binary bodies",
         )
     })
@@ -421,27 +475,10 @@ fn content_type_is(resp: &Response<RelayBody>, mime: &str) -> bool {
         .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(mime)))
 }
 
-fn abort_response(abort: &StreamAbort) -> Response<RelayBody> {
+fn abort_response(shape: Shape, abort: &StreamAbort) -> Response<RelayBody> {
     let status = StatusCode::from_u16(abort.code)
         .ok()
         .filter(|s| s.is_client_error() || s.is_server_error())
         .unwrap_or(StatusCode::BAD_GATEWAY);
-    error(status, &abort.message)
-}
-
-/// A JSON error in Ollama's shape: `{"error": "..."}`.
-pub fn error(status: StatusCode, message: &str) -> Response<RelayBody> {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let mut resp = Response::new(RelayBody::full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
-/// 503 for a user whose agent is not connected.
-pub fn unavailable(user: &str) -> Response<RelayBody> {
-    let mut r =
-        error(StatusCode::SERVICE_UNAVAILABLE, &format!("the agent for {user:?} is not connected"));
-    r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
-    r
+    response::error(shape, status, response::code_for_status(status), &abort.message)
 }

@@ -8,20 +8,23 @@
 //! [`Relay::new`] does not listen; [`Relay::serve`] takes any bound listener
 //! and a shutdown token, so tests run the relay in-process.
 
+pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod config;
 pub mod forward;
 pub mod hub;
 pub mod metrics;
+pub mod response;
 pub mod server;
 pub mod session;
+pub mod stall;
 pub mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -55,48 +58,17 @@ pub struct Shared {
     sessions: TaskTracker,
     /// Set once shutdown began: new requests get 503.
     draining: AtomicBool,
-    /// Agent handshakes admitted per second (reconnect storms).
-    handshakes: Mutex<TokenBucket>,
+    /// Agent handshakes: the agents' allowance (reconnect storms) and each
+    /// source's budget of refused attempts.
+    pub admission: admission::Admission,
     /// TLS handshakes that failed or timed out (logged at debug only: on a
     /// public port most are scanners).
     pub tls_handshake_failures: AtomicU64,
 }
 
-/// A token bucket: `rate` tokens per second, at most `rate` banked.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(rate: u32, now: Instant) -> Self {
-        Self { rate: rate as f64, tokens: rate as f64, last: now }
-    }
-
-    /// Takes a token if one is available at `now`.
-    pub fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Admits one agent handshake, or says the relay is busy.
-    pub fn admit_handshake(&self) -> bool {
-        self.handshakes.lock().unwrap_or_else(PoisonError::into_inner).take(Instant::now())
     }
 }
 
@@ -108,7 +80,11 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(config: Config) -> Self {
-        let handshakes = TokenBucket::new(config.handshakes_per_second, Instant::now());
+        let admission = admission::Admission::new(
+            config.handshakes_per_second,
+            config.refused_handshakes_per_minute,
+            config.refused_handshakes_per_minute,
+        );
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -117,7 +93,7 @@ impl Relay {
                 conns: TaskTracker::new(),
                 sessions: TaskTracker::new(),
                 draining: AtomicBool::new(false),
-                handshakes: Mutex::new(handshakes),
+                admission,
                 tls_handshake_failures: AtomicU64::new(0),
             }),
         }
@@ -234,15 +210,19 @@ async fn serve_connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let header_read = shared.config.header_read_timeout;
-    let svc = service_fn(move |req| server::handle(shared.clone(), req));
+    let max_headers = shared.config.limits.max_headers as usize;
+    let stall = stall::StallLimit::new(shared.config.idle_timeout);
+    let conn = Arc::new(server::Conn { peer, stall: stall.clone() });
+    let svc = service_fn(move |req| server::handle(shared.clone(), conn.clone(), req));
     // Without a timer hyper has no header timeout at all: a client that
     // connects (and finishes TLS) and then sends nothing would hold its
     // connection forever.
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read)
+        .max_headers(max_headers)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(TokioIo::new(stall::StallIo::new(stream, stall)), svc)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -265,19 +245,4 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     Relay::new(config).serve(listener, shutdown).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_bucket_admits_its_rate_per_second() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(10, t0);
-        assert_eq!((0..20).filter(|_| b.take(t0)).count(), 10);
-        assert!(!b.take(t0 + Duration::from_millis(50)));
-        assert!(b.take(t0 + Duration::from_millis(100)));
-        assert_eq!((0..20).filter(|_| b.take(t0 + Duration::from_secs(5))).count(), 10);
-    }
 }

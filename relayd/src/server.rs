@@ -2,12 +2,14 @@
 //! relay's own endpoints.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
 use http::header::{
-    CONNECTION, CONTENT_TYPE, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_PROTOCOL, UPGRADE, WWW_AUTHENTICATE,
+    ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_PROTOCOL, UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -20,69 +22,201 @@ use tracing::{info, warn};
 
 use proto::{Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
 
+use crate::admission::Verdict;
 use crate::body::RelayBody;
 use crate::config::valid_user_id;
-use crate::forward::{error, forward, unavailable};
+use crate::forward::forward;
+use crate::response::{self, Shape, Unauthorized, retry_after};
 use crate::session::{AgentSocket, Session, SessionParams};
+use crate::stall::StallLimit;
 use crate::{Shared, auth};
+
+/// What the relay knows of the connection a request arrived on.
+#[derive(Debug)]
+pub struct Conn {
+    /// The TCP peer (a proxy, when one is in front).
+    pub peer: SocketAddr,
+    /// How long writes to this client may stall; set per request.
+    pub stall: StallLimit,
+}
+
+/// Methods the tunnel carries without being told.
+const STANDARD_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+];
 
 /// Routes one request.
 pub async fn handle(
     shared: Arc<Shared>,
+    conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<RelayBody>, Infallible> {
+    if let Some(refusal) = check_request(&shared, &req) {
+        return Ok(refusal);
+    }
     let path = req.uri().path();
     let resp = if path == "/ws/tunnel" {
-        accept_agent(&shared, req)
+        // A refused upgrade closes the connection: a client gets one
+        // attempt per connection, not hundreds per write.
+        let mut r = accept_agent(&shared, &conn, req);
+        if r.status() != StatusCode::SWITCHING_PROTOCOLS {
+            r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     } else if let Some(rest) = path.strip_prefix("/api/tunnel/") {
         let (user, target) = match rest.split_once('/') {
             Some((user, tail)) => (user.to_owned(), format!("/{tail}")),
             None => (rest.to_owned(), "/".to_owned()),
         };
-        tunnel(&shared, req, user, target).await
+        tunnel(&shared, &conn, req, user, target).await
     } else if path == "/healthz" || path == "/readyz" {
         let mut r = Response::new(RelayBody::full("ok\n"));
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         r
     } else {
-        error(StatusCode::NOT_FOUND, "no such route; tunnels live under /api/tunnel/{user}/")
+        response::error(
+            Shape::Ollama,
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "no such route; tunnels live under /api/tunnel/{user}/",
+        )
     };
     Ok(resp)
 }
 
+/// Refusals that hold for every route: a request without exactly one `Host`
+/// (RFC 9112 3.2), and methods the tunnel cannot carry.
+fn check_request(shared: &Shared, req: &Request<Incoming>) -> Option<Response<RelayBody>> {
+    let shape = Shape::of(
+        req.uri()
+            .path()
+            .strip_prefix("/api/tunnel/")
+            .and_then(|r| r.find('/').map(|i| &r[i..]))
+            .unwrap_or(""),
+    );
+    let hosts = req.headers().get_all(HOST).iter().count();
+    let host_ok = match req.version() {
+        http::Version::HTTP_10 | http::Version::HTTP_09 => hosts <= 1,
+        _ => hosts == 1,
+    };
+    if !host_ok {
+        let why = if hosts == 0 {
+            "the request has no Host header"
+        } else {
+            "the request has more than one Host header"
+        };
+        let mut r = response::error(shape, StatusCode::BAD_REQUEST, "bad_host", why);
+        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        return Some(r);
+    }
+    let method = req.method();
+    if STANDARD_METHODS.contains(method)
+        || shared.config.extra_methods.iter().any(|m| m == method.as_str())
+    {
+        return None;
+    }
+    let (status, code, why) = if method == Method::CONNECT || method == Method::TRACE {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} cannot cross the tunnel"),
+        )
+    } else {
+        (
+            StatusCode::NOT_IMPLEMENTED,
+            "method_not_implemented",
+            format!("this relay does not carry {method} requests"),
+        )
+    };
+    let mut r = response::error(shape, status, code, &why);
+    let mut allow: Vec<&str> = STANDARD_METHODS.iter().map(Method::as_str).collect();
+    allow.extend(shared.config.extra_methods.iter().map(String::as_str));
+    if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+        r.headers_mut().insert(ALLOW, v);
+    }
+    r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    Some(r)
+}
+
 async fn tunnel(
     shared: &Shared,
+    conn: &Conn,
     req: Request<Incoming>,
     user: String,
     mut target: String,
 ) -> Response<RelayBody> {
+    let shape = Shape::of(&target);
     if !valid_user_id(&user) {
-        return error(StatusCode::BAD_REQUEST, "invalid user id in the path");
+        return response::error(
+            shape,
+            StatusCode::BAD_REQUEST,
+            "bad_user",
+            "invalid user id in the path",
+        );
     }
     if has_dot_segment(&target) {
-        return error(StatusCode::BAD_REQUEST, "path must not contain . or .. segments");
+        return response::error(
+            shape,
+            StatusCode::BAD_REQUEST,
+            "bad_path",
+            "path must not contain . or .. segments",
+        );
     }
     let Some(account) = shared.config.users.iter().find(|u| u.id == user) else {
-        return error(StatusCode::NOT_FOUND, &format!("no tunnel for user {user:?}"));
+        return response::error(
+            shape,
+            StatusCode::NOT_FOUND,
+            "no_tunnel",
+            &format!("no tunnel for user {user:?}"),
+        );
     };
-    if !auth::client_allowed(account, req.headers()) {
-        return unauthorized("this tunnel needs the user's client token");
+    match auth::client_allowed(account, req.headers()) {
+        Ok(()) => {}
+        Err(Unauthorized::Missing) => {
+            return response::unauthorized(
+                shape,
+                Unauthorized::Missing,
+                "this tunnel needs a token: send Authorization: Bearer <client token>",
+            );
+        }
+        Err(Unauthorized::Invalid) => {
+            return response::unauthorized(
+                shape,
+                Unauthorized::Invalid,
+                "the bearer token is not valid for this tunnel",
+            );
+        }
     }
     if target == "/health" && req.method() == Method::GET {
         return health(shared, &user);
     }
     if shared.is_draining() {
-        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "the relay is shutting down");
-        r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let mut r = retry_after(
+            response::error(
+                shape,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay_draining",
+                "the relay is shutting down",
+            ),
+            1,
+        );
         r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
-    let Some(session) = shared.hub.get(&user) else { return unavailable(&user) };
+    let Some(session) = shared.hub.get(&user) else {
+        return response::agent_offline(shape, &user);
+    };
     if let Some(q) = req.uri().query() {
         target.push('?');
         target.push_str(q);
     }
-    forward(shared, session, req, target).await
+    forward(shared, conn, session, req, target).await
 }
 
 /// `GET /api/tunnel/{user}/health`, answered by the relay itself.
@@ -114,38 +248,68 @@ fn has_dot_segment(path: &str) -> bool {
     })
 }
 
-fn unauthorized(message: &str) -> Response<RelayBody> {
-    let mut r = error(StatusCode::UNAUTHORIZED, message);
-    r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    r
-}
-
 /// `GET /ws/tunnel`: authenticates the agent and upgrades to a WebSocket.
-fn accept_agent(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<RelayBody> {
+///
+/// The source's budget of refused attempts is checked before the
+/// credential, and the agents' shared allowance is spent only after it
+/// proved valid (see [`crate::admission`]).
+fn accept_agent(
+    shared: &Arc<Shared>,
+    conn: &Conn,
+    mut req: Request<Incoming>,
+) -> Response<RelayBody> {
+    let err = |status, code, message: &str| response::error(Shape::Ollama, status, code, message);
     let headers = req.headers();
     let is_upgrade = req.method() == Method::GET
         && header_has_token(headers.get(CONNECTION), "upgrade")
         && header_has_token(headers.get(UPGRADE), "websocket");
     let Some(key) = headers.get(SEC_WEBSOCKET_KEY).filter(|_| is_upgrade) else {
-        return error(
+        return err(
             StatusCode::BAD_REQUEST,
+            "not_an_upgrade",
             "this endpoint takes a WebSocket upgrade from agentd",
         );
     };
     if headers.get("sec-websocket-version").is_none_or(|v| v != "13") {
-        let mut r = error(StatusCode::UPGRADE_REQUIRED, "WebSocket version 13 required");
+        let mut r =
+            err(StatusCode::UPGRADE_REQUIRED, "websocket_version", "WebSocket version 13 required");
         r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
         return r;
     }
-    if shared.is_draining() || !shared.admit_handshake() {
-        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "relay busy; retry with backoff");
-        r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+    let now = Instant::now();
+    let source = shared.config.trusted_proxies.client(conn.peer.ip(), headers);
+    if let Verdict::SourceBlocked { retry_after: wait } = shared.admission.check_source(source, now)
+    {
+        return retry_after(
+            err(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_refused_handshakes",
+                "too many refused agent handshakes from this address; retry later",
+            ),
+            wait,
+        );
     }
-    let Some(user) = auth::bearer(headers).and_then(|t| auth::agent_user(&shared.config, t)) else {
-        return unauthorized("agent token missing or not valid");
+    let user = match auth::bearer(headers) {
+        None => Err(Unauthorized::Missing),
+        Some(token) => auth::agent_user(&shared.config, token).ok_or(Unauthorized::Invalid),
     };
-    let user = user.id.clone();
+    let user = match user {
+        Ok(u) => u.id.clone(),
+        Err(why) => {
+            shared.admission.refused(source, now);
+            let message = match why {
+                Unauthorized::Missing => "no agent token: send Authorization: Bearer <agent token>",
+                Unauthorized::Invalid => "the agent token is not valid",
+            };
+            return response::unauthorized(Shape::Ollama, why, message);
+        }
+    };
+    if shared.is_draining() || shared.admission.admit_agent(now) == Verdict::Busy {
+        return retry_after(
+            err(StatusCode::SERVICE_UNAVAILABLE, "relay_busy", "relay busy; retry with backoff"),
+            1,
+        );
+    }
     let v1 = headers
         .get_all(SEC_WEBSOCKET_PROTOCOL)
         .iter()

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
+use proto::budget::{Flood, PeerBudget};
+use proto::error::Rejected;
 use proto::flow::{
     BufferGauge, ControlQueue, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
 };
@@ -64,6 +66,14 @@ pub enum CloseReason {
     ProtocolError,
     /// Nothing arrived from the agent for too many ping intervals.
     Unresponsive,
+    /// A text frame that is not UTF-8.
+    InvalidData,
+    /// A message above the WebSocket size limit.
+    TooBig,
+    /// The agent spent its budget of pings or refused frames.
+    Flooded(Flood),
+    /// The agent stopped reading: replies to it piled up beyond the bound.
+    NotReading,
 }
 
 impl CloseReason {
@@ -74,6 +84,11 @@ impl CloseReason {
             CloseReason::Shutdown => "relay shutting down",
             CloseReason::ProtocolError => "agent violated the tunnel protocol",
             CloseReason::Unresponsive => "agent stopped answering pings",
+            CloseReason::InvalidData => "agent sent a text frame that is not UTF-8",
+            CloseReason::TooBig => "agent sent a message above the size limit",
+            CloseReason::Flooded(Flood::Pings) => "agent sent too many pings",
+            CloseReason::Flooded(Flood::Refusals) => "agent sent too many invalid frames",
+            CloseReason::NotReading => "agent is not reading the relay's messages",
         }
     }
 
@@ -84,6 +99,20 @@ impl CloseReason {
             CloseReason::Shutdown => CloseCode::Away,
             CloseReason::ProtocolError => CloseCode::Protocol,
             CloseReason::Unresponsive => CloseCode::Library(4001),
+            CloseReason::InvalidData => CloseCode::Invalid,
+            CloseReason::TooBig => CloseCode::Size,
+            CloseReason::Flooded(_) | CloseReason::NotReading => CloseCode::Policy,
+        }
+    }
+
+    /// Why a socket read failed, as a close reason (RFC 6455 7.4.1).
+    fn of_read_error(e: &tokio_tungstenite::tungstenite::Error) -> Self {
+        use tokio_tungstenite::tungstenite::Error;
+        match e {
+            Error::Utf8(_) => CloseReason::InvalidData,
+            Error::Capacity(_) => CloseReason::TooBig,
+            Error::Protocol(_) => CloseReason::ProtocolError,
+            _ => CloseReason::Disconnected,
         }
     }
 }
@@ -153,6 +182,8 @@ pub struct Session {
     next_id: AtomicU64,
     gauge: Arc<BufferGauge>,
     heartbeat: Mutex<Heartbeat>,
+    /// Pings and refused frames the agent may still send.
+    budget: Mutex<PeerBudget>,
     ping_interval: Duration,
     goaway: bool,
     acks: bool,
@@ -207,6 +238,7 @@ impl Session {
             next_id: AtomicU64::new(1),
             gauge: p.gauge,
             heartbeat: Mutex::new(Heartbeat::new(p.max_missed, Instant::now())),
+            budget: Mutex::new(PeerBudget::new(Instant::now())),
             ping_interval: p.ping_interval,
             goaway: p.goaway,
             acks: p.acks,
@@ -305,7 +337,7 @@ impl Session {
     fn push_urgent(&self, msg: Message) {
         if self.urgent.push(msg).is_err() {
             warn!(session = %self.id, "control queue overflow; closing the session");
-            self.close(CloseReason::Disconnected);
+            self.close(CloseReason::NotReading);
         }
     }
 
@@ -499,24 +531,57 @@ impl Session {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => {
                     debug!(session = %self.id, error = %e, "agent socket read failed");
-                    return CloseReason::Disconnected;
+                    return CloseReason::of_read_error(&e);
                 }
                 None => return CloseReason::Disconnected,
             };
-            self.lock_heartbeat().heard(Instant::now());
+            let now = Instant::now();
+            self.lock_heartbeat().heard(now);
             let outcome = match frame {
-                Ws::Text(text) => self.on_text(&text),
+                Ws::Text(text) => self.on_text(&text, now),
                 Ws::Binary(data) => self.on_binary(&data),
                 Ws::Close(_) => return CloseReason::Disconnected,
-                Ws::Ping(_) | Ws::Pong(_) | Ws::Frame(_) => Ok(()),
+                // WebSocket-level pings cost the same as protocol pings.
+                Ws::Ping(_) => self.lock_budget().ping(now).map_err(Rejected::from),
+                Ws::Pong(_) | Ws::Frame(_) => Ok(()),
             };
-            if let Err(err) = outcome {
-                warn!(session = %self.id, error = %err, "refused a frame from the agent");
-                // Through the urgent list: the reader never waits on the
-                // writer, or two busy peers could each wait on the other.
-                self.push_urgent(Message::violation(None, &err));
-            }
+            let flood = match outcome {
+                Ok(()) => continue,
+                Err(Rejected::Flood(flood)) => flood,
+                Err(Rejected::Frame { err, stream }) => match self.lock_budget().refusal(now) {
+                    Err(flood) => flood,
+                    Ok(()) => {
+                        self.refuse(err, stream);
+                        continue;
+                    }
+                },
+            };
+            warn!(session = %self.id, %flood, "closing the session");
+            return CloseReason::Flooded(flood);
         }
+    }
+
+    /// Answers a refused frame with `error`. A refused frame that names a
+    /// live stream ends that stream, so its web client is not left waiting
+    /// or fed what followed; an unknown type is a newer peer's extension,
+    /// not a broken stream.
+    fn refuse(&self, err: ProtocolError, stream: Option<String>) {
+        warn!(session = %self.id, error = %err, "refused a frame from the agent");
+        if let Some(id) = stream
+            && err.kind != Violation::UnknownType
+        {
+            self.abort_stream(
+                &id,
+                StreamAbort::new(502, format!("agent sent an invalid frame: {err}")),
+            );
+        }
+        // Through the urgent list: the reader never waits on the writer, or
+        // two busy peers could each wait on the other.
+        self.push_urgent(Message::violation(None, &err));
+    }
+
+    fn lock_budget(&self) -> MutexGuard<'_, PeerBudget> {
+        self.budget.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn read_limits(&self) -> Limits {
@@ -530,22 +595,14 @@ impl Session {
         }
     }
 
-    fn on_text(&self, text: &str) -> Result<(), ProtocolError> {
+    fn on_text(&self, text: &str, now: Instant) -> Result<(), Rejected> {
         let msg = match Message::decode(text, &self.read_limits()) {
             Ok(m) => m,
             Err(e) => {
-                // A frame for a known stream that fails validation ends that
-                // stream, so its web client is not left waiting. An unknown
-                // type is a newer peer's extension, not a broken stream.
-                if e.kind != Violation::UnknownType
-                    && let Some(id) = proto::message::Peek::of(text).stream_id()
-                {
-                    self.abort_stream(
-                        id,
-                        StreamAbort::new(502, format!("agent sent an invalid response: {e}")),
-                    );
-                }
-                return Err(e);
+                return Err(match proto::message::Peek::of(text).stream_id() {
+                    Some(id) => Rejected::on(id, e),
+                    None => e.into(),
+                });
             }
         };
         match msg {
@@ -555,10 +612,7 @@ impl Session {
                 let mut streams = self.lock_streams();
                 let Some(slot) = streams.get_mut(head.id.as_str()) else { return Ok(()) };
                 let Some(tx) = slot.head.take() else {
-                    return Err(ProtocolError::new(
-                        Violation::StreamState,
-                        format!("second head for {}", head.id),
-                    ));
+                    return Err(second_head(&head.id));
                 };
                 if !body_follows {
                     slot.body.finish();
@@ -570,25 +624,18 @@ impl Session {
             }
             Message::HttpResponse(m) => {
                 let (head, body) = m.into_parts(&self.local)?;
-                let Some(mut slot) = self.lock_streams().remove(head.id.as_str()) else {
-                    return Ok(());
+                let mut streams = self.lock_streams();
+                let Some(slot) = streams.get_mut(head.id.as_str()) else { return Ok(()) };
+                let Some(tx) = slot.head.take() else {
+                    return Err(second_head(&head.id));
                 };
                 slot.window.close();
-                match slot.head.take() {
-                    Some(tx) => {
-                        let _ = tx.send(Ok(Head {
-                            status: head.status,
-                            headers: head.headers,
-                            body: Some(body),
-                        }));
-                    }
-                    None => {
-                        return Err(ProtocolError::new(
-                            Violation::StreamState,
-                            format!("second head for {}", head.id),
-                        ));
-                    }
-                }
+                streams.remove(head.id.as_str());
+                let _ = tx.send(Ok(Head {
+                    status: head.status,
+                    headers: head.headers,
+                    body: Some(body),
+                }));
             }
             Message::Error(e) => {
                 if e.id.is_empty() {
@@ -611,8 +658,7 @@ impl Session {
                 if let Some(window) = window
                     && let Err(e) = window.grant(w.credit)
                 {
-                    self.abort_stream(&w.id, StreamAbort::new(502, e.to_string()));
-                    return Err(e);
+                    return Err(Rejected::on(&w.id, e));
                 }
             }
             Message::Ack(a) => {
@@ -623,57 +669,61 @@ impl Session {
                     let _ = tx.send(());
                 }
             }
-            Message::Ping(p) => self.push_urgent(Message::pong(&p)),
-            Message::Pong(p) => {
-                self.lock_heartbeat().pong(&p.id, Instant::now());
+            Message::Ping(p) => {
+                self.lock_budget().ping(now)?;
+                self.push_urgent(Message::pong(&p));
             }
-            Message::Hello(_)
-            | Message::Welcome(_)
-            | Message::HttpRequest(_)
-            | Message::Goaway(_) => {
+            Message::Pong(p) => {
+                self.lock_heartbeat().pong(&p.id, now);
+            }
+            Message::HttpRequest(m) => {
+                return Err(Rejected::on(
+                    &m.id,
+                    ProtocolError::new(
+                        Violation::StreamState,
+                        "http_request is not allowed from an agent",
+                    ),
+                ));
+            }
+            Message::Hello(_) | Message::Welcome(_) | Message::Goaway(_) => {
                 return Err(ProtocolError::new(
                     Violation::StreamState,
                     "message not allowed from an agent at this point",
-                ));
+                )
+                .into());
             }
         }
         Ok(())
     }
 
-    fn on_binary(&self, data: &Bytes) -> Result<(), ProtocolError> {
+    fn on_binary(&self, data: &Bytes) -> Result<(), Rejected> {
         if self.is_legacy() {
             return Err(ProtocolError::new(
                 Violation::MalformedFrame,
                 "binary frames need protocol version 1",
-            ));
+            )
+            .into());
         }
-        let f = frame::decode(data, self.local.max_chunk_bytes as usize)?;
+        let f = frame::decode(data, self.local.max_chunk_bytes as usize).map_err(|e| {
+            match frame::peek_id(data) {
+                Some(id) => Rejected::on(id, e),
+                None => e.into(),
+            }
+        })?;
         let mut streams = self.lock_streams();
         let Some(slot) = streams.get(f.id.as_str()) else {
             // Bytes already in flight when the stream was cancelled.
             return Ok(());
         };
         if slot.head.is_some() {
-            drop(streams);
-            self.abort_stream(
+            return Err(Rejected::on(
                 &f.id,
-                StreamAbort::new(502, "agent sent body bytes before the response head"),
-            );
-            return Err(ProtocolError::new(
-                Violation::StreamState,
-                format!("data before head on {}", f.id),
+                ProtocolError::new(Violation::StreamState, format!("data before head on {}", f.id)),
             ));
         }
         match slot.body.push(f.payload) {
             Ok(()) | Err(PushError::Closed) => {}
-            Err(e @ PushError::Overflow { .. }) => {
-                drop(streams);
-                self.abort_stream(
-                    &f.id,
-                    StreamAbort::new(502, "agent exceeded its flow-control window"),
-                );
-                return Err(e.into());
-            }
+            Err(e @ PushError::Overflow { .. }) => return Err(Rejected::on(&f.id, e.into())),
         }
         if f.end {
             slot.body.finish();
@@ -744,6 +794,13 @@ impl Drop for StreamGuard {
             self.session.release(&self.id, false, "client disconnected");
         }
     }
+}
+
+fn second_head(id: &StreamId) -> Rejected {
+    Rejected::on(
+        id.as_str(),
+        ProtocolError::new(Violation::StreamState, format!("second head for {id}")),
+    )
 }
 
 fn new_session_id() -> String {

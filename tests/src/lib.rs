@@ -190,6 +190,29 @@ pub async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
     conn
 }
 
+/// Like [`send_raw`], from the loopback address `from` (e.g. 127.0.0.2):
+/// another source address without leaving loopback.
+pub async fn send_raw_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    bytes: &[u8],
+) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    let mut conn = socket.connect(addr).await?;
+    conn.write_all(bytes).await?;
+    Ok(conn)
+}
+
+/// Everything the peer sends on `conn` until it closes (or [`WAIT`]
+/// passes, or a reset), lossily as text.
+pub async fn read_until_closed(conn: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(conn, &mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The first bytes of the answer on `conn` (up to 4 KiB), failing the test
 /// if none come within [`WAIT`].
 pub async fn read_answer(conn: &mut tokio::net::TcpStream) -> String {

@@ -75,12 +75,26 @@ pub struct Disconnect {
 #[derive(Default)]
 pub struct Events {
     disconnects: Mutex<Vec<Disconnect>>,
+    /// `METHOD path` of every request received (the first 4096).
+    requests: Mutex<Vec<String>>,
     changed: watch::Sender<u64>,
     /// When set, each token waits for one permit (tests release them).
     gate: Mutex<Option<Arc<Semaphore>>>,
 }
 
 impl Events {
+    /// `METHOD path` of every request the stand-in received.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn record_request(&self, method: &Method, path: &str) {
+        let mut r = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.len() < 4096 {
+            r.push(format!("{method} {path}"));
+        }
+    }
+
     pub fn disconnects(&self) -> Vec<Disconnect> {
         self.disconnects.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
@@ -176,7 +190,9 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(config.clone(), events.clone(), req));
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            // Ollama (Go's net/http) limits header bytes, not fields.
+            let conn =
+                http1::Builder::new().max_headers(512).serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = shutdown.cancelled() => {}
@@ -195,6 +211,7 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
+    events.record_request(&method, &path);
     let resp = match (path.as_str(), get) {
         ("/api/tags", true) => json_response(
             StatusCode::OK,
@@ -253,6 +270,24 @@ async fn handle(
             )
         }
         ("/utf8", true) => utf8(&events),
+        ("/truncated", true) => {
+            let q = req.uri().query();
+            let declared = query_param(q, "n").unwrap_or(1000);
+            let send = query_param(q, "send").unwrap_or(declared / 2).min(declared);
+            truncated(&events, declared, send, query_param(q, "ndjson") == Some(1))
+        }
+        ("/page", true) => page(),
+        ("/many-headers", true) => {
+            let mut r = json_response(StatusCode::OK, &json!({}));
+            for i in 0..query_param(req.uri().query(), "n").unwrap_or(120) {
+                r.headers_mut().insert(
+                    http::header::HeaderName::try_from(format!("x-many-{i}"))
+                        .expect("a valid name"),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            r
+        }
         (p, _) if p.starts_with("/status/") => {
             let code =
                 p["/status/".len()..].parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
@@ -331,7 +366,31 @@ fn chat(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Val
         .pointer("/options/token_delay_ms")
         .and_then(Value::as_u64)
         .map_or(config.token_delay, Duration::from_millis);
-    stream_response(delay, events, path, "application/x-ndjson", n + 1, line, n)
+    match fail_after(&body) {
+        Some(k) => {
+            failing(stream_response(delay, events, path, "application/x-ndjson", k.min(n), line, n))
+        }
+        None => stream_response(delay, events, path, "application/x-ndjson", n + 1, line, n),
+    }
+}
+
+/// `options.fail_after` (or a top-level `fail_after`, which the `openai`
+/// SDK sends with `extra_body`): the model server crashes after this many
+/// tokens.
+fn fail_after(body: &Value) -> Option<usize> {
+    body.pointer("/options/fail_after")
+        .or_else(|| body.get("fail_after"))
+        .and_then(Value::as_u64)
+        .map(|k| k as usize)
+}
+
+/// Makes a streamed answer end with an error instead of its last chunk:
+/// the connection closes mid-body, as when the model server crashes.
+fn failing(mut resp: Resp) -> Resp {
+    if let StandInBody::Channel { fail_at_end, .. } = resp.body_mut() {
+        *fail_at_end = true;
+    }
+    resp
 }
 
 fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Value) -> Resp {
@@ -357,7 +416,20 @@ fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: V
         });
         Bytes::from(format!("data: {chunk}\n\n"))
     };
-    stream_response(config.token_delay, events, path, "text/event-stream", n + 1, event, n)
+    match fail_after(&body) {
+        Some(k) => failing(stream_response(
+            config.token_delay,
+            events,
+            path,
+            "text/event-stream",
+            k.min(n),
+            event,
+            n,
+        )),
+        None => {
+            stream_response(config.token_delay, events, path, "text/event-stream", n + 1, event, n)
+        }
+    }
 }
 
 /// Streams `count` pieces made by `piece(i)`, pausing (or waiting at the
@@ -389,6 +461,9 @@ fn stream_response(
                 return;
             }
         }
+        // The end comes a moment after the last piece went out: hyper drops
+        // unflushed bytes when a body fails.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     });
     let mut r = Response::new(StandInBody::channel(rx, events.clone(), path));
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -451,6 +526,61 @@ fn zeros_response(events: &Arc<Events>, n: u64) -> Resp {
     r
 }
 
+/// Declares `declared` bytes and sends only `send` of them, then ends: the
+/// connection closes under the client, as when a model server crashes
+/// mid-answer. NDJSON sends whole `{"n":i}` lines.
+fn truncated(events: &Arc<Events>, declared: u64, send: u64, ndjson: bool) -> Resp {
+    let body = if ndjson {
+        let mut text = String::new();
+        let mut i = 0;
+        loop {
+            let line = format!("{{\"n\":{i}}}\n");
+            if (text.len() + line.len()) as u64 > send {
+                break;
+            }
+            text.push_str(&line);
+            i += 1;
+        }
+        Bytes::from(text)
+    } else {
+        Bytes::from(pattern(0, send as usize))
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        let _ = tx.send(body).await;
+        // The crash comes a moment after the bytes went out (hyper drops
+        // unflushed bytes when a body ends short).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    });
+    let mut r = Response::new(StandInBody::channel(rx, events.clone(), "/truncated"));
+    let ct = if ndjson { "application/x-ndjson" } else { "application/octet-stream" };
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+    r.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(declared));
+    r
+}
+
+/// What a hostile desktop could answer: a page with script that sets
+/// cookies and origin-wide policies on whatever origin serves it.
+pub const HOSTILE_PAGE: &str =
+    "<html><script>document.cookie='relay_session=stolen; path=/'</script></html>";
+
+fn page() -> Resp {
+    let mut r = Response::new(StandInBody::Full(Some(Bytes::from_static(HOSTILE_PAGE.as_bytes()))));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    h.append("set-cookie", HeaderValue::from_static("relay_session=stolen; Path=/"));
+    h.append("set-cookie", HeaderValue::from_static("other=1; Path=/"));
+    h.insert(
+        "strict-transport-security",
+        HeaderValue::from_static("max-age=63072000; includeSubDomains"),
+    );
+    h.insert("clear-site-data", HeaderValue::from_static("\"*\""));
+    h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    h.insert("content-security-policy", HeaderValue::from_static("script-src *"));
+    h.insert("x-desktop", HeaderValue::from_static("kept"));
+    r
+}
+
 /// Text with 2-, 3- and 4-byte characters, sent 1-3 bytes at a time so
 /// characters are cut across chunks.
 pub const UTF8_TEXT: &str = "héllo wörld — 日本語のテキスト 🦀🚀 ñandú ÆØÅ 你好 ✓";
@@ -494,6 +624,8 @@ pub enum StandInBody {
     Channel {
         rx: mpsc::Receiver<Bytes>,
         done: bool,
+        /// End with an error instead of cleanly (a crash mid-answer).
+        fail_at_end: bool,
         events: Arc<Events>,
         path: String,
     },
@@ -506,29 +638,33 @@ impl StandInBody {
     }
 
     fn channel(rx: mpsc::Receiver<Bytes>, events: Arc<Events>, path: &str) -> Self {
-        StandInBody::Channel { rx, done: false, events, path: path.to_owned() }
+        StandInBody::Channel { rx, done: false, fail_at_end: false, events, path: path.to_owned() }
     }
 }
 
 impl http_body::Body for StandInBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             StandInBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            StandInBody::Channel { rx, done, .. } => match rx.poll_recv(cx) {
+            StandInBody::Channel { rx, done, fail_at_end, .. } => match rx.poll_recv(cx) {
                 Poll::Ready(Some(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                Poll::Ready(None) if *fail_at_end => {
+                    *done = true;
+                    Poll::Ready(Some(Err("the model server crashed".into())))
+                }
                 Poll::Ready(None) => {
                     *done = true;
                     Poll::Ready(None)
                 }
                 Poll::Pending => Poll::Pending,
             },
-            StandInBody::Echo(body) => Pin::new(body).poll_frame(cx),
+            StandInBody::Echo(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
 

@@ -48,6 +48,40 @@ impl RawAgent {
         Ok(Self { socket, welcome })
     }
 
+    /// Sends a frame as it is, for frames a WebSocket library would not
+    /// build (a text frame that is not UTF-8).
+    pub async fn send_frame(
+        &mut self,
+        frame: tokio_tungstenite::tungstenite::protocol::frame::Frame,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.socket.send(Ws::Frame(frame)).await
+    }
+
+    /// Sends a text frame, reporting failure (a relay that closed) instead
+    /// of failing the test.
+    pub async fn try_send_text(
+        &mut self,
+        text: &str,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.socket.send(Ws::text(text)).await
+    }
+
+    /// Reads until the relay closes, skipping everything else; the close
+    /// code, if the relay sent one.
+    pub async fn closed(&mut self, limit: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .expect("relay did not close the session in time");
+            match next {
+                Some(Ok(Ws::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.socket.send(Ws::text(text)).await.expect("send text frame");
     }

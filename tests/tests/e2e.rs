@@ -657,11 +657,11 @@ async fn relay_routes_refuse_bad_input_with_clear_errors() {
     assert_eq!(raw_status(s.relay.addr, "/api/tunnel/alice/api/%2e%2e/secret").await, 400);
     assert_eq!(raw_status(s.relay.addr, "/api/tunnel/alice/../bob/api/tags").await, 400);
     assert_eq!(get("/nowhere").await.unwrap().status(), 404);
-    // What the agent would refuse is refused by the relay at once.
+    // A method the relay does not carry is refused there, never forwarded.
     let odd = reqwest::Method::from_bytes(b"FOO1").unwrap();
     let resp = s.http.request(odd, s.relay.tunnel_url("alice", "/api/tags")).send().await.unwrap();
-    assert_eq!(resp.status(), 400);
-    assert!(resp.text().await.unwrap().contains("method"));
+    assert_eq!(resp.status(), 501);
+    assert!(resp.text().await.unwrap().contains("does not carry FOO1"));
     let long = format!("/api/{}", "x".repeat(17 * 1024));
     assert_eq!(get(&format!("/api/tunnel/alice{long}")).await.unwrap().status(), 414);
     let ws = s.http.get(s.relay.url("/ws/tunnel")).send().await.unwrap();

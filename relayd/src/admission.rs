@@ -1,0 +1,280 @@
+//! Who is asking, and whether an agent handshake may proceed.
+//!
+//! Agents that present a valid credential share one allowance
+//! (`handshakes_per_second`), so a relay restart does not bring every agent
+//! back in the same instant. Refused attempts never touch that allowance:
+//! they spend a budget of their own per source address, and a source that
+//! spent it is answered 429 without its credential being looked at, until
+//! the budget refills. A flood of bad credentials therefore costs its source
+//! its own access and nothing else.
+//!
+//! The source is the peer's address, or, when the peer is a proxy the
+//! operator trusts (`[proxy] trusted`), the client address it reports in
+//! `X-Forwarded-For`: agents arriving through one proxy are not limited as
+//! one.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use http::HeaderMap;
+use proto::budget::TokenBucket;
+
+/// Sources whose refused attempts are remembered at once. A source's entry
+/// is forgotten once its budget refilled; with more sources than this in
+/// debt, new ones are not tracked (they still never reach the agents'
+/// allowance).
+const MAX_SOURCES: usize = 16 * 1024;
+
+/// A network in CIDR form (`10.0.0.0/8`, `::1/128`, or a bare address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "String")]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        format!("{}/{}", c.addr, c.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| format!("{s:?} is not an address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (a dual-stack listener) as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The key a source's budget is kept under: the address, or for IPv6 its
+/// /64 (one host commonly holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & (u128::MAX << 64);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+/// The proxies whose forwarding headers are believed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TrustedProxies(pub Vec<Cidr>);
+
+impl TrustedProxies {
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+
+    /// The client a request came from: `peer`, or when `peer` is trusted,
+    /// the right-most address in `X-Forwarded-For` that is not itself a
+    /// trusted proxy (each proxy appends the address it saw, so entries to
+    /// the left of the last untrusted one may be forged).
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let mut hops = Vec::new();
+        for value in headers.get_all("x-forwarded-for") {
+            let Ok(text) = value.to_str() else { return peer };
+            for hop in text.split(',') {
+                match hop.trim().parse::<IpAddr>() {
+                    Ok(ip) => hops.push(ip),
+                    Err(_) => return peer,
+                }
+            }
+        }
+        hops.iter()
+            .rev()
+            .copied()
+            .find(|ip| !self.trusts(*ip))
+            .or(hops.first().copied())
+            .unwrap_or(peer)
+    }
+}
+
+/// The decision on one agent handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go ahead.
+    Admit,
+    /// The source spent its budget of refused attempts: 429, retry after
+    /// this many seconds.
+    SourceBlocked { retry_after: u64 },
+    /// Valid, but the agents' allowance is spent this second: 503.
+    Busy,
+}
+
+/// Handshake admission state of one relay.
+#[derive(Debug)]
+pub struct Admission {
+    agents: Mutex<TokenBucket>,
+    refused: Mutex<HashMap<IpAddr, TokenBucket>>,
+    refused_rate: f64,
+    refused_burst: u32,
+}
+
+impl Admission {
+    /// `agents_per_second` handshakes with valid credentials; per source,
+    /// `refused_burst` refused attempts, then `refused_per_minute`.
+    pub fn new(agents_per_second: u32, refused_burst: u32, refused_per_minute: u32) -> Self {
+        let now = Instant::now();
+        Self {
+            agents: Mutex::new(TokenBucket::new(
+                f64::from(agents_per_second),
+                agents_per_second,
+                now,
+            )),
+            refused: Mutex::new(HashMap::new()),
+            refused_rate: f64::from(refused_per_minute) / 60.0,
+            refused_burst,
+        }
+    }
+
+    /// Before the credential is looked at: has `source` spent its budget?
+    pub fn check_source(&self, source: IpAddr, now: Instant) -> Verdict {
+        let mut map = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get_mut(&source_key(source)) {
+            Some(bucket) => match bucket.wait_secs(now) {
+                w if w > 0.0 => Verdict::SourceBlocked { retry_after: w.ceil() as u64 },
+                _ => Verdict::Admit,
+            },
+            None => Verdict::Admit,
+        }
+    }
+
+    /// The credential was refused: charge `source`.
+    pub fn refused(&self, source: IpAddr, now: Instant) {
+        let key = source_key(source);
+        let mut map = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        if !map.contains_key(&key) && map.len() >= MAX_SOURCES {
+            map.retain(|_, b| !b.is_full(now));
+            if map.len() >= MAX_SOURCES {
+                return;
+            }
+        }
+        let (rate, burst) = (self.refused_rate, self.refused_burst);
+        map.entry(key).or_insert_with(|| TokenBucket::new(rate, burst, now)).take(now);
+    }
+
+    /// The credential is valid: take one of the agents' allowance.
+    pub fn admit_agent(&self, now: Instant) -> Verdict {
+        let mut bucket = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        if bucket.take(now) { Verdict::Admit } else { Verdict::Busy }
+    }
+
+    /// Sources with refused attempts remembered (for tests and metrics).
+    pub fn tracked_sources(&self) -> usize {
+        self.refused.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let net: Cidr = "10.1.0.0/16".parse().expect("valid");
+        assert!(net.contains(ip("10.1.200.3")));
+        assert!(!net.contains(ip("10.2.0.1")));
+        assert!(net.contains(ip("::ffff:10.1.0.9")));
+        let one: Cidr = "127.0.0.1".parse().expect("valid");
+        assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
+        let v6: Cidr = "fd00::/8".parse().expect("valid");
+        assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
+        assert!("0.0.0.0/0".parse::<Cidr>().expect("valid").contains(ip("8.8.8.8")));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("example.com".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxies = TrustedProxies(vec!["10.0.0.0/8".parse().expect("valid")]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.9, 198.51.100.7, 10.0.0.2".parse().expect("v"));
+        // From the proxy: the right-most untrusted hop.
+        assert_eq!(proxies.client(ip("10.0.0.1"), &h), ip("198.51.100.7"));
+        // From anyone else: the peer, whatever the header says.
+        assert_eq!(proxies.client(ip("192.0.2.1"), &h), ip("192.0.2.1"));
+        h.insert("x-forwarded-for", "garbage".parse().expect("v"));
+        assert_eq!(proxies.client(ip("10.0.0.1"), &h), ip("10.0.0.1"));
+        assert_eq!(proxies.client(ip("10.0.0.1"), &HeaderMap::new()), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn refused_attempts_block_only_their_source_and_never_the_agents_allowance() {
+        let t0 = Instant::now();
+        let a = Admission::new(2, 5, 60);
+        let bad = ip("192.0.2.1");
+        for _ in 0..5 {
+            assert_eq!(a.check_source(bad, t0), Verdict::Admit);
+            a.refused(bad, t0);
+        }
+        assert!(matches!(a.check_source(bad, t0), Verdict::SourceBlocked { retry_after: 1 }));
+        assert_eq!(a.check_source(ip("192.0.2.2"), t0), Verdict::Admit);
+        assert_eq!(a.admit_agent(t0), Verdict::Admit);
+        assert_eq!(a.admit_agent(t0), Verdict::Admit);
+        assert_eq!(a.admit_agent(t0), Verdict::Busy);
+        assert_eq!(a.check_source(bad, t0 + Duration::from_secs(1)), Verdict::Admit);
+    }
+
+    #[test]
+    fn ipv6_sources_are_budgeted_per_64() {
+        let t0 = Instant::now();
+        let a = Admission::new(1, 1, 1);
+        a.refused(ip("2001:db8::1"), t0);
+        assert!(matches!(a.check_source(ip("2001:db8::ffff"), t0), Verdict::SourceBlocked { .. }));
+        assert_eq!(a.check_source(ip("2001:db8:0:1::1"), t0), Verdict::Admit);
+    }
+}

@@ -408,6 +408,8 @@ impl Session {
                             CloseCode::Size,
                             "relay sent a message above the size limit",
                         ),
+                        Error::Protocol(_) => self
+                            .close_with(CloseCode::Protocol, "relay broke the WebSocket protocol"),
                         _ => {}
                     }
                     return SessionEnd::Lost(format!("socket error: {e}"));
@@ -514,6 +516,9 @@ impl Session {
             }
             Message::Error(e) => {
                 if e.id.is_empty() {
+                    // A report that one of our frames was refused: it costs
+                    // the peer's refusal budget, so it cannot flood the log.
+                    self.lock_budget().refusal(now)?;
                     warn!(session = %self.id, code = e.code, error = %e.error, "relay reported an error");
                 } else if let Some(entry) = self.remove_stream(e.id.as_str()) {
                     entry.cancel.cancel();

@@ -639,6 +639,9 @@ impl Session {
             }
             Message::Error(e) => {
                 if e.id.is_empty() {
+                    // A report that one of our frames was refused: it costs
+                    // the peer's refusal budget, so it cannot flood the log.
+                    self.lock_budget().refusal(now)?;
                     warn!(session = %self.id, code = e.code, error = %e.error, "agent reported an error");
                 } else {
                     let code = if (400..=599).contains(&e.code) { e.code } else { 502 };

@@ -525,6 +525,22 @@ async fn a_flood_of_invalid_frames_closes_the_session_with_a_policy_violation() 
 }
 
 #[tokio::test]
+async fn a_flood_of_session_error_reports_closes_the_session_instead_of_flooding_the_log() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let mut agent = RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default())
+        .await
+        .expect("connect");
+    let report = Message::error("", 400, "malformed_message: you sent garbage").encode();
+    for _ in 0..10_000 {
+        if agent.try_send_text(&report).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(agent.closed(T).await, Some(1008));
+}
+
+#[tokio::test]
 async fn a_truncated_upstream_body_delivers_what_arrived_then_ends_with_an_error() {
     let (relay, _agent, _standin) = relay_agent_standin(|_| {}).await;
     // NDJSON: the lines that arrived, then an error line, then a clean end.

@@ -490,54 +490,40 @@ async fn invalid_utf8_closes_the_session_with_1007_and_oversized_messages_with_1
     assert_eq!(agent.closed(T).await, Some(1009));
 }
 
-#[tokio::test]
-async fn a_ping_flood_closes_the_session_with_a_policy_violation() {
+/// Sends `count` text frames made by `frame(i)` without reading a reply
+/// (stopping when the relay closed), and returns the close code.
+async fn flood(count: usize, frame: impl Fn(usize) -> String) -> Option<u16> {
     init_logging();
     let relay = TestRelay::start(&["alice"]).await;
     let mut agent = RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default())
         .await
         .expect("connect");
-    // 5,000 pings, replies unread.
-    for i in 0..5000 {
-        if agent.try_send_text(&Message::ping(format!("p{i}")).encode()).await.is_err() {
+    for i in 0..count {
+        if agent.try_send_text(&frame(i)).await.is_err() {
             break;
         }
     }
-    assert_eq!(agent.closed(T).await, Some(1008));
-    assert_eq!(relay.relay.hub().len(), 0);
+    let code = agent.closed(T).await;
+    tokio::time::timeout(WAIT, relay.relay.hub().wait_until(|h| h.is_empty()))
+        .await
+        .expect("the session left the hub");
+    code
+}
+
+#[tokio::test]
+async fn a_ping_flood_closes_the_session_with_a_policy_violation() {
+    assert_eq!(flood(5000, |i| Message::ping(format!("p{i}")).encode()).await, Some(1008));
 }
 
 #[tokio::test]
 async fn a_flood_of_invalid_frames_closes_the_session_with_a_policy_violation() {
-    init_logging();
-    let relay = TestRelay::start(&["alice"]).await;
-    let mut agent = RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default())
-        .await
-        .expect("connect");
-    // 10,000 invalid frames, refusals unread.
-    for _ in 0..10_000 {
-        if agent.try_send_text("not json").await.is_err() {
-            break;
-        }
-    }
-    assert_eq!(agent.closed(T).await, Some(1008));
-    assert_eq!(relay.relay.hub().len(), 0);
+    assert_eq!(flood(10_000, |_| "not json".to_owned()).await, Some(1008));
 }
 
 #[tokio::test]
 async fn a_flood_of_session_error_reports_closes_the_session_instead_of_flooding_the_log() {
-    init_logging();
-    let relay = TestRelay::start(&["alice"]).await;
-    let mut agent = RawAgent::connect(&relay.ws_url(), &agent_token("alice"), Limits::default())
-        .await
-        .expect("connect");
     let report = Message::error("", 400, "malformed_message: you sent garbage").encode();
-    for _ in 0..10_000 {
-        if agent.try_send_text(&report).await.is_err() {
-            break;
-        }
-    }
-    assert_eq!(agent.closed(T).await, Some(1008));
+    assert_eq!(flood(10_000, |_| report.clone()).await, Some(1008));
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::Uri;
 use serde::{Deserialize, Serialize};
 
-use proto::Limits;
+use tunnel_proto::Limits;
 
 /// The TOML file as written by the owner. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -172,14 +172,14 @@ impl ConfigFile {
                     return Err(ConfigError::Invalid("ping_interval must be positive".into()));
                 }
                 Some(d) => d,
-                None => proto::liveness::DEFAULT_PING_INTERVAL,
+                None => tunnel_proto::liveness::DEFAULT_PING_INTERVAL,
             },
             max_missed_pings: match self.liveness.max_missed_pings {
                 Some(0) => {
                     return Err(ConfigError::Invalid("max_missed_pings must be at least 1".into()));
                 }
                 Some(n) => n,
-                None => proto::liveness::DEFAULT_MAX_MISSED,
+                None => tunnel_proto::liveness::DEFAULT_MAX_MISSED,
             },
             metrics_listen: self.metrics_listen,
             ca_file: self.tls.ca_file,

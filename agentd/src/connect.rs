@@ -14,7 +14,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use rustls::pki_types::ServerName;
 
-use proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
+use tunnel_proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
 
 use crate::Config;
 
@@ -93,7 +93,7 @@ async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
 
     let limits = &config.limits;
     let max = (limits.max_control_bytes as usize)
-        .max(limits.max_chunk_bytes as usize + 2 + proto::limits::MAX_ID_LEN);
+        .max(limits.max_chunk_bytes as usize + 2 + tunnel_proto::limits::MAX_ID_LEN);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(64 * 1024)

@@ -26,8 +26,10 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use proto::flow::{Inbox, SendWindow, StreamAbort};
-use proto::{Headers, Message, RequestBody, ResponseHeadMsg, StreamId, TunnelRequest, frame};
+use tunnel_proto::flow::{Inbox, SendWindow, StreamAbort};
+use tunnel_proto::{
+    Headers, Message, RequestBody, ResponseHeadMsg, StreamId, TunnelRequest, frame,
+};
 
 use crate::session::Session;
 

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use proto::flow::BufferGauge;
+use tunnel_proto::flow::BufferGauge;
 
 pub use config::{Config, ConfigFile};
 

@@ -25,13 +25,13 @@ use tokio_util::task::AbortOnDropHandle;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use proto::budget::{Flood, PeerBudget};
-use proto::error::Rejected;
-use proto::flow::{
+use tunnel_proto::budget::{Flood, PeerBudget};
+use tunnel_proto::error::Rejected;
+use tunnel_proto::flow::{
     BufferGauge, ControlQueue, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
 };
-use proto::liveness::{Beat, Heartbeat};
-use proto::{Limits, Message, ProtocolError, RequestBody, StreamId, Violation, frame};
+use tunnel_proto::liveness::{Beat, Heartbeat};
+use tunnel_proto::{Limits, Message, ProtocolError, RequestBody, StreamId, Violation, frame};
 
 use crate::forward::{self, Upstream};
 
@@ -274,7 +274,7 @@ impl Session {
     /// Returns request-body credit to the relay.
     pub fn grant(&self, id: &StreamId, credit: u32) {
         if !self.is_closed() {
-            self.push_urgent(Message::WindowUpdate(proto::WindowUpdate {
+            self.push_urgent(Message::WindowUpdate(tunnel_proto::WindowUpdate {
                 id: id.as_str().to_owned(),
                 credit,
             }));
@@ -483,7 +483,7 @@ impl Session {
             Err(e) => {
                 // A refused request is answered for its stream, so its web
                 // client gets a 4xx at once instead of waiting for a timeout.
-                let peek = proto::message::Peek::of(text);
+                let peek = tunnel_proto::message::Peek::of(text);
                 let id = peek.stream_id();
                 if peek.kind.as_deref() == Some("http_request")
                     && let Some(id) = id
@@ -570,7 +570,7 @@ impl Session {
 
     fn start(
         self: &Arc<Self>,
-        req: proto::TunnelRequest,
+        req: tunnel_proto::TunnelRequest,
         upstream: &Arc<Upstream>,
         tasks: &TaskTracker,
     ) {

@@ -1,13 +1,13 @@
 //! Every message of the protocol: the original five exactly as specified,
 //! the version-1 extensions, and each validation rule.
 
-use proto::{Limits, Message, Violation};
+use tunnel_proto::{Limits, Message, Violation};
 
 fn limits() -> Limits {
     Limits::default()
 }
 
-fn decode(text: &str) -> Result<Message, proto::ProtocolError> {
+fn decode(text: &str) -> Result<Message, tunnel_proto::ProtocolError> {
     Message::decode(text, &limits())
 }
 
@@ -66,9 +66,9 @@ fn original_response_with_null_or_missing_body_is_an_empty_body() {
 
 #[test]
 fn request_built_from_parts_matches_the_original_shape() {
-    let id = proto::StreamId::new("req_1").expect("valid id");
-    let headers = proto::Headers(vec![("content-type".into(), "application/json".into())]);
-    let msg = Message::HttpRequest(proto::HttpRequestMsg::new(
+    let id = tunnel_proto::StreamId::new("req_1").expect("valid id");
+    let headers = tunnel_proto::Headers(vec![("content-type".into(), "application/json".into())]);
+    let msg = Message::HttpRequest(tunnel_proto::HttpRequestMsg::new(
         &id,
         &http::Method::POST,
         "/api/chat?x=1",

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use proto::{Headers, Limits, Message, frame};
+use tunnel_proto::{Headers, Limits, Message, frame};
 
 fn id() -> impl Strategy<Value = String> {
     "[A-Za-z0-9._:-]{1,64}"
@@ -20,7 +20,7 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (id(), "[A-Z]{1,10}", "/[a-z0-9/?=&]{0,40}", headers(), prop::option::of(any::<String>()))
             .prop_map(|(id, method, path, headers, body)| {
-                Message::HttpRequest(proto::HttpRequestMsg {
+                Message::HttpRequest(tunnel_proto::HttpRequestMsg {
                     id,
                     method,
                     path,
@@ -30,26 +30,39 @@ fn message() -> impl Strategy<Value = Message> {
                 })
             }),
         (id(), 200u16..600, headers(), any::<String>()).prop_map(|(id, status, headers, body)| {
-            Message::HttpResponse(proto::HttpResponseMsg { id, status, headers, body: Some(body) })
+            Message::HttpResponse(tunnel_proto::HttpResponseMsg {
+                id,
+                status,
+                headers,
+                body: Some(body),
+            })
         }),
         (id(), 200u16..600, headers(), any::<bool>()).prop_map(
             |(id, status, headers, body_follows)| {
-                Message::ResponseHead(proto::ResponseHeadMsg { id, status, headers, body_follows })
+                Message::ResponseHead(tunnel_proto::ResponseHeadMsg {
+                    id,
+                    status,
+                    headers,
+                    body_follows,
+                })
             }
         ),
         (id(), "[ -~]{0,30}")
-            .prop_map(|(id, timestamp)| Message::Ping(proto::Ping { id, timestamp })),
+            .prop_map(|(id, timestamp)| Message::Ping(tunnel_proto::Ping { id, timestamp })),
         (id(), "[ -~]{0,30}")
-            .prop_map(|(id, timestamp)| Message::Pong(proto::Ping { id, timestamp })),
-        (id(), ".{0,100}", 100u16..600)
-            .prop_map(|(id, error, code)| Message::Error(proto::ErrorMsg { id, error, code })),
-        (id(), ".{0,100}").prop_map(|(id, reason)| Message::Cancel(proto::Cancel { id, reason })),
-        (id(), 1u32..=0x7fff_ffff)
-            .prop_map(|(id, credit)| Message::WindowUpdate(proto::WindowUpdate { id, credit })),
+            .prop_map(|(id, timestamp)| Message::Pong(tunnel_proto::Ping { id, timestamp })),
+        (id(), ".{0,100}", 100u16..600).prop_map(|(id, error, code)| Message::Error(
+            tunnel_proto::ErrorMsg { id, error, code }
+        )),
+        (id(), ".{0,100}")
+            .prop_map(|(id, reason)| Message::Cancel(tunnel_proto::Cancel { id, reason })),
+        (id(), 1u32..=0x7fff_ffff).prop_map(|(id, credit)| Message::WindowUpdate(
+            tunnel_proto::WindowUpdate { id, credit }
+        )),
         (".{0,100}", prop::option::of(any::<u64>())).prop_map(|(reason, retry_after_ms)| {
-            Message::Goaway(proto::Goaway { reason, retry_after_ms })
+            Message::Goaway(tunnel_proto::Goaway { reason, retry_after_ms })
         }),
-        id().prop_map(|id| Message::Ack(proto::Ack { id })),
+        id().prop_map(|id| Message::Ack(tunnel_proto::Ack { id })),
     ]
 }
 
@@ -72,7 +85,7 @@ proptest! {
 
     #[test]
     fn json_shaped_input_never_panics(
-        kind in prop::sample::select(proto::message::KNOWN_TYPES),
+        kind in prop::sample::select(tunnel_proto::message::KNOWN_TYPES),
         fields in prop::collection::vec(("[a-z_]{1,12}", any::<i64>()), 0..6),
     ) {
         let mut obj = serde_json::Map::new();

@@ -19,7 +19,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use http::HeaderMap;
-use proto::budget::TokenBucket;
+use tunnel_proto::budget::TokenBucket;
 
 /// Sources whose refused attempts are remembered at once. A source's entry
 /// is forgotten once its budget refilled; with more sources than this in

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use proto::flow::{Inbox, StreamAbort};
+use tunnel_proto::flow::{Inbox, StreamAbort};
 
 use crate::response::{Trailer, code_for_status};
 use crate::session::StreamGuard;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use proto::Limits;
+use tunnel_proto::Limits;
 
 /// The TOML file as written by the operator. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -281,8 +281,8 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
-            ping_interval: proto::liveness::DEFAULT_PING_INTERVAL,
-            max_missed_pings: proto::liveness::DEFAULT_MAX_MISSED,
+            ping_interval: tunnel_proto::liveness::DEFAULT_PING_INTERVAL,
+            max_missed_pings: tunnel_proto::liveness::DEFAULT_MAX_MISSED,
         }
     }
 }

@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tracing::debug;
 
-use proto::flow::{SendWindow, StreamAbort};
-use proto::{Headers, HttpRequestMsg, Message, StreamId, Violation, frame};
+use tunnel_proto::flow::{SendWindow, StreamAbort};
+use tunnel_proto::{Headers, HttpRequestMsg, Message, StreamId, Violation, frame};
 
 use crate::Shared;
 use crate::body::RelayBody;
@@ -110,7 +110,7 @@ pub async fn forward(
     if let Err(e) = msg.check(session.peer_limits()) {
         guard.complete();
         let status = match e.kind {
-            Violation::InvalidPath if target.len() > proto::limits::MAX_PATH_LEN => {
+            Violation::InvalidPath if target.len() > tunnel_proto::limits::MAX_PATH_LEN => {
                 StatusCode::URI_TOO_LONG
             }
             Violation::TooManyHeaders | Violation::HeadersTooLarge => {

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{info, warn};
 
-use proto::{Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
+use tunnel_proto::{Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
 
 use crate::admission::Verdict;
 use crate::body::RelayBody;
@@ -355,9 +355,9 @@ fn accept_agent(
 pub fn ws_config(limits: &Limits, v1: bool) -> WebSocketConfig {
     let max = if v1 {
         (limits.max_control_bytes as usize)
-            .max(limits.max_chunk_bytes as usize + 2 + proto::limits::MAX_ID_LEN)
+            .max(limits.max_chunk_bytes as usize + 2 + tunnel_proto::limits::MAX_ID_LEN)
     } else {
-        proto::limits::LEGACY_MAX_MESSAGE_BYTES
+        tunnel_proto::limits::LEGACY_MAX_MESSAGE_BYTES
     };
     WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
@@ -418,7 +418,10 @@ async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v
 }
 
 /// Reads the agent's `hello` within the configured time.
-async fn handshake(shared: &Shared, socket: &mut AgentSocket) -> Result<proto::Hello, String> {
+async fn handshake(
+    shared: &Shared,
+    socket: &mut AgentSocket,
+) -> Result<tunnel_proto::Hello, String> {
     let first = tokio::time::timeout(shared.config.hello_timeout, socket.next())
         .await
         .map_err(|_| "no hello from the agent in time".to_owned())?;

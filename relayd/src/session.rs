@@ -26,13 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
-use proto::budget::{Flood, PeerBudget};
-use proto::error::Rejected;
-use proto::flow::{
+use tunnel_proto::budget::{Flood, PeerBudget};
+use tunnel_proto::error::Rejected;
+use tunnel_proto::flow::{
     BufferGauge, ControlQueue, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
 };
-use proto::liveness::{Beat, Heartbeat};
-use proto::{Limits, Message, ProtocolError, StreamId, Violation, frame};
+use tunnel_proto::liveness::{Beat, Heartbeat};
+use tunnel_proto::{Limits, Message, ProtocolError, StreamId, Violation, frame};
 
 /// Frames queued for the writer. Small: a full queue makes request senders
 /// wait (backpressure), while cancels and credit bypass it.
@@ -346,7 +346,7 @@ impl Session {
     /// closed at the end of the drain.
     pub fn goaway(&self, reason: &str, retry: Duration) {
         if self.goaway && !self.is_closed() {
-            self.push_urgent(Message::Goaway(proto::Goaway {
+            self.push_urgent(Message::Goaway(tunnel_proto::Goaway {
                 reason: reason.to_owned(),
                 retry_after_ms: Some(retry.as_millis() as u64),
             }));
@@ -358,7 +358,7 @@ impl Session {
         if self.is_legacy() || self.is_closed() {
             return;
         }
-        self.push_urgent(Message::WindowUpdate(proto::WindowUpdate {
+        self.push_urgent(Message::WindowUpdate(tunnel_proto::WindowUpdate {
             id: id.as_str().to_owned(),
             credit,
         }));
@@ -587,7 +587,7 @@ impl Session {
     fn read_limits(&self) -> Limits {
         if self.is_legacy() {
             Limits {
-                max_control_bytes: proto::limits::LEGACY_MAX_MESSAGE_BYTES as u32,
+                max_control_bytes: tunnel_proto::limits::LEGACY_MAX_MESSAGE_BYTES as u32,
                 ..self.local
             }
         } else {
@@ -599,7 +599,7 @@ impl Session {
         let msg = match Message::decode(text, &self.read_limits()) {
             Ok(m) => m,
             Err(e) => {
-                return Err(match proto::message::Peek::of(text).stream_id() {
+                return Err(match tunnel_proto::message::Peek::of(text).stream_id() {
                     Some(id) => Rejected::on(id, e),
                     None => e.into(),
                 });

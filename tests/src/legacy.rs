@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
-use proto::{Headers, HttpResponseMsg, Limits, Message};
+use tunnel_proto::{Headers, HttpResponseMsg, Limits, Message};
 
 /// A running original-protocol agent; disconnects when dropped.
 pub struct LegacyAgent {
@@ -77,7 +77,7 @@ impl Drop for LegacyAgent {
 async fn forward(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     upstream: &str,
-    req: proto::HttpRequestMsg,
+    req: tunnel_proto::HttpRequestMsg,
 ) -> Message {
     let id = req.id.clone();
     let mut builder =

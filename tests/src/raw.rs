@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
+use tunnel_proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
 
 pub struct RawAgent {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -22,7 +22,7 @@ pub struct RawAgent {
 #[derive(Debug)]
 pub enum Received {
     Msg(Message),
-    Data(proto::frame::DataFrame),
+    Data(tunnel_proto::frame::DataFrame),
     Closed(Option<u16>),
 }
 
@@ -95,7 +95,7 @@ impl RawAgent {
     }
 
     pub async fn send_data(&mut self, id: &str, end: bool, payload: &[u8]) {
-        self.send_binary(proto::frame::encode(id, end, payload)).await;
+        self.send_binary(tunnel_proto::frame::encode(id, end, payload)).await;
     }
 
     /// The next message or body frame from the relay (WebSocket pings are
@@ -114,7 +114,7 @@ impl RawAgent {
                 }
                 Some(Ok(Ws::Binary(b))) => {
                     return Received::Data(
-                        proto::frame::decode(&b, 1 << 20).expect("relay sent a valid frame"),
+                        tunnel_proto::frame::decode(&b, 1 << 20).expect("relay sent a valid frame"),
                     );
                 }
                 Some(Ok(Ws::Close(f))) => return Received::Closed(f.map(|f| u16::from(f.code))),

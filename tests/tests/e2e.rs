@@ -231,7 +231,7 @@ async fn binary_body_of_100_mib_round_trips_byte_exact_with_bounded_buffers() {
     }
     assert_eq!(off, SIZE);
     let secs = started.elapsed().as_secs_f64();
-    let window = proto::limits::DEFAULT_INITIAL_WINDOW as usize;
+    let window = tunnel_proto::limits::DEFAULT_INITIAL_WINDOW as usize;
     let relay_peak = s.relay.relay.buffered().peak();
     let agent_peak = s.agent.agent.buffered().peak();
     println!(
@@ -461,7 +461,7 @@ async fn slow_reader_keeps_buffers_within_the_window() {
         }
     }
     assert_eq!(got, SIZE);
-    let window = proto::limits::DEFAULT_INITIAL_WINDOW as usize;
+    let window = tunnel_proto::limits::DEFAULT_INITIAL_WINDOW as usize;
     let relay_peak = s.relay.relay.buffered().peak();
     println!("slow reader: relay buffered (bytes, process RSS KiB) while paused: {samples:?}");
     println!(
@@ -485,7 +485,7 @@ async fn a_stalled_reader_does_not_stall_other_streams() {
     let session = s.relay.wait_for_agent("alice").await;
     tokio::time::timeout(WAIT, async {
         while s.relay.relay.buffered().current()
-            < proto::limits::DEFAULT_INITIAL_WINDOW as usize / 2
+            < tunnel_proto::limits::DEFAULT_INITIAL_WINDOW as usize / 2
         {
             tokio::task::yield_now().await;
         }

@@ -20,7 +20,7 @@ use tunnel_tests::{
     read_until_closed, send_raw, send_raw_from,
 };
 
-use proto::{Headers, Limits, Message, ResponseHeadMsg};
+use tunnel_proto::{Headers, Limits, Message, ResponseHeadMsg};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -287,7 +287,7 @@ async fn a_duplicate_response_head_ends_the_stream_and_nothing_after_it_reaches_
         let Message::HttpRequest(req) = agent.recv_msg(T).await else {
             panic!("expected a request")
         };
-        let id = proto::StreamId::new(req.id.clone()).expect("id");
+        let id = tunnel_proto::StreamId::new(req.id.clone()).expect("id");
         let ct = if ndjson { "application/x-ndjson" } else { "application/octet-stream" };
         let headers = Headers(vec![("content-type".into(), ct.into())]);
         let head = ResponseHeadMsg::new(&id, http::StatusCode::OK, headers, true);
@@ -572,7 +572,7 @@ async fn a_failed_event_stream_ends_with_an_error_event_the_openai_sdk_raises() 
     relay.wait_for_agent("alice").await;
     let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/v1/chat/completions")));
     let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
-    let id = proto::StreamId::new(req.id.clone()).expect("id");
+    let id = tunnel_proto::StreamId::new(req.id.clone()).expect("id");
     let headers = Headers(vec![("content-type".into(), "text/event-stream".into())]);
     agent
         .send(&Message::ResponseHead(ResponseHeadMsg::new(

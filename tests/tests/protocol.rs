@@ -9,7 +9,7 @@ use serde_json::Value;
 use tunnel_tests::raw::{RawAgent, Received};
 use tunnel_tests::{TestRelay, agent_token, init_logging, read_answer, send_raw};
 
-use proto::{Headers, Limits, Message, ResponseHeadMsg};
+use tunnel_proto::{Headers, Limits, Message, ResponseHeadMsg};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -36,7 +36,7 @@ fn expect_error(msg: Message, code: u16, name: &str) {
 #[tokio::test]
 async fn welcome_announces_version_limits_and_capabilities() {
     let (_relay, agent) = relay_and_raw_agent().await;
-    assert_eq!(agent.welcome.version, proto::PROTOCOL_VERSION);
+    assert_eq!(agent.welcome.version, tunnel_proto::PROTOCOL_VERSION);
     assert_eq!(agent.welcome.limits, Limits::default());
     assert!(agent.welcome.capabilities.iter().any(|c| c == "flow_control"));
 }
@@ -88,7 +88,7 @@ async fn an_invalid_response_head_fails_only_its_stream_with_502() {
     // The session still serves the next request.
     let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/ok")));
     let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
-    let id = proto::StreamId::new(req.id).unwrap();
+    let id = tunnel_proto::StreamId::new(req.id).unwrap();
     agent
         .send(&Message::ResponseHead(ResponseHeadMsg::new(
             &id,
@@ -112,7 +112,7 @@ async fn an_agent_that_overruns_its_window_loses_the_stream_and_is_cancelled() {
         (resp.status(), resp.bytes().await.map(|b| b.len()), relay)
     });
     let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
-    let id = proto::StreamId::new(req.id).unwrap();
+    let id = tunnel_proto::StreamId::new(req.id).unwrap();
     agent
         .send(&Message::ResponseHead(ResponseHeadMsg::new(
             &id,
@@ -207,7 +207,9 @@ async fn an_agent_without_hello_is_closed_with_a_protocol_error() {
     request
         .headers_mut()
         .insert("authorization", format!("Bearer {}", agent_token("alice")).parse().unwrap());
-    request.headers_mut().insert("sec-websocket-protocol", proto::SUBPROTOCOL.parse().unwrap());
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", tunnel_proto::SUBPROTOCOL.parse().unwrap());
     let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     use futures_util::StreamExt;
     let frame = tokio::time::timeout(T, socket.next()).await.unwrap();
@@ -231,9 +233,9 @@ async fn a_wrong_agent_token_is_refused_with_401() {
     assert!(err.to_string().contains("401"), "{err}");
 }
 
-async fn ndjson_head(agent: &mut RawAgent) -> proto::StreamId {
+async fn ndjson_head(agent: &mut RawAgent) -> tunnel_proto::StreamId {
     let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
-    let id = proto::StreamId::new(req.id).expect("relay ids are valid");
+    let id = tunnel_proto::StreamId::new(req.id).expect("relay ids are valid");
     let headers = Headers(vec![("content-type".into(), "application/x-ndjson".into())]);
     agent
         .send(&Message::ResponseHead(ResponseHeadMsg::new(
@@ -246,7 +248,7 @@ async fn ndjson_head(agent: &mut RawAgent) -> proto::StreamId {
     id
 }
 
-async fn expect_cancel(agent: &mut RawAgent, id: &proto::StreamId) -> String {
+async fn expect_cancel(agent: &mut RawAgent, id: &tunnel_proto::StreamId) -> String {
     loop {
         match agent.recv_msg(T).await {
             Message::Cancel(c) if c.id == id.as_str() => return c.reason,
@@ -356,7 +358,7 @@ async fn an_acknowledged_request_may_wait_past_the_ack_timeout_for_its_head() {
     // would have fired.
     tokio::time::sleep(ack_timeout + ack_timeout / 2).await;
     agent
-        .send(&Message::HttpResponse(proto::HttpResponseMsg {
+        .send(&Message::HttpResponse(tunnel_proto::HttpResponseMsg {
             id: req.id,
             status: 200,
             headers: Headers::default(),
@@ -370,7 +372,9 @@ async fn an_acknowledged_request_may_wait_past_the_ack_timeout_for_its_head() {
 
 /// Reads what the relay sends for one request: the `http_request` and the
 /// body frames up to the one with the end flag.
-async fn request_and_body(agent: &mut RawAgent) -> (proto::HttpRequestMsg, Vec<(bool, usize)>) {
+async fn request_and_body(
+    agent: &mut RawAgent,
+) -> (tunnel_proto::HttpRequestMsg, Vec<(bool, usize)>) {
     let Message::HttpRequest(req) = agent.recv_msg(T).await else { panic!("expected a request") };
     let mut frames = Vec::new();
     loop {

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let bytes = bytes::Bytes::copy_from_slice(data);
-    if let Ok(f) = proto::frame::decode(&bytes, 64 * 1024) {
-        assert_eq!(proto::frame::encode(&f.id, f.end, &f.payload), bytes);
+    if let Ok(f) = tunnel_proto::frame::decode(&bytes, 64 * 1024) {
+        assert_eq!(tunnel_proto::frame::encode(&f.id, f.end, &f.payload), bytes);
     }
 });

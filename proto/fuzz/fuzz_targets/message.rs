@@ -7,10 +7,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let limits = proto::Limits::default();
-    if let Ok(msg) = proto::Message::decode(text, &limits) {
+    let limits = tunnel_proto::Limits::default();
+    if let Ok(msg) = tunnel_proto::Message::decode(text, &limits) {
         let text = msg.encode();
-        let again = proto::Message::decode(&text, &limits).expect("re-encoded message decodes");
+        let again = tunnel_proto::Message::decode(&text, &limits).expect("re-encoded message decodes");
         assert_eq!(again.encode(), text);
     }
 });

@@ -36,7 +36,7 @@ use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
+use tunnel_proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
 use tunnel_tests::procs::{
     bin_dir, cpu_time, free_port, machine, path, proc_stats, reset_peak_rss, scrape, spawn,
 };

@@ -268,12 +268,16 @@ pub struct ControlQueue {
 pub struct QueueFull;
 
 impl ControlQueue {
-    /// A queue for a session of at most `max_streams` streams.
+    /// A queue for a session of at most `max_streams` streams: room for
+    /// their cancels and credit, and for every pong and refusal the peer's
+    /// budget allows at once (so a flood is told apart from a peer that
+    /// stopped reading).
     pub fn new(max_streams: usize) -> Self {
+        let replies = (crate::budget::PINGS_BURST + crate::budget::REFUSALS_BURST) as usize;
         Self {
             frames: Mutex::new(Vec::new()),
             notify: Notify::new(),
-            bound: 4 * max_streams.max(16),
+            bound: 4 * max_streams.max(16) + replies,
         }
     }
 
@@ -499,12 +503,13 @@ mod tests {
     #[tokio::test]
     async fn control_queue_wakes_the_writer_and_refuses_beyond_its_bound() {
         let q = ControlQueue::new(1);
-        for i in 0..64 {
+        let bound = 64 + (crate::budget::PINGS_BURST + crate::budget::REFUSALS_BURST) as usize;
+        for i in 0..bound {
             q.push(crate::Message::ping(format!("p{i}"))).expect("within the bound");
         }
         assert_eq!(q.push(crate::Message::ping("p")), Err(QueueFull));
         q.pushed().await;
-        assert_eq!(q.take().len(), 64);
+        assert_eq!(q.take().len(), bound);
         assert!(q.take().is_empty());
     }
 

@@ -16,6 +16,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::message::validate_id;
 use crate::{ProtocolError, Violation};
 
+/// The longest frame header: flags, id length and a 64-byte id.
+pub const MAX_HEADER_LEN: usize = 2 + crate::limits::MAX_ID_LEN;
+
 /// Flag bit: this frame ends the body.
 pub const FLAG_END: u8 = 0x01;
 const RESERVED: u8 = !FLAG_END;

@@ -83,6 +83,14 @@ impl Limits {
         Ok(())
     }
 
+    /// The largest WebSocket message a peer that announced these limits
+    /// may receive: a control message, or one body chunk with its frame
+    /// header (flags, id length, id).
+    pub fn max_message_bytes(&self) -> usize {
+        (self.max_control_bytes as usize)
+            .max(self.max_chunk_bytes as usize + crate::frame::MAX_HEADER_LEN)
+    }
+
     /// What a sender may put in one binary frame towards a peer that
     /// announced `peer`: the smaller of both chunk sizes.
     pub fn chunk_towards(&self, peer: &Limits) -> usize {

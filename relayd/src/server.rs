@@ -353,18 +353,11 @@ fn accept_agent(
 /// WebSocket limits for one agent: version-1 frames are small control
 /// messages or one body chunk; an original agent sends whole bodies.
 pub fn ws_config(limits: &Limits, v1: bool) -> WebSocketConfig {
-    let max = if v1 {
-        (limits.max_control_bytes as usize)
-            .max(limits.max_chunk_bytes as usize + 2 + tunnel_proto::limits::MAX_ID_LEN)
+    link::ws_config(if v1 {
+        limits.max_message_bytes()
     } else {
         tunnel_proto::limits::LEGACY_MAX_MESSAGE_BYTES
-    };
-    WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
+    })
 }
 
 async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v1: bool) {

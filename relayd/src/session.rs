@@ -1,59 +1,40 @@
-//! One agent's WebSocket session at the relay.
+//! One agent's session at the relay: the stream table over a [`Link`].
 //!
-//! A session owns the socket: a reader task that dispatches every incoming
-//! frame without ever waiting on a stream (flow control guarantees the
-//! per-stream inbox has room), and a writer task that batches outgoing frames
-//! (feed, then flush when the queue is empty). Streams are opened by web
-//! requests ([`Session::open`]) and live in the session's stream table until
-//! their response ends, the web client goes away, or the session closes.
+//! The link owns the socket (writer, reader, heartbeat, budgets, close
+//! codes); the session keeps what is the relay's: streams opened by web
+//! requests ([`Session::open`]), which live in the table until their
+//! response ends, the web client goes away, or the session closes, and what
+//! each message from the agent means for them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use link::{End, Handler, Link, LinkConfig, Outbound};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as Ws;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use tunnel_proto::budget::{Flood, PeerBudget};
+use tunnel_proto::budget::Flood;
 use tunnel_proto::error::Rejected;
 use tunnel_proto::flow::{
-    BufferGauge, ControlQueue, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
+    BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
 };
-use tunnel_proto::liveness::{Beat, Heartbeat};
-use tunnel_proto::{Limits, Message, ProtocolError, StreamId, Violation, frame};
-
-/// Frames queued for the writer. Small: a full queue makes request senders
-/// wait (backpressure), while cancels and credit bypass it.
-const OUT_QUEUE: usize = 64;
-/// Frames the writer feeds before it looks at urgent control frames again.
-const WRITE_BATCH: usize = 32;
+use tunnel_proto::frame::DataFrame;
+use tunnel_proto::{Limits, Message, ProtocolError, StreamId, Violation};
 
 pub type AgentSocket = WebSocketStream<TokioIo<Upgraded>>;
 
-/// A frame queued for the writer, with the stream it belongs to. The writer
-/// drops frames of streams that ended while they waited, so a `cancel` (which
-/// bypasses the queue) can never reach the agent before its `http_request`.
-pub struct Outbound {
-    stream: Option<StreamId>,
-    frame: Ws,
-    /// A frame that must follow `frame` in the same write (a small request
-    /// body behind its request).
-    then: Option<Ws>,
-}
+pub use link::Closed as SessionClosed;
 
-/// Why a session ended, as seen by its streams and in the close frame.
+/// Why a session ended, as its streams and the close frame tell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// A newer session for the same user took over.
@@ -74,10 +55,12 @@ pub enum CloseReason {
     Flooded(Flood),
     /// The agent stopped reading: replies to it piled up beyond the bound.
     NotReading,
+    /// An operator disconnected the tunnel.
+    OperatorDisconnect,
 }
 
 impl CloseReason {
-    fn text(self) -> &'static str {
+    pub fn text(self) -> &'static str {
         match self {
             CloseReason::Replaced => "agent session replaced by a newer connection",
             CloseReason::Disconnected => "agent disconnected",
@@ -89,30 +72,34 @@ impl CloseReason {
             CloseReason::Flooded(Flood::Pings) => "agent sent too many pings",
             CloseReason::Flooded(Flood::Refusals) => "agent sent too many invalid frames",
             CloseReason::NotReading => "agent is not reading the relay's messages",
+            CloseReason::OperatorDisconnect => "tunnel disconnected by the relay's operator",
         }
     }
 
+    /// The close code for a session the relay ends itself.
     fn close_code(self) -> CloseCode {
         match self {
             CloseReason::Replaced => CloseCode::Library(4000),
-            CloseReason::Disconnected => CloseCode::Normal,
             CloseReason::Shutdown => CloseCode::Away,
             CloseReason::ProtocolError => CloseCode::Protocol,
-            CloseReason::Unresponsive => CloseCode::Library(4001),
+            CloseReason::Unresponsive => CloseCode::Library(link::UNRESPONSIVE),
             CloseReason::InvalidData => CloseCode::Invalid,
             CloseReason::TooBig => CloseCode::Size,
             CloseReason::Flooded(_) | CloseReason::NotReading => CloseCode::Policy,
+            CloseReason::Disconnected | CloseReason::OperatorDisconnect => CloseCode::Normal,
         }
     }
 
-    /// Why a socket read failed, as a close reason (RFC 6455 7.4.1).
-    fn of_read_error(e: &tokio_tungstenite::tungstenite::Error) -> Self {
-        use tokio_tungstenite::tungstenite::Error;
-        match e {
-            Error::Utf8(_) => CloseReason::InvalidData,
-            Error::Capacity(_) => CloseReason::TooBig,
-            Error::Protocol(_) => CloseReason::ProtocolError,
-            _ => CloseReason::Disconnected,
+    /// How a link's end reads as a session's.
+    fn of(end: &End) -> Self {
+        match end {
+            End::Failed { code: Some(1007), .. } => CloseReason::InvalidData,
+            End::Failed { code: Some(1009), .. } => CloseReason::TooBig,
+            End::Failed { code: Some(1002), .. } => CloseReason::ProtocolError,
+            End::Flooded(f) => CloseReason::Flooded(*f),
+            End::NotReading => CloseReason::NotReading,
+            End::Unresponsive(_) => CloseReason::Unresponsive,
+            End::PeerClosed(_) | End::Failed { .. } | End::Closed => CloseReason::Disconnected,
         }
     }
 }
@@ -150,11 +137,6 @@ pub enum OpenError {
     Closed,
 }
 
-/// The session went away while a frame was being queued.
-#[derive(Debug, thiserror::Error)]
-#[error("agent session closed")]
-pub struct SessionClosed;
-
 struct Slot {
     head: Option<oneshot::Sender<Result<Head, StreamAbort>>>,
     ack: Option<oneshot::Sender<()>>,
@@ -174,17 +156,11 @@ pub struct Session {
     /// What this relay announced in `welcome`.
     local: Limits,
     max_streams: usize,
-    out: mpsc::Sender<Outbound>,
-    urgent: ControlQueue,
+    link: Arc<Link>,
     streams: Mutex<HashMap<String, Slot>>,
-    closed: CancellationToken,
     close_reason: Mutex<Option<CloseReason>>,
     next_id: AtomicU64,
     gauge: Arc<BufferGauge>,
-    heartbeat: Mutex<Heartbeat>,
-    /// Pings and refused frames the agent may still send.
-    budget: Mutex<PeerBudget>,
-    ping_interval: Duration,
     goaway: bool,
     acks: bool,
 }
@@ -217,12 +193,19 @@ pub struct SessionParams {
 }
 
 impl Session {
-    /// Creates the session and the receiver its writer task drains.
+    /// Creates the session and the receiver its writer drains.
     pub fn new(p: SessionParams) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
-        let (out, rx) = mpsc::channel(OUT_QUEUE);
         let max_streams = p.local.max_streams.min(p.peer.max_streams) as usize;
+        let id = new_session_id();
+        let (link, rx) = Link::new(LinkConfig {
+            label: id.clone(),
+            peer: "agent",
+            ping_interval: p.ping_interval,
+            max_missed: p.max_missed,
+            max_streams,
+        });
         let session = Arc::new(Self {
-            id: new_session_id(),
+            id,
             user: p.user,
             version: p.version,
             connected_at: SystemTime::now(),
@@ -230,16 +213,11 @@ impl Session {
             peer: p.peer,
             local: p.local,
             max_streams,
-            out,
-            urgent: ControlQueue::new(max_streams),
+            link,
             streams: Mutex::new(HashMap::new()),
-            closed: CancellationToken::new(),
             close_reason: Mutex::new(None),
             next_id: AtomicU64::new(1),
             gauge: p.gauge,
-            heartbeat: Mutex::new(Heartbeat::new(p.max_missed, Instant::now())),
-            budget: Mutex::new(PeerBudget::new(Instant::now())),
-            ping_interval: p.ping_interval,
             goaway: p.goaway,
             acks: p.acks,
         });
@@ -260,12 +238,17 @@ impl Session {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.link.is_closed()
     }
 
     /// Resolves once the session has closed.
     pub async fn closed(&self) {
-        self.closed.cancelled().await
+        self.link.closed().await
+    }
+
+    /// Last measured ping round-trip time to the agent.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.link.rtt()
     }
 
     fn lock_streams(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
@@ -321,12 +304,7 @@ impl Session {
         frame: Ws,
         then: Option<Ws>,
     ) -> Result<(), SessionClosed> {
-        let out = Outbound { stream: Some(id.clone()), frame, then };
-        tokio::select! {
-            biased;
-            _ = self.closed.cancelled() => Err(SessionClosed),
-            r = self.out.send(out) => r.map_err(|_| SessionClosed),
-        }
+        self.link.send(Outbound { stream: Some(id.clone()), frame, then }).await
     }
 
     /// The limits the agent announced in `hello` (defaults for original agents).
@@ -334,19 +312,12 @@ impl Session {
         &self.peer
     }
 
-    fn push_urgent(&self, msg: Message) {
-        if self.urgent.push(msg).is_err() {
-            warn!(session = %self.id, "control queue overflow; closing the session");
-            self.close(CloseReason::NotReading);
-        }
-    }
-
     /// Tells the agent the relay is draining: finish in-flight streams, then
     /// reconnect after `retry`. Agents that did not list `goaway` are simply
     /// closed at the end of the drain.
     pub fn goaway(&self, reason: &str, retry: Duration) {
         if self.goaway && !self.is_closed() {
-            self.push_urgent(Message::Goaway(tunnel_proto::Goaway {
+            self.link.push_urgent(Message::Goaway(tunnel_proto::Goaway {
                 reason: reason.to_owned(),
                 retry_after_ms: Some(retry.as_millis() as u64),
             }));
@@ -358,7 +329,7 @@ impl Session {
         if self.is_legacy() || self.is_closed() {
             return;
         }
-        self.push_urgent(Message::WindowUpdate(tunnel_proto::WindowUpdate {
+        self.link.push_urgent(Message::WindowUpdate(tunnel_proto::WindowUpdate {
             id: id.as_str().to_owned(),
             credit,
         }));
@@ -372,7 +343,7 @@ impl Session {
         }
         if !completed && slot.is_some() && !self.is_legacy() && !self.is_closed() {
             debug!(session = %self.id, stream = %id, reason, "cancelling stream");
-            self.push_urgent(Message::cancel(id.as_str(), reason));
+            self.link.push_urgent(Message::cancel(id.as_str(), reason));
         }
     }
 
@@ -386,7 +357,7 @@ impl Session {
             }
             *r = Some(reason);
         }
-        self.closed.cancel();
+        self.link.close(reason.close_code(), reason.text());
         let streams: Vec<Slot> = self.lock_streams().drain().map(|(_, s)| s).collect();
         let abort = StreamAbort::new(502, reason.text());
         for mut slot in streams {
@@ -407,181 +378,8 @@ impl Session {
 
     /// Runs the session until the socket closes or [`Session::close`].
     pub async fn run(self: Arc<Self>, socket: AgentSocket, rx: mpsc::Receiver<Outbound>) {
-        let (sink, stream) = socket.split();
-        // Aborted if this future is dropped, so the socket never outlives it.
-        let writer = AbortOnDropHandle::new(tokio::spawn(self.clone().write_loop(sink, rx)));
-        let reason = tokio::select! {
-            r = self.read_loop(stream) => r,
-            r = self.heartbeat() => r,
-        };
-        self.close(reason);
-        let _ = writer.await;
+        let _ = self.link.run(socket, rx, self.clone(), std::future::pending::<()>()).await;
         info!(session = %self.id, reason = self.close_reason().text(), "agent session ended");
-    }
-
-    async fn write_loop(
-        self: Arc<Self>,
-        mut sink: futures_util::stream::SplitSink<AgentSocket, Ws>,
-        mut rx: mpsc::Receiver<Outbound>,
-    ) {
-        let pump = async {
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = self.urgent.pushed() => {}
-                    out = rx.recv() => match out {
-                        Some(out) => self.feed(&mut sink, out).await?,
-                        None => break,
-                    },
-                }
-                loop {
-                    for msg in self.urgent.take() {
-                        sink.feed(Ws::text(msg.encode())).await?;
-                    }
-                    let mut fed = 0;
-                    while fed < WRITE_BATCH {
-                        let Ok(out) = rx.try_recv() else { break };
-                        self.feed(&mut sink, out).await?;
-                        fed += 1;
-                    }
-                    if fed < WRITE_BATCH {
-                        break;
-                    }
-                }
-                sink.flush().await?;
-            }
-            Ok::<(), tokio_tungstenite::tungstenite::Error>(())
-        };
-        // A write stuck on a socket nobody reads must not keep a closed
-        // session alive: closing interrupts it.
-        let result = tokio::select! {
-            r = pump => r,
-            _ = self.closed.cancelled() => Ok(()),
-        };
-        if let Err(e) = result {
-            debug!(session = %self.id, error = %e, "agent socket write failed");
-            self.close(CloseReason::Disconnected);
-            return;
-        }
-        let reason = self.close_reason();
-        let frame = CloseFrame { code: reason.close_code(), reason: reason.text().into() };
-        let close = async {
-            sink.send(Ws::Close(Some(frame))).await?;
-            sink.close().await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
-    }
-
-    /// Writes one queued frame unless its stream ended meanwhile.
-    async fn feed(
-        &self,
-        sink: &mut futures_util::stream::SplitSink<AgentSocket, Ws>,
-        out: Outbound,
-    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-        if let Some(id) = &out.stream
-            && !self.lock_streams().contains_key(id.as_str())
-        {
-            return Ok(());
-        }
-        sink.feed(out.frame).await?;
-        match out.then {
-            Some(then) => sink.feed(then).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Pings the agent every interval; ends the session when it stays silent.
-    async fn heartbeat(&self) -> CloseReason {
-        let mut tick = tokio::time::interval(self.ping_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let beat = self.lock_heartbeat().tick(Instant::now());
-            match beat {
-                Beat::Ping(ping) => self.push_urgent(ping),
-                Beat::Dead { silent_for } => {
-                    warn!(session = %self.id, ?silent_for, "agent stopped answering pings");
-                    return CloseReason::Unresponsive;
-                }
-            }
-        }
-    }
-
-    fn lock_heartbeat(&self) -> MutexGuard<'_, Heartbeat> {
-        self.heartbeat.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Last measured ping round-trip time to the agent.
-    pub fn rtt(&self) -> Option<Duration> {
-        self.lock_heartbeat().rtt()
-    }
-
-    async fn read_loop(
-        &self,
-        mut stream: futures_util::stream::SplitStream<AgentSocket>,
-    ) -> CloseReason {
-        loop {
-            let frame = tokio::select! {
-                biased;
-                _ = self.closed.cancelled() => return self.close_reason(),
-                f = stream.next() => f,
-            };
-            let frame = match frame {
-                Some(Ok(f)) => f,
-                Some(Err(e)) => {
-                    debug!(session = %self.id, error = %e, "agent socket read failed");
-                    return CloseReason::of_read_error(&e);
-                }
-                None => return CloseReason::Disconnected,
-            };
-            let now = Instant::now();
-            self.lock_heartbeat().heard(now);
-            let outcome = match frame {
-                Ws::Text(text) => self.on_text(&text, now),
-                Ws::Binary(data) => self.on_binary(&data),
-                Ws::Close(_) => return CloseReason::Disconnected,
-                // WebSocket-level pings cost the same as protocol pings.
-                Ws::Ping(_) => self.lock_budget().ping(now).map_err(Rejected::from),
-                Ws::Pong(_) | Ws::Frame(_) => Ok(()),
-            };
-            let flood = match outcome {
-                Ok(()) => continue,
-                Err(Rejected::Flood(flood)) => flood,
-                Err(Rejected::Frame { err, stream }) => match self.lock_budget().refusal(now) {
-                    Err(flood) => flood,
-                    Ok(()) => {
-                        self.refuse(err, stream);
-                        continue;
-                    }
-                },
-            };
-            warn!(session = %self.id, %flood, "closing the session");
-            return CloseReason::Flooded(flood);
-        }
-    }
-
-    /// Answers a refused frame with `error`. A refused frame that names a
-    /// live stream ends that stream, so its web client is not left waiting
-    /// or fed what followed; an unknown type is a newer peer's extension,
-    /// not a broken stream.
-    fn refuse(&self, err: ProtocolError, stream: Option<String>) {
-        warn!(session = %self.id, error = %err, "refused a frame from the agent");
-        if let Some(id) = stream
-            && err.kind != Violation::UnknownType
-        {
-            self.abort_stream(
-                &id,
-                StreamAbort::new(502, format!("agent sent an invalid frame: {err}")),
-            );
-        }
-        // Through the urgent list: the reader never waits on the writer, or
-        // two busy peers could each wait on the other.
-        self.push_urgent(Message::violation(None, &err));
-    }
-
-    fn lock_budget(&self) -> MutexGuard<'_, PeerBudget> {
-        self.budget.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn read_limits(&self) -> Limits {
@@ -595,58 +393,70 @@ impl Session {
         }
     }
 
-    fn on_text(&self, text: &str, now: Instant) -> Result<(), Rejected> {
-        let msg = match Message::decode(text, &self.read_limits()) {
-            Ok(m) => m,
-            Err(e) => {
-                return Err(match tunnel_proto::message::Peek::of(text).stream_id() {
-                    Some(id) => Rejected::on(id, e),
-                    None => e.into(),
-                });
+    /// Ends a stream from the relay's side and tells the agent to stop it.
+    pub fn abort_stream(&self, id: &str, abort: StreamAbort) {
+        let reason = abort.message.clone();
+        if self.fail_stream(id, abort) && !self.is_legacy() {
+            self.link.push_urgent(Message::cancel(id, reason));
+        }
+    }
+
+    /// Ends one stream with an error: before its head the web client gets
+    /// `abort.code`; after, its body is cut off.
+    /// Returns whether the stream was still live.
+    fn fail_stream(&self, id: &str, abort: StreamAbort) -> bool {
+        let Some(mut slot) = self.lock_streams().remove(id) else { return false };
+        slot.window.close();
+        match slot.head.take() {
+            Some(tx) => {
+                let _ = tx.send(Err(abort));
             }
+            None => slot.body.abort(abort),
+        }
+        true
+    }
+
+    /// A head (streamed or whole) for stream `id`.
+    fn deliver_head(&self, id: &StreamId, head: Head, ends: bool) -> Result<(), Rejected> {
+        let mut streams = self.lock_streams();
+        let Some(slot) = streams.get_mut(id.as_str()) else { return Ok(()) };
+        let Some(tx) = slot.head.take() else {
+            return Err(Rejected::on(
+                id.as_str(),
+                ProtocolError::new(Violation::StreamState, format!("second head for {id}")),
+            ));
         };
+        if ends {
+            slot.body.finish();
+            slot.window.close();
+            streams.remove(id.as_str());
+        }
+        let _ = tx.send(Ok(head));
+        Ok(())
+    }
+}
+
+impl Handler for Session {
+    fn read_limits(&self) -> Limits {
+        Session::read_limits(self)
+    }
+
+    fn on_message(&self, msg: Message) -> Result<(), Rejected> {
         match msg {
             Message::ResponseHead(m) => {
                 let body_follows = m.body_follows;
                 let head = m.into_head(&self.local)?;
-                let mut streams = self.lock_streams();
-                let Some(slot) = streams.get_mut(head.id.as_str()) else { return Ok(()) };
-                let Some(tx) = slot.head.take() else {
-                    return Err(second_head(&head.id));
-                };
-                if !body_follows {
-                    slot.body.finish();
-                    slot.window.close();
-                    streams.remove(head.id.as_str());
-                }
-                let _ =
-                    tx.send(Ok(Head { status: head.status, headers: head.headers, body: None }));
+                let h = Head { status: head.status, headers: head.headers, body: None };
+                self.deliver_head(&head.id, h, !body_follows)?;
             }
             Message::HttpResponse(m) => {
                 let (head, body) = m.into_parts(&self.local)?;
-                let mut streams = self.lock_streams();
-                let Some(slot) = streams.get_mut(head.id.as_str()) else { return Ok(()) };
-                let Some(tx) = slot.head.take() else {
-                    return Err(second_head(&head.id));
-                };
-                slot.window.close();
-                streams.remove(head.id.as_str());
-                let _ = tx.send(Ok(Head {
-                    status: head.status,
-                    headers: head.headers,
-                    body: Some(body),
-                }));
+                let h = Head { status: head.status, headers: head.headers, body: Some(body) };
+                self.deliver_head(&head.id, h, true)?;
             }
             Message::Error(e) => {
-                if e.id.is_empty() {
-                    // A report that one of our frames was refused: it costs
-                    // the peer's refusal budget, so it cannot flood the log.
-                    self.lock_budget().refusal(now)?;
-                    warn!(session = %self.id, code = e.code, error = %e.error, "agent reported an error");
-                } else {
-                    let code = if (400..=599).contains(&e.code) { e.code } else { 502 };
-                    self.fail_stream(&e.id, StreamAbort::new(code, e.error));
-                }
+                let code = if (400..=599).contains(&e.code) { e.code } else { 502 };
+                self.fail_stream(&e.id, StreamAbort::new(code, e.error));
             }
             Message::Cancel(c) => {
                 let why = if c.reason.is_empty() {
@@ -672,13 +482,6 @@ impl Session {
                     let _ = tx.send(());
                 }
             }
-            Message::Ping(p) => {
-                self.lock_budget().ping(now)?;
-                self.push_urgent(Message::pong(&p));
-            }
-            Message::Pong(p) => {
-                self.lock_heartbeat().pong(&p.id, now);
-            }
             Message::HttpRequest(m) => {
                 return Err(Rejected::on(
                     &m.id,
@@ -688,7 +491,11 @@ impl Session {
                     ),
                 ));
             }
-            Message::Hello(_) | Message::Welcome(_) | Message::Goaway(_) => {
+            Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::Goaway(_)
+            | Message::Ping(_)
+            | Message::Pong(_) => {
                 return Err(ProtocolError::new(
                     Violation::StreamState,
                     "message not allowed from an agent at this point",
@@ -699,7 +506,7 @@ impl Session {
         Ok(())
     }
 
-    fn on_binary(&self, data: &Bytes) -> Result<(), Rejected> {
+    fn on_data(&self, f: DataFrame) -> Result<(), Rejected> {
         if self.is_legacy() {
             return Err(ProtocolError::new(
                 Violation::MalformedFrame,
@@ -707,12 +514,6 @@ impl Session {
             )
             .into());
         }
-        let f = frame::decode(data, self.local.max_chunk_bytes as usize).map_err(|e| {
-            match frame::peek_id(data) {
-                Some(id) => Rejected::on(id, e),
-                None => e.into(),
-            }
-        })?;
         let mut streams = self.lock_streams();
         let Some(slot) = streams.get(f.id.as_str()) else {
             // Bytes already in flight when the stream was cancelled.
@@ -737,27 +538,19 @@ impl Session {
         Ok(())
     }
 
-    /// Ends a stream from the relay's side and tells the agent to stop it.
-    pub fn abort_stream(&self, id: &str, abort: StreamAbort) {
-        let reason = abort.message.clone();
-        if self.fail_stream(id, abort) && !self.is_legacy() {
-            self.push_urgent(Message::cancel(id, reason));
-        }
+    fn end_stream(&self, id: &str, err: &ProtocolError) {
+        self.abort_stream(id, StreamAbort::new(502, format!("agent sent an invalid frame: {err}")));
     }
 
-    /// Ends one stream with an error: before its head the web client gets
-    /// `abort.code`; after, its body is cut off.
-    /// Returns whether the stream was still live.
-    fn fail_stream(&self, id: &str, abort: StreamAbort) -> bool {
-        let Some(mut slot) = self.lock_streams().remove(id) else { return false };
-        slot.window.close();
-        match slot.head.take() {
-            Some(tx) => {
-                let _ = tx.send(Err(abort));
-            }
-            None => slot.body.abort(abort),
+    fn on_end(&self, end: &End) {
+        if let End::Failed { error, .. } = end {
+            debug!(session = %self.id, %error, "agent socket failed");
         }
-        true
+        self.close(CloseReason::of(end));
+    }
+
+    fn is_live(&self, id: &StreamId) -> bool {
+        self.lock_streams().contains_key(id.as_str())
     }
 }
 
@@ -799,13 +592,25 @@ impl Drop for StreamGuard {
     }
 }
 
-fn second_head(id: &StreamId) -> Rejected {
-    Rejected::on(
-        id.as_str(),
-        ProtocolError::new(Violation::StreamState, format!("second head for {id}")),
-    )
-}
-
 fn new_session_id() -> String {
     format!("s_{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_end_reads_as_the_close_reason_an_operator_understands() {
+        let failed = |code| End::Failed { code: Some(code), error: String::new() };
+        assert_eq!(CloseReason::of(&failed(1007)), CloseReason::InvalidData);
+        assert_eq!(CloseReason::of(&failed(1009)), CloseReason::TooBig);
+        assert_eq!(
+            CloseReason::of(&End::Flooded(Flood::Pings)),
+            CloseReason::Flooded(Flood::Pings)
+        );
+        assert_eq!(CloseReason::of(&End::PeerClosed(None)), CloseReason::Disconnected);
+        assert_eq!(CloseReason::Replaced.close_code(), CloseCode::Library(4000));
+        assert_eq!(CloseReason::Unresponsive.close_code(), CloseCode::Library(4001));
+    }
 }

@@ -1,0 +1,203 @@
+//! Configuration helpers both daemons use: strict TOML loading, one
+//! duration format, secrets given inline or in a file, and the check that an
+//! example configuration only documents keys that exist.
+//!
+//! Each daemon keeps its own `ConfigFile` (the strict on-disk shape, unknown
+//! keys refused) and resolves it into a `Config` with defaults; what the two
+//! share lives here.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+/// A configuration that cannot be used, with what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigError {
+    pub fn invalid(what: impl Into<String>) -> Self {
+        ConfigError::Invalid(what.into())
+    }
+}
+
+/// Reads and parses a TOML file into `T` (whose unknown keys should be
+/// refused with `#[serde(deny_unknown_fields)]`).
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    toml::from_str(&text)
+        .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+}
+
+/// A secret given inline or in a file (whose content is trimmed), never
+/// both; `None` when neither. `what` names the key in errors.
+pub fn secret(
+    what: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => {
+            Err(ConfigError::Invalid(format!("set {what} or {what}_file, not both")))
+        }
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(path)) => Ok(Some(
+            std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::Read { path, source })?
+                .trim()
+                .to_owned(),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `value`, which must not be zero, or `default`.
+pub fn positive(
+    value: Option<Duration>,
+    default: Duration,
+    what: &str,
+) -> Result<Duration, ConfigError> {
+    match value {
+        Some(d) if d.is_zero() => Err(ConfigError::Invalid(format!("{what} must be positive"))),
+        Some(d) => Ok(d),
+        None => Ok(default),
+    }
+}
+
+/// `value`, which must not be zero, or `default`.
+pub fn at_least_one(value: Option<u32>, default: u32, what: &str) -> Result<u32, ConfigError> {
+    match value {
+        Some(0) => Err(ConfigError::Invalid(format!("{what} must be at least 1"))),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    }
+}
+
+/// The one duration format of both daemons' files and `--check-config`
+/// output: humantime text (`"90s"`, `"5m"`, `"1h 30m"`), and for limits that
+/// can be switched off, `"off"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// An optional duration key.
+    pub fn opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+        humantime::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+    }
+
+    /// An optional limit: absent is `None`, `"off"` is `Some(None)`.
+    pub fn opt_limit<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<Duration>>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+        if text.trim() == "off" {
+            return Ok(Some(None));
+        }
+        match humantime::parse_duration(&text) {
+            Ok(d) if d.is_zero() => Err(serde::de::Error::custom("use \"off\" instead of 0")),
+            Ok(d) => Ok(Some(Some(d))),
+            Err(e) => {
+                Err(serde::de::Error::custom(format!("{e} (a duration like \"5m\", or \"off\")")))
+            }
+        }
+    }
+
+    /// Writes a duration as humantime text.
+    pub fn show<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    /// Writes a limit as humantime text, or `"off"`.
+    pub fn show_limit<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => show(d, s),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
+/// An example configuration with every documented knob switched on: lines
+/// `# key = value` (a lower-case key) and `# [[table]]` lose their `# `, and
+/// lines whose key is in `skip` (values that must not be set together, such
+/// as a secret inline and in a file) are dropped. Parsing the result proves
+/// every knob the example documents is a real key with a valid value.
+pub fn uncomment_example(text: &str, skip: &[&str]) -> String {
+    text.lines()
+        .map(|l| {
+            l.strip_prefix("# ")
+                .filter(|r| {
+                    r.starts_with("[[")
+                        || r.split_once(" = ").is_some_and(|(k, _)| {
+                            k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        })
+                })
+                .unwrap_or(l)
+        })
+        .filter(|l| !skip.iter().any(|k| l.starts_with(&format!("{k} = "))))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Sample {
+        #[serde(default, deserialize_with = "duration::opt")]
+        wait: Option<Duration>,
+        #[serde(default, deserialize_with = "duration::opt_limit")]
+        limit: Option<Option<Duration>>,
+    }
+
+    #[test]
+    fn durations_are_human_and_limits_can_be_off() {
+        let s: Sample = toml::from_str("wait = \"2m 30s\"\nlimit = \"off\"").expect("valid");
+        assert_eq!(s.wait, Some(Duration::from_secs(150)));
+        assert_eq!(s.limit, Some(None));
+        let s: Sample = toml::from_str("limit = \"5s\"").expect("valid");
+        assert_eq!(s.limit, Some(Some(Duration::from_secs(5))));
+        assert!(toml::from_str::<Sample>("limit = \"0s\"").is_err());
+        assert!(toml::from_str::<Sample>("wait = \"soon\"").is_err());
+        assert!(toml::from_str::<Sample>("other = 1").is_err());
+    }
+
+    #[test]
+    fn secrets_come_inline_or_from_a_file_never_both() {
+        let dir = std::env::temp_dir().join(format!("daemon-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "  from-file\n").expect("write");
+        assert_eq!(
+            secret("token", None, Some(file.clone())).expect("ok"),
+            Some("from-file".into())
+        );
+        assert_eq!(secret("token", Some("x".into()), None).expect("ok"), Some("x".into()));
+        assert_eq!(secret("token", None, None).expect("ok"), None);
+        let err = secret("token", Some("x".into()), Some(file)).expect_err("both");
+        assert!(err.to_string().contains("token or token_file"), "{err}");
+        let err = secret("token", None, Some(dir.join("missing"))).expect_err("missing");
+        assert!(err.to_string().contains("missing"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn examples_are_uncommented_knob_by_knob() {
+        let text = "# comment\n# key = 1\n# [[users]]\n# token = \"a\"\n# Not a key = 2\n";
+        assert_eq!(
+            uncomment_example(text, &["token"]),
+            "# comment\nkey = 1\n[[users]]\n# Not a key = 2"
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! Process plumbing shared by relayd and agentd, written once.
+//!
+//! A daemon's `main` is [`process::main`] over a [`Daemon`] implementation:
+//! parse the arguments, load and resolve the configuration (exit 78 when it
+//! is unusable; `--check-config` prints it), set up logging, raise the
+//! open-file limit, build the runtime, then [`Daemon::run`] binds its
+//! listeners, tells the service manager it is ready ([`notify`]), serves
+//! until the terminate signal cancels [`Context::shutdown`], and drains.
+//!
+//! - [`config`]: strict TOML loading, durations, secrets inline or from a
+//!   file, the check that an example configuration documents real keys.
+//! - [`metrics`]: the Prometheus `GET /metrics` listener both daemons serve.
+//! - [`notify`]: the one place that talks to systemd (`READY=1`,
+//!   `STOPPING=1`, `STATUS=`); a no-op without `NOTIFY_SOCKET`.
+//! - [`signals`]: terminate and hang-up as typed events.
+
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod notify;
+pub mod process;
+pub mod signals;
+
+pub use config::ConfigError;
+pub use process::{CommonArgs, Context, Daemon, ExitStatus};

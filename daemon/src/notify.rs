@@ -1,0 +1,36 @@
+//! The one place a daemon talks to its service manager (systemd's
+//! `sd_notify` protocol): `READY=1` once it can serve, `STATUS=` lines with
+//! its state, `STOPPING=1` when it drains. Without `NOTIFY_SOCKET` (not
+//! under systemd, or `Type=simple`) every call does nothing.
+//!
+//! The environment is never unset (`notify_and_unset_env` would make later
+//! messages impossible).
+
+use sd_notify::NotifyState;
+use tracing::debug;
+
+/// Sends `states`; a failure is logged, never fatal (the service manager
+/// may have gone away during shutdown).
+fn send(states: &[NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        debug!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// The daemon's listeners are bound and it serves.
+pub fn ready() {
+    send(&[NotifyState::Ready]);
+}
+
+/// A one-line state for `systemctl status`.
+pub fn status(text: &str) {
+    send(&[NotifyState::Status(text)]);
+}
+
+/// The daemon began draining.
+pub fn stopping() {
+    send(&[NotifyState::Stopping]);
+}

@@ -1,0 +1,212 @@
+//! A daemon's life in fixed phases, written once: configure (exit 78 on a
+//! bad file), build the runtime, run, wait for a signal, drain.
+//!
+//! The first terminate signal cancels [`Context::shutdown`] (the daemon
+//! stops accepting and drains within its own deadline); a second one ends
+//! the process at once.
+
+use std::future::Future;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ConfigError;
+use crate::signals::{Signal, Signals};
+use crate::{logging, notify};
+
+/// Exit codes (sysexits where one fits).
+pub mod exit {
+    /// Stopped cleanly (a terminate signal and a drain).
+    pub const OK: u8 = 0;
+    /// A failure while running (cannot bind a listener, runtime failure).
+    pub const FAILURE: u8 = 1;
+    /// EX_CONFIG: the configuration cannot be read or used.
+    pub const CONFIG: u8 = 78;
+}
+
+/// How a daemon ended, for its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Ok,
+    Failure,
+    Config,
+}
+
+impl From<ExitStatus> for ExitCode {
+    fn from(s: ExitStatus) -> ExitCode {
+        ExitCode::from(match s {
+            ExitStatus::Ok => exit::OK,
+            ExitStatus::Failure => exit::FAILURE,
+            ExitStatus::Config => exit::CONFIG,
+        })
+    }
+}
+
+/// The arguments every daemon takes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// Configuration file (TOML) [default: /etc/NAME/NAME.toml]
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
+    /// Print the resolved configuration (JSON, secrets left out) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// What the shared process code needs from a daemon.
+pub trait Daemon {
+    /// Program name, for messages.
+    const NAME: &'static str;
+    /// Configuration file read without `--config`.
+    const DEFAULT_CONFIG: &'static str;
+    /// Environment variable holding the log filter.
+    const LOG_ENV: &'static str;
+    /// The resolved configuration.
+    type Config: serde::Serialize + Send + 'static;
+
+    /// Reads and resolves the configuration file.
+    fn load(path: &Path) -> Result<Self::Config, ConfigError>;
+
+    /// Tokio worker threads: 1 runs everything on one thread, 0 one per core.
+    fn worker_threads(_config: &Self::Config) -> usize {
+        1
+    }
+
+    /// Binds, calls [`Context::ready`], serves until [`Context::shutdown`]
+    /// is cancelled, drains, returns.
+    fn run(
+        config: Self::Config,
+        ctx: Context,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static;
+}
+
+/// What a running daemon gets from the process.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Cancelled by the first terminate signal: stop accepting, drain.
+    pub shutdown: CancellationToken,
+}
+
+impl Context {
+    /// The daemon's listeners are bound: tell the service manager.
+    pub fn ready(&self) {
+        notify::ready();
+    }
+}
+
+/// Runs daemon `D` with `args`; the whole of its `main`.
+pub fn main<D: Daemon>(args: CommonArgs) -> ExitCode {
+    logging::init(D::LOG_ENV);
+    let default = PathBuf::from(D::DEFAULT_CONFIG);
+    let path = args.config.as_deref().unwrap_or(&default);
+    let config = match D::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", D::NAME);
+            return ExitStatus::Config.into();
+        }
+    };
+    if args.check_config {
+        return print_config(D::NAME, &config).into();
+    }
+    raise_fd_limit();
+    let rt = match runtime(D::worker_threads(&config)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{}: cannot start the runtime: {e}", D::NAME);
+            return ExitStatus::Failure.into();
+        }
+    };
+    let result = rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = Signals::new().map_err(|e| anyhow::anyhow!("cannot handle signals: {e}"))?;
+        tokio::spawn(watch_signals(D::NAME, signals, shutdown.clone()));
+        let ctx = Context { shutdown };
+        // A task of its own, so a multi-threaded runtime's main thread only
+        // waits.
+        tokio::spawn(D::run(config, ctx))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("{} task failed: {e}", D::NAME)))
+    });
+    match result {
+        Ok(()) => ExitStatus::Ok.into(),
+        Err(e) => {
+            eprintln!("{}: {e:#}", D::NAME);
+            ExitStatus::Failure.into()
+        }
+    }
+}
+
+/// Turns signals into the daemon's shutdown.
+async fn watch_signals(name: &'static str, mut signals: Signals, shutdown: CancellationToken) {
+    loop {
+        match signals.recv().await {
+            Signal::Terminate if shutdown.is_cancelled() => {
+                warn!("second terminate signal: stopping without finishing the drain");
+                std::process::exit(i32::from(exit::FAILURE));
+            }
+            Signal::Terminate => {
+                info!("terminate signal: draining");
+                notify::stopping();
+                shutdown.cancel();
+            }
+            Signal::Hangup => {
+                warn!("SIGHUP: this version reloads nothing; restart {name} to apply changes");
+            }
+        }
+    }
+}
+
+/// `--check-config`: the resolved configuration as JSON on stdout. A closed
+/// stdout (`| head`) is not a failure worth a panic.
+fn print_config(name: &str, config: &impl serde::Serialize) -> ExitStatus {
+    let text = match serde_json::to_string_pretty(config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitStatus::Failure;
+        }
+    };
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Ok(()) => ExitStatus::Ok,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitStatus::Ok,
+        Err(e) => {
+            eprintln!("{name}: cannot write the configuration: {e}");
+            ExitStatus::Failure
+        }
+    }
+}
+
+/// One worker: a current-thread runtime, every task on the thread that
+/// polls the sockets (no cross-thread wake-ups). More: a work-stealing pool
+/// (0 = one thread per core).
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b
+    };
+    builder.enable_all().build()
+}
+
+/// Every agent (at the relay) and every stream holds a socket: take the
+/// whole open-file allowance (the soft limit is often 1024, the hard one far
+/// higher), as servers do.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) => tracing::debug!(limit = soft, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}

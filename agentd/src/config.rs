@@ -3,10 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use daemon::config::{at_least_one, duration, load_toml, positive, secret};
 use http::Uri;
 use serde::{Deserialize, Serialize};
 
 use tunnel_proto::Limits;
+
+pub use daemon::ConfigError;
 
 /// The TOML file as written by the owner. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -43,7 +46,7 @@ pub struct TlsFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LivenessFile {
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub ping_interval: Option<Duration>,
     pub max_missed_pings: Option<u32>,
 }
@@ -60,9 +63,9 @@ pub struct LimitsFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconnectFile {
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub max_delay: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub healthy_after: Option<Duration>,
 }
 
@@ -80,13 +83,13 @@ pub struct Config {
     /// Limits announced to the relay in `hello`.
     pub limits: Limits,
     /// Longest wait between reconnect attempts.
-    #[serde(serialize_with = "display_duration")]
+    #[serde(serialize_with = "duration::show")]
     pub reconnect_max_delay: Duration,
     /// A session must stay up this long before the backoff resets.
-    #[serde(serialize_with = "display_duration")]
+    #[serde(serialize_with = "duration::show")]
     pub healthy_after: Duration,
     /// The agent pings the relay this often...
-    #[serde(serialize_with = "display_duration")]
+    #[serde(serialize_with = "duration::show")]
     pub ping_interval: Duration,
     /// ...and reconnects after this many silent intervals.
     pub max_missed_pings: u32,
@@ -98,30 +101,21 @@ pub struct Config {
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
-    #[error("{0}")]
-    Invalid(String),
-}
-
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
 
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        load_toml(path)
     }
 
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let relay = self.relay.ok_or_else(|| ConfigError::Invalid("relay is not set".into()))?;
         let relay = relay_url(&relay)?;
         let tls = match (relay.scheme_str(), &self.tls.ca_file) {
-            (Some("wss"), ca_file) => Some(crate::tls::client_config(ca_file.as_deref())?),
+            (Some("wss"), ca_file) => Some(
+                crate::tls::client_config(ca_file.as_deref())
+                    .map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))?,
+            ),
             (_, Some(_)) => {
                 return Err(ConfigError::Invalid(
                     "[tls] ca_file is set but the relay is not a wss:// URL".into(),
@@ -129,17 +123,8 @@ impl ConfigFile {
             }
             _ => None,
         };
-        let token = match (self.token, self.token_file) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid("set token or token_file, not both".into()));
-            }
-            (Some(t), None) => t,
-            (None, Some(path)) => std::fs::read_to_string(&path)
-                .map_err(|source| ConfigError::Read { path, source })?
-                .trim()
-                .to_owned(),
-            (None, None) => return Err(ConfigError::Invalid("token_file is not set".into())),
-        };
+        let token = secret("token", self.token, self.token_file)?
+            .ok_or_else(|| ConfigError::invalid("token_file is not set"))?;
         if token.is_empty() || token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
             return Err(ConfigError::Invalid(
                 "the token must be printable ASCII without spaces".into(),
@@ -167,20 +152,16 @@ impl ConfigFile {
             limits,
             reconnect_max_delay: self.reconnect.max_delay.unwrap_or(Duration::from_secs(30)),
             healthy_after: self.reconnect.healthy_after.unwrap_or(Duration::from_secs(30)),
-            ping_interval: match self.liveness.ping_interval {
-                Some(d) if d.is_zero() => {
-                    return Err(ConfigError::Invalid("ping_interval must be positive".into()));
-                }
-                Some(d) => d,
-                None => tunnel_proto::liveness::DEFAULT_PING_INTERVAL,
-            },
-            max_missed_pings: match self.liveness.max_missed_pings {
-                Some(0) => {
-                    return Err(ConfigError::Invalid("max_missed_pings must be at least 1".into()));
-                }
-                Some(n) => n,
-                None => tunnel_proto::liveness::DEFAULT_MAX_MISSED,
-            },
+            ping_interval: positive(
+                self.liveness.ping_interval,
+                tunnel_proto::liveness::DEFAULT_PING_INTERVAL,
+                "ping_interval",
+            )?,
+            max_missed_pings: at_least_one(
+                self.liveness.max_missed_pings,
+                tunnel_proto::liveness::DEFAULT_MAX_MISSED,
+                "max_missed_pings",
+            )?,
             metrics_listen: self.metrics_listen,
             ca_file: self.tls.ca_file,
             tls,
@@ -226,21 +207,6 @@ fn display<S: serde::Serializer>(v: &Uri, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 
-fn display_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_duration(*d))
-}
-
-mod opt_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
-        humantime::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,21 +233,7 @@ mod tests {
     fn the_example_configuration_parses() {
         let text = include_str!("../../packaging/agentd.toml");
         toml::from_str::<ConfigFile>(text).expect("packaging/agentd.toml is valid");
-        let uncommented: String = text
-            .lines()
-            .map(|l| {
-                l.strip_prefix("# ")
-                    .filter(|r| {
-                        r.starts_with("[[")
-                            || r.split_once(" = ").is_some_and(|(k, _)| {
-                                k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                            })
-                    })
-                    .unwrap_or(l)
-            })
-            .filter(|l| !l.starts_with("token = "))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let uncommented = daemon::config::uncomment_example(text, &["token"]);
         let file: ConfigFile =
             toml::from_str(&uncommented).expect("every documented knob is accepted");
         assert!(file.reconnect.max_delay.is_some());

@@ -9,7 +9,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use rustls::pki_types::ServerName;
@@ -34,14 +33,14 @@ pub struct Connected {
 
 /// Why a connection attempt failed. Callers branch on `Unauthorized` (retry
 /// slowly) versus everything else (retry with backoff).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
     #[error("the relay refused the agent token ({0})")]
     Unauthorized(u16),
     #[error("the relay is busy or draining (503); retrying")]
     Busy,
     #[error("cannot reach the relay: {0}")]
-    Io(#[from] std::io::Error),
+    Unreachable(String),
     #[error("WebSocket handshake failed: {0}")]
     Handshake(String),
     #[error("the relay does not speak tunnel protocol v1: {0}")]
@@ -52,18 +51,20 @@ pub enum ConnectError {
     Tls(String),
 }
 
-pub async fn connect(config: &Config) -> Result<Connected, ConnectError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, try_connect(config))
+/// Dials the relay with `token` and negotiates a session.
+pub async fn connect(config: &Config, token: &str) -> Result<Connected, ConnectError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, try_connect(config, token))
         .await
         .map_err(|_| ConnectError::Timeout)?
 }
 
-async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
+async fn try_connect(config: &Config, token: &str) -> Result<Connected, ConnectError> {
     let uri = &config.relay;
     let host = uri.host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
-    let tcp = TcpStream::connect((host, port)).await?;
-    tcp.set_nodelay(true)?;
+    let unreachable = |e: std::io::Error| ConnectError::Unreachable(e.to_string());
+    let tcp = TcpStream::connect((host, port)).await.map_err(unreachable)?;
+    tcp.set_nodelay(true).map_err(unreachable)?;
     let stream = match (uri.scheme_str(), &config.tls) {
         (Some("ws"), _) => MaybeTlsStream::Plain(tcp),
         (_, None) => {
@@ -86,20 +87,13 @@ async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
         .to_string()
         .into_client_request()
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    let bearer = HeaderValue::from_str(&format!("Bearer {}", config.token))
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| ConnectError::Handshake("token is not a valid header value".into()))?;
     request.headers_mut().insert(AUTHORIZATION, bearer);
     request.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
 
     let limits = &config.limits;
-    let max = (limits.max_control_bytes as usize)
-        .max(limits.max_chunk_bytes as usize + 2 + tunnel_proto::limits::MAX_ID_LEN);
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
+    let ws_config = link::ws_config(limits.max_message_bytes());
     let (mut socket, response) =
         tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config))
             .await
@@ -108,6 +102,11 @@ async fn try_connect(config: &Config) -> Result<Connected, ConnectError> {
                     if resp.status() == 401 || resp.status() == 403 =>
                 {
                     ConnectError::Unauthorized(resp.status().as_u16())
+                }
+                tokio_tungstenite::tungstenite::Error::Http(resp)
+                    if resp.status() == 503 || resp.status() == 429 =>
+                {
+                    ConnectError::Busy
                 }
                 other => ConnectError::Handshake(other.to_string()),
             })?;

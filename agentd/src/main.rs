@@ -1,101 +1,66 @@
-//! agentd entry point: parse, then serve until a signal.
+//! agentd entry point: the shared daemon phases over [`agentd::Agent`].
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context as _;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
+use daemon::{CommonArgs, ConfigError, Context, Daemon};
 
 /// The desktop agent of the LLM tunnel.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Configuration file (TOML).
-    #[arg(short, long, default_value = "/etc/agentd/agentd.toml")]
-    config: PathBuf,
-    /// Print the resolved configuration and exit.
-    #[arg(long)]
-    check_config: bool,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
-/// sysexits: configuration error.
-const EX_CONFIG: u8 = 78;
+struct Agentd;
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let config = match agentd::ConfigFile::load(&args.config).and_then(agentd::ConfigFile::resolve)
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("agentd: {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    if args.check_config {
-        match serde_json::to_string_pretty(&config) {
-            Ok(text) => print_config(&text),
-            Err(e) => eprintln!("agentd: {e}"),
-        }
-        return ExitCode::SUCCESS;
+impl Daemon for Agentd {
+    const NAME: &'static str = "agentd";
+    const DEFAULT_CONFIG: &'static str = "/etc/agentd/agentd.toml";
+    const LOG_ENV: &'static str = "AGENTD_LOG";
+    type Config = agentd::Config;
+
+    fn load(path: &Path) -> Result<agentd::Config, ConfigError> {
+        agentd::ConfigFile::load(path)?.resolve()
     }
+
     // One thread: the agent's work is a few sockets, and with every task on
     // the thread that polls the sockets no wake-up crosses threads.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("agentd: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            signal.cancel();
-        });
+    fn worker_threads(_: &agentd::Config) -> usize {
+        1
+    }
+
+    async fn run(config: agentd::Config, ctx: Context) -> anyhow::Result<()> {
         let metrics = match config.metrics_listen {
-            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    eprintln!("agentd: cannot listen for metrics on {addr}: {e}");
-                    return ExitCode::FAILURE;
-                }
-            },
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+            ),
             None => None,
         };
-        let agent = std::sync::Arc::new(agentd::Agent::new(config));
+        let agent = Arc::new(agentd::Agent::new(config));
+        // Ready without waiting for the relay: an offline laptop must boot.
+        ctx.ready();
+        let metrics_stop = tokio_util::sync::CancellationToken::new();
         if let Some(listener) = metrics {
             let agent = agent.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(agentd::metrics::serve(agent, listener, shutdown));
+            tokio::spawn(daemon::metrics::serve(
+                listener,
+                metrics_stop.clone(),
+                Arc::new(move || agent.metrics()),
+            ));
         }
-        agent.run(shutdown).await;
-        ExitCode::SUCCESS
-    })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        agent.run(ctx.shutdown).await;
+        metrics_stop.cancel();
+        Ok(())
     }
 }
 
-#[allow(clippy::print_stdout)]
-fn print_config(text: &str) {
-    println!("{text}");
+fn main() -> ExitCode {
+    daemon::process::main::<Agentd>(Args::parse().common)
 }

@@ -1,101 +1,32 @@
-//! Prometheus text metrics on an optional listener (`metrics_listen`):
-//! the agent's gauges for operators, soak runs and benchmarks. Off unless
-//! configured; keep it on loopback, it has no authentication.
+//! The agent's Prometheus metrics (served on `metrics_listen` by the shared
+//! listener in `daemon::metrics`): for operators, soak runs and benchmarks.
 
-use std::fmt::Write as _;
-use std::sync::Arc;
-
-use http::header::{CONTENT_TYPE, HeaderValue};
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use daemon::metrics::{Exposition, tasks_alive};
 
 use crate::Agent;
 
 /// The metrics text of `agent` at this moment.
 pub fn render(agent: &Agent) -> String {
-    let state = agent.state.borrow().clone();
-    let tasks = tokio::runtime::Handle::try_current()
-        .map(|h| h.metrics().num_alive_tasks())
-        .unwrap_or_default();
-    let mut out = String::with_capacity(1024);
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
-    };
-    metric("agentd_connected", "gauge", "1 while a relay session is up.", state.connected as u64);
-    metric("agentd_sessions_total", "counter", "Relay sessions established.", state.sessions);
-    metric(
-        "agentd_streams_in_flight",
-        "gauge",
-        "Requests in flight to the local service.",
-        agent.in_flight() as u64,
-    );
-    metric(
-        "agentd_buffered_bytes",
-        "gauge",
-        "Request body bytes buffered for the local service.",
-        agent.gauge.current() as u64,
-    );
-    metric(
-        "agentd_buffered_bytes_peak",
-        "gauge",
-        "Most request body bytes buffered at once since start.",
-        agent.gauge.peak() as u64,
-    );
-    metric("agentd_tasks", "gauge", "Tokio tasks alive in the agent process.", tasks as u64);
-    out
-}
-
-/// Scrapes served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 16;
-/// Longest a scrape connection may stay open.
-const CONNECTION_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Serves `GET /metrics` on `listener` until `shutdown`, at most
-/// `MAX_CONNECTIONS` connections at a time, each for at most
-/// `CONNECTION_LIMIT`.
-pub async fn serve(agent: Arc<Agent>, listener: TcpListener, shutdown: CancellationToken) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    // Out of file descriptors: the backlog would fail again
-                    // at once; give the serving side room first.
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let agent = agent.clone();
-        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-        tokio::spawn(async move {
-            let _slot = slot;
-            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let resp = if req.uri().path() == "/metrics" {
-                    let mut r = Response::new(Full::new(bytes::Bytes::from(render(&agent))));
-                    r.headers_mut().insert(
-                        CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4"),
-                    );
-                    r
-                } else {
-                    let mut r = Response::new(Full::new(bytes::Bytes::from_static(
-                        b"only /metrics here\n",
-                    )));
-                    *r.status_mut() = StatusCode::NOT_FOUND;
-                    r
-                };
-                async move { Ok::<_, std::convert::Infallible>(resp) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(CONNECTION_LIMIT, conn).await;
-        });
-    }
+    let state = agent.state().borrow().clone();
+    let gauge = agent.buffered();
+    let mut out = Exposition::new();
+    out.gauge("agentd_connected", "1 while a relay session is up.", state.is_connected() as u64)
+        .counter("agentd_sessions_total", "Relay sessions established.", state.sessions)
+        .gauge(
+            "agentd_streams_in_flight",
+            "Requests in flight to the local service.",
+            agent.in_flight() as u64,
+        )
+        .gauge(
+            "agentd_buffered_bytes",
+            "Request body bytes buffered for the local service.",
+            gauge.current() as u64,
+        )
+        .gauge(
+            "agentd_buffered_bytes_peak",
+            "Most request body bytes buffered at once since start.",
+            gauge.peak() as u64,
+        )
+        .gauge("agentd_tasks", "Tokio tasks alive in the agent process.", tasks_alive());
+    out.finish()
 }

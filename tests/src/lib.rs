@@ -150,7 +150,7 @@ impl TestAgent {
         let token = shutdown.clone();
         let task = tokio::spawn(async move { running.run(token).await });
         let mut state = agent.state();
-        tokio::time::timeout(WAIT, state.wait_for(|s| s.connected))
+        tokio::time::timeout(WAIT, state.wait_for(|s| s.is_connected()))
             .await
             .expect("agent never connected")
             .expect("agent state");

@@ -161,7 +161,7 @@ async fn a_blackholed_network_is_detected_by_pings_and_the_agent_comes_back() {
     relay_lets_go(&relay).await;
     proxy.set(Mode::Forward);
     let mut state = agent.agent.state();
-    tokio::time::timeout(WAIT, state.wait_for(|s| s.connected && s.sessions >= 2))
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.is_connected() && s.sessions >= 2))
         .await
         .expect("agent never came back")
         .expect("state");
@@ -191,7 +191,7 @@ async fn a_stalled_network_is_detected_too() {
     proxy.cut();
     proxy.set(Mode::Forward);
     let mut state = agent.agent.state();
-    tokio::time::timeout(WAIT, state.wait_for(|s| s.connected && s.sessions >= 2))
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.is_connected() && s.sessions >= 2))
         .await
         .expect("agent never came back")
         .expect("state");
@@ -230,7 +230,7 @@ async fn relay_restarts_mid_stream_error_the_client_and_the_agent_reconnects() {
     }
     relay.wait_for_agent("alice").await;
     let mut state = agent.agent.state();
-    tokio::time::timeout(WAIT, state.wait_for(|s| s.connected && s.sessions >= 4))
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.is_connected() && s.sessions >= 4))
         .await
         .expect("agent did not reconnect after every restart")
         .expect("state");
@@ -305,7 +305,7 @@ async fn a_draining_relay_lets_streams_finish_refuses_new_ones_and_sends_goaway(
     let successor = TestRelay::start_on(addr, &["alice"], |_| {}).await;
     successor.wait_for_agent("alice").await;
     let mut state = agent.agent.state();
-    tokio::time::timeout(WAIT, state.wait_for(|s| s.connected && s.sessions >= 2))
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.is_connected() && s.sessions >= 2))
         .await
         .expect("agent did not come back after the goaway")
         .expect("state");

@@ -107,11 +107,11 @@ async fn first_connect_error(relay: &TestRelay, ca_file: &std::path::Path) -> St
         .expect("the attempt fails in time")
         .expect("agent state")
         .clone();
-    assert!(!seen.connected);
+    assert!(!seen.is_connected());
     assert!(relay.relay.hub().get("alice").is_none());
     shutdown.cancel();
     let _ = tokio::time::timeout(WAIT, task).await;
-    seen.last_error.expect("an error")
+    seen.last_error.expect("an error").to_string()
 }
 
 #[tokio::test]

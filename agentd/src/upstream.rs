@@ -1,5 +1,5 @@
 //! Forwarding one tunnelled request to the local service and streaming the
-//! answer back.
+//! answer back, through the stream's [`StreamHandle`].
 //!
 //! The request goes out through a pooled HTTP/1 client with TCP_NODELAY.
 //! `Host` becomes the upstream's authority and `Origin`/`Authorization` from
@@ -26,12 +26,10 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use tunnel_proto::flow::{Inbox, SendWindow, StreamAbort};
-use tunnel_proto::{
-    Headers, Message, RequestBody, ResponseHeadMsg, StreamId, TunnelRequest, frame,
-};
+use tunnel_proto::flow::{Inbox, StreamAbort};
+use tunnel_proto::{Headers, Message, RequestBody, ResponseHeadMsg, TunnelRequest, frame};
 
-use crate::session::Session;
+use crate::stream::{Credit, StreamHandle};
 
 /// A request whose response head takes longer than this is acknowledged to
 /// the relay; a quicker head acknowledges it by itself, which saves a frame
@@ -73,13 +71,13 @@ impl Upstream {
     }
 }
 
-/// Runs one stream to completion or cancellation.
+/// Runs one stream to completion or cancellation; dropping `stream` at the
+/// end takes it out of the session's table.
 pub async fn serve(
-    session: Arc<Session>,
+    stream: StreamHandle,
     upstream: Arc<Upstream>,
     req: TunnelRequest,
     body: Option<Inbox>,
-    window: Arc<SendWindow>,
     cancel: CancellationToken,
 ) {
     let id = req.id.clone();
@@ -88,28 +86,20 @@ pub async fn serve(
     let outcome = tokio::select! {
         biased;
         _ = cancel.cancelled() => Outcome::Cancelled,
-        o = exchange(&session, &upstream, req, body, &window) => o,
+        o = exchange(&stream, &upstream, req, body) => o,
     };
     match outcome {
-        Outcome::Done => session.finish(&id, None),
+        Outcome::Done | Outcome::SessionGone => {}
         Outcome::Cancelled => {
             debug!(stream = %id, %method, %path, "stream cancelled; upstream request dropped");
-            session.finish(&id, None);
         }
-        Outcome::Failed { before_head: true, code, message } => {
-            debug!(stream = %id, %method, %path, code, %message, "request failed");
-            session.finish(&id, None);
-            let _ = session.send_msg(&Message::error(id.as_str(), code, message)).await;
-        }
-        Outcome::Failed { before_head: false, code, message } => {
-            debug!(stream = %id, %method, %path, %message, "response failed mid-stream");
+        Outcome::Failed { before_head, code, message } => {
+            debug!(stream = %id, %method, %path, code, %message, before_head, "request failed");
             // In order, behind the body bytes that did arrive (a `cancel`
             // would overtake them on the urgent path): the relay delivers
             // them, then ends the stream with the error.
-            let _ = session.send_msg(&Message::error(id.as_str(), code, message)).await;
-            session.finish(&id, None);
+            let _ = stream.send_msg(&Message::error(id.as_str(), code, message)).await;
         }
-        Outcome::SessionGone => session.finish(&id, None),
     }
 }
 
@@ -121,11 +111,10 @@ enum Outcome {
 }
 
 async fn exchange(
-    session: &Arc<Session>,
+    stream: &StreamHandle,
     upstream: &Upstream,
     req: TunnelRequest,
     body: Option<Inbox>,
-    window: &SendWindow,
 ) -> Outcome {
     let id = req.id.clone();
     let uri = match upstream.uri_for(&req.path) {
@@ -140,7 +129,7 @@ async fn exchange(
     };
     let upstream_body = match (req.body, body) {
         (RequestBody::Streamed, Some(inbox)) => {
-            UpstreamBody::Stream { inbox, session: session.clone(), id: id.clone() }
+            UpstreamBody::Stream { inbox, credit: stream.credit() }
         }
         (RequestBody::Inline(b), _) => UpstreamBody::Full(Some(b)),
         (RequestBody::Streamed, None) => UpstreamBody::Full(None),
@@ -165,7 +154,7 @@ async fn exchange(
     let answered = tokio::select! {
         r = &mut request => r,
         _ = &mut ack_due => {
-            session.ack(&id);
+            stream.ack();
             acked = true;
             request.await
         }
@@ -203,12 +192,12 @@ async fn exchange(
         Message::ResponseHead(ResponseHeadMsg::new(&id, parts.status, headers, body_follows));
     // A full writer queue (a congested tunnel) must not hold the head past
     // the acknowledgement: the ack overtakes it.
-    let queued = session.send_msg(&head);
+    let queued = stream.send_msg(&head);
     tokio::pin!(queued);
     let queued = tokio::select! {
         r = &mut queued => r,
         _ = &mut ack_due, if !acked => {
-            session.ack(&id);
+            stream.ack();
             queued.await
         }
     };
@@ -218,7 +207,6 @@ async fn exchange(
     if !body_follows {
         return Outcome::Done;
     }
-    let chunk = session.chunk_size();
     loop {
         // `is_end_stream` is only a hint (a chunked body never sets it), so
         // the end is also the `None` after the last frame.
@@ -237,7 +225,7 @@ async fn exchange(
                 };
             }
         };
-        if let Err(o) = send_data(session, window, &id, data, last, chunk).await {
+        if let Err(o) = send_data(stream, data, last).await {
             return o;
         }
         if last {
@@ -246,24 +234,17 @@ async fn exchange(
     }
 }
 
-/// Sends `data` in frames of at most `chunk` bytes, waiting for credit
-/// before each; the last frame carries the end flag when `last`.
-async fn send_data(
-    session: &Session,
-    window: &SendWindow,
-    id: &StreamId,
-    mut data: Bytes,
-    last: bool,
-    chunk: usize,
-) -> Result<(), Outcome> {
+/// Sends `data` in frames of at most a chunk, waiting for credit before
+/// each; the last frame carries the end flag when `last`.
+async fn send_data(stream: &StreamHandle, mut data: Bytes, last: bool) -> Result<(), Outcome> {
     loop {
-        let want = data.len().min(chunk);
-        let n = window.reserve(want).await.map_err(|_| Outcome::Cancelled)?;
+        let want = data.len().min(stream.chunk_size());
+        let n = stream.reserve(want).await.map_err(|_| Outcome::Cancelled)?;
         let piece = data.split_to(n);
         let end = last && data.is_empty();
         if want > 0 || end {
-            session
-                .send(Ws::Binary(frame::encode(id.as_str(), end, &piece)))
+            stream
+                .send(Ws::Binary(frame::encode(stream.id().as_str(), end, &piece)))
                 .await
                 .map_err(|_| Outcome::SessionGone)?;
         }
@@ -290,8 +271,7 @@ pub enum UpstreamBody {
     /// Streamed from the relay; each chunk taken returns credit.
     Stream {
         inbox: Inbox,
-        session: Arc<Session>,
-        id: StreamId,
+        credit: Credit,
     },
 }
 
@@ -307,10 +287,10 @@ impl http_body::Body for UpstreamBody {
             UpstreamBody::Full(b) => {
                 Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
             }
-            UpstreamBody::Stream { inbox, session, id } => match inbox.poll_recv(cx) {
+            UpstreamBody::Stream { inbox, credit } => match inbox.poll_recv(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    if let Some(credit) = inbox.take_credit() {
-                        session.grant(id, credit);
+                    if let Some(n) = inbox.take_credit() {
+                        credit.grant(n);
                     }
                     Poll::Ready(Some(Ok(Frame::data(chunk))))
                 }

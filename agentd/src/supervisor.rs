@@ -1,0 +1,328 @@
+//! The supervisor: the agent's reconnect loop, the commands it takes while
+//! running, and the typed state it publishes.
+//!
+//! One loop owns the relay connection: connect, run the session until it
+//! ends, back off (jittered, reset once a session proved healthy), repeat.
+//! Commands arrive on a bounded channel ([`Command`]): reconnect (in-flight
+//! streams finish first), replace the credential, shut down. The state
+//! ([`AgentState`]) goes out on a watch channel: what `tunnelctl status`,
+//! metrics and tests read.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use link::End;
+use tunnel_proto::flow::BufferGauge;
+
+use crate::Config;
+use crate::backoff::Backoff;
+use crate::connect::{self, ConnectError};
+use crate::session::{DRAIN_DEADLINE, Session, SessionEnd, SessionParams};
+use crate::upstream::Upstream;
+
+/// Commands that may wait for the supervisor; more are refused.
+pub const COMMAND_QUEUE: usize = 8;
+
+/// What the agent can be told while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// End the session once its streams finished, and connect again now.
+    Reconnect,
+    /// Use this agent token from the next connection on; when not
+    /// connected, retry at once.
+    ReplaceToken(String),
+    /// Drain and stop.
+    Shutdown,
+}
+
+/// What the agent is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Phase {
+    /// Not started yet.
+    #[default]
+    Idle,
+    /// Dialling the relay.
+    Connecting,
+    /// A session is up.
+    Connected { session_id: String, since: SystemTime },
+    /// Waiting before the next attempt.
+    BackingOff { until: SystemTime },
+    /// Stopped for good.
+    Stopped,
+}
+
+/// Why the agent is not connected, as a status tells it apart.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// The relay refused the agent token (401/403): fix the credential.
+    #[error("the relay refused the agent token ({0})")]
+    Unauthorized(u16),
+    /// No TCP connection to the relay (DNS, refused, unreachable).
+    #[error("cannot reach the relay: {0}")]
+    Unreachable(String),
+    /// TLS with the relay failed (untrusted or wrong-name certificate).
+    #[error("TLS with the relay failed: {0}")]
+    Tls(String),
+    /// The relay is busy or draining (503, 429, `goaway`).
+    #[error("the relay is busy or draining")]
+    RelayBusy,
+    /// The relay answered something other than tunnel protocol v1.
+    #[error("the relay does not speak tunnel protocol v1: {0}")]
+    Protocol(String),
+    /// The WebSocket upgrade failed for another reason.
+    #[error("WebSocket handshake failed: {0}")]
+    Handshake(String),
+    /// Connecting took longer than its deadline.
+    #[error("timed out connecting to the relay")]
+    Timeout,
+    /// A session that was up ended.
+    #[error("relay session lost: {0}")]
+    SessionLost(String),
+}
+
+impl From<ConnectError> for AgentError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Unauthorized(code) => AgentError::Unauthorized(code),
+            ConnectError::Busy => AgentError::RelayBusy,
+            ConnectError::Unreachable(why) => AgentError::Unreachable(why),
+            ConnectError::Handshake(why) => AgentError::Handshake(why),
+            ConnectError::Protocol(why) => AgentError::Protocol(why),
+            ConnectError::Timeout => AgentError::Timeout,
+            ConnectError::Tls(why) => AgentError::Tls(why),
+        }
+    }
+}
+
+/// Why a link ended, in words for the status.
+fn describe(end: &End) -> String {
+    match end {
+        End::PeerClosed(Some((code, reason))) => {
+            format!("the relay closed the session: {reason} ({code})")
+        }
+        End::PeerClosed(None) => "the relay closed the connection".into(),
+        End::Failed { error, .. } => format!("socket error: {error}"),
+        End::Flooded(f) => format!("the relay flooded the session: {f}"),
+        End::NotReading => "the relay stopped reading".into(),
+        End::Unresponsive(silent) => {
+            format!("the relay stopped answering pings (silent for {silent:.1?})")
+        }
+        End::Closed => "session closed".into(),
+    }
+}
+
+/// The agent's state, as `tunnelctl status` and tests see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentState {
+    pub phase: Phase,
+    /// Sessions established since start.
+    pub sessions: u64,
+    /// Why the last attempt or session failed; cleared by a new session.
+    pub last_error: Option<AgentError>,
+}
+
+impl AgentState {
+    pub fn is_connected(&self) -> bool {
+        matches!(self.phase, Phase::Connected { .. })
+    }
+}
+
+/// What the supervisor shares with the agent's handle.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub token: Mutex<String>,
+    pub state: watch::Sender<AgentState>,
+    pub gauge: Arc<BufferGauge>,
+    /// The live session, for its stream count and commands.
+    pub current: Mutex<Option<Arc<Session>>>,
+}
+
+impl Shared {
+    pub fn current(&self) -> Option<Arc<Session>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set_current(&self, session: Option<Arc<Session>>) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = session;
+    }
+
+    fn token(&self) -> String {
+        self.token.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// What the loop does after a command.
+enum Next {
+    /// Keep waiting.
+    Stay,
+    /// Stop waiting and connect now.
+    Retry,
+    /// Stop.
+    Stop,
+}
+
+/// Runs the reconnect loop until `shutdown` or [`Command::Shutdown`], then
+/// waits (bounded) for the streams still running.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
+) {
+    let mut commands = Commands(Some(commands));
+    let config = &shared.config;
+    let stop = shutdown.child_token();
+    let upstream =
+        Arc::new(Upstream::new(config.upstream.clone(), config.limits.max_headers as usize));
+    let tasks = TaskTracker::new();
+    let mut backoff = Backoff::new(Duration::from_secs(1), config.reconnect_max_delay);
+    let set_phase = |phase| shared.state.send_modify(|s| s.phase = phase);
+    'outer: while !stop.is_cancelled() {
+        set_phase(Phase::Connecting);
+        let token = shared.token();
+        let attempt = connect::connect(config, &token);
+        tokio::pin!(attempt);
+        let attempt = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break 'outer,
+                r = &mut attempt => break r,
+                cmd = commands.next() => match handle(&shared, cmd, &stop) {
+                    // A new token or a reconnect: dial again with it.
+                    Next::Retry => continue 'outer,
+                    Next::Stop => break 'outer,
+                    Next::Stay => {}
+                },
+            }
+        };
+        let delay = match attempt {
+            Ok(conn) => {
+                let started = Instant::now();
+                let (session, rx) = Session::new(SessionParams {
+                    id: conn.session_id.clone(),
+                    peer: conn.relay_limits,
+                    local: config.limits,
+                    gauge: shared.gauge.clone(),
+                    ping_interval: config.ping_interval,
+                    max_missed: config.max_missed_pings,
+                    acks: conn.relay_acks,
+                    upstream: upstream.clone(),
+                    tasks: tasks.clone(),
+                });
+                info!(session = %session.id, relay = %config.relay, "connected to the relay");
+                shared.state.send_modify(|s| {
+                    s.phase = Phase::Connected {
+                        session_id: session.id.clone(),
+                        since: SystemTime::now(),
+                    };
+                    s.sessions += 1;
+                    s.last_error = None;
+                });
+                shared.set_current(Some(session.clone()));
+                let run = session.clone().run(conn.socket, rx, stop.clone());
+                tokio::pin!(run);
+                let end = loop {
+                    tokio::select! {
+                        end = &mut run => break end,
+                        cmd = commands.next() => match handle(&shared, cmd, &stop) {
+                            Next::Retry => session.reconnect(),
+                            // The session sees `stop` and drains.
+                            Next::Stop | Next::Stay => {}
+                        },
+                    }
+                };
+                shared.set_current(None);
+                if started.elapsed() >= config.healthy_after {
+                    backoff.reset();
+                }
+                match end {
+                    SessionEnd::Shutdown => break,
+                    SessionEnd::Reconnect => Duration::ZERO,
+                    // A drain is not a failure: come back when asked,
+                    // spread a little so a relay's agents do not return in
+                    // one instant.
+                    SessionEnd::Goaway(retry) => retry + retry.mul_f64(rand::random::<f64>() * 0.5),
+                    SessionEnd::Lost(end) => {
+                        let why = describe(&end);
+                        warn!(reason = %why, "relay session lost");
+                        shared
+                            .state
+                            .send_modify(|s| s.last_error = Some(AgentError::SessionLost(why)));
+                        backoff.next_delay()
+                    }
+                }
+            }
+            Err(e) => {
+                let delay = match &e {
+                    // A refused credential will not fix itself quickly.
+                    ConnectError::Unauthorized(_) => {
+                        backoff.ceiling().max(config.reconnect_max_delay)
+                    }
+                    _ => backoff.next_delay(),
+                };
+                warn!(error = %e, retry_in = ?delay, "cannot connect to the relay");
+                shared.state.send_modify(|s| s.last_error = Some(e.into()));
+                delay
+            }
+        };
+        if delay.is_zero() {
+            continue;
+        }
+        set_phase(Phase::BackingOff { until: SystemTime::now() + delay });
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break 'outer,
+                _ = &mut sleep => break,
+                cmd = commands.next() => match handle(&shared, cmd, &stop) {
+                    Next::Retry => break,
+                    Next::Stop => break 'outer,
+                    Next::Stay => {}
+                },
+            }
+        }
+    }
+    set_phase(Phase::Stopped);
+    tasks.close();
+    let _ = tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await;
+    info!("agent stopped");
+}
+
+/// The command channel; once every sender is gone it pends forever
+/// instead of answering `None` in a loop.
+struct Commands(Option<mpsc::Receiver<Command>>);
+
+impl Commands {
+    async fn next(&mut self) -> Command {
+        if let Some(rx) = &mut self.0 {
+            if let Some(cmd) = rx.recv().await {
+                return cmd;
+            }
+            self.0 = None;
+        }
+        std::future::pending().await
+    }
+}
+
+/// Applies a command; what the loop should do next.
+fn handle(shared: &Shared, cmd: Command, stop: &CancellationToken) -> Next {
+    match cmd {
+        Command::Reconnect => {
+            info!("reconnecting on request");
+            Next::Retry
+        }
+        Command::ReplaceToken(token) => {
+            info!("agent token replaced; used from the next connection");
+            *shared.token.lock().unwrap_or_else(PoisonError::into_inner) = token;
+            if shared.current().is_some() { Next::Stay } else { Next::Retry }
+        }
+        Command::Shutdown => {
+            stop.cancel();
+            Next::Stop
+        }
+    }
+}

@@ -16,8 +16,8 @@ use tokio::time::{Instant, Sleep};
 
 use tunnel_proto::flow::{Inbox, StreamAbort};
 
-use crate::response::{Trailer, code_for_status};
 use crate::session::StreamGuard;
+use crate::shape::{Trailer, code_for_status};
 
 pub enum RelayBody {
     /// A body known in full (errors, health, original `http_response`).

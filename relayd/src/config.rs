@@ -4,9 +4,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use daemon::config::{at_least_one, duration, load_toml, positive, secret};
 use serde::{Deserialize, Serialize};
 
 use tunnel_proto::Limits;
+
+pub use daemon::ConfigError;
 
 /// The TOML file as written by the operator. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -88,7 +91,7 @@ impl std::fmt::Debug for Tls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LivenessFile {
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub ping_interval: Option<Duration>,
     pub max_missed_pings: Option<u32>,
 }
@@ -112,6 +115,10 @@ pub struct UserFile {
 pub struct LimitsFile {
     pub stream_window: Option<u32>,
     pub max_chunk_bytes: Option<u32>,
+    /// Requests in flight per agent session (the agent's own `max_streams`
+    /// may lower it).
+    pub max_streams: Option<u32>,
+    /// The name `max_streams` had before 0.2; still read, with a warning.
     pub max_streams_per_agent: Option<u32>,
     pub max_request_body: Option<u64>,
     pub legacy_max_body: Option<usize>,
@@ -123,23 +130,23 @@ pub struct LimitsFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsFile {
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub ack: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub first_byte: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub hello: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub header_read: Option<Duration>,
     /// A duration, or "off".
-    #[serde(default, with = "opt_limit")]
+    #[serde(default, deserialize_with = "duration::opt_limit")]
     pub idle: Option<Option<Duration>>,
-    #[serde(default, with = "opt_limit")]
+    #[serde(default, deserialize_with = "duration::opt_limit")]
     pub total: Option<Option<Duration>>,
     #[serde(default)]
     pub route: Vec<RouteTimeoutsFile>,
     /// Time in-flight streams get to finish on shutdown.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub drain: Option<Duration>,
 }
 
@@ -149,11 +156,11 @@ pub struct TimeoutsFile {
 #[serde(deny_unknown_fields)]
 pub struct RouteTimeoutsFile {
     pub prefix: String,
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, deserialize_with = "duration::opt")]
     pub first_byte: Option<Duration>,
-    #[serde(default, with = "opt_limit")]
+    #[serde(default, deserialize_with = "duration::opt_limit")]
     pub idle: Option<Option<Duration>>,
-    #[serde(default, with = "opt_limit")]
+    #[serde(default, deserialize_with = "duration::opt_limit")]
     pub total: Option<Option<Duration>>,
 }
 
@@ -161,13 +168,13 @@ pub struct RouteTimeoutsFile {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Timeouts {
     /// Forward -> response head (504 when it passes).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(serialize_with = "duration::show")]
     pub first_byte: Duration,
     /// Longest pause between two body chunks once the response started.
-    #[serde(with = "opt_humantime")]
+    #[serde(serialize_with = "duration::show_limit")]
     pub idle: Option<Duration>,
     /// Whole exchange, head and body.
-    #[serde(with = "opt_humantime")]
+    #[serde(serialize_with = "duration::show_limit")]
     pub total: Option<Duration>,
 }
 
@@ -213,31 +220,31 @@ pub struct Config {
     /// Methods carried beyond the standard ones.
     pub extra_methods: Vec<String>,
     /// Time an agent that listed `ack` has to acknowledge a request (504).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(serialize_with = "duration::show")]
     pub ack_timeout: Duration,
     /// Time from forwarding a request until the response head arrives (504).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(serialize_with = "duration::show")]
     pub first_byte_timeout: Duration,
     /// Longest pause between body chunks once a response started.
-    #[serde(with = "opt_humantime")]
+    #[serde(serialize_with = "duration::show_limit")]
     pub idle_timeout: Option<Duration>,
     /// Longest whole exchange; off by default (generations and pulls run long).
-    #[serde(with = "opt_humantime")]
+    #[serde(serialize_with = "duration::show_limit")]
     pub total_timeout: Option<Duration>,
     /// Overrides by path prefix, longest prefix first.
     pub route_timeouts: Vec<RouteTimeouts>,
     /// On SIGTERM, time in-flight streams get before they are ended.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(serialize_with = "duration::show")]
     pub drain_timeout: Duration,
     /// Time a connection has to send a request's headers (also how long an
     /// idle keep-alive connection stays open).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(serialize_with = "duration::show")]
     pub header_read_timeout: Duration,
     /// Time an agent that offered the v1 subprotocol has to send `hello`.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(serialize_with = "duration::show")]
     pub hello_timeout: Duration,
     /// The relay pings each agent this often...
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(serialize_with = "duration::show")]
     pub ping_interval: Duration,
     /// ...and drops a session silent for this many intervals.
     pub max_missed_pings: u32,
@@ -287,22 +294,9 @@ impl Default for Config {
     }
 }
 
-/// A configuration that cannot be used, with what is wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
-    #[error("{0}")]
-    Invalid(String),
-}
-
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        load_toml(path)
     }
 
     /// Applies defaults and checks every value; secrets in files are read.
@@ -337,8 +331,20 @@ impl ConfigFile {
         if let Some(c) = self.limits.max_chunk_bytes {
             limits.max_chunk_bytes = c;
         }
-        if let Some(s) = self.limits.max_streams_per_agent {
-            limits.max_streams = s;
+        match (self.limits.max_streams, self.limits.max_streams_per_agent) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "[limits] max_streams_per_agent is the old name of max_streams: set only max_streams",
+                ));
+            }
+            (Some(s), None) => limits.max_streams = s,
+            (None, Some(s)) => {
+                tracing::warn!(
+                    "[limits] max_streams_per_agent is now called max_streams; rename it (the old name still works)"
+                );
+                limits.max_streams = s;
+            }
+            (None, None) => {}
         }
         if let Some(h) = self.limits.max_headers {
             limits.max_headers = h;
@@ -355,11 +361,12 @@ impl ConfigFile {
             if users.iter().any(|x: &User| x.id == u.id) {
                 return Err(ConfigError::Invalid(format!("user {:?} is listed twice", u.id)));
             }
-            let agent_token = secret(&u.id, "agent_token", u.agent_token, u.agent_token_file)?
+            let agent_token = user_secret(&u.id, "agent_token", u.agent_token, u.agent_token_file)?
                 .ok_or_else(|| {
                     ConfigError::Invalid(format!("user {:?} has no agent_token", u.id))
                 })?;
-            let client_token = secret(&u.id, "client_token", u.client_token, u.client_token_file)?;
+            let client_token =
+                user_secret(&u.id, "client_token", u.client_token, u.client_token_file)?;
             users.push(User { id: u.id, agent_token, client_token });
         }
         distinct_tokens(&users)?;
@@ -394,7 +401,8 @@ impl ConfigFile {
             tls: match (self.tls.cert_file, self.tls.key_file) {
                 (None, None) => None,
                 (Some(cert_file), Some(key_file)) => Some(Tls {
-                    server: crate::tls::server_config(&cert_file, &key_file)?,
+                    server: crate::tls::server_config(&cert_file, &key_file)
+                        .map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))?,
                     cert_file,
                     key_file,
                 }),
@@ -408,24 +416,16 @@ impl ConfigFile {
             limits,
             max_request_body: self.limits.max_request_body.unwrap_or(d.max_request_body),
             legacy_max_body: self.limits.legacy_max_body.unwrap_or(d.legacy_max_body),
-            handshakes_per_second: match self.limits.handshakes_per_second {
-                Some(0) => {
-                    return Err(ConfigError::Invalid(
-                        "[limits] handshakes_per_second must be at least 1".into(),
-                    ));
-                }
-                Some(n) => n,
-                None => d.handshakes_per_second,
-            },
-            refused_handshakes_per_minute: match self.limits.refused_handshakes_per_minute {
-                Some(0) => {
-                    return Err(ConfigError::Invalid(
-                        "[limits] refused_handshakes_per_minute must be at least 1".into(),
-                    ));
-                }
-                Some(n) => n,
-                None => d.refused_handshakes_per_minute,
-            },
+            handshakes_per_second: at_least_one(
+                self.limits.handshakes_per_second,
+                d.handshakes_per_second,
+                "[limits] handshakes_per_second",
+            )?,
+            refused_handshakes_per_minute: at_least_one(
+                self.limits.refused_handshakes_per_minute,
+                d.refused_handshakes_per_minute,
+                "[limits] refused_handshakes_per_minute",
+            )?,
             trusted_proxies: crate::admission::TrustedProxies(trusted_proxies),
             forward_cookies: self.http.forward_cookies.unwrap_or(d.forward_cookies),
             extra_methods,
@@ -455,28 +455,12 @@ impl ConfigFile {
                 "header_read",
             )?,
             ping_interval: positive(self.liveness.ping_interval, d.ping_interval, "ping_interval")?,
-            max_missed_pings: match self.liveness.max_missed_pings {
-                Some(0) => {
-                    return Err(ConfigError::Invalid(
-                        "[liveness] max_missed_pings must be at least 1".into(),
-                    ));
-                }
-                Some(n) => n,
-                None => d.max_missed_pings,
-            },
+            max_missed_pings: at_least_one(
+                self.liveness.max_missed_pings,
+                d.max_missed_pings,
+                "[liveness] max_missed_pings",
+            )?,
         })
-    }
-}
-
-fn positive(
-    value: Option<Duration>,
-    default: Duration,
-    what: &str,
-) -> Result<Duration, ConfigError> {
-    match value {
-        Some(d) if d.is_zero() => Err(ConfigError::Invalid(format!("{what} must be positive"))),
-        Some(d) => Ok(d),
-        None => Ok(default),
     }
 }
 
@@ -525,88 +509,21 @@ fn distinct_tokens(users: &[User]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn secret(
+/// A user's token, inline or from a file, at least 16 characters.
+fn user_secret(
     user: &str,
     what: &str,
     inline: Option<String>,
     file: Option<PathBuf>,
 ) -> Result<Option<String>, ConfigError> {
-    let value = match (inline, file) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::Invalid(format!(
-                "user {user:?}: set {what} or {what}_file, not both"
-            )));
-        }
-        (Some(v), None) => v,
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::Read { path, source })?
-            .trim()
-            .to_owned(),
-        (None, None) => return Ok(None),
-    };
-    if value.len() < 16 {
+    let value = secret(what, inline, file)
+        .map_err(|e| ConfigError::Invalid(format!("user {user:?}: {e}")))?;
+    if value.as_ref().is_some_and(|v| v.len() < 16) {
         return Err(ConfigError::Invalid(format!(
             "user {user:?}: {what} must be at least 16 characters"
         )));
     }
-    Ok(Some(value))
-}
-
-mod opt_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
-        humantime::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
-    }
-}
-
-/// A duration or `"off"`: `None` when absent, `Some(None)` for off.
-mod opt_limit {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Option<Duration>>, D::Error> {
-        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
-        if text.trim() == "off" {
-            return Ok(Some(None));
-        }
-        match humantime::parse_duration(&text) {
-            Ok(d) if d.is_zero() => Err(serde::de::Error::custom("use \"off\" instead of 0")),
-            Ok(d) => Ok(Some(Some(d))),
-            Err(e) => {
-                Err(serde::de::Error::custom(format!("{e} (a duration like \"5m\", or \"off\")")))
-            }
-        }
-    }
-}
-
-mod opt_humantime {
-    use std::time::Duration;
-
-    use serde::Serializer;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_str("off"),
-        }
-    }
-}
-
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::Serializer;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -647,27 +564,10 @@ mod tests {
         let file: ConfigFile = toml::from_str(text).expect("packaging/relayd.toml is valid");
         assert_eq!(file.users.len(), 1);
         // Every commented-out knob is a real key with a valid value.
-        let uncommented: String = text
-            .lines()
-            .map(|l| {
-                l.strip_prefix("# ")
-                    .filter(|r| {
-                        r.starts_with("[[")
-                            || r.split_once(" = ").is_some_and(|(k, _)| {
-                                k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                            })
-                    })
-                    .unwrap_or(l)
-            })
-            .map(|l| {
-                if l.starts_with("agent_token = ") || l.starts_with("client_token") {
-                    ""
-                } else {
-                    l
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let uncommented = daemon::config::uncomment_example(
+            text,
+            &["agent_token", "client_token", "max_streams_per_agent"],
+        );
         toml::from_str::<ConfigFile>(&uncommented).expect("every documented knob is accepted");
     }
 
@@ -713,6 +613,17 @@ mod tests {
         let err = parse("[http]\nextra_methods = [\"CONNECT\"]").expect_err("never");
         assert!(err.to_string().contains("cannot cross the tunnel"), "{err}");
         assert!(parse("[http]\nextra_methods = [\"get me\"]").is_err());
+    }
+
+    #[test]
+    fn the_old_name_of_max_streams_still_works_but_not_beside_the_new_one() {
+        assert_eq!(
+            parse("[limits]\nmax_streams_per_agent = 7").expect("valid").limits.max_streams,
+            7
+        );
+        assert_eq!(parse("[limits]\nmax_streams = 9").expect("valid").limits.max_streams, 9);
+        let err = parse("[limits]\nmax_streams = 9\nmax_streams_per_agent = 7").expect_err("both");
+        assert!(err.to_string().contains("old name of max_streams"), "{err}");
     }
 
     #[test]

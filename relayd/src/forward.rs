@@ -1,24 +1,30 @@
-//! Forwarding one web request through an agent session and answering it.
+//! One web request -> one stream on its user's session, in phases: what
+//! the relay keeps of the request, the `http_request` (with a small body in
+//! the same write), the upload, the wait for the head under the deadlines of
+//! [`crate::deadline`], and the answer the web client gets. Every way a
+//! request can fail is a [`Failure`], mapped to HTTP in one place
+//! ([`Failure::answer`]).
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as Ws;
-use tracing::debug;
 
-use tunnel_proto::flow::{SendWindow, StreamAbort};
-use tunnel_proto::{Headers, HttpRequestMsg, Message, StreamId, Violation, frame};
+use tunnel_proto::flow::StreamAbort;
+use tunnel_proto::{Headers, HttpRequestMsg, Message, Violation, frame};
 
-use crate::Shared;
 use crate::body::RelayBody;
-use crate::response::{self, Shape, Trailer};
-use crate::server::Conn;
-use crate::session::{OpenError, Session};
+use crate::deadline::{Clock, Expired};
+use crate::response::{self, Failure, Shape};
+use crate::session::{Head, OpenError, OpenStream, Session};
+use crate::shape::Trailer;
+use crate::state::{Conn, Shared};
+use crate::upload::{self, Pump};
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
@@ -49,90 +55,67 @@ pub async fn forward(
     target: String,
 ) -> Response<RelayBody> {
     let shape = Shape::of(&target);
-    let error = |status: StatusCode, message: &str| {
-        response::error(shape, status, response::code_for_status(status), message)
-    };
+    exchange(shared, conn, session, req, &target).await.unwrap_or_else(|f| f.answer(shape))
+}
+
+async fn exchange(
+    shared: &Shared,
+    conn: &Conn,
+    session: Arc<Session>,
+    req: Request<Incoming>,
+    target: &str,
+) -> Result<Response<RelayBody>, Failure> {
+    let config = &shared.config;
     let (parts, body) = req.into_parts();
-    let forward_cookies = shared.config.forward_cookies;
-    let trusted_peer = shared.config.trusted_proxies.trusts(conn.peer.ip());
-    let headers = match Headers::from_map_without(&parts.headers, |n| {
-        not_forwarded(n, forward_cookies, trusted_peer)
-    }) {
-        Ok(h) => h,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.detail),
-    };
-    if let Err(e) = headers.check_size(&shared.config.limits) {
-        return error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, &e.detail);
+    let trusted_peer = config.trusted_proxies.trusts(conn.peer.ip());
+    let headers = Headers::from_map_without(&parts.headers, |n| {
+        not_forwarded(n, config.forward_cookies, trusted_peer)
+    })
+    .map_err(|e| Failure::refused(StatusCode::BAD_REQUEST, e.detail))?;
+    if let Err(e) = headers.check_size(&config.limits) {
+        return Err(Failure::refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, e.detail));
     }
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > shared.config.max_request_body) {
-        return error(
+    if declared.is_some_and(|n| n > config.max_request_body) {
+        return Err(Failure::refused(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body is larger than this relay accepts",
-        );
+        ));
     }
     let has_body = !http_body::Body::is_end_stream(&body);
+    let open = session.open().map_err(|e| match e {
+        OpenError::TooManyStreams(n) => Failure::TooManyStreams(n),
+        OpenError::Closed => Failure::AgentOffline(session.user.clone()),
+    })?;
+    let OpenStream { id, head, inbox, window, mut guard, ack } = open;
 
-    let open = match session.open() {
-        Ok(o) => o,
-        Err(OpenError::TooManyStreams(n)) => {
-            return response::retry_after(
-                response::error(
-                    shape,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_streams",
-                    &format!("this tunnel already has {n} requests in flight"),
-                ),
-                1,
-            );
-        }
-        Err(OpenError::Closed) => return response::agent_offline(shape, &session.user),
-    };
-
-    let mut guard = open.guard;
     let mut body = Some(body);
     let msg = if session.is_legacy() {
         let whole = body.take().expect("the body is taken once");
-        let body = match read_legacy_body(whole, shared.config.legacy_max_body, shape).await {
-            Ok(b) => b,
-            Err(resp) => return resp,
-        };
-        HttpRequestMsg::new(&open.id, &parts.method, &target, headers, Some(body), false)
+        let text = upload::read_legacy(whole, config.legacy_max_body).await?;
+        HttpRequestMsg::new(&id, &parts.method, target, headers, Some(text), false)
     } else {
-        HttpRequestMsg::new(&open.id, &parts.method, &target, headers, None, has_body)
+        HttpRequestMsg::new(&id, &parts.method, target, headers, None, has_body)
     };
     // Refuse here what the agent would refuse, so the web client gets a
-    // precise answer at once instead of a timeout.
-    if let Err(e) = msg.check(session.peer_limits()) {
-        guard.complete();
-        let status = match e.kind {
-            Violation::InvalidPath if target.len() > tunnel_proto::limits::MAX_PATH_LEN => {
-                StatusCode::URI_TOO_LONG
-            }
-            Violation::TooManyHeaders | Violation::HeadersTooLarge => {
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-            }
-            _ => StatusCode::BAD_REQUEST,
-        };
-        return error(status, &e.detail);
-    }
-    let text = Message::HttpRequest(msg).encode();
-    if !session.is_legacy() && text.len() > session.peer_limits().max_control_bytes as usize {
-        guard.complete();
-        return error(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request head too large for the agent",
-        );
-    }
-    let limits = shared.config.timeouts_for(target.split('?').next().unwrap_or(&target));
+    // precise answer at once instead of a timeout. Nothing was sent: there
+    // is nothing to cancel.
+    let text = match checked(&session, msg, target) {
+        Ok(t) => t,
+        Err(f) => {
+            guard.complete();
+            return Err(f);
+        }
+    };
+    let timeouts = config.timeouts_for(target.split('?').next().unwrap_or(target));
     // A client that stops reading this answer is as stalled as an agent
     // that stops sending it.
-    conn.stall.set(limits.idle);
-    let total_deadline = limits.total.map(|t| tokio::time::Instant::now() + t);
+    conn.stall.set(timeouts.idle);
+    let mut clock = Clock::new(Instant::now(), timeouts);
 
     // A small body with a declared length (a chat request, most often) is
     // read first and queued together with the request, so both go out in
@@ -142,122 +125,150 @@ pub async fn forward(
         has_body
             && n > 0
             && !session.is_legacy()
-            && n <= (session.chunk_size() as u64).min(open.window.available())
+            && n <= (session.chunk_size() as u64).min(window.available())
     });
     let mut inline = None;
     if let Some(n) = small {
         let whole = body.take().expect("the body is taken once");
-        let read = read_small_body(whole, n as usize, limits.idle);
-        let data = match total_deadline {
-            Some(t) => tokio::time::timeout_at(t, read).await.unwrap_or(Err((
-                StatusCode::GATEWAY_TIMEOUT,
-                "the request took longer than the relay's total timeout",
-            ))),
+        let read = upload::read_small(whole, n as usize, timeouts.idle);
+        let data = match clock.total() {
+            Some(t) => tokio::time::timeout_at(t, read)
+                .await
+                .unwrap_or(Err(Failure::Expired(Expired::Total))),
             None => read.await,
         };
         let data = match data {
             Ok(d) => d,
-            Err((status, why)) => {
-                // Nothing was sent: the agent has nothing to cancel.
+            Err(f) => {
                 guard.complete();
-                return error(status, why);
+                return Err(f);
             }
         };
         // Within the window (checked above): no credit to wait for.
-        if open.window.reserve(data.len()).await != Ok(data.len()) {
-            return error(StatusCode::BAD_GATEWAY, "agent disconnected");
+        if window.reserve(data.len()).await != Ok(data.len()) {
+            return Err(Failure::AgentGone);
         }
-        inline = Some(Ws::Binary(frame::encode(open.id.as_str(), true, &data)));
+        inline = Some(Ws::Binary(frame::encode(id.as_str(), true, &data)));
     }
 
-    let started = tokio::time::Instant::now();
     // Until the agent acknowledges, the acknowledgement timer bounds the
     // wait too: it is what tells a stuck agent from a slow model.
-    let mut ack = open.ack;
-    let ack_deadline = ack.as_ref().map(|_| started + shared.config.ack_timeout);
-    let first_byte = limits.total.map_or(limits.first_byte, |t| t.min(limits.first_byte));
-    let send_deadline = ack_deadline.map_or(started + first_byte, |a| a.min(started + first_byte));
-    let sent = session.send_then(&open.id, Ws::text(text), inline);
-    match tokio::time::timeout_at(send_deadline, sent).await {
+    let ack_timeout = ack.as_ref().map(|_| config.ack_timeout);
+    let send_deadline = clock.sending(Instant::now(), ack_timeout);
+    match tokio::time::timeout_at(send_deadline, session.send_then(&id, Ws::text(text), inline))
+        .await
+    {
         Ok(Ok(())) => {}
-        Ok(Err(_)) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
+        Ok(Err(_)) => return Err(Failure::AgentGone),
         Err(_) => {
             guard.cancel("the tunnel was too busy to send the request in time");
-            return error(StatusCode::GATEWAY_TIMEOUT, "the tunnel to the agent is congested");
+            return Err(Failure::Congested);
         }
     }
 
-    // The first-byte clock starts once the whole request body is with the
-    // agent: a model server answers only after reading it, and a multi-GB
-    // upload must not count against it.
-    let (uploaded_tx, mut uploaded_rx) = oneshot::channel::<()>();
-    if let Some(body) = body.filter(|_| has_body) {
-        tokio::spawn(pump_request_body(
-            session.clone(),
-            open.id.clone(),
-            open.window.clone(),
-            body,
-            shared.config.max_request_body,
-            limits.idle,
-            uploaded_tx,
-        ));
-    } else {
+    let (uploaded_tx, uploaded) = oneshot::channel::<()>();
+    match body.filter(|_| has_body) {
+        Some(body) => {
+            let pump = Pump {
+                session: session.clone(),
+                id: id.clone(),
+                window: window.clone(),
+                max: config.max_request_body,
+                idle: timeouts.idle,
+            };
+            tokio::spawn(pump.run(body, uploaded_tx));
+        }
         // No body, or it went with the request.
-        drop(uploaded_tx);
+        None => drop(uploaded_tx),
     }
-    let mut head_rx = open.head;
-    let mut head_deadline: Option<tokio::time::Instant> = total_deadline;
-    let mut uploaded = false;
-    let head = loop {
-        let ack_pending = ack.is_some();
-        let deadline = match (ack_pending.then_some(ack_deadline).flatten(), head_deadline) {
-            (Some(a), Some(h)) => Some(a.min(h)),
-            (a, h) => a.or(h),
+    let head = match await_head(&mut clock, head, ack, uploaded).await {
+        Ok(head) => head,
+        Err(Failure::Expired(e)) => {
+            guard.cancel(e.cancel_reason());
+            return Err(Failure::Expired(e));
+        }
+        Err(f) => return Err(f),
+    };
+    Ok(answer(head, &parts, guard, inbox, timeouts.idle, clock.total()))
+}
+
+/// The `http_request` text, or why the agent would refuse it.
+fn checked(session: &Session, msg: HttpRequestMsg, target: &str) -> Result<String, Failure> {
+    if let Err(e) = msg.check(session.peer_limits()) {
+        let status = match e.kind {
+            Violation::InvalidPath if target.len() > tunnel_proto::limits::MAX_PATH_LEN => {
+                StatusCode::URI_TOO_LONG
+            }
+            Violation::TooManyHeaders | Violation::HeadersTooLarge => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            _ => StatusCode::BAD_REQUEST,
         };
+        return Err(Failure::refused(status, e.detail));
+    }
+    let text = Message::HttpRequest(msg).encode();
+    if !session.is_legacy() && text.len() > session.peer_limits().max_control_bytes as usize {
+        return Err(Failure::refused(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large for the agent",
+        ));
+    }
+    Ok(text)
+}
+
+/// Waits for the response head while the clock runs: the acknowledgement
+/// stops the ack timer, the end of the upload starts the first-byte one.
+async fn await_head(
+    clock: &mut Clock,
+    mut head: oneshot::Receiver<Result<Head, StreamAbort>>,
+    mut ack: Option<oneshot::Receiver<()>>,
+    mut uploaded: oneshot::Receiver<()>,
+) -> Result<Head, Failure> {
+    let mut uploading = true;
+    loop {
+        let deadline = clock.next();
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
+        let ack_pending = ack.is_some();
         tokio::select! {
             biased;
-            h = &mut head_rx => match h {
-                Ok(Ok(head)) => break head,
-                Ok(Err(abort)) => return abort_response(shape, &abort),
-                Err(_) => return error(StatusCode::BAD_GATEWAY, "agent disconnected"),
+            h = &mut head => return match h {
+                Ok(Ok(head)) => Ok(head),
+                Ok(Err(abort)) => Err(Failure::Aborted(abort)),
+                Err(_) => Err(Failure::AgentGone),
             },
             // An ack, or the stream ended (then the head resolves too).
             _ = async { ack.as_mut().expect("polled only while pending").await }, if ack_pending => {
                 ack = None;
+                clock.acked();
             }
-            _ = &mut uploaded_rx, if !uploaded => {
-                uploaded = true;
-                let until = tokio::time::Instant::now() + limits.first_byte;
-                head_deadline = Some(total_deadline.map_or(until, |t| t.min(until)));
+            _ = &mut uploaded, if uploading => {
+                uploading = false;
+                clock.uploaded(Instant::now());
             }
             _ = sleep => {
-                let now = tokio::time::Instant::now();
-                if ack.is_some() && ack_deadline.is_some_and(|a| a <= now) {
-                    guard.cancel("the agent did not acknowledge the request in time");
-                    return error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the agent did not acknowledge the request in time",
-                    );
+                if let Some(e) = clock.expired(Instant::now()) {
+                    return Err(Failure::Expired(e));
                 }
-                if total_deadline.is_some_and(|t| t <= now) {
-                    guard.cancel("the total timeout passed before the response head");
-                    return error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the request took longer than the relay's total timeout",
-                    );
-                }
-                guard.cancel("no response head before the first-byte timeout");
-                return error(StatusCode::GATEWAY_TIMEOUT, "the local service did not answer in time");
             }
         }
-    };
+    }
+}
 
+/// The web client's answer for `head`: the tunnelled headers under the
+/// relay's origin rules, and the body streamed as it arrives.
+fn answer(
+    head: Head,
+    parts: &Parts,
+    mut guard: crate::session::StreamGuard,
+    inbox: tunnel_proto::flow::Inbox,
+    idle: Option<std::time::Duration>,
+    total: Option<Instant>,
+) -> Response<RelayBody> {
     let mut resp = Response::new(RelayBody::empty());
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
@@ -298,174 +309,9 @@ pub async fn forward(
         }
         // With a declared length an appended error would break the
         // framing; such a stream is cut off instead.
-        None => RelayBody::stream(open.inbox, guard, trailer, limits.idle, total_deadline),
+        None => RelayBody::stream(inbox, guard, trailer, idle, total),
     };
     resp
-}
-
-/// Streams the web client's request body to the agent in chunks, spending
-/// flow-control credit before each one. `idle` bounds each wait: for the
-/// client's next bytes and for the agent's credit.
-async fn pump_request_body(
-    session: Arc<Session>,
-    id: StreamId,
-    window: Arc<SendWindow>,
-    mut body: Incoming,
-    max: u64,
-    idle: Option<std::time::Duration>,
-    uploaded: oneshot::Sender<()>,
-) {
-    let chunk = session.chunk_size();
-    let mut total: u64 = 0;
-    let stalled = |code: u16, what: &str| {
-        session.abort_stream(id.as_str(), StreamAbort::new(code, what));
-    };
-    loop {
-        // `is_end_stream` is only a hint (a chunked body never sets it), so
-        // the end is also the `None` after the last frame.
-        let next = match bounded(idle, body.frame()).await {
-            Some(f) => f,
-            None => {
-                return stalled(408, "the request body stalled longer than the idle timeout");
-            }
-        };
-        let (data, last) = match next {
-            None => (Bytes::new(), true),
-            Some(Ok(f)) => match f.into_data() {
-                Ok(d) => (d, http_body::Body::is_end_stream(&body)),
-                Err(_) => continue, // trailers are not forwarded
-            },
-            Some(Err(e)) => {
-                debug!(stream = %id, error = %e, "web client request body failed");
-                session
-                    .abort_stream(id.as_str(), StreamAbort::new(400, "request body ended early"));
-                return;
-            }
-        };
-        total += data.len() as u64;
-        if total > max {
-            session.abort_stream(
-                id.as_str(),
-                StreamAbort::new(413, "request body is larger than this relay accepts"),
-            );
-            return;
-        }
-        let mut data = data;
-        loop {
-            let want = data.len().min(chunk);
-            let n = match bounded(idle, window.reserve(want)).await {
-                Some(Ok(n)) => n,
-                Some(Err(_)) => return, // the stream ended; nobody needs the rest
-                None => {
-                    return stalled(
-                        504,
-                        "the local service stopped reading the request body for longer than the idle timeout",
-                    );
-                }
-            };
-            let piece = data.split_to(n);
-            let end = last && data.is_empty();
-            if want > 0 || end {
-                let f = frame::encode(id.as_str(), end, &piece);
-                if session.send(&id, Ws::Binary(f)).await.is_err() {
-                    return;
-                }
-            }
-            if data.is_empty() {
-                break;
-            }
-        }
-        if last {
-            let _ = uploaded.send(());
-            return;
-        }
-    }
-}
-
-/// `fut`, or `None` once `limit` passed (never without a limit).
-async fn bounded<T>(
-    limit: Option<std::time::Duration>,
-    fut: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    match limit {
-        Some(l) => tokio::time::timeout(l, fut).await.ok(),
-        None => Some(fut.await),
-    }
-}
-
-/// Reads a body of exactly `len` bytes (its declared `Content-Length`);
-/// `idle` bounds each wait for the client's next bytes.
-async fn read_small_body(
-    mut body: Incoming,
-    len: usize,
-    idle: Option<std::time::Duration>,
-) -> Result<Bytes, (StatusCode, &'static str)> {
-    let mut parts: Vec<Bytes> = Vec::new();
-    let mut got = 0;
-    loop {
-        let frame = match bounded(idle, body.frame()).await {
-            None => {
-                return Err((
-                    StatusCode::REQUEST_TIMEOUT,
-                    "the request body stalled longer than the idle timeout",
-                ));
-            }
-            Some(None) => break,
-            Some(Some(Ok(f))) => f,
-            Some(Some(Err(_))) => {
-                return Err((StatusCode::BAD_REQUEST, "request body ended early"));
-            }
-        };
-        let Ok(data) = frame.into_data() else { continue };
-        got += data.len();
-        // hyper stops at the declared length; this only bounds the buffer.
-        if got > len {
-            return Err((StatusCode::BAD_REQUEST, "request body longer than declared"));
-        }
-        if !data.is_empty() {
-            parts.push(data);
-        }
-    }
-    if got != len {
-        return Err((StatusCode::BAD_REQUEST, "request body ended early"));
-    }
-    // Usually the whole body is one frame: kept without a copy.
-    Ok(match parts.len() {
-        1 => parts.swap_remove(0),
-        _ => Bytes::from(parts.concat()),
-    })
-}
-
-async fn read_legacy_body(
-    body: Incoming,
-    max: usize,
-    shape: Shape,
-) -> Result<String, Response<RelayBody>> {
-    let collected = http_body_util::Limited::new(body, max).collect().await.map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            response::error(
-                shape,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "request body too large for this agent (it speaks the original protocol)",
-            )
-        } else {
-            response::error(
-                shape,
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "request body ended early",
-            )
-        }
-    })?;
-    String::from_utf8(collected.to_bytes().to_vec()).map_err(|_| {
-        response::error(
-            shape,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "binary_body",
-            "this agent speaks the original protocol, which carries text bodies only; upgrade agentd for binary bodies",
-        )
-    })
 }
 
 fn content_type_is(resp: &Response<RelayBody>, mime: &str) -> bool {
@@ -473,12 +319,4 @@ fn content_type_is(resp: &Response<RelayBody>, mime: &str) -> bool {
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(mime)))
-}
-
-fn abort_response(shape: Shape, abort: &StreamAbort) -> Response<RelayBody> {
-    let status = StatusCode::from_u16(abort.code)
-        .ok()
-        .filter(|s| s.is_client_error() || s.is_server_error())
-        .unwrap_or(StatusCode::BAD_GATEWAY);
-    response::error(shape, status, response::code_for_status(status), &abort.message)
 }

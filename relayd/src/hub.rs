@@ -60,10 +60,6 @@ impl Hub {
         self.sessions.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// All sessions (for shutdown and status).
     pub fn sessions(&self) -> Vec<Arc<Session>> {
         self.sessions.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
@@ -80,16 +76,5 @@ impl Hub {
                 return;
             }
         }
-    }
-
-    /// Waits until an agent for `user` is connected and returns its session.
-    pub async fn wait_for(&self, user: &str) -> Arc<Session> {
-        let mut found = None;
-        self.wait_until(|hub| {
-            found = hub.get(user);
-            found.is_some()
-        })
-        .await;
-        found.expect("wait_until returns only once the predicate held")
     }
 }

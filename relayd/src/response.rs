@@ -13,109 +13,80 @@
 //! `Set-Cookie` and the other origin-wide headers and are sandboxed with a
 //! `Content-Security-Policy` ([`secure_tunnelled`]).
 
-use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Response, StatusCode};
 
 use crate::body::RelayBody;
+use crate::deadline::Expired;
+pub use crate::shape::{Shape, code_for_status};
+use tunnel_proto::flow::StreamAbort;
 
-/// The error format a client of a path expects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shape {
-    /// Ollama's `{"error": "..."}`.
-    Ollama,
-    /// OpenAI's `{"error": {"message", "type", "code"}}`, for `/v1/*`.
-    OpenAi,
+/// Why a request got no tunnelled answer.
+#[derive(Debug)]
+pub enum Failure {
+    /// The request cannot cross the tunnel as it is (400, 408, 413, 414,
+    /// 415, 431).
+    Refused { status: StatusCode, message: String },
+    /// The tunnel has `max_streams` requests in flight (429).
+    TooManyStreams(usize),
+    /// The user's agent is not connected (503).
+    AgentOffline(String),
+    /// The agent went away before answering (502).
+    AgentGone,
+    /// The request could not even be queued for the agent in time (504).
+    Congested,
+    /// A deadline passed before the head (504).
+    Expired(Expired),
+    /// The agent (or its local service) ended the stream before the head.
+    Aborted(StreamAbort),
 }
 
-impl Shape {
-    /// The shape for a request to `path` at the local service.
-    pub fn of(path: &str) -> Shape {
-        if path == "/v1" || path.starts_with("/v1/") || path.starts_with("/v1?") {
-            Shape::OpenAi
-        } else {
-            Shape::Ollama
-        }
+impl Failure {
+    pub fn refused(status: StatusCode, message: impl Into<String>) -> Self {
+        Failure::Refused { status, message: message.into() }
     }
-}
 
-/// What a stream that fails after its head can still say, by its content
-/// type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trailer {
-    /// Cut off: the client sees a truncated body.
-    None,
-    /// `application/x-ndjson`: a last `{"error": "..."}` line, as Ollama
-    /// ends a stream that fails.
-    NdjsonLine,
-    /// `text/event-stream`: a last `data: {"error": {...}}` event, which the
-    /// `openai` SDK raises as an `APIError` with the message.
-    SseEvent,
-}
-
-impl Trailer {
-    /// The bytes that end a failed stream with `message`, if the format has
-    /// a way to say so.
-    pub fn bytes(self, code: &str, message: &str) -> Option<Bytes> {
+    /// The one mapping from a failure to what the web client gets.
+    pub fn answer(self, shape: Shape) -> Response<RelayBody> {
+        let error =
+            |status: StatusCode, code: &str, message: &str| error(shape, status, code, message);
         match self {
-            Trailer::None => None,
-            Trailer::NdjsonLine => {
-                Some(Bytes::from(serde_json::json!({ "error": message }).to_string() + "\n"))
+            Failure::Refused { status, message } => {
+                error(status, code_for_status(status), &message)
             }
-            Trailer::SseEvent => {
-                let event = serde_json::json!({
-                    "error": { "message": message, "type": "server_error", "code": code }
-                });
-                Some(Bytes::from(format!("data: {event}\n\n")))
+            Failure::TooManyStreams(n) => retry_after(
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    &format!("this tunnel already has {n} requests in flight"),
+                ),
+                1,
+            ),
+            Failure::AgentOffline(user) => agent_offline(shape, &user),
+            Failure::AgentGone => {
+                error(StatusCode::BAD_GATEWAY, "agent_disconnected", "agent disconnected")
+            }
+            Failure::Congested => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "tunnel_congested",
+                "the tunnel to the agent is congested",
+            ),
+            Failure::Expired(e) => error(StatusCode::GATEWAY_TIMEOUT, "timeout", e.message()),
+            Failure::Aborted(abort) => {
+                let status = StatusCode::from_u16(abort.code)
+                    .ok()
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                error(status, code_for_status(status), &abort.message)
             }
         }
-    }
-}
-
-/// The OpenAI error `type` for a status.
-fn openai_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        429 => "rate_limit_error",
-        s if s >= 500 => "server_error",
-        _ => "invalid_request_error",
-    }
-}
-
-/// A stable machine-readable code for an error the relay did not name
-/// itself (an agent's `error` or `cancel`).
-pub fn code_for_status(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 => "bad_request",
-        403 => "forbidden",
-        404 => "not_found",
-        408 => "request_timeout",
-        413 => "payload_too_large",
-        429 => "too_many_requests",
-        502 => "upstream_failed",
-        503 => "unavailable",
-        504 => "timeout",
-        s if s >= 500 => "server_error",
-        _ => "bad_request",
-    }
-}
-
-/// The JSON text of an error.
-pub fn error_body(shape: Shape, status: StatusCode, code: &str, message: &str) -> String {
-    match shape {
-        Shape::Ollama => serde_json::json!({ "error": message }).to_string(),
-        Shape::OpenAi => serde_json::json!({
-            "error": { "message": message, "type": openai_type(status), "code": code }
-        })
-        .to_string(),
     }
 }
 
 /// A JSON error answer in `shape`.
 pub fn error(shape: Shape, status: StatusCode, code: &str, message: &str) -> Response<RelayBody> {
-    let mut resp = Response::new(RelayBody::full(error_body(shape, status, code, message)));
+    let body = crate::shape::error_body(shape, status, code, message);
+    let mut resp = Response::new(RelayBody::full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
@@ -209,29 +180,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn v1_paths_get_openai_errors_and_the_rest_ollama_errors() {
-        assert_eq!(Shape::of("/v1/chat/completions"), Shape::OpenAi);
-        assert_eq!(Shape::of("/v1"), Shape::OpenAi);
-        assert_eq!(Shape::of("/v1?x=1"), Shape::OpenAi);
-        assert_eq!(Shape::of("/api/chat"), Shape::Ollama);
-        assert_eq!(Shape::of("/v10/x"), Shape::Ollama);
-        let v: serde_json::Value = serde_json::from_str(&error_body(
-            Shape::OpenAi,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "agent_not_connected",
-            "m",
-        ))
-        .expect("json");
-        assert_eq!(v["error"]["message"], "m");
-        assert_eq!(v["error"]["type"], "server_error");
-        assert_eq!(v["error"]["code"], "agent_not_connected");
-        let v: serde_json::Value =
-            serde_json::from_str(&error_body(Shape::Ollama, StatusCode::BAD_GATEWAY, "x", "m"))
-                .expect("json");
-        assert_eq!(v, serde_json::json!({ "error": "m" }));
-    }
-
-    #[test]
     fn tunnelled_answers_lose_cookies_and_gain_a_sandbox() {
         let mut h = HeaderMap::new();
         h.append("set-cookie", HeaderValue::from_static("relay_session=x; Path=/"));
@@ -247,20 +195,5 @@ mod tests {
         assert_eq!(h["content-security-policy"], SANDBOX);
         assert_eq!(h["x-content-type-options"], "nosniff");
         assert_eq!(h["content-type"], "text/html");
-    }
-
-    #[test]
-    fn failed_streams_end_in_their_own_format() {
-        assert_eq!(Trailer::None.bytes("c", "m"), None);
-        assert_eq!(
-            Trailer::NdjsonLine.bytes("c", "boom").expect("a line"),
-            Bytes::from_static(b"{\"error\":\"boom\"}\n")
-        );
-        let sse = Trailer::SseEvent.bytes("upstream_failed", "boom").expect("an event");
-        let text = std::str::from_utf8(&sse).expect("utf-8");
-        let json = text.strip_prefix("data: ").and_then(|t| t.strip_suffix("\n\n")).expect("event");
-        let v: serde_json::Value = serde_json::from_str(json).expect("json");
-        assert_eq!(v["error"]["message"], "boom");
-        assert_eq!(v["error"]["code"], "upstream_failed");
     }
 }

@@ -2,7 +2,6 @@
 //! relay's own endpoints.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,22 +22,13 @@ use tracing::{info, warn};
 use tunnel_proto::{Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
 
 use crate::admission::Verdict;
+use crate::auth;
 use crate::body::RelayBody;
 use crate::config::valid_user_id;
 use crate::forward::forward;
 use crate::response::{self, Shape, Unauthorized, retry_after};
 use crate::session::{AgentSocket, Session, SessionParams};
-use crate::stall::StallLimit;
-use crate::{Shared, auth};
-
-/// What the relay knows of the connection a request arrived on.
-#[derive(Debug)]
-pub struct Conn {
-    /// The TCP peer (a proxy, when one is in front).
-    pub peer: SocketAddr,
-    /// How long writes to this client may stall; set per request.
-    pub stall: StallLimit,
-}
+use crate::state::{Conn, Shared};
 
 /// Methods the tunnel carries without being told.
 const STANDARD_METHODS: [Method; 7] = [

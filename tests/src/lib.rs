@@ -70,7 +70,7 @@ impl TestRelay {
         let shutdown = CancellationToken::new();
         let serving = relay.clone();
         let token = shutdown.clone();
-        let task = tokio::spawn(async move { serving.serve(listener, token).await });
+        let task = tokio::spawn(async move { serving.run(listener, token).await });
         Self { relay, addr, shutdown, task: Some(task) }
     }
 
@@ -89,10 +89,18 @@ impl TestRelay {
     }
 
     /// Waits until `user`'s agent is connected.
-    pub async fn wait_for_agent(&self, user: &str) -> Arc<relayd::session::Session> {
-        tokio::time::timeout(WAIT, self.relay.hub().wait_for(user))
-            .await
-            .expect("agent never connected")
+    pub async fn wait_for_agent(&self, user: &str) -> relayd::Tunnel {
+        let mut found = None;
+        tokio::time::timeout(
+            WAIT,
+            self.relay.wait_until(|r| {
+                found = r.tunnel(user);
+                found.is_some()
+            }),
+        )
+        .await
+        .expect("agent never connected");
+        found.expect("wait_until returns once the tunnel is there")
     }
 
     /// Stops the relay now.

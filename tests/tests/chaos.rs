@@ -62,7 +62,7 @@ async fn until_end(
 async fn relay_lets_go(relay: &TestRelay) {
     tokio::time::timeout(WAIT, async {
         while relay.relay.buffered().current() > 0
-            || relay.relay.hub().sessions().iter().any(|s| s.in_flight() > 0)
+            || relay.relay.tunnels().iter().any(|s| s.in_flight() > 0)
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -329,7 +329,7 @@ async fn a_stopping_agent_finishes_its_streams_first() {
     println!("agent drain: the in-flight stream finished after {took:?}");
     assert!(last.contains(r#""done":true"#), "the stream was cut: {last}");
     stopping.await.unwrap();
-    tokio::time::timeout(WAIT, relay.relay.hub().wait_until(|h| h.is_empty()))
+    tokio::time::timeout(WAIT, relay.relay.wait_until(|r| r.tunnel_count() == 0))
         .await
         .expect("agent never left");
     drop(http);
@@ -362,16 +362,16 @@ async fn after_a_relay_restart_a_crowd_of_agents_all_comes_back_under_the_handsh
                 .await,
         );
     }
-    assert_eq!(relay.relay.hub().len(), AGENTS);
+    assert_eq!(relay.relay.tunnel_count(), AGENTS);
     relay.shutdown().await;
     let restarted = Instant::now();
     let relay = TestRelay::start_on(addr, &names, limit).await;
     tokio::time::timeout(
         Duration::from_secs(30),
-        relay.relay.hub().wait_until(|h| h.len() == AGENTS),
+        relay.relay.wait_until(|r| r.tunnel_count() == AGENTS),
     )
     .await
-    .unwrap_or_else(|_| panic!("only {} of {AGENTS} agents came back", relay.relay.hub().len()));
+    .unwrap_or_else(|_| panic!("only {} of {AGENTS} agents came back", relay.relay.tunnel_count()));
     println!(
         "{AGENTS} agents back {:?} after the restart ({RATE} handshakes/s admitted, backoff cap {CAP:?})",
         restarted.elapsed()

@@ -571,7 +571,7 @@ async fn original_protocol_agent_is_served() {
         .await
         .expect("connect");
     let session = relay.wait_for_agent("alice").await;
-    assert!(session.is_legacy());
+    assert_eq!(session.protocol_version(), 0);
     let http = reqwest::Client::new();
     let v: Value = http
         .post(relay.tunnel_url("alice", "/api/chat"))
@@ -641,7 +641,7 @@ async fn a_new_agent_session_replaces_the_old_and_its_streams_end_cleanly() {
     let text = String::from_utf8_lossy(&tail);
     assert!(text.contains(r#"{"error":"agent session replaced"#), "{text}");
     let new = s.relay.wait_for_agent("alice").await;
-    assert_ne!(new.id, old.id);
+    assert_ne!(new.session_id(), old.session_id());
     let resp = s.http.get(s.relay.tunnel_url("alice", "/api/tags")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
     drop(second);
@@ -763,7 +763,7 @@ async fn metrics_count_agents_streams_and_tasks_on_their_own_listener() {
     let relay = s.relay.relay.clone();
     tokio::spawn({
         let stop = stop.clone();
-        async move { relay.serve_metrics(listener, stop).await }
+        daemon::metrics::serve(listener, stop, std::sync::Arc::new(move || relay.metrics()))
     });
     let scrape = || async {
         let resp = reqwest::get(&url).await.unwrap();

@@ -129,10 +129,12 @@ async fn an_unauthenticated_handshake_flood_does_not_lock_out_a_reconnecting_age
 
     // The agent loses its session mid-flood and comes back within its
     // normal backoff (the first retry waits at most 1 s).
-    first.close(relayd::session::CloseReason::Disconnected);
+    first.disconnect();
     let back = tokio::time::timeout(
         WAIT,
-        relay.relay.hub().wait_until(|h| h.get("alice").is_some_and(|s| s.id != first.id)),
+        relay.relay.wait_until(|r| {
+            r.tunnel("alice").is_some_and(|t| t.session_id() != first.session_id())
+        }),
     )
     .await;
     assert!(back.is_ok(), "the agent could not reconnect during the flood");
@@ -504,7 +506,7 @@ async fn flood(count: usize, frame: impl Fn(usize) -> String) -> Option<u16> {
         }
     }
     let code = agent.closed(T).await;
-    tokio::time::timeout(WAIT, relay.relay.hub().wait_until(|h| h.is_empty()))
+    tokio::time::timeout(WAIT, relay.relay.wait_until(|r| r.tunnel_count() == 0))
         .await
         .expect("the session left the hub");
     code

@@ -54,7 +54,7 @@ async fn bad_frames_get_coded_errors_and_the_session_survives() {
     expect_error(agent.recv_msg(T).await, 400, "invalid_credit");
     agent.send(&Message::ping("p1")).await;
     assert!(matches!(agent.recv_msg(T).await, Message::Pong(p) if p.id == "p1"));
-    assert_eq!(relay.relay.hub().len(), 1);
+    assert_eq!(relay.relay.tunnel_count(), 1);
 }
 
 #[tokio::test]
@@ -219,7 +219,7 @@ async fn an_agent_without_hello_is_closed_with_a_protocol_error() {
         }
         other => panic!("expected a close frame, got {other:?}"),
     }
-    assert!(relay.relay.hub().is_empty());
+    assert!((relay.relay.tunnel_count() == 0));
 }
 
 #[tokio::test]

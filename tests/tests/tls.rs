@@ -108,7 +108,7 @@ async fn first_connect_error(relay: &TestRelay, ca_file: &std::path::Path) -> St
         .expect("agent state")
         .clone();
     assert!(!seen.is_connected());
-    assert!(relay.relay.hub().get("alice").is_none());
+    assert!(relay.relay.tunnel("alice").is_none());
     shutdown.cancel();
     let _ = tokio::time::timeout(WAIT, task).await;
     seen.last_error.expect("an error").to_string()

@@ -1,0 +1,167 @@
+//! Request bodies on their way to the agent: a small one read whole so it
+//! goes out with its request, a large one pumped in chunks under flow
+//! control, an original agent's read whole as text. `idle` bounds every
+//! wait on the web client and on the agent's credit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tracing::debug;
+
+use tunnel_proto::flow::{SendWindow, StreamAbort};
+use tunnel_proto::{StreamId, frame};
+
+use crate::response::Failure;
+use crate::session::Session;
+
+/// `fut`, or `None` once `limit` passed (never without a limit).
+pub async fn bounded<T>(limit: Option<Duration>, fut: impl Future<Output = T>) -> Option<T> {
+    match limit {
+        Some(l) => tokio::time::timeout(l, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+const STALLED: &str = "the request body stalled longer than the idle timeout";
+const ENDED_EARLY: &str = "request body ended early";
+
+/// Reads a body of exactly `len` bytes (its declared `Content-Length`);
+/// `idle` bounds each wait for the client's next bytes.
+pub async fn read_small(
+    mut body: Incoming,
+    len: usize,
+    idle: Option<Duration>,
+) -> Result<Bytes, Failure> {
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut got = 0;
+    loop {
+        let frame = match bounded(idle, body.frame()).await {
+            None => return Err(Failure::refused(StatusCode::REQUEST_TIMEOUT, STALLED)),
+            Some(None) => break,
+            Some(Some(Ok(f))) => f,
+            Some(Some(Err(_))) => {
+                return Err(Failure::refused(StatusCode::BAD_REQUEST, ENDED_EARLY));
+            }
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        got += data.len();
+        // hyper stops at the declared length; this only bounds the buffer.
+        if got > len {
+            return Err(Failure::refused(
+                StatusCode::BAD_REQUEST,
+                "request body longer than declared",
+            ));
+        }
+        if !data.is_empty() {
+            parts.push(data);
+        }
+    }
+    if got != len {
+        return Err(Failure::refused(StatusCode::BAD_REQUEST, ENDED_EARLY));
+    }
+    // Usually the whole body is one frame: kept without a copy.
+    Ok(match parts.len() {
+        1 => parts.swap_remove(0),
+        _ => Bytes::from(parts.concat()),
+    })
+}
+
+/// The whole body as text, for an agent that speaks only the original
+/// protocol (bodies inline, as strings).
+pub async fn read_legacy(body: Incoming, max: usize) -> Result<String, Failure> {
+    let collected = http_body_util::Limited::new(body, max).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            Failure::refused(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large for this agent (it speaks the original protocol)",
+            )
+        } else {
+            Failure::refused(StatusCode::BAD_REQUEST, ENDED_EARLY)
+        }
+    })?;
+    String::from_utf8(collected.to_bytes().to_vec()).map_err(|_| {
+        Failure::refused(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "this agent speaks the original protocol, which carries text bodies only; upgrade agentd for binary bodies",
+        )
+    })
+}
+
+/// A request body streaming to the agent.
+pub struct Pump {
+    pub session: Arc<Session>,
+    pub id: StreamId,
+    pub window: Arc<SendWindow>,
+    /// Largest body the relay accepts (413 above).
+    pub max: u64,
+    pub idle: Option<Duration>,
+}
+
+impl Pump {
+    /// Streams `body` in chunks, spending flow-control credit before each;
+    /// `uploaded` fires after the last one. A stall or failure ends the
+    /// stream with the matching status.
+    pub async fn run(self, mut body: Incoming, uploaded: oneshot::Sender<()>) {
+        let Pump { session, id, window, max, idle } = self;
+        let chunk = session.chunk_size();
+        let abort =
+            |code: u16, what: &str| session.abort_stream(id.as_str(), StreamAbort::new(code, what));
+        let mut total: u64 = 0;
+        loop {
+            // `is_end_stream` is only a hint (a chunked body never sets it),
+            // so the end is also the `None` after the last frame.
+            let Some(next) = bounded(idle, body.frame()).await else {
+                return abort(408, STALLED);
+            };
+            let (mut data, last) = match next {
+                None => (Bytes::new(), true),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => (d, http_body::Body::is_end_stream(&body)),
+                    Err(_) => continue, // trailers are not forwarded
+                },
+                Some(Err(e)) => {
+                    debug!(stream = %id, error = %e, "web client request body failed");
+                    return abort(400, ENDED_EARLY);
+                }
+            };
+            total += data.len() as u64;
+            if total > max {
+                return abort(413, "request body is larger than this relay accepts");
+            }
+            loop {
+                let want = data.len().min(chunk);
+                let n = match bounded(idle, window.reserve(want)).await {
+                    Some(Ok(n)) => n,
+                    Some(Err(_)) => return, // the stream ended; nobody needs the rest
+                    None => {
+                        return abort(
+                            504,
+                            "the local service stopped reading the request body for longer than the idle timeout",
+                        );
+                    }
+                };
+                let piece = data.split_to(n);
+                let end = last && data.is_empty();
+                if want > 0 || end {
+                    let f = frame::encode(id.as_str(), end, &piece);
+                    if session.send(&id, Ws::Binary(f)).await.is_err() {
+                        return;
+                    }
+                }
+                if data.is_empty() {
+                    break;
+                }
+            }
+            if last {
+                let _ = uploaded.send(());
+                return;
+            }
+        }
+    }
+}

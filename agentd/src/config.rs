@@ -3,11 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use daemon::config::{at_least_one, duration, load_toml, positive, secret};
+use daemon::config::{duration, load_toml, secret};
 use http::Uri;
 use serde::{Deserialize, Serialize};
 
 use tunnel_proto::Limits;
+use tunnel_proto::limits::LimitOverrides;
 
 pub use daemon::ConfigError;
 
@@ -30,7 +31,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub reconnect: ReconnectFile,
     #[serde(default)]
-    pub liveness: LivenessFile,
+    pub liveness: link::settings::LivenessFile,
     #[serde(default)]
     pub tls: TlsFile,
 }
@@ -41,14 +42,6 @@ pub struct TlsFile {
     /// PEM file of the CAs to trust for a `wss://` relay instead of the
     /// system's roots (a relay with a private CA or a self-signed cert).
     pub ca_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LivenessFile {
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub ping_interval: Option<Duration>,
-    pub max_missed_pings: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,11 +81,8 @@ pub struct Config {
     /// A session must stay up this long before the backoff resets.
     #[serde(serialize_with = "duration::show")]
     pub healthy_after: Duration,
-    /// The agent pings the relay this often...
-    #[serde(serialize_with = "duration::show")]
-    pub ping_interval: Duration,
-    /// ...and reconnects after this many silent intervals.
-    pub max_missed_pings: u32,
+    /// How the agent watches the relay: pings and missed intervals.
+    pub liveness: link::settings::Liveness,
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The CA file trusted for `wss://` instead of the system's roots.
     pub ca_file: Option<PathBuf>,
@@ -131,20 +121,13 @@ impl ConfigFile {
             ));
         }
         let upstream = upstream_url(self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM))?;
-        let mut limits = Limits::default();
-        if let Some(w) = self.limits.stream_window {
-            limits.initial_window = w;
-        }
-        if let Some(c) = self.limits.max_chunk_bytes {
-            limits.max_chunk_bytes = c;
-        }
-        if let Some(s) = self.limits.max_streams {
-            limits.max_streams = s;
-        }
-        if let Some(h) = self.limits.max_headers {
-            limits.max_headers = h;
-        }
-        limits.validate().map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
+        let limits = Limits::with_overrides(LimitOverrides {
+            stream_window: self.limits.stream_window,
+            max_chunk_bytes: self.limits.max_chunk_bytes,
+            max_streams: self.limits.max_streams,
+            max_headers: self.limits.max_headers,
+        })
+        .map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
         Ok(Config {
             relay,
             token,
@@ -152,16 +135,7 @@ impl ConfigFile {
             limits,
             reconnect_max_delay: self.reconnect.max_delay.unwrap_or(Duration::from_secs(30)),
             healthy_after: self.reconnect.healthy_after.unwrap_or(Duration::from_secs(30)),
-            ping_interval: positive(
-                self.liveness.ping_interval,
-                tunnel_proto::liveness::DEFAULT_PING_INTERVAL,
-                "ping_interval",
-            )?,
-            max_missed_pings: at_least_one(
-                self.liveness.max_missed_pings,
-                tunnel_proto::liveness::DEFAULT_MAX_MISSED,
-                "max_missed_pings",
-            )?,
+            liveness: self.liveness.resolve()?,
             metrics_listen: self.metrics_listen,
             ca_file: self.tls.ca_file,
             tls,

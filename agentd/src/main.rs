@@ -4,7 +4,6 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use clap::Parser;
 use daemon::{CommonArgs, ConfigError, Context, Daemon};
 
@@ -35,28 +34,15 @@ impl Daemon for Agentd {
     }
 
     async fn run(config: agentd::Config, ctx: Context) -> anyhow::Result<()> {
-        let metrics = match config.metrics_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-            ),
-            None => None,
-        };
+        let metrics_listen = config.metrics_listen;
         let agent = Arc::new(agentd::Agent::new(config));
+        let render = agent.clone();
+        let _metrics =
+            daemon::metrics::Server::start(metrics_listen, Arc::new(move || render.metrics()))
+                .await?;
         // Ready without waiting for the relay: an offline laptop must boot.
         ctx.ready();
-        let metrics_stop = tokio_util::sync::CancellationToken::new();
-        if let Some(listener) = metrics {
-            let agent = agent.clone();
-            tokio::spawn(daemon::metrics::serve(
-                listener,
-                metrics_stop.clone(),
-                Arc::new(move || agent.metrics()),
-            ));
-        }
         agent.run(ctx.shutdown).await;
-        metrics_stop.cancel();
         Ok(())
     }
 }

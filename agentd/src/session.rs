@@ -75,8 +75,7 @@ pub struct SessionParams {
     pub peer: Limits,
     pub local: Limits,
     pub gauge: Arc<BufferGauge>,
-    pub ping_interval: Duration,
-    pub max_missed: u32,
+    pub liveness: link::settings::Liveness,
     /// The relay listed `ack`: each accepted request is acknowledged.
     pub acks: bool,
     pub upstream: Arc<Upstream>,
@@ -108,8 +107,7 @@ impl Session {
         let (link, rx) = Link::new(LinkConfig {
             label: p.id.clone(),
             peer: "relay",
-            ping_interval: p.ping_interval,
-            max_missed: p.max_missed,
+            liveness: p.liveness,
             max_streams: p.local.max_streams as usize,
         });
         let session = Arc::new_cyclic(|me| Self {

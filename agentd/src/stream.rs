@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+use link::chunks::SendError;
 use link::{Closed, Link, Outbound};
-use tokio_tungstenite::tungstenite::Message as Ws;
 
-use tunnel_proto::flow::{SendWindow, WindowClosed};
+use tunnel_proto::flow::SendWindow;
 use tunnel_proto::{Message, StreamId};
 
 /// The session's side of a stream: its table entry.
@@ -41,21 +42,6 @@ impl StreamHandle {
         Self { id, link, table, window, chunk, acks }
     }
 
-    pub fn id(&self) -> &StreamId {
-        &self.id
-    }
-
-    /// Largest body chunk to send.
-    pub fn chunk_size(&self) -> usize {
-        self.chunk
-    }
-
-    /// Queues a frame of this stream, in order, waiting while the writer is
-    /// behind.
-    pub async fn send(&self, frame: Ws) -> Result<(), Closed> {
-        self.link.send(Outbound::of(&self.id, frame)).await
-    }
-
     pub async fn send_msg(&self, msg: &Message) -> Result<(), Closed> {
         self.link.send(Outbound::message(&self.id, msg)).await
     }
@@ -67,10 +53,10 @@ impl StreamHandle {
         }
     }
 
-    /// Takes between 1 and `want` bytes of the relay's credit, waiting
-    /// while there is none.
-    pub async fn reserve(&self, want: usize) -> Result<usize, WindowClosed> {
-        self.window.reserve(want).await
+    /// Sends `data` as body frames under the relay's credit; the last one
+    /// carries the end flag when `last`.
+    pub async fn send_data(&self, data: Bytes, last: bool) -> Result<(), SendError> {
+        link::chunks::send(&self.link, &self.window, &self.id, self.chunk, data, last, None).await
     }
 
     /// What the request body hands credit back through.

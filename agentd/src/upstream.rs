@@ -17,17 +17,17 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Request, Uri};
-use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body::Frame;
+use http_body_util::{Either, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio_tungstenite::tungstenite::Message as Ws;
+use link::chunks::SendError;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use tunnel_proto::flow::{Inbox, StreamAbort};
-use tunnel_proto::{Headers, Message, RequestBody, ResponseHeadMsg, TunnelRequest, frame};
+use tunnel_proto::{Headers, Message, RequestBody, ResponseHeadMsg, TunnelRequest};
 
 use crate::stream::{Credit, StreamHandle};
 
@@ -129,10 +129,10 @@ async fn exchange(
     };
     let upstream_body = match (req.body, body) {
         (RequestBody::Streamed, Some(inbox)) => {
-            UpstreamBody::Stream { inbox, credit: stream.credit() }
+            Either::Right(RelayStream { inbox, credit: stream.credit() })
         }
-        (RequestBody::Inline(b), _) => UpstreamBody::Full(Some(b)),
-        (RequestBody::Streamed, None) => UpstreamBody::Full(None),
+        (RequestBody::Inline(b), _) => Either::Left(Full::new(b)),
+        (RequestBody::Streamed, None) => Either::Left(Full::new(Bytes::new())),
     };
     let mut out = Request::new(upstream_body);
     *out.method_mut() = req.method;
@@ -208,15 +208,9 @@ async fn exchange(
         return Outcome::Done;
     }
     loop {
-        // `is_end_stream` is only a hint (a chunked body never sets it), so
-        // the end is also the `None` after the last frame.
-        let (data, last) = match body.frame().await {
-            None => (Bytes::new(), true),
-            Some(Ok(f)) => match f.into_data() {
-                Ok(d) => (d, http_body::Body::is_end_stream(&body)),
-                Err(_) => continue, // trailers are not forwarded
-            },
-            Some(Err(e)) => {
+        let (data, last) = match link::chunks::next_chunk(&mut body).await {
+            Ok(next) => next,
+            Err(e) => {
                 warn!(stream = %id, error = %source_text(&e), "local service failed mid-response");
                 return Outcome::Failed {
                     before_head: false,
@@ -225,31 +219,11 @@ async fn exchange(
                 };
             }
         };
-        if let Err(o) = send_data(stream, data, last).await {
-            return o;
-        }
-        if last {
-            return Outcome::Done;
-        }
-    }
-}
-
-/// Sends `data` in frames of at most a chunk, waiting for credit before
-/// each; the last frame carries the end flag when `last`.
-async fn send_data(stream: &StreamHandle, mut data: Bytes, last: bool) -> Result<(), Outcome> {
-    loop {
-        let want = data.len().min(stream.chunk_size());
-        let n = stream.reserve(want).await.map_err(|_| Outcome::Cancelled)?;
-        let piece = data.split_to(n);
-        let end = last && data.is_empty();
-        if want > 0 || end {
-            stream
-                .send(Ws::Binary(frame::encode(stream.id().as_str(), end, &piece)))
-                .await
-                .map_err(|_| Outcome::SessionGone)?;
-        }
-        if data.is_empty() {
-            return Ok(());
+        match stream.send_data(data, last).await {
+            Ok(()) if last => return Outcome::Done,
+            Ok(()) => {}
+            Err(SendError::Ended | SendError::Stalled) => return Outcome::Cancelled,
+            Err(SendError::Closed) => return Outcome::SessionGone,
         }
     }
 }
@@ -265,17 +239,17 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The body of a request to the local service.
-pub enum UpstreamBody {
-    Full(Option<Bytes>),
-    /// Streamed from the relay; each chunk taken returns credit.
-    Stream {
-        inbox: Inbox,
-        credit: Credit,
-    },
+/// The body of a request to the local service: whole, or streamed from the
+/// relay.
+pub type UpstreamBody = Either<Full<Bytes>, RelayStream>;
+
+/// A request body streamed from the relay; each chunk taken returns credit.
+pub struct RelayStream {
+    inbox: Inbox,
+    credit: Credit,
 }
 
-impl http_body::Body for UpstreamBody {
+impl http_body::Body for RelayStream {
     type Data = Bytes;
     type Error = StreamAbort;
 
@@ -283,35 +257,17 @@ impl http_body::Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamAbort>>> {
-        match self.get_mut() {
-            UpstreamBody::Full(b) => {
-                Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
-            }
-            UpstreamBody::Stream { inbox, credit } => match inbox.poll_recv(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    if let Some(n) = inbox.take_credit() {
-                        credit.grant(n);
-                    }
-                    Poll::Ready(Some(Ok(Frame::data(chunk))))
-                }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+        let this = self.get_mut();
+        let chunk = std::task::ready!(this.inbox.poll_recv(cx));
+        if chunk.as_ref().is_some_and(|c| c.is_ok())
+            && let Some(n) = this.inbox.take_credit()
+        {
+            this.credit.grant(n);
         }
+        Poll::Ready(chunk.map(|c| c.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            UpstreamBody::Stream { inbox, .. } => inbox.is_end(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            UpstreamBody::Stream { .. } => SizeHint::default(),
-        }
+        self.inbox.is_end()
     }
 }

@@ -69,6 +69,35 @@ pub async fn serve(
     }
 }
 
+/// A running metrics listener; stops when dropped.
+#[derive(Debug)]
+pub struct Server {
+    stop: CancellationToken,
+}
+
+impl Server {
+    /// Binds `addr` (when the operator set one) and serves `render` there
+    /// until the returned server is dropped.
+    pub async fn start(
+        addr: Option<std::net::SocketAddr>,
+        render: Arc<dyn Fn() -> String + Send + Sync>,
+    ) -> std::io::Result<Option<Server>> {
+        let Some(addr) = addr else { return Ok(None) };
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen for metrics on {addr}: {e}"))
+        })?;
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, stop.clone(), render));
+        Ok(Some(Server { stop }))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Text of Prometheus metrics, one family at a time.
 #[derive(Debug, Default)]
 pub struct Exposition(String);

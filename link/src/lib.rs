@@ -11,7 +11,9 @@
 //! The session types of the two daemons keep only what differs: their
 //! stream tables and what a message means to them.
 
+pub mod chunks;
 mod heartbeat;
+pub mod settings;
 
 pub use heartbeat::UNRESPONSIVE;
 mod reader;
@@ -149,9 +151,7 @@ pub struct LinkConfig {
     pub label: String,
     /// Who is at the other end ("agent", "relay"), for logs and close texts.
     pub peer: &'static str,
-    /// Ping every this long; give up after `max_missed` silent intervals.
-    pub ping_interval: Duration,
-    pub max_missed: u32,
+    pub liveness: settings::Liveness,
     /// Urgent control messages that may wait for the writer: each live
     /// stream contributes at most a cancel and a credit between two writer
     /// passes (see [`ControlQueue`]).
@@ -202,9 +202,9 @@ impl Link {
             urgent: ControlQueue::new(config.max_streams),
             closed: CancellationToken::new(),
             end: Mutex::new(None),
-            heartbeat: Mutex::new(Heartbeat::new(config.max_missed, now)),
+            heartbeat: Mutex::new(Heartbeat::new(config.liveness.max_missed_pings, now)),
             budget: Mutex::new(PeerBudget::new(now)),
-            ping_interval: config.ping_interval,
+            ping_interval: config.liveness.ping_interval,
         });
         (link, rx)
     }

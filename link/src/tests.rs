@@ -57,8 +57,7 @@ async fn linked(
     let (link, rx) = Link::new(LinkConfig {
         label: "s_test".into(),
         peer: "agent",
-        ping_interval,
-        max_missed: 2,
+        liveness: settings::Liveness { ping_interval, max_missed_pings: 2 },
         max_streams: 8,
     });
     let handler = Arc::new(Recorder::default());

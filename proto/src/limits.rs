@@ -32,6 +32,15 @@ pub const MAX_REASON_LEN: usize = 1024;
 /// Length of an HTTP method token.
 pub const MAX_METHOD_LEN: usize = 32;
 
+/// The limits an operator may set in a daemon's `[limits]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitOverrides {
+    pub stream_window: Option<u32>,
+    pub max_chunk_bytes: Option<u32>,
+    pub max_streams: Option<u32>,
+    pub max_headers: Option<u32>,
+}
+
 /// Limits one peer announces in `hello` (agent) or `welcome` (relay).
 ///
 /// Each field describes what the *announcing* side accepts: the window is how
@@ -81,6 +90,21 @@ impl Limits {
             return bad("max_streams, max_headers and max_header_bytes must be positive");
         }
         Ok(())
+    }
+
+    /// The limits with what a daemon's configuration sets (the rest keep
+    /// their defaults), checked.
+    pub fn with_overrides(o: LimitOverrides) -> Result<Limits, crate::ProtocolError> {
+        let d = Limits::default();
+        let limits = Limits {
+            initial_window: o.stream_window.unwrap_or(d.initial_window),
+            max_chunk_bytes: o.max_chunk_bytes.unwrap_or(d.max_chunk_bytes),
+            max_streams: o.max_streams.unwrap_or(d.max_streams),
+            max_headers: o.max_headers.unwrap_or(d.max_headers),
+            ..d
+        };
+        limits.validate()?;
+        Ok(limits)
     }
 
     /// The largest WebSocket message a peer that announced these limits

@@ -8,6 +8,7 @@ use daemon::config::{at_least_one, duration, load_toml, positive, secret};
 use serde::{Deserialize, Serialize};
 
 use tunnel_proto::Limits;
+use tunnel_proto::limits::LimitOverrides;
 
 pub use daemon::ConfigError;
 
@@ -28,7 +29,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub timeouts: TimeoutsFile,
     #[serde(default)]
-    pub liveness: LivenessFile,
+    pub liveness: link::settings::LivenessFile,
     /// Serve HTTPS/WSS on `listen`; absent = plain HTTP (behind a TLS proxy).
     #[serde(default)]
     pub tls: TlsFile,
@@ -86,14 +87,6 @@ impl std::fmt::Debug for Tls {
             .field("key_file", &self.key_file)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LivenessFile {
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub ping_interval: Option<Duration>,
-    pub max_missed_pings: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,11 +236,8 @@ pub struct Config {
     /// Time an agent that offered the v1 subprotocol has to send `hello`.
     #[serde(serialize_with = "duration::show")]
     pub hello_timeout: Duration,
-    /// The relay pings each agent this often...
-    #[serde(serialize_with = "duration::show")]
-    pub ping_interval: Duration,
-    /// ...and drops a session silent for this many intervals.
-    pub max_missed_pings: u32,
+    /// How the relay watches each agent: pings and missed intervals.
+    pub liveness: link::settings::Liveness,
 }
 
 /// One user and their tokens.
@@ -288,8 +278,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
-            ping_interval: tunnel_proto::liveness::DEFAULT_PING_INTERVAL,
-            max_missed_pings: tunnel_proto::liveness::DEFAULT_MAX_MISSED,
+            liveness: link::settings::Liveness::default(),
         }
     }
 }
@@ -324,32 +313,27 @@ impl ConfigFile {
 
     fn resolve_global(self) -> Result<Config, ConfigError> {
         let d = Config::default();
-        let mut limits = Limits::default();
-        if let Some(w) = self.limits.stream_window {
-            limits.initial_window = w;
-        }
-        if let Some(c) = self.limits.max_chunk_bytes {
-            limits.max_chunk_bytes = c;
-        }
-        match (self.limits.max_streams, self.limits.max_streams_per_agent) {
+        let max_streams = match (self.limits.max_streams, self.limits.max_streams_per_agent) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::invalid(
                     "[limits] max_streams_per_agent is the old name of max_streams: set only max_streams",
                 ));
             }
-            (Some(s), None) => limits.max_streams = s,
             (None, Some(s)) => {
                 tracing::warn!(
                     "[limits] max_streams_per_agent is now called max_streams; rename it (the old name still works)"
                 );
-                limits.max_streams = s;
+                Some(s)
             }
-            (None, None) => {}
-        }
-        if let Some(h) = self.limits.max_headers {
-            limits.max_headers = h;
-        }
-        limits.validate().map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
+            (s, None) => s,
+        };
+        let limits = Limits::with_overrides(LimitOverrides {
+            stream_window: self.limits.stream_window,
+            max_chunk_bytes: self.limits.max_chunk_bytes,
+            max_streams,
+            max_headers: self.limits.max_headers,
+        })
+        .map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
         let mut users = Vec::with_capacity(self.users.len());
         for u in self.users {
             if !valid_user_id(&u.id) {
@@ -454,12 +438,7 @@ impl ConfigFile {
                 d.header_read_timeout,
                 "header_read",
             )?,
-            ping_interval: positive(self.liveness.ping_interval, d.ping_interval, "ping_interval")?,
-            max_missed_pings: at_least_one(
-                self.liveness.max_missed_pings,
-                d.max_missed_pings,
-                "[liveness] max_missed_pings",
-            )?,
+            liveness: self.liveness.resolve()?,
         })
     }
 }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use daemon::{CommonArgs, ConfigError, Context, Daemon};
-use tokio_util::sync::CancellationToken;
 
 /// The cloud relay of the LLM tunnel.
 #[derive(Parser, Debug)]
@@ -37,29 +36,15 @@ impl Daemon for Relayd {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let metrics = match config.metrics_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-            ),
-            None => None,
-        };
+        let metrics_listen = config.metrics_listen;
         let relay = relayd::Relay::new(config);
-        ctx.ready();
         // Metrics outlive the drain, so `relayd_draining` can be scraped.
-        let metrics_stop = CancellationToken::new();
-        if let Some(listener) = metrics {
-            let relay = relay.clone();
-            tokio::spawn(daemon::metrics::serve(
-                listener,
-                metrics_stop.clone(),
-                Arc::new(move || relay.metrics()),
-            ));
-        }
-        let served = relay.run(listener, ctx.shutdown).await;
-        metrics_stop.cancel();
-        Ok(served?)
+        let render = relay.clone();
+        let _metrics =
+            daemon::metrics::Server::start(metrics_listen, Arc::new(move || render.metrics()))
+                .await?;
+        ctx.ready();
+        Ok(relay.run(listener, ctx.shutdown).await?)
     }
 }
 

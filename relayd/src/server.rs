@@ -378,8 +378,7 @@ async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v
         peer,
         local,
         gauge: shared.gauge.clone(),
-        ping_interval: shared.config.ping_interval,
-        max_missed: shared.config.max_missed_pings,
+        liveness: shared.config.liveness,
         goaway: capabilities.iter().any(|c| c == capability::GOAWAY),
         acks: capabilities.iter().any(|c| c == capability::ACK),
     });

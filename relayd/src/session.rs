@@ -183,9 +183,7 @@ pub struct SessionParams {
     pub peer: Limits,
     pub local: Limits,
     pub gauge: Arc<BufferGauge>,
-    /// Ping every this long; give up after `max_missed` silent intervals.
-    pub ping_interval: Duration,
-    pub max_missed: u32,
+    pub liveness: link::settings::Liveness,
     /// The agent listed the `goaway` capability.
     pub goaway: bool,
     /// The agent listed the `ack` capability.
@@ -200,8 +198,7 @@ impl Session {
         let (link, rx) = Link::new(LinkConfig {
             label: id.clone(),
             peer: "agent",
-            ping_interval: p.ping_interval,
-            max_missed: p.max_missed,
+            liveness: p.liveness,
             max_streams,
         });
         let session = Arc::new(Self {
@@ -239,6 +236,11 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         self.link.is_closed()
+    }
+
+    /// The link the session runs on.
+    pub fn link(&self) -> &Link {
+        &self.link
     }
 
     /// Resolves once the session has closed.
@@ -289,11 +291,6 @@ impl Session {
         }
         let guard = StreamGuard { session: self.clone(), id: id.clone(), done: false };
         Ok(OpenStream { id, head: head_rx, inbox: body_rx, window, guard, ack: ack_rx })
-    }
-
-    /// Queues a frame of stream `id`, waiting while the writer is behind.
-    pub async fn send(&self, id: &StreamId, frame: Ws) -> Result<(), SessionClosed> {
-        self.send_then(id, frame, None).await
     }
 
     /// Queues `frame` of stream `id` with `then` right behind it: both go

@@ -10,23 +10,15 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use link::chunks::{self, SendError, bounded};
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::Message as Ws;
 use tracing::debug;
 
+use tunnel_proto::StreamId;
 use tunnel_proto::flow::{SendWindow, StreamAbort};
-use tunnel_proto::{StreamId, frame};
 
 use crate::response::Failure;
 use crate::session::Session;
-
-/// `fut`, or `None` once `limit` passed (never without a limit).
-pub async fn bounded<T>(limit: Option<Duration>, fut: impl Future<Output = T>) -> Option<T> {
-    match limit {
-        Some(l) => tokio::time::timeout(l, fut).await.ok(),
-        None => Some(fut.await),
-    }
-}
 
 const STALLED: &str = "the request body stalled longer than the idle timeout";
 const ENDED_EARLY: &str = "request body ended early";
@@ -114,18 +106,12 @@ impl Pump {
             |code: u16, what: &str| session.abort_stream(id.as_str(), StreamAbort::new(code, what));
         let mut total: u64 = 0;
         loop {
-            // `is_end_stream` is only a hint (a chunked body never sets it),
-            // so the end is also the `None` after the last frame.
-            let Some(next) = bounded(idle, body.frame()).await else {
+            let Some(next) = bounded(idle, chunks::next_chunk(&mut body)).await else {
                 return abort(408, STALLED);
             };
-            let (mut data, last) = match next {
-                None => (Bytes::new(), true),
-                Some(Ok(f)) => match f.into_data() {
-                    Ok(d) => (d, http_body::Body::is_end_stream(&body)),
-                    Err(_) => continue, // trailers are not forwarded
-                },
-                Some(Err(e)) => {
+            let (data, last) = match next {
+                Ok(next) => next,
+                Err(e) => {
                     debug!(stream = %id, error = %e, "web client request body failed");
                     return abort(400, ENDED_EARLY);
                 }
@@ -134,29 +120,16 @@ impl Pump {
             if total > max {
                 return abort(413, "request body is larger than this relay accepts");
             }
-            loop {
-                let want = data.len().min(chunk);
-                let n = match bounded(idle, window.reserve(want)).await {
-                    Some(Ok(n)) => n,
-                    Some(Err(_)) => return, // the stream ended; nobody needs the rest
-                    None => {
-                        return abort(
-                            504,
-                            "the local service stopped reading the request body for longer than the idle timeout",
-                        );
-                    }
-                };
-                let piece = data.split_to(n);
-                let end = last && data.is_empty();
-                if want > 0 || end {
-                    let f = frame::encode(id.as_str(), end, &piece);
-                    if session.send(&id, Ws::Binary(f)).await.is_err() {
-                        return;
-                    }
+            match chunks::send(session.link(), &window, &id, chunk, data, last, idle).await {
+                Ok(()) => {}
+                Err(SendError::Stalled) => {
+                    return abort(
+                        504,
+                        "the local service stopped reading the request body for longer than the idle timeout",
+                    );
                 }
-                if data.is_empty() {
-                    break;
-                }
+                // The stream or the session ended; nobody needs the rest.
+                Err(SendError::Ended | SendError::Closed) => return,
             }
             if last {
                 let _ = uploaded.send(());

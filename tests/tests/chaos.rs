@@ -127,15 +127,15 @@ async fn behind_a_proxy() -> (StandIn, TestRelay, ChaosProxy, TestAgent) {
     init_logging();
     let standin = StandIn::start(endless()).await.expect("stand-in");
     let relay = TestRelay::start_with(&["alice"], |c| {
-        c.ping_interval = PING;
-        c.max_missed_pings = 2;
+        c.liveness.ping_interval = PING;
+        c.liveness.max_missed_pings = 2;
     })
     .await;
     let proxy = ChaosProxy::start(relay.addr).await;
     let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
         c.relay = proxy.url().parse().expect("proxy url");
-        c.ping_interval = PING;
-        c.max_missed_pings = 2;
+        c.liveness.ping_interval = PING;
+        c.liveness.max_missed_pings = 2;
         c.reconnect_max_delay = Duration::from_millis(200);
     })
     .await;

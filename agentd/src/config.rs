@@ -1,14 +1,14 @@
 //! agentd configuration: the strict on-disk file and the resolved `Config`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use daemon::config::{duration, load_toml, secret};
+use daemon::Resolve;
+use daemon::config::{Human, duration, secret};
 use http::Uri;
 use serde::{Deserialize, Serialize};
 
 use tunnel_proto::Limits;
-use tunnel_proto::limits::LimitOverrides;
 
 pub use daemon::ConfigError;
 
@@ -27,7 +27,7 @@ pub struct ConfigFile {
     /// Address for Prometheus `GET /metrics`; absent = no metrics listener.
     pub metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default)]
-    pub limits: LimitsFile,
+    pub limits: link::settings::LimitsFile,
     #[serde(default)]
     pub reconnect: ReconnectFile,
     #[serde(default)]
@@ -46,20 +46,9 @@ pub struct TlsFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsFile {
-    pub stream_window: Option<u32>,
-    pub max_chunk_bytes: Option<u32>,
-    pub max_streams: Option<u32>,
-    pub max_headers: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReconnectFile {
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub max_delay: Option<Duration>,
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub healthy_after: Option<Duration>,
+    pub max_delay: Option<Human>,
+    pub healthy_after: Option<Human>,
 }
 
 /// The resolved configuration agentd runs with.
@@ -93,12 +82,11 @@ pub struct Config {
 
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
 
-impl ConfigFile {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        load_toml(path)
-    }
+impl Resolve for ConfigFile {
+    type Config = Config;
 
-    pub fn resolve(self) -> Result<Config, ConfigError> {
+    /// Applies defaults and checks every value; the token file is read.
+    fn resolve(self) -> Result<Config, ConfigError> {
         let relay = self.relay.ok_or_else(|| ConfigError::Invalid("relay is not set".into()))?;
         let relay = relay_url(&relay)?;
         let tls = match (relay.scheme_str(), &self.tls.ca_file) {
@@ -121,20 +109,17 @@ impl ConfigFile {
             ));
         }
         let upstream = upstream_url(self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM))?;
-        let limits = Limits::with_overrides(LimitOverrides {
-            stream_window: self.limits.stream_window,
-            max_chunk_bytes: self.limits.max_chunk_bytes,
-            max_streams: self.limits.max_streams,
-            max_headers: self.limits.max_headers,
-        })
-        .map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
+        let limits = self.limits.resolve()?;
         Ok(Config {
             relay,
             token,
             upstream,
             limits,
-            reconnect_max_delay: self.reconnect.max_delay.unwrap_or(Duration::from_secs(30)),
-            healthy_after: self.reconnect.healthy_after.unwrap_or(Duration::from_secs(30)),
+            reconnect_max_delay: self
+                .reconnect
+                .max_delay
+                .map_or(Duration::from_secs(30), Human::get),
+            healthy_after: self.reconnect.healthy_after.map_or(Duration::from_secs(30), Human::get),
             liveness: self.liveness.resolve()?,
             metrics_listen: self.metrics_listen,
             ca_file: self.tls.ca_file,

@@ -1,31 +1,16 @@
 //! agentd entry point: the shared daemon phases over [`agentd::Agent`].
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
-use daemon::{CommonArgs, ConfigError, Context, Daemon};
-
-/// The desktop agent of the LLM tunnel.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    #[command(flatten)]
-    common: CommonArgs,
-}
+use daemon::{Context, Daemon};
 
 struct Agentd;
 
 impl Daemon for Agentd {
     const NAME: &'static str = "agentd";
-    const DEFAULT_CONFIG: &'static str = "/etc/agentd/agentd.toml";
-    const LOG_ENV: &'static str = "AGENTD_LOG";
-    type Config = agentd::Config;
-
-    fn load(path: &Path) -> Result<agentd::Config, ConfigError> {
-        agentd::ConfigFile::load(path)?.resolve()
-    }
+    const ABOUT: &'static str = "The desktop agent of the LLM tunnel.";
+    type File = agentd::ConfigFile;
 
     // One thread: the agent's work is a few sockets, and with every task on
     // the thread that polls the sockets no wake-up crosses threads.
@@ -48,5 +33,5 @@ impl Daemon for Agentd {
 }
 
 fn main() -> ExitCode {
-    daemon::process::main::<Agentd>(Args::parse().common)
+    daemon::process::main::<Agentd>()
 }

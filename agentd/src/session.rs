@@ -322,19 +322,7 @@ impl Handler for Session {
                 info!(session = %self.id, reason = %g.reason, ?retry, "relay is draining; finishing streams, then reconnecting");
                 self.wind_down(Ending::Goaway(retry));
             }
-            Message::Hello(_)
-            | Message::Welcome(_)
-            | Message::HttpResponse(_)
-            | Message::ResponseHead(_)
-            | Message::Ack(_)
-            | Message::Ping(_)
-            | Message::Pong(_) => {
-                return Err(ProtocolError::new(
-                    Violation::StreamState,
-                    "message not allowed from a relay",
-                )
-                .into());
-            }
+            other => return Err(other.not_allowed("a relay").into()),
         }
         Ok(())
     }

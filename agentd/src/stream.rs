@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use link::body::Credit;
 use link::chunks::SendError;
 use link::{Closed, Link, Outbound};
 
@@ -61,29 +62,12 @@ impl StreamHandle {
 
     /// What the request body hands credit back through.
     pub fn credit(&self) -> Credit {
-        Credit { link: self.link.clone(), id: self.id.clone() }
+        Credit::new(self.link.clone(), self.id.clone())
     }
 }
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
         self.table.finish(&self.id);
-    }
-}
-
-/// Returns request-body credit to the relay as the local service reads.
-pub struct Credit {
-    link: Arc<Link>,
-    id: StreamId,
-}
-
-impl Credit {
-    pub fn grant(&self, credit: u32) {
-        if !self.link.is_closed() {
-            self.link.push_urgent(Message::WindowUpdate(tunnel_proto::WindowUpdate {
-                id: self.id.as_str().to_owned(),
-                credit,
-            }));
-        }
     }
 }

@@ -10,26 +10,24 @@
 //! in-flight upstream request, which closes its connection: Ollama stops
 //! generating.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Request, Uri};
-use http_body::Frame;
 use http_body_util::{Either, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use link::body::InboxBody;
 use link::chunks::SendError;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use tunnel_proto::flow::{Inbox, StreamAbort};
+use tunnel_proto::flow::Inbox;
 use tunnel_proto::{Headers, Message, RequestBody, ResponseHeadMsg, TunnelRequest};
 
-use crate::stream::{Credit, StreamHandle};
+use crate::stream::StreamHandle;
 
 /// A request whose response head takes longer than this is acknowledged to
 /// the relay; a quicker head acknowledges it by itself, which saves a frame
@@ -129,7 +127,7 @@ async fn exchange(
     };
     let upstream_body = match (req.body, body) {
         (RequestBody::Streamed, Some(inbox)) => {
-            Either::Right(RelayStream { inbox, credit: stream.credit() })
+            Either::Right(InboxBody::new(inbox, stream.credit()))
         }
         (RequestBody::Inline(b), _) => Either::Left(Full::new(b)),
         (RequestBody::Streamed, None) => Either::Left(Full::new(Bytes::new())),
@@ -241,33 +239,4 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// The body of a request to the local service: whole, or streamed from the
 /// relay.
-pub type UpstreamBody = Either<Full<Bytes>, RelayStream>;
-
-/// A request body streamed from the relay; each chunk taken returns credit.
-pub struct RelayStream {
-    inbox: Inbox,
-    credit: Credit,
-}
-
-impl http_body::Body for RelayStream {
-    type Data = Bytes;
-    type Error = StreamAbort;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, StreamAbort>>> {
-        let this = self.get_mut();
-        let chunk = std::task::ready!(this.inbox.poll_recv(cx));
-        if chunk.as_ref().is_some_and(|c| c.is_ok())
-            && let Some(n) = this.inbox.take_credit()
-        {
-            this.credit.grant(n);
-        }
-        Poll::Ready(chunk.map(|c| c.map(Frame::data)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inbox.is_end()
-    }
-}
+pub type UpstreamBody = Either<Full<Bytes>, InboxBody>;

@@ -28,6 +28,13 @@ impl ConfigError {
     }
 }
 
+/// A configuration file's strict shape, resolved into what the daemon runs
+/// with (defaults applied, every value checked, secrets read).
+pub trait Resolve: DeserializeOwned {
+    type Config;
+    fn resolve(self) -> Result<Self::Config, ConfigError>;
+}
+
 /// Reads and parses a TOML file into `T` (whose unknown keys should be
 /// refused with `#[serde(deny_unknown_fields)]`).
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
@@ -81,36 +88,56 @@ pub fn at_least_one(value: Option<u32>, default: u32, what: &str) -> Result<u32,
     }
 }
 
-/// The one duration format of both daemons' files and `--check-config`
-/// output: humantime text (`"90s"`, `"5m"`, `"1h 30m"`), and for limits that
-/// can be switched off, `"off"`.
-pub mod duration {
-    use std::time::Duration;
+/// A duration as an operator writes it: humantime text (`"90s"`, `"5m"`,
+/// `"1h 30m"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Human(pub Duration);
 
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// An optional duration key.
-    pub fn opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
-        humantime::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+impl Human {
+    pub fn get(self) -> Duration {
+        self.0
     }
+}
 
-    /// An optional limit: absent is `None`, `"off"` is `Some(None)`.
-    pub fn opt_limit<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Option<Duration>>, D::Error> {
-        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+impl<'de> serde::Deserialize<'de> for Human {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Human).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A limit that can be switched off: a duration (not zero) or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub Option<Duration>);
+
+impl Limit {
+    pub fn get(self) -> Option<Duration> {
+        self.0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
         if text.trim() == "off" {
-            return Ok(Some(None));
+            return Ok(Limit(None));
         }
         match humantime::parse_duration(&text) {
             Ok(d) if d.is_zero() => Err(serde::de::Error::custom("use \"off\" instead of 0")),
-            Ok(d) => Ok(Some(Some(d))),
+            Ok(d) => Ok(Limit(Some(d))),
             Err(e) => {
                 Err(serde::de::Error::custom(format!("{e} (a duration like \"5m\", or \"off\")")))
             }
         }
     }
+}
+
+/// How resolved configurations print durations for `--check-config`: the
+/// same humantime text, and `"off"` for a limit switched off.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::Serializer;
 
     /// Writes a duration as humantime text.
     pub fn show<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -152,22 +179,20 @@ pub fn uncomment_example(text: &str, skip: &[&str]) -> String {
 mod tests {
     use super::*;
 
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
     struct Sample {
-        #[serde(default, deserialize_with = "duration::opt")]
-        wait: Option<Duration>,
-        #[serde(default, deserialize_with = "duration::opt_limit")]
-        limit: Option<Option<Duration>>,
+        wait: Option<Human>,
+        limit: Option<Limit>,
     }
 
     #[test]
     fn durations_are_human_and_limits_can_be_off() {
         let s: Sample = toml::from_str("wait = \"2m 30s\"\nlimit = \"off\"").expect("valid");
-        assert_eq!(s.wait, Some(Duration::from_secs(150)));
-        assert_eq!(s.limit, Some(None));
+        assert_eq!(s.wait, Some(Human(Duration::from_secs(150))));
+        assert_eq!(s.limit, Some(Limit(None)));
         let s: Sample = toml::from_str("limit = \"5s\"").expect("valid");
-        assert_eq!(s.limit, Some(Some(Duration::from_secs(5))));
+        assert_eq!(s.limit.and_then(Limit::get), Some(Duration::from_secs(5)));
         assert!(toml::from_str::<Sample>("limit = \"0s\"").is_err());
         assert!(toml::from_str::<Sample>("wait = \"soon\"").is_err());
         assert!(toml::from_str::<Sample>("other = 1").is_err());

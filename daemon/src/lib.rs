@@ -22,4 +22,5 @@ pub mod process;
 pub mod signals;
 
 pub use config::ConfigError;
+pub use config::Resolve;
 pub use process::{CommonArgs, Context, Daemon, ExitStatus};

@@ -7,13 +7,13 @@
 
 use std::future::Future;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::ConfigError;
+use crate::config::{Resolve, load_toml};
 use crate::signals::{Signal, Signals};
 use crate::{logging, notify};
 
@@ -46,7 +46,7 @@ impl From<ExitStatus> for ExitCode {
 }
 
 /// The arguments every daemon takes.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Parser, Debug, Clone, Default)]
 pub struct CommonArgs {
     /// Configuration file (TOML) [default: /etc/NAME/NAME.toml]
     #[arg(short, long)]
@@ -56,29 +56,29 @@ pub struct CommonArgs {
     pub check_config: bool,
 }
 
-/// What the shared process code needs from a daemon.
-pub trait Daemon {
-    /// Program name, for messages.
-    const NAME: &'static str;
-    /// Configuration file read without `--config`.
-    const DEFAULT_CONFIG: &'static str;
-    /// Environment variable holding the log filter.
-    const LOG_ENV: &'static str;
-    /// The resolved configuration.
-    type Config: serde::Serialize + Send + 'static;
+/// The resolved configuration of daemon `D`.
+pub type ConfigOf<D> = <<D as Daemon>::File as Resolve>::Config;
 
-    /// Reads and resolves the configuration file.
-    fn load(path: &Path) -> Result<Self::Config, ConfigError>;
+/// What the shared process code needs from a daemon. Its name gives the
+/// rest: the configuration `/etc/NAME/NAME.toml`, the log filter in
+/// `NAME_LOG` (upper case).
+pub trait Daemon {
+    /// Program name, for messages, paths and the environment.
+    const NAME: &'static str;
+    /// One line for `--help`.
+    const ABOUT: &'static str;
+    /// The configuration file's shape.
+    type File: Resolve<Config: serde::Serialize + Send + 'static>;
 
     /// Tokio worker threads: 1 runs everything on one thread, 0 one per core.
-    fn worker_threads(_config: &Self::Config) -> usize {
+    fn worker_threads(_config: &ConfigOf<Self>) -> usize {
         1
     }
 
     /// Binds, calls [`Context::ready`], serves until [`Context::shutdown`]
     /// is cancelled, drains, returns.
     fn run(
-        config: Self::Config,
+        config: ConfigOf<Self>,
         ctx: Context,
     ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static;
 }
@@ -97,12 +97,18 @@ impl Context {
     }
 }
 
-/// Runs daemon `D` with `args`; the whole of its `main`.
-pub fn main<D: Daemon>(args: CommonArgs) -> ExitCode {
-    logging::init(D::LOG_ENV);
-    let default = PathBuf::from(D::DEFAULT_CONFIG);
+/// Runs daemon `D`: the whole of its `main`.
+pub fn main<D: Daemon>() -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = CommonArgs::command().name(D::NAME).bin_name(D::NAME).about(D::ABOUT);
+    let args = match CommonArgs::from_arg_matches(&command.get_matches()) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    logging::init(&format!("{}_LOG", D::NAME.to_ascii_uppercase()));
+    let default = PathBuf::from(format!("/etc/{0}/{0}.toml", D::NAME));
     let path = args.config.as_deref().unwrap_or(&default);
-    let config = match D::load(path) {
+    let config = match load_toml::<D::File>(path).and_then(Resolve::resolve) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", D::NAME);

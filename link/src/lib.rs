@@ -11,6 +11,7 @@
 //! The session types of the two daemons keep only what differs: their
 //! stream tables and what a message means to them.
 
+pub mod body;
 pub mod chunks;
 mod heartbeat;
 pub mod settings;

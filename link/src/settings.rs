@@ -1,20 +1,22 @@
-//! The `[liveness]` table both daemons' configurations share: how often a
-//! session pings its peer and how many silent intervals end it.
+//! The configuration both daemons share about their sessions: `[liveness]`
+//! (how often a session pings its peer and how many silent intervals end
+//! it) and the session limits of `[limits]`.
 
 use std::time::Duration;
 
 use daemon::ConfigError;
-use daemon::config::{at_least_one, duration, positive};
+use daemon::config::{Human, at_least_one, duration, positive};
 use serde::{Deserialize, Serialize};
 
+use tunnel_proto::Limits;
+use tunnel_proto::limits::LimitOverrides;
 use tunnel_proto::liveness::{DEFAULT_MAX_MISSED, DEFAULT_PING_INTERVAL};
 
 /// `[liveness]` as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LivenessFile {
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub ping_interval: Option<Duration>,
+    pub ping_interval: Option<Human>,
     pub max_missed_pings: Option<u32>,
 }
 
@@ -39,7 +41,7 @@ impl LivenessFile {
         let d = Liveness::default();
         Ok(Liveness {
             ping_interval: positive(
-                self.ping_interval,
+                self.ping_interval.map(Human::get),
                 d.ping_interval,
                 "[liveness] ping_interval",
             )?,
@@ -50,4 +52,32 @@ impl LivenessFile {
             )?,
         })
     }
+}
+
+/// The session limits of `[limits]`, as written (agentd's whole table;
+/// relayd's adds keys of its own).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub stream_window: Option<u32>,
+    pub max_chunk_bytes: Option<u32>,
+    pub max_streams: Option<u32>,
+    pub max_headers: Option<u32>,
+}
+
+impl LimitsFile {
+    pub fn resolve(self) -> Result<Limits, ConfigError> {
+        limits(LimitOverrides {
+            stream_window: self.stream_window,
+            max_chunk_bytes: self.max_chunk_bytes,
+            max_streams: self.max_streams,
+            max_headers: self.max_headers,
+        })
+    }
+}
+
+/// The limits with an operator's overrides, checked.
+pub fn limits(overrides: LimitOverrides) -> Result<Limits, ConfigError> {
+    Limits::with_overrides(overrides)
+        .map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))
 }

@@ -247,6 +247,32 @@ impl Message {
         }
     }
 
+    /// The message's `type` on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::HttpRequest(_) => "http_request",
+            Message::HttpResponse(_) => "http_response",
+            Message::Ping(_) => "ping",
+            Message::Pong(_) => "pong",
+            Message::Error(_) => "error",
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::ResponseHead(_) => "response_head",
+            Message::Cancel(_) => "cancel",
+            Message::WindowUpdate(_) => "window_update",
+            Message::Goaway(_) => "goaway",
+            Message::Ack(_) => "ack",
+        }
+    }
+
+    /// The refusal of a message its receiver's side never accepts.
+    pub fn not_allowed(&self, from: &str) -> ProtocolError {
+        ProtocolError::new(
+            Violation::StreamState,
+            format!("{} is not allowed from {from} at this point", self.kind()),
+        )
+    }
+
     /// An `error` message ending request `id` with an HTTP-style `code`.
     pub fn error(id: impl Into<String>, code: u16, text: impl Into<String>) -> Message {
         let mut error: String = text.into();

@@ -11,10 +11,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
+use link::body::InboxBody;
 use tokio::time::{Instant, Sleep};
 
-use tunnel_proto::flow::{Inbox, StreamAbort};
+use tunnel_proto::flow::StreamAbort;
 
 use crate::session::StreamGuard;
 use crate::shape::{Trailer, code_for_status};
@@ -26,7 +27,7 @@ pub enum RelayBody {
 }
 
 pub struct StreamBody {
-    inbox: Inbox,
+    body: InboxBody,
     guard: Option<StreamGuard>,
     /// Longest pause between chunks, and the end of the whole exchange.
     idle: Option<Duration>,
@@ -50,7 +51,7 @@ impl RelayBody {
     }
 
     pub fn stream(
-        inbox: Inbox,
+        body: InboxBody,
         guard: StreamGuard,
         trailer: Trailer,
         idle: Option<Duration>,
@@ -58,7 +59,7 @@ impl RelayBody {
     ) -> Self {
         let timer = next_wake(idle, deadline).map(|at| Box::pin(tokio::time::sleep_until(at)));
         RelayBody::Stream(Box::new(StreamBody {
-            inbox,
+            body,
             guard: Some(guard),
             trailer,
             cut: None,
@@ -114,8 +115,10 @@ impl StreamBody {
         if let Some(abort) = self.cut.take() {
             return Poll::Ready(Some(Err(BodyAborted(abort))));
         }
-        let Some(guard) = &self.guard else { return Poll::Ready(None) };
-        match self.inbox.poll_recv(cx) {
+        if self.guard.is_none() {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Pending => {
                 if let Some(timer) = &mut self.timer
                     && timer.as_mut().poll(cx).is_ready()
@@ -124,16 +127,13 @@ impl StreamBody {
                 }
                 Poll::Pending
             }
-            Poll::Ready(Some(Ok(chunk))) => {
-                if let Some(credit) = self.inbox.take_credit() {
-                    guard.session().grant(guard.id(), credit);
-                }
+            Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(timer), Some(at)) =
                     (&mut self.timer, next_wake(self.idle, self.deadline))
                 {
                     timer.as_mut().reset(at);
                 }
-                Poll::Ready(Some(Ok(Frame::data(chunk))))
+                Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
                 if let Some(mut g) = self.guard.take() {

@@ -1,10 +1,11 @@
 //! relayd configuration: the strict on-disk file and the resolved `Config`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use daemon::config::{at_least_one, duration, load_toml, positive, secret};
+use daemon::Resolve;
+use daemon::config::{Human, Limit, at_least_one, duration, positive, secret};
 use serde::{Deserialize, Serialize};
 
 use tunnel_proto::Limits;
@@ -123,24 +124,17 @@ pub struct LimitsFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsFile {
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub ack: Option<Duration>,
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub first_byte: Option<Duration>,
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub hello: Option<Duration>,
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub header_read: Option<Duration>,
+    pub ack: Option<Human>,
+    pub first_byte: Option<Human>,
+    pub hello: Option<Human>,
+    pub header_read: Option<Human>,
     /// A duration, or "off".
-    #[serde(default, deserialize_with = "duration::opt_limit")]
-    pub idle: Option<Option<Duration>>,
-    #[serde(default, deserialize_with = "duration::opt_limit")]
-    pub total: Option<Option<Duration>>,
+    pub idle: Option<Limit>,
+    pub total: Option<Limit>,
     #[serde(default)]
     pub route: Vec<RouteTimeoutsFile>,
     /// Time in-flight streams get to finish on shutdown.
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub drain: Option<Duration>,
+    pub drain: Option<Human>,
 }
 
 /// Timeouts for requests whose path (at the local service) starts with
@@ -149,12 +143,9 @@ pub struct TimeoutsFile {
 #[serde(deny_unknown_fields)]
 pub struct RouteTimeoutsFile {
     pub prefix: String,
-    #[serde(default, deserialize_with = "duration::opt")]
-    pub first_byte: Option<Duration>,
-    #[serde(default, deserialize_with = "duration::opt_limit")]
-    pub idle: Option<Option<Duration>>,
-    #[serde(default, deserialize_with = "duration::opt_limit")]
-    pub total: Option<Option<Duration>>,
+    pub first_byte: Option<Human>,
+    pub idle: Option<Limit>,
+    pub total: Option<Limit>,
 }
 
 /// The timeouts that apply to one request.
@@ -283,13 +274,11 @@ impl Default for Config {
     }
 }
 
-impl ConfigFile {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        load_toml(path)
-    }
+impl Resolve for ConfigFile {
+    type Config = Config;
 
     /// Applies defaults and checks every value; secrets in files are read.
-    pub fn resolve(mut self) -> Result<Config, ConfigError> {
+    fn resolve(mut self) -> Result<Config, ConfigError> {
         let routes = std::mem::take(&mut self.timeouts.route);
         let mut config = self.resolve_global()?;
         for r in routes {
@@ -301,16 +290,18 @@ impl ConfigFile {
             }
             let base = config.timeouts_for("");
             let timeouts = Timeouts {
-                first_byte: positive(r.first_byte, base.first_byte, "first_byte")?,
-                idle: r.idle.unwrap_or(base.idle),
-                total: r.total.unwrap_or(base.total),
+                first_byte: positive(r.first_byte.map(Human::get), base.first_byte, "first_byte")?,
+                idle: r.idle.map_or(base.idle, Limit::get),
+                total: r.total.map_or(base.total, Limit::get),
             };
             config.route_timeouts.push(RouteTimeouts { prefix: r.prefix, timeouts });
         }
         config.route_timeouts.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(config)
     }
+}
 
+impl ConfigFile {
     fn resolve_global(self) -> Result<Config, ConfigError> {
         let d = Config::default();
         let max_streams = match (self.limits.max_streams, self.limits.max_streams_per_agent) {
@@ -327,13 +318,12 @@ impl ConfigFile {
             }
             (s, None) => s,
         };
-        let limits = Limits::with_overrides(LimitOverrides {
+        let limits = link::settings::limits(LimitOverrides {
             stream_window: self.limits.stream_window,
             max_chunk_bytes: self.limits.max_chunk_bytes,
             max_streams,
             max_headers: self.limits.max_headers,
-        })
-        .map_err(|e| ConfigError::Invalid(format!("[limits]: {}", e.detail)))?;
+        })?;
         let mut users = Vec::with_capacity(self.users.len());
         for u in self.users {
             if !valid_user_id(&u.id) {
@@ -413,7 +403,7 @@ impl ConfigFile {
             trusted_proxies: crate::admission::TrustedProxies(trusted_proxies),
             forward_cookies: self.http.forward_cookies.unwrap_or(d.forward_cookies),
             extra_methods,
-            ack_timeout: match self.timeouts.ack {
+            ack_timeout: match self.timeouts.ack.map(Human::get) {
                 // Agents may wait ACK_FLOOR / 10 before acknowledging.
                 Some(a) if a < ACK_FLOOR => {
                     return Err(ConfigError::Invalid(format!(
@@ -424,17 +414,17 @@ impl ConfigFile {
                 None => d.ack_timeout,
             },
             first_byte_timeout: positive(
-                self.timeouts.first_byte,
+                self.timeouts.first_byte.map(Human::get),
                 d.first_byte_timeout,
                 "first_byte",
             )?,
-            idle_timeout: self.timeouts.idle.unwrap_or(d.idle_timeout),
-            total_timeout: self.timeouts.total.unwrap_or(d.total_timeout),
+            idle_timeout: self.timeouts.idle.map_or(d.idle_timeout, Limit::get),
+            total_timeout: self.timeouts.total.map_or(d.total_timeout, Limit::get),
             route_timeouts: Vec::new(),
-            drain_timeout: self.timeouts.drain.unwrap_or(d.drain_timeout),
-            hello_timeout: self.timeouts.hello.unwrap_or(d.hello_timeout),
+            drain_timeout: self.timeouts.drain.map_or(d.drain_timeout, Human::get),
+            hello_timeout: self.timeouts.hello.map_or(d.hello_timeout, Human::get),
             header_read_timeout: positive(
-                self.timeouts.header_read,
+                self.timeouts.header_read.map(Human::get),
                 d.header_read_timeout,
                 "header_read",
             )?,

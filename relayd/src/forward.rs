@@ -11,6 +11,7 @@ use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, Head
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use link::body::InboxBody;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as Ws;
@@ -309,7 +310,10 @@ fn answer(
         }
         // With a declared length an appended error would break the
         // framing; such a stream is cut off instead.
-        None => RelayBody::stream(inbox, guard, trailer, idle, total),
+        None => {
+            let credit = guard.session().credit(guard.id());
+            RelayBody::stream(InboxBody::new(inbox, credit), guard, trailer, idle, total)
+        }
     };
     resp
 }

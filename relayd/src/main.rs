@@ -1,32 +1,17 @@
 //! relayd entry point: the shared daemon phases over [`relayd::Relay`].
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser;
-use daemon::{CommonArgs, ConfigError, Context, Daemon};
-
-/// The cloud relay of the LLM tunnel.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    #[command(flatten)]
-    common: CommonArgs,
-}
+use daemon::{Context, Daemon};
 
 struct Relayd;
 
 impl Daemon for Relayd {
     const NAME: &'static str = "relayd";
-    const DEFAULT_CONFIG: &'static str = "/etc/relayd/relayd.toml";
-    const LOG_ENV: &'static str = "RELAYD_LOG";
-    type Config = relayd::Config;
-
-    fn load(path: &Path) -> Result<relayd::Config, ConfigError> {
-        relayd::ConfigFile::load(path)?.resolve()
-    }
+    const ABOUT: &'static str = "The cloud relay of the LLM tunnel.";
+    type File = relayd::ConfigFile;
 
     fn worker_threads(config: &relayd::Config) -> usize {
         config.worker_threads
@@ -49,5 +34,5 @@ impl Daemon for Relayd {
 }
 
 fn main() -> ExitCode {
-    daemon::process::main::<Relayd>(Args::parse().common)
+    daemon::process::main::<Relayd>()
 }

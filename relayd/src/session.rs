@@ -321,15 +321,9 @@ impl Session {
         }
     }
 
-    /// Returns `credit` bytes of response-body window to the agent.
-    pub fn grant(&self, id: &StreamId, credit: u32) {
-        if self.is_legacy() || self.is_closed() {
-            return;
-        }
-        self.link.push_urgent(Message::WindowUpdate(tunnel_proto::WindowUpdate {
-            id: id.as_str().to_owned(),
-            credit,
-        }));
+    /// What returns response-body credit for stream `id` to the agent.
+    pub fn credit(&self, id: &StreamId) -> link::body::Credit {
+        link::body::Credit::new(self.link.clone(), id.clone())
     }
 
     /// Forgets a stream; if it had not completed, tells the agent to stop.
@@ -479,26 +473,10 @@ impl Handler for Session {
                     let _ = tx.send(());
                 }
             }
-            Message::HttpRequest(m) => {
-                return Err(Rejected::on(
-                    &m.id,
-                    ProtocolError::new(
-                        Violation::StreamState,
-                        "http_request is not allowed from an agent",
-                    ),
-                ));
+            Message::HttpRequest(ref m) => {
+                return Err(Rejected::on(&m.id, msg.not_allowed("an agent")));
             }
-            Message::Hello(_)
-            | Message::Welcome(_)
-            | Message::Goaway(_)
-            | Message::Ping(_)
-            | Message::Pong(_) => {
-                return Err(ProtocolError::new(
-                    Violation::StreamState,
-                    "message not allowed from an agent at this point",
-                )
-                .into());
-            }
+            other => return Err(other.not_allowed("an agent").into()),
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod raw;
 pub mod svg;
 pub mod tls;
 
+use daemon::Resolve as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

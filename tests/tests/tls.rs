@@ -1,6 +1,7 @@
 //! TLS on the relay's listener: web clients over HTTPS and agents over WSS,
 //! with a self-signed certificate for 127.0.0.1.
 
+use daemon::Resolve as _;
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -13,6 +13,7 @@
 //! target/release/tunnel-bench --smoke all    # seconds; CI proves it runs
 //! ```
 
+use daemon::Resolve as _;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

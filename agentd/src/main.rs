@@ -12,12 +12,6 @@ impl Daemon for Agentd {
     const ABOUT: &'static str = "The desktop agent of the LLM tunnel.";
     type File = agentd::ConfigFile;
 
-    // One thread: the agent's work is a few sockets, and with every task on
-    // the thread that polls the sockets no wake-up crosses threads.
-    fn worker_threads(_: &agentd::Config) -> usize {
-        1
-    }
-
     async fn run(config: agentd::Config, ctx: Context) -> anyhow::Result<()> {
         let metrics_listen = config.metrics_listen;
         let agent = Arc::new(agentd::Agent::new(config));

@@ -308,11 +308,7 @@ impl Handler for Session {
             }
             Message::WindowUpdate(w) => {
                 let window = self.lock_streams().get(w.id.as_str()).map(|e| e.window.clone());
-                if let Some(window) = window
-                    && let Err(e) = window.grant(w.credit)
-                {
-                    return Err(Rejected::on(&w.id, e));
-                }
+                link::grant_credit(window, &w)?;
             }
             Message::Goaway(g) => {
                 let retry = g

@@ -71,6 +71,9 @@ pub trait Daemon {
     type File: Resolve<Config: serde::Serialize + Send + 'static>;
 
     /// Tokio worker threads: 1 runs everything on one thread, 0 one per core.
+    /// One by default: a daemon whose work is a few sockets gains nothing
+    /// from more, and with every task on the thread that polls the sockets
+    /// no wake-up crosses threads.
     fn worker_threads(_config: &ConfigOf<Self>) -> usize {
         1
     }

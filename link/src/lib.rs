@@ -316,6 +316,19 @@ fn close_frame(code: CloseCode, reason: String) -> CloseFrame {
     CloseFrame { code, reason: reason.into() }
 }
 
+/// Applies a `window_update` to the send window of its stream (`None` when
+/// the stream already ended: nothing to do). Credit beyond the protocol's
+/// ceiling is refused and ends the stream.
+pub fn grant_credit(
+    window: Option<Arc<tunnel_proto::flow::SendWindow>>,
+    update: &tunnel_proto::WindowUpdate,
+) -> Result<(), Rejected> {
+    match window {
+        Some(w) => w.grant(update.credit).map_err(|e| Rejected::on(&update.id, e)),
+        None => Ok(()),
+    }
+}
+
 /// A binary frame's payload that is not valid: the reader answers it.
 fn refused_data(data: &Bytes, err: ProtocolError) -> Rejected {
     match tunnel_proto::frame::peek_id(data) {

@@ -6,10 +6,8 @@
 pub mod footprint;
 pub mod legacy;
 pub mod ollama;
-pub mod procs;
 pub mod proxy;
 pub mod raw;
-pub mod svg;
 pub mod tls;
 
 use daemon::Resolve as _;

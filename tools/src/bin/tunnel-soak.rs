@@ -26,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::process::Child;
 use tokio::sync::Mutex;
-use tunnel_tests::procs::{ProcStats, bin_dir, free_port, path, proc_stats, scrape, spawn};
+use tools::procs::{ProcStats, bin_dir, free_port, path, proc_stats, scrape, spawn};
 
 #[derive(Parser, Debug)]
 #[command(about = "Soak the tunnel with real processes and sample resource use")]

@@ -1,0 +1,289 @@
+//! The rig: relayd, agentd and the stand-in as real processes, the HTTP
+//! client, and the routes a scenario measures (direct, tunnel, raw TCP).
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::process::Child;
+
+use crate::*;
+use tools::procs::{cpu_time, free_port, path, scrape, spawn};
+use tunnel_tests::tls::TestCert;
+
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Http = Client<HttpConnector, Body>;
+
+pub(crate) fn client(pool: usize) -> Http {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(pool).build(conn)
+}
+
+pub(crate) fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// Which way a request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Client -> stand-in.
+    Direct,
+    /// Client -> relayd -> agentd -> stand-in.
+    Tunnel,
+    /// Client -> tcp-forward -> tcp-forward -> stand-in: the raw-TCP
+    /// baseline, two hops that only copy bytes.
+    Raw,
+}
+
+impl Route {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Tunnel => "tunnel",
+            Route::Raw => "raw TCP",
+        }
+    }
+}
+
+/// The order of the paths in round `r`: rotating, so none always runs on a
+/// warmer machine.
+pub(crate) fn order(r: usize) -> [Route; 3] {
+    match r % 3 {
+        0 => [Route::Direct, Route::Tunnel, Route::Raw],
+        1 => [Route::Tunnel, Route::Raw, Route::Direct],
+        _ => [Route::Raw, Route::Direct, Route::Tunnel],
+    }
+}
+
+pub(crate) struct RigOpts {
+    /// Users the relay knows (u0, u1, ...).
+    pub(crate) users: usize,
+    /// agentd processes (for u0.., each its own).
+    pub(crate) agents: usize,
+    pub(crate) handshakes_per_second: u32,
+    /// relayd terminates TLS (a throwaway self-signed certificate); agents
+    /// dial `wss://`.
+    pub(crate) tls: bool,
+}
+
+/// One user with one agentd: most scenarios.
+pub(crate) const ONE_AGENT: RigOpts =
+    RigOpts { users: 1, agents: 1, handshakes_per_second: 1000, tls: false };
+
+/// The stand-in, relayd and agentd processes of one scenario.
+pub(crate) struct Rig {
+    pub(crate) bin: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) _standin: Child,
+    pub(crate) relay: Child,
+    pub(crate) agents: Vec<Child>,
+    pub(crate) standin_port: u16,
+    pub(crate) relay_port: u16,
+    pub(crate) relay_metrics: u16,
+    pub(crate) agent_metrics: Vec<u16>,
+    /// The relay's certificate when it serves TLS.
+    pub(crate) cert: Option<TestCert>,
+    /// The two chained forwarders of the raw-TCP baseline, and the port of
+    /// the first.
+    pub(crate) forwarders: Vec<Child>,
+    pub(crate) raw_port: u16,
+}
+
+pub(crate) static RIGS: AtomicUsize = AtomicUsize::new(0);
+
+pub(crate) fn token(i: usize) -> String {
+    format!("bench-agent-token-{i:06}-0123456789")
+}
+
+impl Rig {
+    pub(crate) async fn start(bin: &Path, args: &Args, o: RigOpts) -> Result<Rig> {
+        let dir = std::env::temp_dir().join(format!(
+            "tunnel-bench-{}-{}",
+            std::process::id(),
+            RIGS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let standin_port = free_port()?;
+        let standin = spawn(
+            bin,
+            "stand-in-ollama",
+            &[
+                "--listen".into(),
+                format!("127.0.0.1:{standin_port}"),
+                // Each chat request sets its own pace.
+                "--token-delay-ms".into(),
+                "0".into(),
+            ],
+            &dir,
+            "stand-in",
+        )?;
+        wait_port(standin_port).await?;
+        let (raw_port, second) = (free_port()?, free_port()?);
+        let mut forwarders = Vec::new();
+        for (name, listen, to) in [("fwd-2", second, standin_port), ("fwd-1", raw_port, second)] {
+            forwarders.push(spawn(
+                bin,
+                "tcp-forward",
+                &[
+                    "--listen".into(),
+                    format!("127.0.0.1:{listen}"),
+                    "--to".into(),
+                    format!("127.0.0.1:{to}"),
+                ],
+                &dir,
+                name,
+            )?);
+            wait_port(listen).await?;
+        }
+        let relay_port = free_port()?;
+        let relay_metrics = free_port()?;
+        let mut conf = format!(
+            "listen = \"127.0.0.1:{relay_port}\"\nworker_threads = {}\nmetrics_listen = \"127.0.0.1:{relay_metrics}\"\n",
+            args.relay_workers
+        );
+        for i in 0..o.users {
+            conf.push_str(&format!("\n[[users]]\nid = \"u{i}\"\nagent_token = \"{}\"\n", token(i)));
+        }
+        conf.push_str(&format!(
+            "\n[limits]\nhandshakes_per_second = {}\n{}",
+            o.handshakes_per_second,
+            LIMITS.get().map(String::as_str).unwrap_or_default()
+        ));
+        let cert = if o.tls { Some(TestCert::new()?) } else { None };
+        if let Some(c) = &cert {
+            conf.push_str(&format!(
+                "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                path(&c.cert_file),
+                path(&c.key_file)
+            ));
+        }
+        std::fs::write(dir.join("relayd.toml"), conf)?;
+        let mut rig = Rig {
+            bin: bin.to_owned(),
+            relay: Self::spawn_relay(bin, &dir)?,
+            dir,
+            _standin: standin,
+            agents: Vec::new(),
+            standin_port,
+            relay_port,
+            relay_metrics,
+            agent_metrics: Vec::new(),
+            cert,
+            forwarders,
+            raw_port,
+        };
+        wait_port(relay_metrics).await?;
+        for i in 0..o.agents {
+            let port = free_port()?;
+            rig.agent_metrics.push(port);
+            let file = rig.dir.join(format!("agentd-{i}.toml"));
+            std::fs::write(
+                &file,
+                format!(
+                    "relay = \"{}://127.0.0.1:{relay_port}\"\ntoken = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[limits]\n{}{}",
+                    if rig.cert.is_some() { "wss" } else { "ws" },
+                    token(i),
+                    LIMITS.get().map(String::as_str).unwrap_or_default(),
+                    rig.cert.as_ref().map_or(String::new(), |c| format!(
+                        "\n[tls]\nca_file = \"{}\"\n",
+                        path(&c.cert_file)
+                    )),
+                ),
+            )?;
+            rig.agents.push(spawn(
+                bin,
+                "agentd",
+                &["--config".into(), path(&file)],
+                &rig.dir,
+                &format!("agentd-{i}"),
+            )?);
+        }
+        rig.wait_agents(o.agents, Duration::from_secs(120)).await?;
+        Ok(rig)
+    }
+
+    pub(crate) fn spawn_relay(bin: &Path, dir: &Path) -> Result<Child> {
+        spawn(bin, "relayd", &["--config".into(), path(&dir.join("relayd.toml"))], dir, "relayd")
+    }
+
+    /// Waits until the relay counts `n` agents.
+    pub(crate) async fn wait_agents(&self, n: usize, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let have = scrape(self.relay_metrics, "relayd_agents_connected").await.unwrap_or(0);
+            if have as usize >= n {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                bail!("only {have} of {n} agents connected after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub(crate) fn url(&self, p: Route, user: usize, target: &str) -> String {
+        match p {
+            Route::Direct => format!("http://127.0.0.1:{}{target}", self.standin_port),
+            Route::Tunnel => {
+                format!("http://127.0.0.1:{}/api/tunnel/u{user}{target}", self.relay_port)
+            }
+            Route::Raw => format!("http://127.0.0.1:{}{target}", self.raw_port),
+        }
+    }
+
+    /// CPU time of the two raw-TCP forwarders so far.
+    pub(crate) fn forwarders_cpu(&self) -> Duration {
+        self.forwarders.iter().filter_map(Child::id).map(cpu_time).sum()
+    }
+
+    /// CPU time of what carries `p` besides the client and the stand-in.
+    pub(crate) fn path_cpu(&self, p: Route) -> Duration {
+        match p {
+            Route::Direct => Duration::ZERO,
+            Route::Tunnel => self.daemons_cpu(),
+            Route::Raw => self.forwarders_cpu(),
+        }
+    }
+
+    pub(crate) fn relay_pid(&self) -> u32 {
+        self.relay.id().unwrap_or(0)
+    }
+
+    pub(crate) fn agent_pid(&self, i: usize) -> u32 {
+        self.agents.get(i).and_then(Child::id).unwrap_or(0)
+    }
+
+    /// CPU time of relayd and every agentd so far.
+    pub(crate) fn daemons_cpu(&self) -> Duration {
+        cpu_time(self.relay_pid())
+            + self.agents.iter().filter_map(Child::id).map(cpu_time).sum::<Duration>()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub(crate) async fn wait_port(port: u16) -> Result<()> {
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("nothing listens on port {port} after 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- statistics

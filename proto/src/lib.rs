@@ -14,6 +14,7 @@
 
 pub mod budget;
 pub mod error;
+pub mod exchange;
 pub mod flow;
 pub mod frame;
 pub mod headers;
@@ -22,11 +23,12 @@ pub mod liveness;
 pub mod message;
 
 pub use error::{ProtocolError, Violation};
+pub use exchange::{RequestBody, ResponseHead, StreamId, TunnelRequest};
 pub use headers::Headers;
 pub use limits::Limits;
 pub use message::{
     Ack, Cancel, ErrorMsg, Goaway, Hello, HttpRequestMsg, HttpResponseMsg, Message, Ping,
-    RequestBody, ResponseHead, ResponseHeadMsg, StreamId, TunnelRequest, Welcome, WindowUpdate,
+    ResponseHeadMsg, Welcome, WindowUpdate,
 };
 
 /// Version of the extended protocol negotiated by `hello`/`welcome`.

@@ -15,94 +15,24 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use link::{End, Handler, Link, LinkConfig, Outbound};
+use link::{Link, LinkConfig, Outbound};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as Ws;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{debug, info};
 
-use tunnel_proto::budget::Flood;
 use tunnel_proto::error::Rejected;
-use tunnel_proto::flow::{
-    BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
-};
-use tunnel_proto::frame::DataFrame;
+use tunnel_proto::flow::{BufferGauge, Inbox, InboxSender, SendWindow, StreamAbort, inbox};
 use tunnel_proto::{Limits, Message, ProtocolError, StreamId, Violation};
 
 pub type AgentSocket = WebSocketStream<TokioIo<Upgraded>>;
 
 pub use link::Closed as SessionClosed;
 
-/// Why a session ended, as its streams and the close frame tell it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// A newer session for the same user took over.
-    Replaced,
-    /// The agent closed the socket or it failed.
-    Disconnected,
-    /// The relay is shutting down.
-    Shutdown,
-    /// The agent broke the protocol beyond repair.
-    ProtocolError,
-    /// Nothing arrived from the agent for too many ping intervals.
-    Unresponsive,
-    /// A text frame that is not UTF-8.
-    InvalidData,
-    /// A message above the WebSocket size limit.
-    TooBig,
-    /// The agent spent its budget of pings or refused frames.
-    Flooded(Flood),
-    /// The agent stopped reading: replies to it piled up beyond the bound.
-    NotReading,
-    /// An operator disconnected the tunnel.
-    OperatorDisconnect,
-}
+mod close;
+mod handler;
 
-impl CloseReason {
-    pub fn text(self) -> &'static str {
-        match self {
-            CloseReason::Replaced => "agent session replaced by a newer connection",
-            CloseReason::Disconnected => "agent disconnected",
-            CloseReason::Shutdown => "relay shutting down",
-            CloseReason::ProtocolError => "agent violated the tunnel protocol",
-            CloseReason::Unresponsive => "agent stopped answering pings",
-            CloseReason::InvalidData => "agent sent a text frame that is not UTF-8",
-            CloseReason::TooBig => "agent sent a message above the size limit",
-            CloseReason::Flooded(Flood::Pings) => "agent sent too many pings",
-            CloseReason::Flooded(Flood::Refusals) => "agent sent too many invalid frames",
-            CloseReason::NotReading => "agent is not reading the relay's messages",
-            CloseReason::OperatorDisconnect => "tunnel disconnected by the relay's operator",
-        }
-    }
-
-    /// The close code for a session the relay ends itself.
-    fn close_code(self) -> CloseCode {
-        match self {
-            CloseReason::Replaced => CloseCode::Library(4000),
-            CloseReason::Shutdown => CloseCode::Away,
-            CloseReason::ProtocolError => CloseCode::Protocol,
-            CloseReason::Unresponsive => CloseCode::Library(link::UNRESPONSIVE),
-            CloseReason::InvalidData => CloseCode::Invalid,
-            CloseReason::TooBig => CloseCode::Size,
-            CloseReason::Flooded(_) | CloseReason::NotReading => CloseCode::Policy,
-            CloseReason::Disconnected | CloseReason::OperatorDisconnect => CloseCode::Normal,
-        }
-    }
-
-    /// How a link's end reads as a session's.
-    fn of(end: &End) -> Self {
-        match end {
-            End::Failed { code: Some(1007), .. } => CloseReason::InvalidData,
-            End::Failed { code: Some(1009), .. } => CloseReason::TooBig,
-            End::Failed { code: Some(1002), .. } => CloseReason::ProtocolError,
-            End::Flooded(f) => CloseReason::Flooded(*f),
-            End::NotReading => CloseReason::NotReading,
-            End::Unresponsive(_) => CloseReason::Unresponsive,
-            End::PeerClosed(_) | End::Failed { .. } | End::Closed => CloseReason::Disconnected,
-        }
-    }
-}
+pub use close::CloseReason;
 
 /// What the agent answered, once its head arrived.
 #[derive(Debug)]
@@ -427,104 +357,6 @@ impl Session {
     }
 }
 
-impl Handler for Session {
-    fn read_limits(&self) -> Limits {
-        Session::read_limits(self)
-    }
-
-    fn on_message(&self, msg: Message) -> Result<(), Rejected> {
-        match msg {
-            Message::ResponseHead(m) => {
-                let body_follows = m.body_follows;
-                let head = m.into_head(&self.local)?;
-                let h = Head { status: head.status, headers: head.headers, body: None };
-                self.deliver_head(&head.id, h, !body_follows)?;
-            }
-            Message::HttpResponse(m) => {
-                let (head, body) = m.into_parts(&self.local)?;
-                let h = Head { status: head.status, headers: head.headers, body: Some(body) };
-                self.deliver_head(&head.id, h, true)?;
-            }
-            Message::Error(e) => {
-                let code = if (400..=599).contains(&e.code) { e.code } else { 502 };
-                self.fail_stream(&e.id, StreamAbort::new(code, e.error));
-            }
-            Message::Cancel(c) => {
-                let why = if c.reason.is_empty() {
-                    "agent cancelled the request".to_owned()
-                } else {
-                    c.reason
-                };
-                self.fail_stream(&c.id, StreamAbort::new(502, why));
-            }
-            Message::WindowUpdate(w) => {
-                let window = self.lock_streams().get(w.id.as_str()).map(|s| s.window.clone());
-                link::grant_credit(window, &w)?;
-            }
-            Message::Ack(a) => {
-                // An ack for a stream that already ended (or a second one)
-                // changes nothing.
-                let tx = self.lock_streams().get_mut(a.id.as_str()).and_then(|s| s.ack.take());
-                if let Some(tx) = tx {
-                    let _ = tx.send(());
-                }
-            }
-            Message::HttpRequest(ref m) => {
-                return Err(Rejected::on(&m.id, msg.not_allowed("an agent")));
-            }
-            other => return Err(other.not_allowed("an agent").into()),
-        }
-        Ok(())
-    }
-
-    fn on_data(&self, f: DataFrame) -> Result<(), Rejected> {
-        if self.is_legacy() {
-            return Err(ProtocolError::new(
-                Violation::MalformedFrame,
-                "binary frames need protocol version 1",
-            )
-            .into());
-        }
-        let mut streams = self.lock_streams();
-        let Some(slot) = streams.get(f.id.as_str()) else {
-            // Bytes already in flight when the stream was cancelled.
-            return Ok(());
-        };
-        if slot.head.is_some() {
-            return Err(Rejected::on(
-                &f.id,
-                ProtocolError::new(Violation::StreamState, format!("data before head on {}", f.id)),
-            ));
-        }
-        match slot.body.push(f.payload) {
-            Ok(()) | Err(PushError::Closed) => {}
-            Err(e @ PushError::Overflow { .. }) => return Err(Rejected::on(&f.id, e.into())),
-        }
-        if f.end {
-            slot.body.finish();
-            if let Some(slot) = streams.remove(f.id.as_str()) {
-                slot.window.close();
-            }
-        }
-        Ok(())
-    }
-
-    fn end_stream(&self, id: &str, err: &ProtocolError) {
-        self.abort_stream(id, StreamAbort::new(502, format!("agent sent an invalid frame: {err}")));
-    }
-
-    fn on_end(&self, end: &End) {
-        if let End::Failed { error, .. } = end {
-            debug!(session = %self.id, %error, "agent socket failed");
-        }
-        self.close(CloseReason::of(end));
-    }
-
-    fn is_live(&self, id: &StreamId) -> bool {
-        self.lock_streams().contains_key(id.as_str())
-    }
-}
-
 /// Cancels its stream at the agent when dropped before completion (the web
 /// client went away, or the relay gave up waiting).
 pub struct StreamGuard {
@@ -565,23 +397,4 @@ impl Drop for StreamGuard {
 
 fn new_session_id() -> String {
     format!("s_{:016x}", rand::random::<u64>())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_link_end_reads_as_the_close_reason_an_operator_understands() {
-        let failed = |code| End::Failed { code: Some(code), error: String::new() };
-        assert_eq!(CloseReason::of(&failed(1007)), CloseReason::InvalidData);
-        assert_eq!(CloseReason::of(&failed(1009)), CloseReason::TooBig);
-        assert_eq!(
-            CloseReason::of(&End::Flooded(Flood::Pings)),
-            CloseReason::Flooded(Flood::Pings)
-        );
-        assert_eq!(CloseReason::of(&End::PeerClosed(None)), CloseReason::Disconnected);
-        assert_eq!(CloseReason::Replaced.close_code(), CloseCode::Library(4000));
-        assert_eq!(CloseReason::Unresponsive.close_code(), CloseCode::Library(4001));
-    }
 }

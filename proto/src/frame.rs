@@ -16,8 +16,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::message::validate_id;
 use crate::{ProtocolError, Violation};
 
-/// The longest frame header: flags, id length and a 64-byte id.
-pub const MAX_HEADER_LEN: usize = 2 + crate::limits::MAX_ID_LEN;
+pub use crate::limits::MAX_FRAME_HEADER_LEN as MAX_HEADER_LEN;
 
 /// Flag bit: this frame ends the body.
 pub const FLAG_END: u8 = 0x01;

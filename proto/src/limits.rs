@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_HEADERS: u32 = 128;
 pub const DEFAULT_MAX_HEADER_BYTES: u32 = 64 * 1024;
 /// Length of a stream id (`req_...`).
 pub const MAX_ID_LEN: usize = 64;
+/// The longest binary frame header: flags, id length and the id.
+pub const MAX_FRAME_HEADER_LEN: usize = 2 + MAX_ID_LEN;
 /// Length of a request path including its query string.
 pub const MAX_PATH_LEN: usize = 16 * 1024;
 /// Length of a free-text reason (`cancel`, `goaway`, `error`).
@@ -111,8 +113,7 @@ impl Limits {
     /// may receive: a control message, or one body chunk with its frame
     /// header (flags, id length, id).
     pub fn max_message_bytes(&self) -> usize {
-        (self.max_control_bytes as usize)
-            .max(self.max_chunk_bytes as usize + crate::frame::MAX_HEADER_LEN)
+        (self.max_control_bytes as usize).max(self.max_chunk_bytes as usize + MAX_FRAME_HEADER_LEN)
     }
 
     /// What a sender may put in one binary frame towards a peer that

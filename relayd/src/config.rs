@@ -112,7 +112,7 @@ pub struct LimitsFile {
     /// Requests in flight per agent session (the agent's own `max_streams`
     /// may lower it).
     pub max_streams: Option<u32>,
-    /// The name `max_streams` had before 0.2; still read, with a warning.
+    /// The name `max_streams` used to have; still read, with a warning.
     pub max_streams_per_agent: Option<u32>,
     pub max_request_body: Option<u64>,
     pub legacy_max_body: Option<usize>,

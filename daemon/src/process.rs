@@ -108,10 +108,20 @@ pub fn main<D: Daemon>() -> ExitCode {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    logging::init(&format!("{}_LOG", D::NAME.to_ascii_uppercase()));
+    run::<D>(args)
+}
+
+/// Loads `D`'s configuration (the file `args` names, or the default one).
+pub fn load<D: Daemon>(args: &CommonArgs) -> Result<ConfigOf<D>, crate::ConfigError> {
     let default = PathBuf::from(format!("/etc/{0}/{0}.toml", D::NAME));
     let path = args.config.as_deref().unwrap_or(&default);
-    let config = match load_toml::<D::File>(path).and_then(Resolve::resolve) {
+    load_toml::<D::File>(path).and_then(Resolve::resolve)
+}
+
+/// Runs daemon `D` with arguments its `main` parsed.
+pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
+    logging::init(&format!("{}_LOG", D::NAME.to_ascii_uppercase()));
+    let config = match load::<D>(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", D::NAME);

@@ -27,8 +27,8 @@ pub use exchange::{RequestBody, ResponseHead, StreamId, TunnelRequest};
 pub use headers::Headers;
 pub use limits::Limits;
 pub use message::{
-    Ack, Cancel, ErrorMsg, Goaway, Hello, HttpRequestMsg, HttpResponseMsg, Message, Ping,
-    ResponseHeadMsg, Welcome, WindowUpdate,
+    Ack, Auth, Authorized, Cancel, Credential, Empty, ErrorMsg, Goaway, Hello, HttpRequestMsg,
+    HttpResponseMsg, Message, Ping, ResponseHeadMsg, Rotated, Welcome, WindowUpdate,
 };
 
 /// Version of the extended protocol negotiated by `hello`/`welcome`.
@@ -56,9 +56,14 @@ pub mod capability {
     pub const GOAWAY: &str = "goaway";
     /// `ack` when an agent accepts a request.
     pub const ACK: &str = "ack";
+    /// In-band re-authentication, access-token refresh and credential
+    /// rotation (`auth`, `refresh`, `authorized`, `rotate`, `credential`,
+    /// `rotated`).
+    pub const AUTH: &str = "auth";
 
     /// Everything version 1 defines, in the order it is advertised.
-    pub const ALL: &[&str] = &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL, GOAWAY, ACK];
+    pub const ALL: &[&str] =
+        &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL, GOAWAY, ACK, AUTH];
 
     /// What every version-1 peer must offer: without them a session cannot
     /// stream, cancel or bound its memory.

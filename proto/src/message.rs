@@ -37,6 +37,57 @@ pub enum Message {
     Goaway(Goaway),
     /// Agent -> relay: the agent took the request and is forwarding it.
     Ack(Ack),
+    /// Agent -> relay (`auth`): re-authenticate the live session with a
+    /// fresh token for the same user.
+    Auth(Auth),
+    /// Agent -> relay (`auth`): mint a fresh access token for the
+    /// credential this session was opened with.
+    Refresh(Empty),
+    /// Relay -> agent (`auth`): the session is authorized until
+    /// `expires_at`; with `token`, a fresh access token.
+    Authorized(Authorized),
+    /// Agent -> relay (`auth`): issue a new credential for this user.
+    Rotate(Empty),
+    /// Relay -> agent (`auth`): a new credential; valid at once, and the old
+    /// one is revoked only after `rotated` confirms it was stored.
+    Credential(Credential),
+    /// Agent -> relay (`auth`): credential `id` is stored; revoke the one
+    /// this session was opened with.
+    Rotated(Rotated),
+}
+
+/// `auth`: a fresh token (a JWT or an agent credential).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    pub token: String,
+}
+
+/// A message without fields (`refresh`, `rotate`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authorized {
+    /// RFC 3339 time after which the session ends unless re-authenticated;
+    /// absent: no expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// A fresh access token (JWT) for the session's credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    /// The credential's id (`c_...`), for `rotated` and for revocation.
+    pub id: String,
+    /// The whole credential (`tcred_...`); secret: store it mode 0600.
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotated {
+    pub id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +153,14 @@ pub struct Welcome {
     pub capabilities: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
+    /// `auth`: when the session's authorization ends unless the agent
+    /// re-authenticates (RFC 3339); absent: no expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// `auth`: an access token minted for the credential the agent
+    /// connected with, for its next connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +225,12 @@ pub const KNOWN_TYPES: &[&str] = &[
     "window_update",
     "goaway",
     "ack",
+    "auth",
+    "refresh",
+    "authorized",
+    "rotate",
+    "credential",
+    "rotated",
 ];
 
 impl Message {
@@ -224,8 +289,21 @@ impl Message {
             Message::Welcome(w) => {
                 validate_id(&w.session_id)?;
                 validate_capabilities(&w.capabilities)?;
+                validate_opt_time(w.expires_at.as_deref())?;
+                validate_token(w.token.as_deref().unwrap_or_default())?;
                 w.limits.validate()
             }
+            Message::Auth(a) => validate_token(&a.token),
+            Message::Refresh(_) | Message::Rotate(_) => Ok(()),
+            Message::Authorized(a) => {
+                validate_opt_time(a.expires_at.as_deref())?;
+                validate_token(a.token.as_deref().unwrap_or_default())
+            }
+            Message::Credential(c) => {
+                validate_id(&c.id)?;
+                validate_token(&c.secret)
+            }
+            Message::Rotated(r) => validate_id(&r.id),
             Message::Cancel(c) => {
                 validate_id(&c.id)?;
                 validate_reason(&c.reason)
@@ -260,6 +338,12 @@ impl Message {
             Message::WindowUpdate(_) => "window_update",
             Message::Goaway(_) => "goaway",
             Message::Ack(_) => "ack",
+            Message::Auth(_) => "auth",
+            Message::Refresh(_) => "refresh",
+            Message::Authorized(_) => "authorized",
+            Message::Rotate(_) => "rotate",
+            Message::Credential(_) => "credential",
+            Message::Rotated(_) => "rotated",
         }
     }
 
@@ -396,6 +480,29 @@ fn validate_reason(text: &str) -> Result<(), ProtocolError> {
         ));
     }
     Ok(())
+}
+
+/// Longest token or credential a message may carry.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+fn validate_token(token: &str) -> Result<(), ProtocolError> {
+    if token.len() > MAX_TOKEN_LEN || token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(ProtocolError::new(
+            Violation::MalformedMessage,
+            "a token must be printable ASCII, at most 8 KiB",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_opt_time(time: Option<&str>) -> Result<(), ProtocolError> {
+    match time {
+        Some(t) if humantime::parse_rfc3339(t).is_err() => Err(ProtocolError::new(
+            Violation::MalformedMessage,
+            format!("{t:?} is not an RFC 3339 time"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn validate_capabilities(caps: &[String]) -> Result<(), ProtocolError> {

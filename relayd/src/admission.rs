@@ -149,19 +149,62 @@ pub enum Verdict {
     Busy,
 }
 
+/// Token buckets by key (a source address, a user), bounded: a key's
+/// bucket is forgotten once it refilled, and with [`MAX_SOURCES`] keys in
+/// debt new keys are not tracked.
+#[derive(Debug)]
+pub struct Buckets<K> {
+    map: Mutex<HashMap<K, TokenBucket>>,
+    rate: f64,
+    burst: u32,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
+    /// `burst` at once, then `per_minute`.
+    pub fn per_minute(burst: u32, per_minute: u32) -> Self {
+        Self { map: Mutex::new(HashMap::new()), rate: f64::from(per_minute) / 60.0, burst }
+    }
+
+    /// Seconds until `key` has a token again (0: it has one now).
+    pub fn wait(&self, key: &K, now: Instant) -> u64 {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get_mut(key).map_or(0, |b| b.wait_secs(now).ceil() as u64)
+    }
+
+    /// Spends one of `key`'s tokens; `Some(seconds to wait)` when it had
+    /// none.
+    pub fn take(&self, key: &K, now: Instant) -> Option<u64> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if !map.contains_key(key) && map.len() >= MAX_SOURCES {
+            map.retain(|_, b| !b.is_full(now));
+            if map.len() >= MAX_SOURCES {
+                return None;
+            }
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let bucket = map.entry(key.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now));
+        if bucket.take(now) { None } else { Some(bucket.wait_secs(now).ceil().max(1.0) as u64) }
+    }
+
+    /// Keys remembered.
+    pub fn tracked(&self) -> usize {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
 /// Handshake admission state of one relay.
 #[derive(Debug)]
 pub struct Admission {
     agents: Mutex<TokenBucket>,
-    refused: Mutex<HashMap<IpAddr, TokenBucket>>,
-    refused_rate: f64,
-    refused_burst: u32,
+    refused: Buckets<IpAddr>,
+    users: Buckets<String>,
 }
 
 impl Admission {
     /// `agents_per_second` handshakes with valid credentials; per source,
-    /// `refused_burst` refused attempts, then `refused_per_minute`.
-    pub fn new(agents_per_second: u32, refused_burst: u32, refused_per_minute: u32) -> Self {
+    /// `refused_per_minute` refused attempts at once, then as many per
+    /// minute; per user, `user_per_minute` valid handshakes likewise.
+    pub fn new(agents_per_second: u32, refused_per_minute: u32, user_per_minute: u32) -> Self {
         let now = Instant::now();
         Self {
             agents: Mutex::new(TokenBucket::new(
@@ -169,36 +212,22 @@ impl Admission {
                 agents_per_second,
                 now,
             )),
-            refused: Mutex::new(HashMap::new()),
-            refused_rate: f64::from(refused_per_minute) / 60.0,
-            refused_burst,
+            refused: Buckets::per_minute(refused_per_minute, refused_per_minute),
+            users: Buckets::per_minute(user_per_minute, user_per_minute),
         }
     }
 
     /// Before the credential is looked at: has `source` spent its budget?
     pub fn check_source(&self, source: IpAddr, now: Instant) -> Verdict {
-        let mut map = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
-        match map.get_mut(&source_key(source)) {
-            Some(bucket) => match bucket.wait_secs(now) {
-                w if w > 0.0 => Verdict::SourceBlocked { retry_after: w.ceil() as u64 },
-                _ => Verdict::Admit,
-            },
-            None => Verdict::Admit,
+        match self.refused.wait(&source_key(source), now) {
+            0 => Verdict::Admit,
+            w => Verdict::SourceBlocked { retry_after: w },
         }
     }
 
     /// The credential was refused: charge `source`.
     pub fn refused(&self, source: IpAddr, now: Instant) {
-        let key = source_key(source);
-        let mut map = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
-        if !map.contains_key(&key) && map.len() >= MAX_SOURCES {
-            map.retain(|_, b| !b.is_full(now));
-            if map.len() >= MAX_SOURCES {
-                return;
-            }
-        }
-        let (rate, burst) = (self.refused_rate, self.refused_burst);
-        map.entry(key).or_insert_with(|| TokenBucket::new(rate, burst, now)).take(now);
+        let _ = self.refused.take(&source_key(source), now);
     }
 
     /// The credential is valid: take one of the agents' allowance.
@@ -207,9 +236,18 @@ impl Admission {
         if bucket.take(now) { Verdict::Admit } else { Verdict::Busy }
     }
 
+    /// One more valid handshake of `user` (an agent in a reconnect loop, or
+    /// two fighting over one credential, are held back).
+    pub fn admit_user(&self, user: &str, now: Instant) -> Verdict {
+        match self.users.take(&user.to_owned(), now) {
+            None => Verdict::Admit,
+            Some(w) => Verdict::SourceBlocked { retry_after: w },
+        }
+    }
+
     /// Sources with refused attempts remembered (for tests and metrics).
     pub fn tracked_sources(&self) -> usize {
-        self.refused.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.refused.tracked()
     }
 }
 
@@ -261,12 +299,23 @@ mod tests {
             assert_eq!(a.check_source(bad, t0), Verdict::Admit);
             a.refused(bad, t0);
         }
-        assert!(matches!(a.check_source(bad, t0), Verdict::SourceBlocked { retry_after: 1 }));
+        assert_eq!(a.check_source(bad, t0), Verdict::SourceBlocked { retry_after: 12 });
         assert_eq!(a.check_source(ip("192.0.2.2"), t0), Verdict::Admit);
         assert_eq!(a.admit_agent(t0), Verdict::Admit);
         assert_eq!(a.admit_agent(t0), Verdict::Admit);
         assert_eq!(a.admit_agent(t0), Verdict::Busy);
-        assert_eq!(a.check_source(bad, t0 + Duration::from_secs(1)), Verdict::Admit);
+        assert_eq!(a.check_source(bad, t0 + Duration::from_secs(12)), Verdict::Admit);
+    }
+
+    #[test]
+    fn one_users_reconnect_loop_is_held_back_without_touching_others() {
+        let t0 = Instant::now();
+        let a = Admission::new(1000, 5, 2);
+        assert_eq!(a.admit_user("alice", t0), Verdict::Admit);
+        assert_eq!(a.admit_user("alice", t0), Verdict::Admit);
+        assert_eq!(a.admit_user("alice", t0), Verdict::SourceBlocked { retry_after: 30 });
+        assert_eq!(a.admit_user("bob", t0), Verdict::Admit);
+        assert_eq!(a.admit_user("alice", t0 + Duration::from_secs(30)), Verdict::Admit);
     }
 
     #[test]

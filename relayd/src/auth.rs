@@ -1,12 +1,18 @@
-//! Placeholder authentication: static per-user tokens from the config.
+//! Authorization at the relay's two doors: what a request's bearer token
+//! lets it do. Tokens travel only in `Authorization: Bearer`; a token in a
+//! query string is not looked at (it would end up in logs).
 //!
-//! Agents present their user's `agent_token`, web clients the user's
-//! `client_token` (when one is configured), both as `Authorization: Bearer`.
-//! The JWT identity work replaces this module; routing by user does not change.
+//! - A tunnel route needs a client token for its user, unless the user is
+//!   public (then a token it cannot use is ignored: SDKs send one anyway). A
+//!   missing, malformed, badly signed or expired token is a 401 that says
+//!   which; a valid token for another user, or an agent token, is a 403.
+//! - `/ws/tunnel` needs an agent token (or credential) of the user it
+//!   opens; a client token is a 403, so a leaked web token can never
+//!   register an agent and intercept a user's traffic.
 
 use http::HeaderMap;
 
-use crate::config::{Config, User};
+use crate::identity::{AuthError, Identity, Principal, Role};
 use crate::response::Unauthorized;
 
 /// The bearer token of a request, if it carries one.
@@ -16,35 +22,75 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// The user whose agent token `token` is.
-pub fn agent_user<'a>(config: &'a Config, token: &str) -> Option<&'a User> {
-    // Compare against every user so the time taken does not say which
-    // prefix matched.
-    let mut found = None;
-    for user in &config.users {
-        if constant_time_eq(user.agent_token.as_bytes(), token.as_bytes()) {
-            found = Some(user);
-        }
-    }
-    found
+/// Why a request may not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// 401: no usable credential.
+    Unauthorized(Unauthorized, String),
+    /// 403: a valid credential that does not allow this.
+    Forbidden(&'static str, String),
 }
 
-/// Whether a web request may use `user`'s routes, and if not, whether it
-/// lacked a token or carried a wrong one.
-pub fn client_allowed(user: &User, headers: &HeaderMap) -> Result<(), Unauthorized> {
-    let Some(expected) = &user.client_token else { return Ok(()) };
-    match bearer(headers) {
-        None => Err(Unauthorized::Missing),
-        Some(t) if constant_time_eq(expected.as_bytes(), t.as_bytes()) => Ok(()),
-        Some(_) => Err(Unauthorized::Invalid),
+impl Denied {
+    fn of(e: AuthError) -> Self {
+        let kind = match e {
+            AuthError::Missing => Unauthorized::Missing,
+            AuthError::Expired => Unauthorized::Expired,
+            _ => Unauthorized::Invalid,
+        };
+        Denied::Unauthorized(kind, e.to_string())
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Who may use `user`'s tunnel with these headers: `None` for a public
+/// tunnel called without a token.
+pub async fn client(
+    identity: &Identity,
+    headers: &HeaderMap,
+    user: &str,
+) -> Result<Option<Principal>, Denied> {
+    let public = identity.is_public(user);
+    let token = match bearer(headers) {
+        Some(t) => t,
+        None if public => return Ok(None),
+        None => return Err(Denied::of(AuthError::Missing)),
+    };
+    // A public tunnel ignores what it cannot use: SDKs send an API key
+    // whether or not the server wants one.
+    let p = match identity.verify(token).await {
+        Ok(p) => p,
+        Err(_) if public => return Ok(None),
+        Err(e) => return Err(Denied::of(e)),
+    };
+    if public && (p.role != Role::Client || p.user != user) {
+        return Ok(None);
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    if p.role != Role::Client {
+        return Err(Denied::Forbidden(
+            "wrong_role",
+            "an agent token cannot call a tunnel: use a client token".into(),
+        ));
+    }
+    if p.user != user {
+        return Err(Denied::Forbidden(
+            "wrong_user",
+            "this token is for another user's tunnel".into(),
+        ));
+    }
+    Ok(Some(p))
+}
+
+/// The agent these headers speak for.
+pub async fn agent(identity: &Identity, headers: &HeaderMap) -> Result<Principal, Denied> {
+    let token = bearer(headers).ok_or_else(|| Denied::of(AuthError::Missing))?;
+    let p = identity.verify(token).await.map_err(Denied::of)?;
+    if p.role != Role::Agent {
+        return Err(Denied::Forbidden(
+            "wrong_role",
+            "a client token cannot open a tunnel: use the user's agent credential".into(),
+        ));
+    }
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -58,12 +104,5 @@ mod tests {
         assert_eq!(bearer(&h), Some("abc"));
         h.insert("authorization", "Basic abc".parse().expect("valid"));
         assert_eq!(bearer(&h), None);
-    }
-
-    #[test]
-    fn tokens_must_match_exactly() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 use tunnel_proto::Limits;
 use tunnel_proto::limits::LimitOverrides;
 
+mod identity;
+
+pub use identity::{IdentityFile, KeyFile, private_file};
+
 pub use daemon::ConfigError;
 
 /// The TOML file as written by the operator. Unknown keys are errors.
@@ -38,6 +42,11 @@ pub struct ConfigFile {
     pub proxy: ProxyFile,
     #[serde(default)]
     pub http: HttpFile,
+    #[serde(default)]
+    pub identity: IdentityFile,
+    /// Where relayd keeps what must survive a restart: issued credentials
+    /// and revocations. Absent: kept in memory.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `[proxy]`: reverse proxies in front of the relay.
@@ -60,6 +69,10 @@ pub struct HttpFile {
     /// the tunnel carries (CONNECT and TRACE never).
     #[serde(default)]
     pub extra_methods: Vec<String>,
+    /// Browser origins allowed to call tunnels (`["*"]` for any); the relay
+    /// answers their CORS preflights itself, without a token.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 /// `[tls]`: both files, or neither (plain HTTP).
@@ -98,10 +111,12 @@ pub struct UserFile {
     /// `agent_token_file`.
     pub agent_token: Option<String>,
     pub agent_token_file: Option<PathBuf>,
-    /// Token web clients must present for this user's routes. Without one,
-    /// the user's routes are open to anyone who can reach the relay.
+    /// A static token web clients may present for this user's routes.
     pub client_token: Option<String>,
     pub client_token_file: Option<PathBuf>,
+    /// The user's routes need no token at all. Off unless set: a relay
+    /// never serves open routes by accident.
+    pub public: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +134,13 @@ pub struct LimitsFile {
     pub handshakes_per_second: Option<u32>,
     pub refused_handshakes_per_minute: Option<u32>,
     pub max_headers: Option<u32>,
+    /// Requests per minute one user's tunnel takes (a burst of as many,
+    /// then that rate); absent or 0: no limit.
+    pub requests_per_minute: Option<u32>,
+    /// Agent handshakes per minute one user may make (valid ones).
+    pub agent_handshakes_per_minute: Option<u32>,
+    /// Agents connected at once.
+    pub max_tunnels: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,6 +225,18 @@ pub struct Config {
     pub forward_cookies: bool,
     /// Methods carried beyond the standard ones.
     pub extra_methods: Vec<String>,
+    /// Browser origins allowed to call tunnels (`*` for any).
+    pub cors_origins: Vec<String>,
+    /// Requests per minute per user; `None`: no limit.
+    pub requests_per_minute: Option<u32>,
+    /// Valid agent handshakes per minute per user.
+    pub agent_handshakes_per_minute: u32,
+    /// Agents connected at once (503 to more).
+    pub max_tunnels: usize,
+    /// How tokens are verified and minted.
+    pub identity: crate::identity::IdentityConfig,
+    /// Issued credentials and revocations live here (`credentials.redb`).
+    pub state_dir: Option<PathBuf>,
     /// Time an agent that listed `ack` has to acknowledge a request (504).
     #[serde(serialize_with = "duration::show")]
     pub ack_timeout: Duration,
@@ -231,12 +265,13 @@ pub struct Config {
     pub liveness: link::settings::Liveness,
 }
 
-/// One user and their tokens.
-#[derive(Clone)]
+/// One user of `[[users]]`: static tokens, or a public tunnel.
+#[derive(Clone, Default)]
 pub struct User {
     pub id: String,
-    pub agent_token: String,
+    pub agent_token: Option<String>,
     pub client_token: Option<String>,
+    pub public: bool,
 }
 
 impl std::fmt::Debug for User {
@@ -261,6 +296,12 @@ impl Default for Config {
             trusted_proxies: Default::default(),
             forward_cookies: false,
             extra_methods: Vec::new(),
+            cors_origins: Vec::new(),
+            requests_per_minute: None,
+            agent_handshakes_per_minute: 30,
+            max_tunnels: 100_000,
+            identity: crate::identity::IdentityConfig::default(),
+            state_dir: None,
             ack_timeout: Duration::from_secs(30),
             first_byte_timeout: Duration::from_secs(300),
             idle_timeout: Some(Duration::from_secs(300)),
@@ -335,15 +376,20 @@ impl ConfigFile {
             if users.iter().any(|x: &User| x.id == u.id) {
                 return Err(ConfigError::Invalid(format!("user {:?} is listed twice", u.id)));
             }
-            let agent_token = user_secret(&u.id, "agent_token", u.agent_token, u.agent_token_file)?
-                .ok_or_else(|| {
-                    ConfigError::Invalid(format!("user {:?} has no agent_token", u.id))
-                })?;
+            let agent_token = user_secret(&u.id, "agent_token", u.agent_token, u.agent_token_file)?;
             let client_token =
                 user_secret(&u.id, "client_token", u.client_token, u.client_token_file)?;
-            users.push(User { id: u.id, agent_token, client_token });
+            let public = u.public.unwrap_or(false);
+            if agent_token.is_none() && client_token.is_none() && !public {
+                return Err(ConfigError::Invalid(format!(
+                    "user {:?} has no agent_token, no client_token and is not public: nothing to configure",
+                    u.id
+                )));
+            }
+            users.push(User { id: u.id, agent_token, client_token, public });
         }
         distinct_tokens(&users)?;
+        let public: Vec<String> = users.iter().filter(|u| u.public).map(|u| u.id.clone()).collect();
         let trusted_proxies = self
             .proxy
             .trusted
@@ -403,6 +449,22 @@ impl ConfigFile {
             trusted_proxies: crate::admission::TrustedProxies(trusted_proxies),
             forward_cookies: self.http.forward_cookies.unwrap_or(d.forward_cookies),
             extra_methods,
+            cors_origins: self.http.cors_origins,
+            requests_per_minute: self.limits.requests_per_minute.filter(|n| *n > 0),
+            agent_handshakes_per_minute: at_least_one(
+                self.limits.agent_handshakes_per_minute,
+                d.agent_handshakes_per_minute,
+                "[limits] agent_handshakes_per_minute",
+            )?,
+            max_tunnels: match self.limits.max_tunnels {
+                Some(0) => {
+                    return Err(ConfigError::invalid("[limits] max_tunnels must be at least 1"));
+                }
+                Some(n) => n,
+                None => d.max_tunnels,
+            },
+            identity: self.identity.resolve(public)?,
+            state_dir: self.state_dir,
             ack_timeout: match self.timeouts.ack.map(Human::get) {
                 // Agents may wait ACK_FLOOR / 10 before acknowledging.
                 Some(a) if a < ACK_FLOOR => {
@@ -434,6 +496,32 @@ impl ConfigFile {
 }
 
 impl Config {
+    /// The identity settings, with the users `[[users]]` marks public.
+    pub fn identity_config(&self) -> crate::identity::IdentityConfig {
+        let mut identity = self.identity.clone();
+        for u in self.users.iter().filter(|u| u.public) {
+            if !identity.public_users.contains(&u.id) {
+                identity.public_users.push(u.id.clone());
+            }
+        }
+        identity
+    }
+
+    /// The static tokens of `[[users]]`, for the identity.
+    pub fn static_tokens(&self) -> Vec<crate::identity::StaticToken> {
+        use crate::identity::{Role, StaticToken};
+        let mut out = Vec::new();
+        for u in &self.users {
+            if let Some(t) = &u.agent_token {
+                out.push(StaticToken { token: t.clone(), user: u.id.clone(), role: Role::Agent });
+            }
+            if let Some(t) = &u.client_token {
+                out.push(StaticToken { token: t.clone(), user: u.id.clone(), role: Role::Client });
+            }
+        }
+        out
+    }
+
     /// The timeouts for a request to `path` at the local service: the
     /// longest matching route prefix, else the global values.
     pub fn timeouts_for(&self, path: &str) -> Timeouts {
@@ -463,7 +551,11 @@ pub fn valid_user_id(id: &str) -> bool {
 fn distinct_tokens(users: &[User]) -> Result<(), ConfigError> {
     let mut seen: Vec<(&str, &str, &str)> = Vec::new();
     for u in users {
-        let tokens = std::iter::once(("agent_token", u.agent_token.as_str()))
+        let tokens = u
+            .agent_token
+            .as_deref()
+            .map(|t| ("agent_token", t))
+            .into_iter()
             .chain(u.client_token.as_deref().map(|t| ("client_token", t)));
         for (role, token) in tokens {
             if let Some((other, other_role, _)) = seen.iter().find(|(_, _, t)| *t == token) {
@@ -496,147 +588,4 @@ fn user_secret(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str::<ConfigFile>(text)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?
-            .resolve()
-    }
-
-    #[test]
-    fn empty_file_gives_the_defaults() {
-        let c = parse("").expect("valid");
-        assert_eq!(c.listen.port(), 8080);
-        assert_eq!(c.first_byte_timeout, Duration::from_secs(300));
-    }
-
-    #[test]
-    fn unknown_keys_are_refused() {
-        assert!(parse("lisen = \"127.0.0.1:1\"").is_err());
-    }
-
-    #[test]
-    fn users_need_a_valid_id_and_a_long_enough_token() {
-        assert!(parse("[[users]]\nid = \"a/b\"\nagent_token = \"0123456789abcdef\"").is_err());
-        assert!(parse("[[users]]\nid = \"alice\"\nagent_token = \"short\"").is_err());
-        assert!(parse("[[users]]\nid = \"alice\"").is_err());
-        let c =
-            parse("[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"").expect("valid");
-        assert_eq!(c.users[0].id, "alice");
-    }
-
-    #[test]
-    fn the_example_configuration_parses() {
-        let text = include_str!("../../packaging/relayd.toml");
-        let file: ConfigFile = toml::from_str(text).expect("packaging/relayd.toml is valid");
-        assert_eq!(file.users.len(), 1);
-        // Every commented-out knob is a real key with a valid value.
-        let uncommented = daemon::config::uncomment_example(
-            text,
-            &["agent_token", "client_token", "max_streams_per_agent"],
-        );
-        toml::from_str::<ConfigFile>(&uncommented).expect("every documented knob is accepted");
-    }
-
-    #[test]
-    fn one_secret_for_two_users_or_two_roles_is_refused() {
-        let err = parse(
-            "[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"\n\
-             [[users]]\nid = \"bob\"\nagent_token = \"0123456789abcdef\"\n",
-        )
-        .expect_err("shared agent token");
-        assert!(
-            err.to_string()
-                .contains("user \"bob\"'s agent_token is the same as user \"alice\"'s agent_token"),
-            "{err}"
-        );
-        let err = parse(
-            "[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"\nclient_token = \"0123456789abcdef\"\n",
-        )
-        .expect_err("one token, two roles");
-        assert!(
-            err.to_string().contains("client_token is the same as user \"alice\"'s agent_token"),
-            "{err}"
-        );
-        let err = parse(
-            "[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"\nclient_token = \"fedcba9876543210\"\n\
-             [[users]]\nid = \"bob\"\nagent_token = \"fedcba9876543210\"\n",
-        )
-        .expect_err("alice's client token is bob's agent token");
-        assert!(err.to_string().contains("bob"), "{err}");
-    }
-
-    #[test]
-    fn proxies_methods_and_header_limits_are_checked() {
-        let c = parse(
-            "[proxy]\ntrusted = [\"10.0.0.0/8\", \"::1\"]\n[http]\nextra_methods = [\"PROPFIND\"]\n[limits]\nmax_headers = 64\n",
-        )
-        .expect("valid");
-        assert_eq!(c.trusted_proxies.0.len(), 2);
-        assert_eq!(c.extra_methods, ["PROPFIND"]);
-        assert_eq!(c.limits.max_headers, 64);
-        assert!(!c.forward_cookies);
-        assert!(parse("[proxy]\ntrusted = [\"10.0.0.0/40\"]").is_err());
-        let err = parse("[http]\nextra_methods = [\"CONNECT\"]").expect_err("never");
-        assert!(err.to_string().contains("cannot cross the tunnel"), "{err}");
-        assert!(parse("[http]\nextra_methods = [\"get me\"]").is_err());
-    }
-
-    #[test]
-    fn the_old_name_of_max_streams_still_works_but_not_beside_the_new_one() {
-        assert_eq!(
-            parse("[limits]\nmax_streams_per_agent = 7").expect("valid").limits.max_streams,
-            7
-        );
-        assert_eq!(parse("[limits]\nmax_streams = 9").expect("valid").limits.max_streams, 9);
-        let err = parse("[limits]\nmax_streams = 9\nmax_streams_per_agent = 7").expect_err("both");
-        assert!(err.to_string().contains("old name of max_streams"), "{err}");
-    }
-
-    #[test]
-    fn tls_needs_both_files() {
-        let err = parse("[tls]\ncert_file = \"/x/cert.pem\"\n").expect_err("must fail");
-        assert!(err.to_string().contains("both cert_file and key_file"), "{err}");
-        let err = parse("[tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/x/k.pem\"\n")
-            .expect_err("must fail");
-        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
-        assert!(parse("[tls]\n").expect("valid").tls.is_none());
-    }
-
-    #[test]
-    fn route_timeouts_override_by_longest_prefix() {
-        let c = parse(
-            "[timeouts]\nidle = \"1m\"\ntotal = \"off\"\n\
-             [[timeouts.route]]\nprefix = \"/api\"\nfirst_byte = \"1m\"\n\
-             [[timeouts.route]]\nprefix = \"/api/pull\"\nidle = \"off\"\ntotal = \"2h\"\n",
-        )
-        .expect("valid");
-        let pull = c.timeouts_for("/api/pull");
-        assert_eq!(pull.idle, None);
-        assert_eq!(pull.total, Some(Duration::from_secs(7200)));
-        assert_eq!(pull.first_byte, Duration::from_secs(300));
-        let chat = c.timeouts_for("/api/chat");
-        assert_eq!(chat.first_byte, Duration::from_secs(60));
-        assert_eq!(chat.idle, Some(Duration::from_secs(60)));
-        assert_eq!(c.timeouts_for("/v1/models").total, None);
-        assert!(parse("[timeouts]\nidle = \"0s\"").is_err());
-        assert!(parse("[[timeouts.route]]\nprefix = \"api\"").is_err());
-    }
-
-    #[test]
-    fn durations_are_human_readable() {
-        let c = parse("[timeouts]\nfirst_byte = \"2m 30s\"").expect("valid");
-        assert_eq!(c.first_byte_timeout, Duration::from_secs(150));
-        assert!(parse("[timeouts]\nfirst_byte = \"soon\"").is_err());
-    }
-
-    #[test]
-    fn the_ack_timeout_has_a_floor_of_one_second() {
-        assert_eq!(parse("").expect("valid").ack_timeout, Duration::from_secs(30));
-        assert_eq!(parse("[timeouts]\nack = \"1s\"").expect("valid").ack_timeout, ACK_FLOOR);
-        let err = parse("[timeouts]\nack = \"500ms\"").expect_err("below the floor");
-        assert!(err.to_string().contains("at least"), "{err}");
-    }
-}
+mod tests;

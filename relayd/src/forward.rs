@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
@@ -21,11 +22,12 @@ use tunnel_proto::{Headers, HttpRequestMsg, Message, Violation, frame};
 
 use crate::body::RelayBody;
 use crate::deadline::{Clock, Expired};
+use crate::identity::Scope;
 use crate::response::{self, Failure, Shape};
 use crate::session::{Head, OpenError, OpenStream, Session};
 use crate::shape::Trailer;
 use crate::state::{Conn, Shared};
-use crate::upload::{self, Pump};
+use crate::upload::{self, ClientBody, Pump};
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
@@ -54,9 +56,39 @@ pub async fn forward(
     session: Arc<Session>,
     req: Request<Incoming>,
     target: String,
+    scope: Option<Scope>,
 ) -> Response<RelayBody> {
     let shape = Shape::of(&target);
-    exchange(shared, conn, session, req, &target).await.unwrap_or_else(|f| f.answer(shape))
+    exchange(shared, conn, session, req, &target, scope).await.unwrap_or_else(|f| f.answer(shape))
+}
+
+/// Reads the whole body of a request made with a share token limited to
+/// some models, and checks the model it names.
+async fn models_checked(
+    body: Incoming,
+    scope: &Scope,
+    max: usize,
+    idle: Option<std::time::Duration>,
+) -> Result<Bytes, Failure> {
+    let bytes = upload::read_whole(
+        ClientBody::Left(body),
+        max,
+        idle,
+        "a share token limited to models takes request bodies of at most 16 MiB",
+    )
+    .await?;
+    let model = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_owned));
+    match model {
+        Some(m) if scope.allows_model(&m) => Ok(bytes),
+        Some(m) => {
+            Err(Failure::Forbidden(format!("this share token does not cover the model {m:?}")))
+        }
+        None => Err(Failure::Forbidden(
+            "this share token only allows requests that name one of its models".into(),
+        )),
+    }
 }
 
 async fn exchange(
@@ -65,9 +97,20 @@ async fn exchange(
     session: Arc<Session>,
     req: Request<Incoming>,
     target: &str,
+    scope: Option<Scope>,
 ) -> Result<Response<RelayBody>, Failure> {
     let config = &shared.config;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let body = match scope.filter(Scope::limits_models) {
+        Some(scope) => {
+            let idle = config.timeouts_for(target).idle;
+            let bytes = models_checked(body, &scope, config.legacy_max_body, idle).await?;
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            parts.headers.remove(http::header::TRANSFER_ENCODING);
+            ClientBody::Right(http_body_util::Full::new(bytes))
+        }
+        None => ClientBody::Left(body),
+    };
     let trusted_peer = config.trusted_proxies.trusts(conn.peer.ip());
     let headers = Headers::from_map_without(&parts.headers, |n| {
         not_forwarded(n, config.forward_cookies, trusted_peer)
@@ -95,6 +138,7 @@ async fn exchange(
     let OpenStream { id, head, inbox, window, mut guard, ack } = open;
 
     let mut body = Some(body);
+    let parts = parts;
     let msg = if session.is_legacy() {
         let whole = body.take().expect("the body is taken once");
         let text = upload::read_legacy(whole, config.legacy_max_body).await?;

@@ -10,13 +10,17 @@
 //! its handle: the tunnels it holds ([`Relay::tunnels`], [`Tunnel`]), and
 //! disconnecting one.
 
+pub mod admin;
 pub mod admission;
+mod agents;
 mod auth;
 mod body;
 pub mod config;
+mod cors;
 mod deadline;
 mod forward;
 mod hub;
+pub mod identity;
 mod listener;
 mod metrics;
 mod response;
@@ -38,8 +42,73 @@ use tunnel_proto::flow::BufferGauge;
 
 pub use config::{Config, ConfigFile};
 
+use crate::identity::{Identity, IdentityError, IssuedCredential, Minted, Role, Scope};
 use crate::session::{CloseReason, Session};
 use crate::state::Shared;
+
+/// What a relay keeps across restarts, opened by [`open_state`].
+pub struct State {
+    pub identity: Identity,
+    /// The key user ids are hashed with in logs.
+    pub log_key: Vec<u8>,
+}
+
+/// What went wrong opening the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {}: {source}", path.display())]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Store(#[from] identity::store::StoreError),
+}
+
+/// Opens the credential store and the log key in `config.state_dir`
+/// (creating them on first start); in memory without a state directory.
+pub fn open_state(config: &Config) -> Result<State, StateError> {
+    let Some(dir) = &config.state_dir else {
+        return Ok(State {
+            identity: Identity::in_memory(config.identity_config(), config.static_tokens()),
+            log_key: random_key(),
+        });
+    };
+    let io = |source| StateError::Io { path: dir.clone(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let store = identity::store::RedbStore::open(&dir.join("credentials.redb"))?;
+    let identity =
+        Identity::open(config.identity_config(), config.static_tokens(), Arc::new(store))?;
+    let key_path = dir.join("log.key");
+    let log_key = match std::fs::read(&key_path) {
+        Ok(k) if k.len() >= 32 => k,
+        _ => {
+            let key = random_key();
+            write_private(&key_path, &key).map_err(io)?;
+            key
+        }
+    };
+    Ok(State { identity, log_key })
+}
+
+fn random_key() -> Vec<u8> {
+    let mut key = vec![0u8; 32];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key);
+    key
+}
+
+/// Writes `data` to `path` readable by its owner only, atomically.
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
 
 /// A relay, ready to serve on any listener; cheap to clone.
 #[derive(Clone)]
@@ -48,8 +117,55 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// A relay with its credentials in memory (see [`Relay::with_state`]).
     pub fn new(config: Config) -> Self {
-        Self { shared: Arc::new(Shared::new(config)) }
+        let identity = Identity::in_memory(config.identity_config(), config.static_tokens());
+        Self::with_state(config, State { identity, log_key: random_key() })
+    }
+
+    /// A relay over a state opened with [`open_state`].
+    pub fn with_state(config: Config, state: State) -> Self {
+        let log_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &state.log_key);
+        Self { shared: Arc::new(Shared::new(config, Arc::new(state.identity), log_key)) }
+    }
+
+    /// Who tokens speak for.
+    pub fn identity(&self) -> &Identity {
+        &self.shared.identity
+    }
+
+    /// Mints a JWT (a client token, a share token with `scope`, or an
+    /// agent access token) for `user`, valid for `ttl`.
+    pub fn mint(
+        &self,
+        user: &str,
+        role: Role,
+        ttl: Duration,
+        scope: Option<Scope>,
+    ) -> Result<Minted, IdentityError> {
+        self.shared.identity.mint(user, role, ttl, scope)
+    }
+
+    /// Issues a long-lived agent credential for `user`.
+    pub fn issue_credential(&self, user: &str) -> Result<IssuedCredential, IdentityError> {
+        self.shared.identity.issue_credential(user, None)
+    }
+
+    /// Revokes a credential id or a token's `jti` and ends the sessions it
+    /// authorizes (close code 4004). True when it was not revoked yet.
+    pub fn revoke(&self, id: &str) -> Result<bool, IdentityError> {
+        let fresh = self.shared.identity.revoke(id, None)?;
+        for session in self.shared.hub.sessions() {
+            if session.auth_id().as_deref() == Some(id) {
+                session.close(CloseReason::Revoked);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// `user` as logs name it (a keyed hash).
+    pub fn user_hash(&self, user: &str) -> String {
+        self.shared.user_hash(user)
     }
 
     pub fn config(&self) -> &Config {
@@ -65,6 +181,8 @@ impl Relay {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
+        let identity = self.shared.identity.clone();
+        tokio::spawn(async move { identity.load_jwks().await });
         listener::serve(self.shared.clone(), listener, shutdown).await
     }
 
@@ -150,6 +268,16 @@ impl Tunnel {
     /// Last measured ping round-trip time to the agent.
     pub fn rtt(&self) -> Option<Duration> {
         self.0.rtt()
+    }
+
+    /// The credential id or token id the session is authorized by.
+    pub fn auth_id(&self) -> Option<String> {
+        self.0.auth_id()
+    }
+
+    /// When the session's authorization ends unless the agent renews it.
+    pub fn auth_expires(&self) -> Option<SystemTime> {
+        self.0.auth_expires()
     }
 
     /// Ends the session; its streams fail with 502.

@@ -1,10 +1,71 @@
-//! relayd entry point: the shared daemon phases over [`relayd::Relay`].
+//! relayd entry point: the shared daemon phases over [`relayd::Relay`], or
+//! an administrative command (`key`, `token`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use daemon::{Context, Daemon};
+use clap::{Parser, Subcommand};
+use daemon::{CommonArgs, Context, Daemon};
+
+/// The cloud relay of the LLM tunnel.
+#[derive(Parser, Debug)]
+#[command(name = "relayd", version, about)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The signing key relayd mints tokens with.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Tokens and credentials, offline.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Writes a new Ed25519 signing key (PKCS#8 PEM, mode 0600); set it as
+    /// [identity] signing_key_file.
+    Generate {
+        /// Where to write it (never overwritten).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// An agent credential (stored in state_dir; relayd must be stopped) or
+    /// a client token (signed with the signing key; works while relayd
+    /// runs). Prints the token alone on stdout.
+    Issue {
+        #[arg(long)]
+        user: String,
+        /// agent or client.
+        #[arg(long)]
+        role: relayd::identity::Role,
+        /// Lifetime of a client token.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Make it a share token: only these paths at the local service
+        /// (repeat; a path ending in / covers what is below it).
+        #[arg(long = "path")]
+        paths: Vec<String>,
+        /// Make it a share token: only requests naming these models.
+        #[arg(long = "model")]
+        models: Vec<String>,
+    },
+    /// Revokes a credential id (c_...) or a token id (t_...).
+    Revoke { id: String },
+    /// Lists the agent credentials issued.
+    List,
+}
 
 struct Relayd;
 
@@ -21,8 +82,9 @@ impl Daemon for Relayd {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let state = relayd::open_state(&config)?;
         let metrics_listen = config.metrics_listen;
-        let relay = relayd::Relay::new(config);
+        let relay = relayd::Relay::with_state(config, state);
         // Metrics outlive the drain, so `relayd_draining` can be scraped.
         let render = relay.clone();
         let _metrics =
@@ -34,5 +96,71 @@ impl Daemon for Relayd {
 }
 
 fn main() -> ExitCode {
-    daemon::process::main::<Relayd>()
+    let cli = Cli::parse();
+    match cli.command {
+        None => daemon::process::run::<Relayd>(cli.common),
+        Some(command) => admin(&cli.common, command),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn admin(common: &CommonArgs, command: Command) -> ExitCode {
+    use relayd::admin;
+    let result = match command {
+        Command::Key(KeyCommand::Generate { out }) => admin::generate_key(&out).map(|kid| {
+            eprintln!(
+                "relayd: wrote {} (kid {kid}); set [identity] signing_key_file",
+                out.display()
+            );
+        }),
+        Command::Token(cmd) => match daemon::process::load::<Relayd>(common) {
+            Err(e) => {
+                eprintln!("relayd: {e}");
+                return ExitCode::from(daemon::process::exit::CONFIG);
+            }
+            Ok(config) => match cmd {
+                TokenCommand::Issue { user, role: relayd::identity::Role::Agent, .. } => {
+                    admin::issue_credential(&config, &user).map(|c| {
+                        eprintln!("relayd: agent credential {} for {user}", c.id);
+                        println!("{}", c.secret);
+                    })
+                }
+                TokenCommand::Issue { user, ttl, paths, models, .. } => {
+                    let scope = (!paths.is_empty() || !models.is_empty())
+                        .then_some(relayd::identity::Scope { paths, models });
+                    admin::mint_client(&config, &user, ttl, scope).map(|m| {
+                        eprintln!(
+                            "relayd: client token {} for {user}, valid until {}",
+                            m.id,
+                            humantime::format_rfc3339_seconds(m.expires)
+                        );
+                        println!("{}", m.token);
+                    })
+                }
+                TokenCommand::Revoke { id } => admin::revoke(&config, &id).map(|fresh| {
+                    eprintln!(
+                        "relayd: {id} {}",
+                        if fresh { "revoked" } else { "was revoked already" }
+                    );
+                }),
+                TokenCommand::List => admin::credentials(&config).map(|list| {
+                    for (c, revoked) in list {
+                        println!(
+                            "{}\t{}\t{}",
+                            c.id,
+                            c.user,
+                            if revoked { "revoked" } else { "valid" }
+                        );
+                    }
+                }),
+            },
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relayd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

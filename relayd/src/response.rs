@@ -39,6 +39,8 @@ pub enum Failure {
     Expired(Expired),
     /// The agent (or its local service) ended the stream before the head.
     Aborted(StreamAbort),
+    /// A share token's scope does not cover the request (403).
+    Forbidden(String),
 }
 
 impl Failure {
@@ -72,6 +74,7 @@ impl Failure {
                 "the tunnel to the agent is congested",
             ),
             Failure::Expired(e) => error(StatusCode::GATEWAY_TIMEOUT, "timeout", e.message()),
+            Failure::Forbidden(message) => error(StatusCode::FORBIDDEN, "out_of_scope", &message),
             Failure::Aborted(abort) => {
                 let status = StatusCode::from_u16(abort.code)
                     .ok()
@@ -97,22 +100,39 @@ pub fn error(shape: Shape, status: StatusCode, code: &str, message: &str) -> Res
 pub enum Unauthorized {
     /// No `Authorization: Bearer` at all.
     Missing,
-    /// A token that is not valid here.
+    /// A token that is not valid here (malformed, badly signed, revoked).
     Invalid,
+    /// A token that was valid and ran out.
+    Expired,
 }
 
 /// 401 with `WWW-Authenticate: Bearer` (RFC 6750): without an `error`
-/// attribute when no token came, `error="invalid_token"` when one did.
+/// attribute when no token came, `error="invalid_token"` when one did (with
+/// a description saying an expired one expired).
 pub fn unauthorized(shape: Shape, why: Unauthorized, message: &str) -> Response<RelayBody> {
     let (code, challenge) = match why {
         Unauthorized::Missing => ("missing_token", "Bearer realm=\"relayd\""),
         Unauthorized::Invalid => {
             ("invalid_token", "Bearer realm=\"relayd\", error=\"invalid_token\"")
         }
+        Unauthorized::Expired => (
+            "expired_token",
+            "Bearer realm=\"relayd\", error=\"invalid_token\", error_description=\"the token expired\"",
+        ),
     };
     let mut r = error(shape, StatusCode::UNAUTHORIZED, code, message);
     r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
     r
+}
+
+/// The answer for a request authorization refused.
+pub fn denied(shape: Shape, denied: crate::auth::Denied) -> Response<RelayBody> {
+    match denied {
+        crate::auth::Denied::Unauthorized(why, message) => unauthorized(shape, why, &message),
+        crate::auth::Denied::Forbidden(code, message) => {
+            error(shape, StatusCode::FORBIDDEN, code, &message)
+        }
+    }
 }
 
 /// `x-should-retry`, which the `openai` SDK obeys before `Retry-After`.

@@ -3,32 +3,17 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
 
-use futures_util::{SinkExt, StreamExt};
-use http::header::{
-    ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_PROTOCOL, UPGRADE,
-};
+use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message as Ws;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tracing::{info, warn};
 
-use tunnel_proto::{Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
-
-use crate::admission::Verdict;
-use crate::auth;
 use crate::body::RelayBody;
 use crate::config::valid_user_id;
 use crate::forward::forward;
-use crate::response::{self, Shape, Unauthorized, retry_after};
-use crate::session::{AgentSocket, Session, SessionParams};
+use crate::response::{self, Shape, retry_after};
 use crate::state::{Conn, Shared};
+use crate::{agents, auth, cors};
 
 /// Methods the tunnel carries without being told.
 const STANDARD_METHODS: [Method; 7] = [
@@ -54,7 +39,7 @@ pub async fn handle(
     let resp = if path == "/ws/tunnel" {
         // A refused upgrade closes the connection: a client gets one
         // attempt per connection, not hundreds per write.
-        let mut r = accept_agent(&shared, &conn, req);
+        let mut r = agents::accept(&shared, &conn, req).await;
         if r.status() != StatusCode::SWITCHING_PROTOCOLS {
             r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -64,7 +49,15 @@ pub async fn handle(
             Some((user, tail)) => (user.to_owned(), format!("/{tail}")),
             None => (rest.to_owned(), "/".to_owned()),
         };
-        tunnel(&shared, &conn, req, user, target).await
+        let origin = cors::allowed(&shared.config.cors_origins, req.headers());
+        if cors::is_preflight(req.method(), req.headers()) && !shared.config.cors_origins.is_empty()
+        {
+            cors::preflight(origin, req.headers(), &allowed_methods(&shared), Shape::of(&target))
+        } else {
+            let mut r = tunnel(&shared, &conn, req, user, target).await;
+            cors::mark(&mut r, origin);
+            r
+        }
     } else if path == "/healthz" || path == "/readyz" {
         let mut r = Response::new(RelayBody::full("ok\n"));
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -125,13 +118,18 @@ fn check_request(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Re
         )
     };
     let mut r = response::error(shape, status, code, &why);
-    let mut allow: Vec<&str> = STANDARD_METHODS.iter().map(Method::as_str).collect();
-    allow.extend(shared.config.extra_methods.iter().map(String::as_str));
-    if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+    if let Ok(v) = HeaderValue::from_str(&allowed_methods(shared)) {
         r.headers_mut().insert(ALLOW, v);
     }
     r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     Some(r)
+}
+
+/// The methods the tunnel carries, for `Allow` and CORS.
+fn allowed_methods(shared: &Shared) -> String {
+    let mut allow: Vec<&str> = STANDARD_METHODS.iter().map(Method::as_str).collect();
+    allow.extend(shared.config.extra_methods.iter().map(String::as_str));
+    allow.join(", ")
 }
 
 async fn tunnel(
@@ -158,33 +156,36 @@ async fn tunnel(
             "path must not contain . or .. segments",
         );
     }
-    let Some(account) = shared.config.users.iter().find(|u| u.id == user) else {
-        return response::error(
-            shape,
-            StatusCode::NOT_FOUND,
-            "no_tunnel",
-            &format!("no tunnel for user {user:?}"),
-        );
+    // Whether the user exists is nobody's business before they proved who
+    // they are: every user without a public tunnel needs a token.
+    let principal = match auth::client(&shared.identity, req.headers(), &user).await {
+        Ok(p) => p,
+        Err(denied) => return response::denied(shape, denied),
     };
-    match auth::client_allowed(account, req.headers()) {
-        Ok(()) => {}
-        Err(Unauthorized::Missing) => {
-            return response::unauthorized(
-                shape,
-                Unauthorized::Missing,
-                "this tunnel needs a token: send Authorization: Bearer <client token>",
-            );
-        }
-        Err(Unauthorized::Invalid) => {
-            return response::unauthorized(
-                shape,
-                Unauthorized::Invalid,
-                "the bearer token is not valid for this tunnel",
-            );
-        }
-    }
     if target == "/health" && req.method() == Method::GET {
         return health(shared, &user);
+    }
+    let scope = principal.as_ref().and_then(|p| p.scope.clone());
+    if let Some(scope) = &scope
+        && !scope.allows_path(&target)
+    {
+        return response::error(
+            shape,
+            StatusCode::FORBIDDEN,
+            "out_of_scope",
+            &format!("this share token does not cover {target}"),
+        );
+    }
+    if let Some(wait) = shared.request_allowance(&user) {
+        return retry_after(
+            response::error(
+                shape,
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "this tunnel takes no more requests per minute; retry later",
+            ),
+            wait,
+        );
     }
     if shared.is_draining() {
         let mut r = retry_after(
@@ -206,7 +207,7 @@ async fn tunnel(
         target.push('?');
         target.push_str(q);
     }
-    forward(shared, conn, session, req, target).await
+    forward(shared, conn, session, req, target, scope).await
 }
 
 /// `GET /api/tunnel/{user}/health`, answered by the relay itself.
@@ -236,198 +237,6 @@ fn has_dot_segment(path: &str) -> bool {
         let lower = seg.to_ascii_lowercase().replace("%2e", ".");
         lower == "." || lower == ".."
     })
-}
-
-/// `GET /ws/tunnel`: authenticates the agent and upgrades to a WebSocket.
-///
-/// The source's budget of refused attempts is checked before the
-/// credential, and the agents' shared allowance is spent only after it
-/// proved valid (see [`crate::admission`]).
-fn accept_agent(
-    shared: &Arc<Shared>,
-    conn: &Conn,
-    mut req: Request<Incoming>,
-) -> Response<RelayBody> {
-    let err = |status, code, message: &str| response::error(Shape::Ollama, status, code, message);
-    let headers = req.headers();
-    let is_upgrade = req.method() == Method::GET
-        && header_has_token(headers.get(CONNECTION), "upgrade")
-        && header_has_token(headers.get(UPGRADE), "websocket");
-    let Some(key) = headers.get(SEC_WEBSOCKET_KEY).filter(|_| is_upgrade) else {
-        return err(
-            StatusCode::BAD_REQUEST,
-            "not_an_upgrade",
-            "this endpoint takes a WebSocket upgrade from agentd",
-        );
-    };
-    if headers.get("sec-websocket-version").is_none_or(|v| v != "13") {
-        let mut r =
-            err(StatusCode::UPGRADE_REQUIRED, "websocket_version", "WebSocket version 13 required");
-        r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
-        return r;
-    }
-    let now = Instant::now();
-    let source = shared.config.trusted_proxies.client(conn.peer.ip(), headers);
-    if let Verdict::SourceBlocked { retry_after: wait } = shared.admission.check_source(source, now)
-    {
-        return retry_after(
-            err(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_refused_handshakes",
-                "too many refused agent handshakes from this address; retry later",
-            ),
-            wait,
-        );
-    }
-    let user = match auth::bearer(headers) {
-        None => Err(Unauthorized::Missing),
-        Some(token) => auth::agent_user(&shared.config, token).ok_or(Unauthorized::Invalid),
-    };
-    let user = match user {
-        Ok(u) => u.id.clone(),
-        Err(why) => {
-            shared.admission.refused(source, now);
-            let message = match why {
-                Unauthorized::Missing => "no agent token: send Authorization: Bearer <agent token>",
-                Unauthorized::Invalid => "the agent token is not valid",
-            };
-            return response::unauthorized(Shape::Ollama, why, message);
-        }
-    };
-    if shared.is_draining() || shared.admission.admit_agent(now) == Verdict::Busy {
-        return retry_after(
-            err(StatusCode::SERVICE_UNAVAILABLE, "relay_busy", "relay busy; retry with backoff"),
-            1,
-        );
-    }
-    let v1 = headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == SUBPROTOCOL);
-    let accept = derive_accept_key(key.as_bytes());
-
-    let upgrade = hyper::upgrade::on(&mut req);
-    let task_shared = shared.clone();
-    shared.sessions.spawn(async move {
-        let upgraded = match upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                warn!(error = %e, "agent WebSocket upgrade failed");
-                return;
-            }
-        };
-        let config = ws_config(&task_shared.config.limits, v1);
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
-        run_agent(task_shared, socket, user, v1).await;
-    });
-
-    let mut resp = Response::new(RelayBody::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
-    );
-    if v1 {
-        h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
-    }
-    resp
-}
-
-/// WebSocket limits for one agent: version-1 frames are small control
-/// messages or one body chunk; an original agent sends whole bodies.
-pub fn ws_config(limits: &Limits, v1: bool) -> WebSocketConfig {
-    link::ws_config(if v1 {
-        limits.max_message_bytes()
-    } else {
-        tunnel_proto::limits::LEGACY_MAX_MESSAGE_BYTES
-    })
-}
-
-async fn run_agent(shared: Arc<Shared>, mut socket: AgentSocket, user: String, v1: bool) {
-    let local = shared.config.limits;
-    let (version, agent, peer, capabilities) = if v1 {
-        match handshake(&shared, &mut socket).await {
-            Ok(hello) => {
-                (PROTOCOL_VERSION.min(hello.version), hello.agent, hello.limits, hello.capabilities)
-            }
-            Err(why) => {
-                warn!(reason = %why, "agent handshake failed");
-                let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                    code:
-                        tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Protocol,
-                    reason: why.into(),
-                };
-                let _ = socket.close(Some(frame)).await;
-                return;
-            }
-        }
-    } else {
-        (0, "original".to_owned(), Limits::default(), Vec::new())
-    };
-    let (session, rx) = Session::new(SessionParams {
-        user,
-        version,
-        agent,
-        peer,
-        local,
-        gauge: shared.gauge.clone(),
-        liveness: shared.config.liveness,
-        goaway: capabilities.iter().any(|c| c == capability::GOAWAY),
-        acks: capabilities.iter().any(|c| c == capability::ACK),
-    });
-    if v1 {
-        let welcome = Message::Welcome(Welcome {
-            version,
-            session_id: session.id.clone(),
-            capabilities: capability::ALL.iter().map(|c| (*c).to_owned()).collect(),
-            limits: local,
-        });
-        if socket.send(Ws::text(welcome.encode())).await.is_err() {
-            return;
-        }
-    }
-    info!(session = %session.id, version, "agent connected");
-    shared.hub.register(session.clone());
-    session.clone().run(socket, rx).await;
-    shared.hub.remove(&session);
-}
-
-/// Reads the agent's `hello` within the configured time.
-async fn handshake(
-    shared: &Shared,
-    socket: &mut AgentSocket,
-) -> Result<tunnel_proto::Hello, String> {
-    let first = tokio::time::timeout(shared.config.hello_timeout, socket.next())
-        .await
-        .map_err(|_| "no hello from the agent in time".to_owned())?;
-    let text = match first {
-        Some(Ok(Ws::Text(t))) => t,
-        Some(Ok(_)) => return Err("first message must be hello".into()),
-        Some(Err(e)) => return Err(format!("socket error before hello: {e}")),
-        None => return Err("agent closed before hello".into()),
-    };
-    match Message::decode(&text, &shared.config.limits) {
-        Ok(Message::Hello(h)) if h.version >= 1 => match capability::missing(&h.capabilities) {
-            Some(c) => Err(format!("hello lacks the required capability {c}")),
-            None => Ok(h),
-        },
-        Ok(Message::Hello(h)) => Err(format!("unsupported protocol version {}", h.version)),
-        Ok(_) => Err("first message must be hello".into()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn header_has_token(value: Option<&HeaderValue>, token: &str) -> bool {
-    value
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 #[cfg(test)]

@@ -29,8 +29,11 @@ pub type AgentSocket = WebSocketStream<TokioIo<Upgraded>>;
 
 pub use link::Closed as SessionClosed;
 
+mod auth;
 mod close;
 mod handler;
+
+pub use auth::SessionAuth;
 
 pub use close::CloseReason;
 
@@ -76,6 +79,8 @@ struct Slot {
 
 pub struct Session {
     pub id: String,
+    /// Itself, for the tasks its in-band messages start.
+    me: std::sync::Weak<Session>,
     pub user: String,
     /// 0 for an original agent, else the negotiated version.
     pub version: u32,
@@ -93,6 +98,11 @@ pub struct Session {
     gauge: Arc<BufferGauge>,
     goaway: bool,
     acks: bool,
+    /// What the session is authorized by, and until when.
+    auth: Mutex<SessionAuth>,
+    /// Woken when the authorization changes (the expiry watcher).
+    auth_changed: tokio::sync::Notify,
+    identity: Arc<crate::identity::Identity>,
 }
 
 impl std::fmt::Debug for Session {
@@ -107,7 +117,11 @@ impl std::fmt::Debug for Session {
 
 /// Parameters fixed when the session is accepted.
 pub struct SessionParams {
-    pub user: String,
+    /// Who the agent proved to be.
+    pub principal: crate::identity::Principal,
+    /// When the session ends unless renewed.
+    pub expires: Option<SystemTime>,
+    pub identity: Arc<crate::identity::Identity>,
     pub version: u32,
     pub agent: String,
     pub peer: Limits,
@@ -131,9 +145,16 @@ impl Session {
             liveness: p.liveness,
             max_streams,
         });
-        let session = Arc::new(Self {
+        let auth = SessionAuth {
+            id: p.principal.id.clone(),
+            via: Some(p.principal.via),
+            expires: p.expires,
+            ..SessionAuth::default()
+        };
+        let session = Arc::new_cyclic(|me| Self {
             id,
-            user: p.user,
+            me: me.clone(),
+            user: p.principal.user,
             version: p.version,
             connected_at: SystemTime::now(),
             agent: p.agent,
@@ -147,6 +168,9 @@ impl Session {
             gauge: p.gauge,
             goaway: p.goaway,
             acks: p.acks,
+            auth: Mutex::new(auth),
+            auth_changed: tokio::sync::Notify::new(),
+            identity: p.identity,
         });
         (session, rx)
     }
@@ -299,7 +323,13 @@ impl Session {
 
     /// Runs the session until the socket closes or [`Session::close`].
     pub async fn run(self: Arc<Self>, socket: AgentSocket, rx: mpsc::Receiver<Outbound>) {
-        let _ = self.link.run(socket, rx, self.clone(), std::future::pending::<()>()).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let expiry = async {
+            self.watch_expiry(stop.clone()).await;
+            std::future::pending::<()>().await
+        };
+        let _ = self.link.run(socket, rx, self.clone(), expiry).await;
+        stop.cancel();
         info!(session = %self.id, reason = self.close_reason().text(), "agent session ended");
     }
 

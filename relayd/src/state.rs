@@ -10,9 +10,10 @@ use tokio_util::task::TaskTracker;
 
 use tunnel_proto::flow::BufferGauge;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Buckets};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::identity::Identity;
 use crate::stall::StallLimit;
 
 /// State shared by every connection of one relay.
@@ -33,14 +34,21 @@ pub struct Shared {
     /// TLS handshakes that failed or timed out (logged at debug only: on a
     /// public port most are scanners).
     pub tls_handshake_failures: AtomicU64,
+    /// Who tokens speak for.
+    pub identity: Arc<Identity>,
+    /// Each user's requests per minute (when limited).
+    requests: Option<Buckets<String>>,
+    /// The key user ids are hashed with in logs.
+    log_key: ring::hmac::Key,
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: Config, identity: Arc<Identity>, log_key: ring::hmac::Key) -> Self {
+        let requests = config.requests_per_minute.map(|n| Buckets::per_minute(n, n));
         let admission = Admission::new(
             config.handshakes_per_second,
             config.refused_handshakes_per_minute,
-            config.refused_handshakes_per_minute,
+            config.agent_handshakes_per_minute,
         );
         Self {
             config,
@@ -51,7 +59,24 @@ impl Shared {
             draining: AtomicBool::new(false),
             admission,
             tls_handshake_failures: AtomicU64::new(0),
+            identity,
+            requests,
+            log_key,
         }
+    }
+
+    /// Spends one of `user`'s requests; `Some(seconds to wait)` when the
+    /// user has none left this minute.
+    pub fn request_allowance(&self, user: &str) -> Option<u64> {
+        self.requests.as_ref()?.take(&user.to_owned(), std::time::Instant::now())
+    }
+
+    /// `user` as logs name it: a keyed hash (HMAC-SHA256 with the
+    /// deployment's log key), never the id itself nor a prefix of it.
+    pub fn user_hash(&self, user: &str) -> String {
+        let tag = ring::hmac::sign(&self.log_key, user.as_bytes());
+        let hex: String = tag.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("u_{hex}")
     }
 
     pub fn is_draining(&self) -> bool {

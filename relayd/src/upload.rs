@@ -23,10 +23,14 @@ use crate::session::Session;
 const STALLED: &str = "the request body stalled longer than the idle timeout";
 const ENDED_EARLY: &str = "request body ended early";
 
+/// A web client's request body: as it arrives, or already read whole (a
+/// share token limited to models needs to see the body first).
+pub type ClientBody = http_body_util::Either<Incoming, http_body_util::Full<Bytes>>;
+
 /// Reads a body of exactly `len` bytes (its declared `Content-Length`);
 /// `idle` bounds each wait for the client's next bytes.
 pub async fn read_small(
-    mut body: Incoming,
+    mut body: ClientBody,
     len: usize,
     idle: Option<Duration>,
 ) -> Result<Bytes, Failure> {
@@ -64,20 +68,39 @@ pub async fn read_small(
     })
 }
 
-/// The whole body as text, for an agent that speaks only the original
-/// protocol (bodies inline, as strings).
-pub async fn read_legacy(body: Incoming, max: usize) -> Result<String, Failure> {
-    let collected = http_body_util::Limited::new(body, max).collect().await.map_err(|e| {
+/// The whole body, at most `max` bytes (`too_large` says why more is
+/// refused); `idle` bounds the whole read.
+pub async fn read_whole(
+    body: ClientBody,
+    max: usize,
+    idle: Option<Duration>,
+    too_large: &'static str,
+) -> Result<Bytes, Failure> {
+    let read = http_body_util::Limited::new(body, max).collect();
+    let Some(collected) = bounded(idle, read).await else {
+        return Err(Failure::refused(StatusCode::REQUEST_TIMEOUT, STALLED));
+    };
+    let collected = collected.map_err(|e| {
         if e.is::<http_body_util::LengthLimitError>() {
-            Failure::refused(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large for this agent (it speaks the original protocol)",
-            )
+            Failure::refused(StatusCode::PAYLOAD_TOO_LARGE, too_large)
         } else {
             Failure::refused(StatusCode::BAD_REQUEST, ENDED_EARLY)
         }
     })?;
-    String::from_utf8(collected.to_bytes().to_vec()).map_err(|_| {
+    Ok(collected.to_bytes())
+}
+
+/// The whole body as text, for an agent that speaks only the original
+/// protocol (bodies inline, as strings).
+pub async fn read_legacy(body: ClientBody, max: usize) -> Result<String, Failure> {
+    let bytes = read_whole(
+        body,
+        max,
+        None,
+        "request body too large for this agent (it speaks the original protocol)",
+    )
+    .await?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| {
         Failure::refused(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "this agent speaks the original protocol, which carries text bodies only; upgrade agentd for binary bodies",
@@ -99,7 +122,7 @@ impl Pump {
     /// Streams `body` in chunks, spending flow-control credit before each;
     /// `uploaded` fires after the last one. A stall or failure ends the
     /// stream with the matching status.
-    pub async fn run(self, mut body: Incoming, uploaded: oneshot::Sender<()>) {
+    pub async fn run(self, mut body: ClientBody, uploaded: oneshot::Sender<()>) {
         let Pump { session, id, window, max, idle } = self;
         let chunk = session.chunk_size();
         let abort =

@@ -6,8 +6,8 @@ error a web client can meet, plus the success paths for contrast.
 
 Processes (started once for the module, killed at the end, also on failure):
   stand-in-ollama   the local model server of alice
-  relayd            users alice, bob (both with client tokens) and carol
-                    (agent token only, no client token)
+  relayd            users alice, bob (both with client tokens) and carol (public)
+                    (agent token only, public = true)
   agentd (alice)    upstream = the stand-in
   agentd (bob)      upstream = a port that is bound but never listens, so
                     every connection to it is refused
@@ -202,6 +202,7 @@ class Fixture:
             "\n[[users]]\n"
             'id = "carol"\n'
             f'agent_token = "{CAROL_AGENT}"\n'
+            "public = true\n"
         )
         for user, token, upstream in (
             ("alice", ALICE_AGENT, standin_port),
@@ -471,27 +472,27 @@ class ClientTests(unittest.TestCase):
         self.assert_ollama_error(e, 502, contains=("unreachable",), excludes=self.leaks())
         report("local service down / ollama", f"ResponseError status={e.status_code} error={e.error!r}")
 
-    # -- 5. unknown user ---------------------------------------------------------
+    # -- 5. another user's tunnel ---------------------------------------------------
 
-    def test_unknown_user_openai_404(self):
+    def test_another_users_tunnel_openai_403(self):
         client = self.openai_client("dave", ALICE_CLIENT)
-        with self.assertRaises(openai.NotFoundError) as cm:
+        with self.assertRaises(openai.PermissionDeniedError) as cm:
             self.openai_chat(client)
         e = cm.exception
         self.assert_openai_error(
-            e, openai.NotFoundError, 404, "no_tunnel", "not_found_error",
-            contains=('no tunnel for user "dave"',),
+            e, openai.PermissionDeniedError, 403, "wrong_user", "permission_error",
+            contains=("another user's tunnel",),
         )
-        self.assertEqual(self.seen.statuses(), [404])
-        report("unknown user / openai", f"{type(e).__name__} status={e.status_code} code={e.code} message={e.message!r}")
+        self.assertEqual(self.seen.statuses(), [403])
+        report("another user's tunnel / openai", f"{type(e).__name__} status={e.status_code} code={e.code} message={e.message!r}")
 
-    def test_unknown_user_ollama_404(self):
+    def test_another_users_tunnel_ollama_403(self):
         client = self.ollama_client("dave", ALICE_CLIENT)
         with self.assertRaises(ollama.ResponseError) as cm:
             self.ollama_chat(client, stream=False)
         e = cm.exception
-        self.assert_ollama_error(e, 404, contains=('no tunnel for user "dave"',))
-        report("unknown user / ollama", f"ResponseError status={e.status_code} error={e.error!r}")
+        self.assert_ollama_error(e, 403, contains=("another user's tunnel",))
+        report("another user's tunnel / ollama", f"ResponseError status={e.status_code} error={e.error!r}")
 
     # -- 6. mid-stream failure -----------------------------------------------------
 

@@ -58,8 +58,10 @@ impl TestRelay {
             .iter()
             .map(|u| relayd::config::User {
                 id: (*u).to_owned(),
-                agent_token: agent_token(u),
+                agent_token: Some(agent_token(u)),
                 client_token: None,
+                // The suites test the tunnel; identity has its own suite.
+                public: true,
             })
             .collect();
         tweak(&mut config);

@@ -651,7 +651,9 @@ async fn a_new_agent_session_replaces_the_old_and_its_streams_end_cleanly() {
 async fn relay_routes_refuse_bad_input_with_clear_errors() {
     let s = setup(fast()).await;
     let get = |path: &str| s.http.get(s.relay.url(path)).send();
-    assert_eq!(get("/api/tunnel/nobody/api/tags").await.unwrap().status(), 404);
+    // Users come from tokens: an unknown user is told to bring one, like
+    // any user without a public tunnel (no enumeration of user ids).
+    assert_eq!(get("/api/tunnel/nobody/api/tags").await.unwrap().status(), 401);
     assert_eq!(get("/api/tunnel/bad%20user/api/tags").await.unwrap().status(), 400);
     // HTTP clients resolve dot segments themselves; send this one raw.
     assert_eq!(raw_status(s.relay.addr, "/api/tunnel/alice/api/%2e%2e/secret").await, 400);

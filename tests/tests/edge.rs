@@ -629,6 +629,7 @@ async fn a_missing_token_and_a_wrong_token_get_different_401s() {
     init_logging();
     let relay = TestRelay::start_with(&["alice"], |c| {
         c.users[0].client_token = Some("client-token-alice-0123456789".into());
+        c.users[0].public = false;
     })
     .await;
     let http = reqwest::Client::new();

@@ -5,6 +5,11 @@ use link::End;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tunnel_proto::budget::Flood;
 
+/// Close code: the session's token expired unrenewed.
+pub const TOKEN_EXPIRED: u16 = 4003;
+/// Close code: the session's credential was revoked.
+pub const REVOKED: u16 = 4004;
+
 /// Why a session ended, as its streams and the close frame tell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -28,6 +33,10 @@ pub enum CloseReason {
     NotReading,
     /// An operator disconnected the tunnel.
     OperatorDisconnect,
+    /// The session's token expired and was not renewed in-band.
+    TokenExpired,
+    /// The credential or token the session was opened with was revoked.
+    Revoked,
 }
 
 impl CloseReason {
@@ -44,6 +53,8 @@ impl CloseReason {
             CloseReason::Flooded(Flood::Refusals) => "agent sent too many invalid frames",
             CloseReason::NotReading => "agent is not reading the relay's messages",
             CloseReason::OperatorDisconnect => "tunnel disconnected by the relay's operator",
+            CloseReason::TokenExpired => "the session's token expired",
+            CloseReason::Revoked => "the agent's credential was revoked",
         }
     }
 
@@ -58,6 +69,8 @@ impl CloseReason {
             CloseReason::TooBig => CloseCode::Size,
             CloseReason::Flooded(_) | CloseReason::NotReading => CloseCode::Policy,
             CloseReason::Disconnected | CloseReason::OperatorDisconnect => CloseCode::Normal,
+            CloseReason::TokenExpired => CloseCode::Library(TOKEN_EXPIRED),
+            CloseReason::Revoked => CloseCode::Library(REVOKED),
         }
     }
 

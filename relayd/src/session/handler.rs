@@ -56,6 +56,10 @@ impl Handler for Session {
             Message::HttpRequest(ref m) => {
                 return Err(Rejected::on(&m.id, msg.not_allowed("an agent")));
             }
+            Message::Auth(a) => self.on_auth(a.token),
+            Message::Refresh(_) => self.on_refresh(),
+            Message::Rotate(_) => self.on_rotate(),
+            Message::Rotated(r) => self.on_rotated(r.id),
             other => return Err(other.not_allowed("an agent").into()),
         }
         Ok(())

@@ -92,7 +92,7 @@ async fn main() -> Result<()> {
     std::fs::write(
         &relay_conf,
         format!(
-            "listen = \"{relay}\"\n\n[[users]]\nid = \"{USER}\"\nagent_token_file = \"{}\"\n",
+            "listen = \"{relay}\"\n\n[[users]]\nid = \"{USER}\"\nagent_token_file = \"{}\"\n# The demo tunnel is open: no client token needed.\npublic = true\n",
             token_file.display()
         ),
     )?;

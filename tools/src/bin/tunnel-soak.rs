@@ -93,7 +93,11 @@ async fn main() -> Result<()> {
     for i in 0..args.agents {
         let token = dir.join(format!("u{i}.token"));
         std::fs::write(&token, format!("soak-agent-token-{i:06}-0123456789"))?;
-        write!(conf, "\n[[users]]\nid = \"u{i}\"\nagent_token_file = \"{}\"\n", token.display())?;
+        write!(
+            conf,
+            "\n[[users]]\nid = \"u{i}\"\nagent_token_file = \"{}\"\npublic = true\n",
+            token.display()
+        )?;
     }
     conf.push_str("\n[limits]\nhandshakes_per_second = 1000\n");
     std::fs::write(dir.join("relayd.toml"), conf)?;

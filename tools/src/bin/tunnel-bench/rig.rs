@@ -151,7 +151,10 @@ impl Rig {
             args.relay_workers
         );
         for i in 0..o.users {
-            conf.push_str(&format!("\n[[users]]\nid = \"u{i}\"\nagent_token = \"{}\"\n", token(i)));
+            conf.push_str(&format!(
+                "\n[[users]]\nid = \"u{i}\"\nagent_token = \"{}\"\npublic = true\n",
+                token(i)
+            ));
         }
         conf.push_str(&format!(
             "\n[limits]\nhandshakes_per_second = {}\n{}",

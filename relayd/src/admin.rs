@@ -1,0 +1,97 @@
+//! What an operator does to a relay's identity from the command line,
+//! offline: generate the signing key, mint client and share tokens (the
+//! key file is enough, so this works while relayd runs), issue and revoke
+//! agent credentials (these write the credential store, which the running
+//! relay holds: stop it first, or use its control socket).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::identity::keys::Signer;
+use crate::identity::store::{CredentialStore, RedbStore, Revocation};
+use crate::identity::{IssuedCredential, Minted, Role, Scope, issue_into, mint_with};
+
+/// An administrative action that failed, with what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("{0}")]
+    Store(#[from] crate::identity::store::StoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Writes a new Ed25519 signing key to `path` (mode 0600), refusing to
+/// overwrite one.
+pub fn generate_key(path: &Path) -> Result<String, AdminError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (signer, pem) = Signer::generate().map_err(AdminError::Invalid)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| AdminError::Invalid(format!("{}: {e}", path.display())))?;
+    f.write_all(pem.as_bytes())?;
+    f.sync_all()?;
+    Ok(signer.kid().to_owned())
+}
+
+/// Mints a client token (with `scope`, a share token) from the signing key
+/// in `config`.
+pub fn mint_client(
+    config: &Config,
+    user: &str,
+    ttl: Duration,
+    scope: Option<Scope>,
+) -> Result<Minted, AdminError> {
+    let signer =
+        config.identity.signer.as_ref().ok_or(crate::identity::IdentityError::NoSigningKey)?;
+    Ok(mint_with(signer, &config.identity, user, Role::Client, ttl, scope)?)
+}
+
+fn store(config: &Config) -> Result<Arc<dyn CredentialStore>, AdminError> {
+    let dir = config.state_dir.as_ref().ok_or_else(|| {
+        AdminError::Invalid("agent credentials live in the state directory: set state_dir".into())
+    })?;
+    std::fs::create_dir_all(dir)?;
+    let store = RedbStore::open(&dir.join("credentials.redb")).map_err(|e| {
+        AdminError::Invalid(format!(
+            "{e} (a running relayd holds the store: stop it, or use tunnelctl on its control socket)"
+        ))
+    })?;
+    Ok(Arc::new(store))
+}
+
+/// Issues a long-lived agent credential into the state directory's store.
+pub fn issue_credential(config: &Config, user: &str) -> Result<IssuedCredential, AdminError> {
+    Ok(issue_into(&*store(config)?, user, None)?)
+}
+
+/// Revokes a credential id or a token's `jti` in the state directory's
+/// store.
+pub fn revoke(config: &Config, id: &str) -> Result<bool, AdminError> {
+    Ok(store(config)?.revoke(&Revocation { id: id.to_owned(), until: None })?)
+}
+
+/// The credentials issued, with whether each is revoked.
+pub fn credentials(
+    config: &Config,
+) -> Result<Vec<(crate::identity::store::CredentialRecord, bool)>, AdminError> {
+    let store = store(config)?;
+    let revoked: Vec<String> = store.revocations()?.into_iter().map(|r| r.id).collect();
+    Ok(store
+        .list()?
+        .into_iter()
+        .map(|c| {
+            let r = revoked.contains(&c.id);
+            (c, r)
+        })
+        .collect())
+}

@@ -1,0 +1,729 @@
+//! Who a request or an agent is: tokens in, a [`Principal`] out.
+//!
+//! Users come from tokens, not from a list: a JWT names its user in a
+//! configurable claim (`sub` by default) and its role in another (`agent`
+//! may open `/ws/tunnel`, `client` may call `/api/tunnel/{user}/*`), so a
+//! relay in front of an identity provider serves users it was never told
+//! about. Agents may also present a long-lived credential the relay issued
+//! (`tcred_...`, recorded by id and the hash of its secret in the
+//! [`store`]); static tokens from `[[users]]` remain for small relays.
+//!
+//! Verified tokens are cached until they expire (checked against the
+//! revocations on every use). Revoking a credential or a token's `jti` is
+//! immediate here; the relay also ends the sessions it holds open.
+
+mod jwks;
+pub mod keys;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Validation;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tracing::warn;
+
+use keys::{Signer, VerifyKey};
+use store::{CredentialRecord, CredentialStore, MemoryStore, Revocation, StoreError};
+
+pub use jwks::JwksUrl;
+
+/// Longest token accepted (a bigger one is refused unread).
+pub const MAX_TOKEN_LEN: usize = tunnel_proto::message::MAX_TOKEN_LEN;
+/// Verified tokens remembered at once.
+const CACHE_ENTRIES: usize = 16 * 1024;
+/// What every agent credential starts with.
+pub const CREDENTIAL_PREFIX: &str = "tcred_";
+
+/// What a token lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Open `/ws/tunnel` for its user.
+    Agent,
+    /// Call `/api/tunnel/{user}/*` for its user.
+    Client,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Agent => "agent",
+            Role::Client => "client",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "agent" => Ok(Role::Agent),
+            "client" => Ok(Role::Client),
+            _ => Err(format!("{s:?}: the role is agent or client")),
+        }
+    }
+}
+
+/// What a share token may reach: path prefixes at the local service and
+/// models (empty: any).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scope {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}
+
+impl Scope {
+    /// Whether `path` (without its query) is one of the paths, or below one
+    /// that ends with `/`.
+    pub fn allows_path(&self, path: &str) -> bool {
+        self.paths.is_empty()
+            || self
+                .paths
+                .iter()
+                .any(|p| path == p || (p.ends_with('/') && path.starts_with(p.as_str())))
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+
+    pub fn limits_models(&self) -> bool {
+        !self.models.is_empty()
+    }
+}
+
+/// How a principal proved itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A static token from `[[users]]`.
+    Static,
+    /// A JWT.
+    Token,
+    /// An agent credential the relay issued.
+    Credential,
+}
+
+/// Who a token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user: String,
+    pub role: Role,
+    /// A share token's limits.
+    pub scope: Option<Scope>,
+    /// The credential id or the token's `jti`: what revocation names.
+    pub id: Option<String>,
+    /// When it stops being valid (`None`: static tokens and credentials).
+    pub expires: Option<SystemTime>,
+    pub via: Via,
+}
+
+/// Why a token was refused: each says which, so a client can tell a
+/// missing token from a wrong or an expired one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token: send Authorization: Bearer <token>")]
+    Missing,
+    #[error("the token is larger than 8 KiB")]
+    TooLarge,
+    #[error(
+        "the token is not valid here: not a JWT this relay can verify, an agent credential it issued or a token it was given"
+    )]
+    Unknown,
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token names a key this relay does not know")]
+    UnknownKey,
+    #[error("the token's algorithm is not the one its key is pinned to")]
+    Algorithm,
+    #[error("the token expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token was issued by someone this relay does not trust")]
+    Issuer,
+    #[error("the token was issued for another audience")]
+    Audience,
+    #[error("the token was revoked")]
+    Revoked,
+    #[error("the token is not usable: {0}")]
+    Claims(String),
+}
+
+impl AuthError {
+    /// Whether the client's token simply ran out (a fresh one will do).
+    pub fn is_expiry(&self) -> bool {
+        matches!(self, AuthError::Expired)
+    }
+}
+
+/// Something identity could not do (minting, issuing, revoking).
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("this relay has no signing key: set [identity] signing_key_file")]
+    NoSigningKey,
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("cannot sign: {0}")]
+    Sign(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The resolved `[identity]` settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentityConfig {
+    /// The claim holding the user id.
+    pub user_claim: String,
+    /// The claim holding the role, and the values meaning agent and client.
+    pub role_claim: String,
+    pub agent_role: String,
+    pub client_role: String,
+    /// Checked when set (and written into tokens relayd mints).
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(serialize_with = "daemon::config::duration::show")]
+    pub leeway: Duration,
+    /// Lifetime of access tokens relayd mints for agent credentials.
+    #[serde(serialize_with = "daemon::config::duration::show")]
+    pub access_token_ttl: Duration,
+    /// Users whose tunnels need no client token.
+    pub public_users: Vec<String>,
+    pub signing_key_file: Option<PathBuf>,
+    /// The verification keys, described (the keys themselves are below).
+    pub key_summary: Vec<String>,
+    #[serde(skip)]
+    pub signer: Option<Arc<Signer>>,
+    #[serde(skip)]
+    pub keys: Vec<VerifyKey>,
+    #[serde(serialize_with = "show_opt_uri")]
+    pub jwks_url: Option<http::Uri>,
+    #[serde(serialize_with = "daemon::config::duration::show")]
+    pub jwks_min_interval: Duration,
+    /// How the JWKS URL is fetched over HTTPS (the system's roots).
+    #[serde(skip)]
+    pub jwks_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+fn show_opt_uri<S: serde::Serializer>(u: &Option<http::Uri>, s: S) -> Result<S::Ok, S::Error> {
+    match u {
+        Some(u) => s.collect_str(u),
+        None => s.serialize_none(),
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            user_claim: "sub".into(),
+            role_claim: "role".into(),
+            agent_role: "agent".into(),
+            client_role: "client".into(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+            access_token_ttl: Duration::from_secs(3600),
+            public_users: Vec::new(),
+            signing_key_file: None,
+            key_summary: Vec::new(),
+            signer: None,
+            keys: Vec::new(),
+            jwks_url: None,
+            jwks_min_interval: Duration::from_secs(60),
+            jwks_tls: None,
+        }
+    }
+}
+
+/// A static token from `[[users]]`.
+#[derive(Debug, Clone)]
+pub struct StaticToken {
+    pub token: String,
+    pub user: String,
+    pub role: Role,
+}
+
+/// A freshly minted JWT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Minted {
+    pub token: String,
+    pub id: String,
+    pub expires: SystemTime,
+}
+
+/// A freshly issued agent credential; `secret` is shown once and never
+/// stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCredential {
+    pub id: String,
+    pub user: String,
+    pub secret: String,
+}
+
+/// The relay's identity: verification, minting, credentials, revocation.
+pub struct Identity {
+    config: IdentityConfig,
+    statics: Vec<StaticToken>,
+    jwks: Option<JwksUrl>,
+    store: Arc<dyn CredentialStore>,
+    revoked: RwLock<HashMap<String, Option<u64>>>,
+    cache: Mutex<HashMap<[u8; 32], Principal>>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").finish_non_exhaustive()
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+/// Compares without telling by its timing where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Identity {
+    /// An identity over `store`, whose revocations are read now.
+    pub fn open(
+        config: IdentityConfig,
+        statics: Vec<StaticToken>,
+        store: Arc<dyn CredentialStore>,
+    ) -> Result<Self, StoreError> {
+        let now = unix(SystemTime::now());
+        let revoked = store
+            .revocations()?
+            .into_iter()
+            .filter(|r| r.until.is_none_or(|u| u > now))
+            .map(|r| (r.id, r.until))
+            .collect();
+        Ok(Self::build(config, statics, store, revoked))
+    }
+
+    /// An identity over a new store in memory (nothing revoked yet).
+    pub fn in_memory(config: IdentityConfig, statics: Vec<StaticToken>) -> Self {
+        Self::build(config, statics, Arc::new(MemoryStore::default()), HashMap::new())
+    }
+
+    fn build(
+        config: IdentityConfig,
+        statics: Vec<StaticToken>,
+        store: Arc<dyn CredentialStore>,
+        revoked: HashMap<String, Option<u64>>,
+    ) -> Self {
+        let jwks = match (&config.jwks_url, &config.jwks_tls) {
+            (Some(u), Some(tls)) => {
+                Some(JwksUrl::new(u.clone(), config.jwks_min_interval, tls.clone()))
+            }
+            _ => None,
+        };
+        Self {
+            config,
+            statics,
+            jwks,
+            store,
+            revoked: RwLock::new(revoked),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &IdentityConfig {
+        &self.config
+    }
+
+    /// Whether `user`'s tunnel needs no client token.
+    pub fn is_public(&self, user: &str) -> bool {
+        self.config.public_users.iter().any(|u| u == user)
+    }
+
+    /// Fetches the JWKS URL's keys (at start; later fetches happen on
+    /// unknown `kid`s).
+    pub async fn load_jwks(&self) {
+        if let Some(j) = &self.jwks {
+            j.refresh().await;
+        }
+    }
+
+    /// Who `token` speaks for.
+    pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(AuthError::TooLarge);
+        }
+        let key = sha256(token.as_bytes());
+        let cached = self.cache.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
+        let principal = match cached {
+            Some(p) => p,
+            None => {
+                let p = if token.starts_with(CREDENTIAL_PREFIX) {
+                    self.credential(token)?
+                } else if token.bytes().filter(|b| *b == b'.').count() == 2 {
+                    self.jwt(token).await?
+                } else {
+                    self.static_token(token)?
+                };
+                self.remember(key, &p);
+                p
+            }
+        };
+        if principal.expires.is_some_and(|e| e + self.config.leeway <= SystemTime::now()) {
+            self.cache.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+            return Err(AuthError::Expired);
+        }
+        if principal.id.as_deref().is_some_and(|id| self.is_revoked(id)) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(principal)
+    }
+
+    fn remember(&self, key: [u8; 32], p: &Principal) {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= CACHE_ENTRIES {
+            let now = SystemTime::now();
+            cache.retain(|_, p| p.expires.is_none_or(|e| e > now));
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(key, p.clone());
+    }
+
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.revoked.read().unwrap_or_else(PoisonError::into_inner).contains_key(id)
+    }
+
+    fn static_token(&self, token: &str) -> Result<Principal, AuthError> {
+        // Compare against every token so the time taken does not say which
+        // prefix matched.
+        let mut found = None;
+        for s in &self.statics {
+            if constant_time_eq(s.token.as_bytes(), token.as_bytes()) {
+                found = Some(s);
+            }
+        }
+        let s = found.ok_or(AuthError::Unknown)?;
+        Ok(Principal {
+            user: s.user.clone(),
+            role: s.role,
+            scope: None,
+            id: None,
+            expires: None,
+            via: Via::Static,
+        })
+    }
+
+    fn credential(&self, token: &str) -> Result<Principal, AuthError> {
+        let (id, secret) = parse_credential(token).ok_or(AuthError::Unknown)?;
+        let record = match self.store.get(id) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(AuthError::Unknown),
+            Err(e) => {
+                warn!(error = %e, "credential lookup failed");
+                return Err(AuthError::Unknown);
+            }
+        };
+        if !constant_time_eq(
+            hex(&sha256(secret.as_bytes())).as_bytes(),
+            record.secret_sha256.as_bytes(),
+        ) {
+            return Err(AuthError::Unknown);
+        }
+        Ok(Principal {
+            user: record.user,
+            role: Role::Agent,
+            scope: None,
+            id: Some(record.id),
+            expires: None,
+            via: Via::Credential,
+        })
+    }
+
+    /// The keys a token with `header` may be verified with.
+    async fn candidates(&self, header: &jsonwebtoken::Header) -> Result<Vec<VerifyKey>, AuthError> {
+        let pick = |keys: Vec<VerifyKey>| -> Vec<VerifyKey> {
+            match &header.kid {
+                Some(kid) => {
+                    keys.into_iter().filter(|k| k.kid.as_deref() == Some(kid.as_str())).collect()
+                }
+                None => keys.into_iter().filter(|k| k.alg == header.alg).collect(),
+            }
+        };
+        let all = |this: &Self| {
+            let mut keys = this.config.keys.clone();
+            if let Some(s) = &this.config.signer {
+                keys.push(s.verify_key());
+            }
+            if let Some(j) = &this.jwks {
+                keys.extend(j.keys());
+            }
+            keys
+        };
+        let found = pick(all(self));
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        // An unknown kid may be a provider's new key: look again, at most
+        // once per interval.
+        if header.kid.is_some()
+            && let Some(j) = &self.jwks
+            && j.refresh().await
+        {
+            let found = pick(all(self));
+            if !found.is_empty() {
+                return Ok(found);
+            }
+        }
+        Err(if header.kid.is_some() { AuthError::UnknownKey } else { AuthError::Algorithm })
+    }
+
+    async fn jwt(&self, token: &str) -> Result<Principal, AuthError> {
+        // `alg: none` (and any algorithm the library does not implement)
+        // fails here: no such key exists.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Unknown)?;
+        if header.crit.is_some() {
+            return Err(AuthError::Claims("critical header parameters are not supported".into()));
+        }
+        let mut last = AuthError::Algorithm;
+        for key in self.candidates(&header).await? {
+            if key.alg != header.alg {
+                last = AuthError::Algorithm;
+                continue;
+            }
+            let mut v = Validation::new(key.alg);
+            v.leeway = self.config.leeway.as_secs();
+            v.validate_nbf = true;
+            v.validate_exp = true;
+            v.set_required_spec_claims(&["exp"]);
+            if let Some(iss) = &self.config.issuer {
+                v.set_issuer(&[iss]);
+            }
+            match &self.config.audience {
+                Some(aud) => v.set_audience(&[aud]),
+                None => v.validate_aud = false,
+            }
+            match jsonwebtoken::decode::<Value>(token, &key.key, &v) {
+                Ok(data) => return self.principal_of(&data.claims),
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    last = match e.kind() {
+                        K::InvalidSignature => AuthError::BadSignature,
+                        K::ExpiredSignature => AuthError::Expired,
+                        K::ImmatureSignature => AuthError::NotYetValid,
+                        K::InvalidIssuer => AuthError::Issuer,
+                        K::InvalidAudience => AuthError::Audience,
+                        K::InvalidAlgorithm => AuthError::Algorithm,
+                        K::MissingRequiredClaim(c) => AuthError::Claims(format!("no {c} claim")),
+                        K::InvalidClaimFormat(c) => {
+                            AuthError::Claims(format!("the {c} claim is malformed"))
+                        }
+                        _ => AuthError::Unknown,
+                    };
+                    // Another key with the same kid may still match.
+                    if last != AuthError::BadSignature {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn principal_of(&self, claims: &Value) -> Result<Principal, AuthError> {
+        let c = &self.config;
+        // jsonwebtoken accepts an `iss` list when one member matches; a
+        // token names one issuer.
+        if claims.get("iss").is_some_and(|i| !i.is_string()) {
+            return Err(AuthError::Claims("iss must be a single string".into()));
+        }
+        let now = unix(SystemTime::now());
+        if claims
+            .get("iat")
+            .and_then(Value::as_u64)
+            .is_some_and(|iat| iat > now + c.leeway.as_secs())
+        {
+            return Err(AuthError::NotYetValid);
+        }
+        let user = claims
+            .get(&c.user_claim)
+            .and_then(Value::as_str)
+            .filter(|u| crate::config::valid_user_id(u))
+            .ok_or_else(|| {
+                AuthError::Claims(format!("no valid user id in the {} claim", c.user_claim))
+            })?
+            .to_owned();
+        let names: Vec<&str> = match claims.get(&c.role_claim) {
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let agent = names.contains(&c.agent_role.as_str());
+        let client = names.contains(&c.client_role.as_str());
+        let role = match (agent, client) {
+            (true, false) => Role::Agent,
+            (false, true) => Role::Client,
+            (true, true) => return Err(AuthError::Claims("the token names both roles".into())),
+            (false, false) => {
+                return Err(AuthError::Claims(format!("no role in the {} claim", c.role_claim)));
+            }
+        };
+        let scope = match claims.get("share") {
+            None | Some(Value::Null) => None,
+            Some(s) => Some(
+                serde_json::from_value::<Scope>(s.clone())
+                    .map_err(|e| AuthError::Claims(format!("the share claim is malformed: {e}")))?,
+            ),
+        };
+        if scope.is_some() && role != Role::Client {
+            return Err(AuthError::Claims("only client tokens carry a share scope".into()));
+        }
+        let expires =
+            claims.get("exp").and_then(Value::as_u64).map(|e| UNIX_EPOCH + Duration::from_secs(e));
+        let id = claims.get("jti").and_then(Value::as_str).map(str::to_owned);
+        Ok(Principal { user, role, scope, id, expires, via: Via::Token })
+    }
+
+    /// Mints a JWT for `user` with `role`, valid for `ttl`; `scope` makes it
+    /// a share token.
+    pub fn mint(
+        &self,
+        user: &str,
+        role: Role,
+        ttl: Duration,
+        scope: Option<Scope>,
+    ) -> Result<Minted, IdentityError> {
+        let signer = self.config.signer.as_ref().ok_or(IdentityError::NoSigningKey)?;
+        mint_with(signer, &self.config, user, role, ttl, scope)
+    }
+
+    /// Issues a long-lived agent credential for `user` (recorded by id and
+    /// the hash of its secret).
+    pub fn issue_credential(
+        &self,
+        user: &str,
+        replaces: Option<&str>,
+    ) -> Result<IssuedCredential, IdentityError> {
+        issue_into(&*self.store, user, replaces)
+    }
+
+    /// Revokes a credential id or a token's `jti`. True when it was not
+    /// revoked yet.
+    pub fn revoke(&self, id: &str, until: Option<SystemTime>) -> Result<bool, IdentityError> {
+        let until = until.map(unix);
+        let fresh = self.store.revoke(&Revocation { id: id.to_owned(), until })?;
+        self.revoked.write().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), until);
+        Ok(fresh)
+    }
+
+    /// The credentials issued so far.
+    pub fn credentials(&self) -> Result<Vec<CredentialRecord>, IdentityError> {
+        Ok(self.store.list()?)
+    }
+
+    /// The record of credential `id`.
+    pub fn credential_record(&self, id: &str) -> Result<Option<CredentialRecord>, IdentityError> {
+        Ok(self.store.get(id)?)
+    }
+}
+
+/// Mints a JWT with `signer` under `config`'s issuer, audience and claim
+/// names (used by the running relay and by `relayd token issue`).
+pub fn mint_with(
+    signer: &Signer,
+    config: &IdentityConfig,
+    user: &str,
+    role: Role,
+    ttl: Duration,
+    scope: Option<Scope>,
+) -> Result<Minted, IdentityError> {
+    if !crate::config::valid_user_id(user) {
+        return Err(IdentityError::Invalid(format!("{user:?} is not a valid user id")));
+    }
+    let now = SystemTime::now();
+    let expires = now + ttl;
+    let id = random_id("t_");
+    let role_name = match role {
+        Role::Agent => &config.agent_role,
+        Role::Client => &config.client_role,
+    };
+    let mut claims = serde_json::json!({
+        config.user_claim.clone(): user,
+        config.role_claim.clone(): role_name,
+        "iat": unix(now),
+        "nbf": unix(now),
+        "exp": unix(expires),
+        "jti": id,
+        "iss": config.issuer.clone().unwrap_or_else(|| "relayd".into()),
+    });
+    if let Some(aud) = &config.audience {
+        claims["aud"] = aud.clone().into();
+    }
+    if let Some(scope) = scope {
+        claims["share"] =
+            serde_json::to_value(scope).map_err(|e| IdentityError::Sign(e.to_string()))?;
+    }
+    let token = signer.sign(&claims).map_err(IdentityError::Sign)?;
+    Ok(Minted { token, id, expires })
+}
+
+/// Issues a credential into `store`.
+pub fn issue_into(
+    store: &dyn CredentialStore,
+    user: &str,
+    replaces: Option<&str>,
+) -> Result<IssuedCredential, IdentityError> {
+    if !crate::config::valid_user_id(user) {
+        return Err(IdentityError::Invalid(format!("{user:?} is not a valid user id")));
+    }
+    let id = random_id("c_");
+    let mut raw = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| IdentityError::Sign("no randomness".into()))?;
+    let secret = URL_SAFE_NO_PAD.encode(raw);
+    store.insert(&CredentialRecord {
+        id: id.clone(),
+        user: user.to_owned(),
+        secret_sha256: hex(&sha256(secret.as_bytes())),
+        created: unix(SystemTime::now()),
+        replaces: replaces.map(str::to_owned),
+    })?;
+    Ok(IssuedCredential {
+        secret: format!("{CREDENTIAL_PREFIX}{id}_{secret}"),
+        id,
+        user: user.to_owned(),
+    })
+}
+
+/// `tcred_<id>_<secret>` -> (id, secret).
+pub fn parse_credential(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix(CREDENTIAL_PREFIX)?;
+    // ids are `c_` and 16 hex digits
+    let (id, secret) = (rest.get(..18)?, rest.get(19..)?);
+    (id.starts_with("c_") && rest.as_bytes().get(18) == Some(&b'_') && !secret.is_empty())
+        .then_some((id, secret))
+}
+
+#[cfg(test)]
+mod tests;

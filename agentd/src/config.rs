@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use daemon::Resolve;
-use daemon::config::{Human, duration, secret};
+use daemon::config::{Human, duration, read_secret};
 use http::Uri;
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,16 @@ pub struct ConfigFile {
     pub relay: Option<String>,
     /// The agent token. Prefer `token_file`.
     pub token: Option<String>,
+    /// A file (mode 0600) holding the agent token: a credential from
+    /// `relayd token issue`, or a JWT an identity provider's tooling keeps
+    /// fresh (re-read before it expires). Without `token` and `token_file`,
+    /// systemd's `$CREDENTIALS_DIRECTORY/agent-token`.
     pub token_file: Option<PathBuf>,
+    /// Where agentd keeps what it learns: a rotated or installed credential
+    /// (`credential`, mode 0600), which then wins over `token_file`. Default
+    /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`); without either,
+    /// rotation is unavailable.
+    pub state_dir: Option<PathBuf>,
     /// The local service requests go to.
     pub upstream: Option<String>,
     /// Address for Prometheus `GET /metrics`; absent = no metrics listener.
@@ -34,6 +43,8 @@ pub struct ConfigFile {
     pub liveness: link::settings::LivenessFile,
     #[serde(default)]
     pub tls: TlsFile,
+    #[serde(default)]
+    pub policy: crate::policy::PolicyFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -42,6 +53,11 @@ pub struct TlsFile {
     /// PEM file of the CAs to trust for a `wss://` relay instead of the
     /// system's roots (a relay with a private CA or a self-signed cert).
     pub ca_file: Option<PathBuf>,
+    /// SHA-256 pins of the relay's public key (`sha256/` + base64 of the
+    /// SubjectPublicKeyInfo digest), checked on top of the CA validation;
+    /// several for a key rollover. `agentd pin URL` prints a relay's.
+    #[serde(default)]
+    pub pins: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,8 +73,24 @@ pub struct Config {
     /// WebSocket URL of the relay's agent endpoint.
     #[serde(serialize_with = "display")]
     pub relay: Uri,
+    /// The token the agent starts with: the stored credential when
+    /// `state_dir` holds one, else the configured token.
     #[serde(skip)]
     pub token: String,
+    /// The configured token, when the stored credential shadows a
+    /// different one: tried if the relay refuses the stored one.
+    #[serde(skip)]
+    pub fallback: Option<String>,
+    /// The configured token (inline, token file or systemd credential).
+    #[serde(skip)]
+    pub configured_token: Option<String>,
+    /// Where the configured token is read again (a refreshed JWT, SIGHUP).
+    pub token_file: Option<PathBuf>,
+    /// Where rotated and installed credentials are stored.
+    pub state_dir: Option<PathBuf>,
+    /// Which requests may reach the local service.
+    #[serde(serialize_with = "show_policy")]
+    pub policy: crate::policy::Policy,
     /// Base URL of the local service (scheme and authority).
     #[serde(serialize_with = "display")]
     pub upstream: Uri,
@@ -75,6 +107,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The CA file trusted for `wss://` instead of the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// Pins of the relay's public key (`sha256/...`).
+    pub pins: Vec<String>,
     /// TLS client settings, for `wss://` relays only.
     #[serde(skip)]
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
@@ -89,9 +123,17 @@ impl Resolve for ConfigFile {
     fn resolve(self) -> Result<Config, ConfigError> {
         let relay = self.relay.ok_or_else(|| ConfigError::Invalid("relay is not set".into()))?;
         let relay = relay_url(&relay)?;
+        let pins = self
+            .tls
+            .pins
+            .iter()
+            .map(|p| {
+                crate::tls::Pin::parse(p).map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let tls = match (relay.scheme_str(), &self.tls.ca_file) {
             (Some("wss"), ca_file) => Some(
-                crate::tls::client_config(ca_file.as_deref())
+                crate::tls::client_config(ca_file.as_deref(), &pins)
                     .map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))?,
             ),
             (_, Some(_)) => {
@@ -99,20 +141,62 @@ impl Resolve for ConfigFile {
                     "[tls] ca_file is set but the relay is not a wss:// URL".into(),
                 ));
             }
+            _ if !pins.is_empty() => {
+                return Err(ConfigError::Invalid(
+                    "[tls] pins are set but the relay is not a wss:// URL".into(),
+                ));
+            }
             _ => None,
         };
-        let token = secret("token", self.token, self.token_file)?
-            .ok_or_else(|| ConfigError::invalid("token_file is not set"))?;
-        if token.is_empty() || token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
-            return Err(ConfigError::Invalid(
-                "the token must be printable ASCII without spaces".into(),
-            ));
+        let state_dir = self.state_dir.or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .and_then(|v| v.to_str().and_then(|v| v.split(':').next()).map(PathBuf::from))
+        });
+        let token_file = match (&self.token, self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid("set token or token_file, not both"));
+            }
+            (Some(_), None) => None,
+            (None, Some(f)) => Some(f),
+            (None, None) => std::env::var_os("CREDENTIALS_DIRECTORY")
+                .map(|d| PathBuf::from(d).join(SYSTEMD_CREDENTIAL))
+                .filter(|f| f.exists()),
+        };
+        let configured = match (self.token, &token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(f)) => Some(read_secret(f)?),
+            (None, None) => None,
+        };
+        let stored = match &state_dir {
+            Some(dir) if credential_path(dir).exists() => Some(read_secret(&credential_path(dir))?),
+            _ => None,
+        };
+        let configured_token = configured.clone();
+        let (token, fallback) = match (stored, configured) {
+            (Some(s), Some(c)) if s != c => (s, Some(c)),
+            (Some(s), _) => (s, None),
+            (None, Some(c)) => (c, None),
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    "no agent token: set token_file, or give systemd the credential agent-token (LoadCredential=agent-token:/path)",
+                ));
+            }
+        };
+        for t in std::iter::once(&token).chain(&fallback) {
+            check_token(t)?;
         }
+        let policy =
+            self.policy.resolve().map_err(|e| ConfigError::Invalid(format!("[policy] {e}")))?;
         let upstream = upstream_url(self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM))?;
         let limits = self.limits.resolve()?;
         Ok(Config {
             relay,
             token,
+            fallback,
+            configured_token,
+            token_file,
+            state_dir,
+            policy,
             upstream,
             limits,
             reconnect_max_delay: self
@@ -123,9 +207,49 @@ impl Resolve for ConfigFile {
             liveness: self.liveness.resolve()?,
             metrics_listen: self.metrics_listen,
             ca_file: self.tls.ca_file,
+            pins: pins.iter().map(ToString::to_string).collect(),
             tls,
         })
     }
+}
+
+/// The name of the systemd credential agentd reads its token from.
+pub const SYSTEMD_CREDENTIAL: &str = "agent-token";
+
+/// Where a rotated or installed credential is kept.
+pub fn credential_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("credential")
+}
+
+/// A token fit for an `Authorization` header and the protocol.
+pub fn check_token(token: &str) -> Result<(), ConfigError> {
+    if token.is_empty()
+        || token.len() > tunnel_proto::message::MAX_TOKEN_LEN
+        || token.bytes().any(|b| !(0x21..0x7f).contains(&b))
+    {
+        return Err(ConfigError::Invalid(
+            "the agent token must be 1 to 8192 printable ASCII characters without spaces".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The configured token as its file holds it now (a JWT an identity
+    /// provider's tooling renewed); `None` without a token file.
+    pub fn reread_token(&self) -> Option<Result<String, ConfigError>> {
+        let file = self.token_file.as_ref()?;
+        Some(read_secret(file).and_then(|t| check_token(&t).map(|()| t)))
+    }
+}
+
+fn show_policy<S: serde::Serializer>(p: &crate::policy::Policy, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap as _;
+    let (allow, deny) = p.describe();
+    let mut m = s.serialize_map(Some(2))?;
+    m.serialize_entry("allow", &allow)?;
+    m.serialize_entry("deny", &deny)?;
+    m.end()
 }
 
 /// Accepts `ws`, `wss`, `http` and `https` URLs; adds `/ws/tunnel` when the

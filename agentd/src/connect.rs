@@ -29,6 +29,13 @@ pub struct Connected {
     pub relay_limits: Limits,
     /// The relay listed `ack`: acknowledge each request as it is accepted.
     pub relay_acks: bool,
+    /// The relay listed `auth`: the session can be renewed in-band.
+    pub relay_auth: bool,
+    /// When the session's authorization ends unless renewed.
+    pub expires: Option<std::time::SystemTime>,
+    /// An access token the relay minted for the credential: the session
+    /// was opened with a credential and renews with `refresh`.
+    pub access_token: Option<String>,
 }
 
 /// Why a connection attempt failed. Callers branch on `Unauthorized` (retry
@@ -49,6 +56,9 @@ pub enum ConnectError {
     Timeout,
     #[error("TLS with the relay failed: {0}")]
     Tls(String),
+    /// The relay's key is none of the pinned ones.
+    #[error("{0}")]
+    PinMismatch(crate::tls::PinMismatch),
 }
 
 /// Dials the relay with `token` and negotiates a session.
@@ -75,10 +85,12 @@ async fn try_connect(config: &Config, token: &str) -> Result<Connected, ConnectE
             let name = ServerName::try_from(host.to_owned()).map_err(|e| {
                 ConnectError::Tls(format!("{host:?} is not a valid server name: {e}"))
             })?;
-            let stream = TlsConnector::from(tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| ConnectError::Tls(e.to_string()))?;
+            let stream = TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| {
+                match crate::tls::PinMismatch::find(&e) {
+                    Some(m) => ConnectError::PinMismatch(m),
+                    None => ConnectError::Tls(e.to_string()),
+                }
+            })?;
             MaybeTlsStream::Rustls(stream)
         }
     };
@@ -143,8 +155,16 @@ async fn try_connect(config: &Config, token: &str) -> Result<Connected, ConnectE
             Err(ConnectError::Protocol(format!("welcome lacks the required capability {c}")))
         }
         Ok(Message::Welcome(w)) if w.version == PROTOCOL_VERSION => {
-            let relay_acks = w.capabilities.iter().any(|c| c == capability::ACK);
-            Ok(Connected { socket, session_id: w.session_id, relay_limits: w.limits, relay_acks })
+            let listed = |cap: &str| w.capabilities.iter().any(|c| c == cap);
+            Ok(Connected {
+                relay_acks: listed(capability::ACK),
+                relay_auth: listed(capability::AUTH),
+                expires: w.expires_at.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok()),
+                access_token: w.token,
+                socket,
+                session_id: w.session_id,
+                relay_limits: w.limits,
+            })
         }
         Ok(Message::Welcome(w)) => {
             Err(ConnectError::Protocol(format!("relay chose version {}", w.version)))

@@ -9,12 +9,14 @@
 //! fires. While it runs, the [`Agent`] is its handle: [`Agent::state`]
 //! (typed: connecting, connected since, backing off until, the last error),
 //! and commands ([`Agent::reconnect`], [`Agent::replace_token`],
-//! [`Agent::shutdown`]).
+//! [`Agent::rotate`], [`Agent::install_token`], [`Agent::shutdown`]).
 
 pub mod backoff;
 pub mod config;
 pub mod connect;
 mod metrics;
+pub mod policy;
+pub mod renew;
 mod session;
 mod stream;
 pub mod supervisor;
@@ -26,6 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use tunnel_proto::Message;
 use tunnel_proto::flow::BufferGauge;
 
 pub use config::{Config, ConfigFile};
@@ -49,17 +52,85 @@ pub enum CommandError {
     Busy,
 }
 
+/// Requests the agent took from the relay, and those its policy refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub received: u64,
+    pub refused: u64,
+}
+
+/// A finished rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// The new credential's id.
+    pub id: String,
+    /// Where it is stored.
+    pub stored: std::path::PathBuf,
+}
+
+/// Why a rotation did not finish. The agent still holds a working
+/// credential.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RotateError {
+    #[error("rotation needs a state_dir to store the new credential in")]
+    NoStateDir,
+    #[error("not connected to the relay; rotation happens on a live session")]
+    NotConnected,
+    #[error("{0}")]
+    Exchange(#[from] renew::ExchangeError),
+    #[error("the relay refused {step} ({code}): {message}")]
+    Refused { step: &'static str, code: u16, message: String },
+    #[error("cannot store the new credential in {}: {why}; the old one stays valid", path.display())]
+    Store { path: std::path::PathBuf, why: String },
+    #[error("unexpected answer from the relay: {0}")]
+    Unexpected(String),
+}
+
+/// A token installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// The live session now runs on it.
+    pub in_band: bool,
+    /// Where it is stored (`None`: no state_dir, kept in memory only).
+    pub stored: Option<std::path::PathBuf>,
+}
+
+/// Why a token was not installed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InstallError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the relay refused the token ({code}): {message}")]
+    Refused { code: u16, message: String },
+    #[error("{0}")]
+    Exchange(renew::ExchangeError),
+    #[error("cannot store the token in {}: {why}", path.display())]
+    Store { path: std::path::PathBuf, why: String },
+    #[error("unexpected answer from the relay: {0}")]
+    Unexpected(String),
+}
+
 impl Agent {
     pub fn new(config: Config) -> Self {
         let (commands, inbox) = mpsc::channel(supervisor::COMMAND_QUEUE);
         let token = config.token.clone();
+        let fallback = config.fallback.clone();
+        let file_token = config.configured_token.clone();
+        let upstream = Arc::new(supervisor::Upstream::new(
+            config.upstream.clone(),
+            config.limits.max_headers as usize,
+            config.policy.clone(),
+        ));
         Self {
             shared: Arc::new(supervisor::Shared {
                 config,
                 token: Mutex::new(token),
+                fallback: Mutex::new(fallback),
+                file_token: Mutex::new(file_token),
                 state: watch::channel(AgentState::default()).0,
                 gauge: Arc::new(BufferGauge::default()),
                 current: Mutex::new(None),
+                upstream,
             }),
             commands,
             inbox: Mutex::new(Some(inbox)),
@@ -78,6 +149,14 @@ impl Agent {
     /// Requests in flight in the current session.
     pub fn in_flight(&self) -> usize {
         self.shared.current().map_or(0, |s| s.in_flight())
+    }
+
+    /// Requests taken from the relay since start, and those the endpoint
+    /// policy refused.
+    pub fn requests(&self) -> RequestCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared.upstream.counters;
+        RequestCounts { received: c.received.load(Relaxed), refused: c.refused.load(Relaxed) }
     }
 
     /// Last measured round-trip time to the relay, while connected.
@@ -112,6 +191,104 @@ impl Agent {
     /// connected).
     pub fn replace_token(&self, token: String) -> Result<(), CommandError> {
         self.command(Command::ReplaceToken(token))
+    }
+
+    /// When the live session's authorization ends unless renewed (the agent
+    /// renews it by itself at 80 % of its life).
+    pub fn session_expires(&self) -> Option<std::time::SystemTime> {
+        self.shared.current().and_then(|s| s.renewal().expires())
+    }
+
+    /// Rotates the agent credential in-band, without dropping a stream: asks
+    /// the relay for a new credential, stores it atomically in `state_dir`
+    /// (mode 0600), confirms, and only then does the relay revoke the old
+    /// one. A failure at any step leaves a working credential: the old one
+    /// until the new one is stored, the new one after.
+    pub async fn rotate(&self) -> Result<Rotation, RotateError> {
+        let dir = self.config().state_dir.clone().ok_or(RotateError::NoStateDir)?;
+        let session = self.shared.current().ok_or(RotateError::NotConnected)?;
+        let refused = |step, r: renew::Reply| match r {
+            renew::Reply::Refused { code, message } => RotateError::Refused { step, code, message },
+            other => RotateError::Unexpected(format!("{step}: {other:?}")),
+        };
+        let credential = match session.exchange(Message::Rotate(tunnel_proto::Empty {})).await? {
+            renew::Reply::Credential(c) => c,
+            other => return Err(refused("rotate", other)),
+        };
+        let path = config::credential_path(&dir);
+        let secret = credential.secret.clone();
+        let stored = path.clone();
+        tokio::task::spawn_blocking(move || daemon::config::write_secret(&stored, &secret))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|why| RotateError::Store { path: path.clone(), why })?;
+        self.shared.set_token(credential.secret);
+        tracing::info!(credential = %credential.id, file = %path.display(), "new agent credential stored");
+        let confirm = Message::Rotated(tunnel_proto::Rotated { id: credential.id.clone() });
+        match session.exchange(confirm).await? {
+            renew::Reply::Authorized(_) => {}
+            other => return Err(refused("rotated", other)),
+        }
+        tracing::info!(credential = %credential.id, "agent credential rotated; the old one is revoked");
+        Ok(Rotation { id: credential.id, stored: path })
+    }
+
+    /// Installs a new agent token (a credential or a JWT). While connected
+    /// the relay checks it in-band first (`auth`): the session goes on with
+    /// it, and a refused token changes nothing. Then it is stored in
+    /// `state_dir` (when there is one) and used for every later connection.
+    /// Not connected: stored, used, and the agent connects at once.
+    pub async fn install_token(&self, token: String) -> Result<Installed, InstallError> {
+        config::check_token(&token).map_err(|e| InstallError::Invalid(e.to_string()))?;
+        let session = self.shared.current();
+        let in_band = match &session {
+            Some(s) => {
+                match s.exchange(Message::Auth(tunnel_proto::Auth { token: token.clone() })).await {
+                    Ok(renew::Reply::Authorized(_)) => true,
+                    Ok(renew::Reply::Refused { code, message }) => {
+                        return Err(InstallError::Refused { code, message });
+                    }
+                    Ok(other) => return Err(InstallError::Unexpected(format!("{other:?}"))),
+                    // An old relay: used from the next connection.
+                    Err(renew::ExchangeError::Unsupported) => false,
+                    Err(e) => return Err(InstallError::Exchange(e)),
+                }
+            }
+            None => false,
+        };
+        let stored = match self.config().state_dir.clone() {
+            Some(dir) => {
+                let path = config::credential_path(&dir);
+                let (file, secret) = (path.clone(), token.clone());
+                tokio::task::spawn_blocking(move || daemon::config::write_secret(&file, &secret))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|why| InstallError::Store { path: path.clone(), why })?;
+                Some(path)
+            }
+            None => None,
+        };
+        self.shared.set_token(token);
+        if session.is_none() {
+            // Connect now rather than at the end of the backoff.
+            let _ = self.command(Command::Reconnect);
+        }
+        tracing::info!(in_band, stored = ?stored, "agent token installed");
+        Ok(Installed { in_band, stored })
+    }
+
+    /// Reads the token file again (SIGHUP) and installs its token when it
+    /// changed; failures are logged, the current token stays.
+    pub async fn reload_token(&self) {
+        let Some(fresh) = self.shared.fresh_file_token() else {
+            return tracing::info!("the token file is unchanged");
+        };
+        match self.install_token(fresh).await {
+            Ok(i) => tracing::info!(in_band = i.in_band, "the token file's new token is installed"),
+            Err(e) => tracing::warn!(error = %e, "the token file's new token was not installed"),
+        }
     }
 
     /// Drains and stops, as the shutdown token does.

@@ -1,9 +1,38 @@
-//! agentd entry point: the shared daemon phases over [`agentd::Agent`].
+//! agentd entry point: the shared daemon phases over [`agentd::Agent`], or
+//! `agentd pin` to learn a relay's key pin.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use daemon::{Context, Daemon};
+use clap::{Parser, Subcommand};
+use daemon::{CommonArgs, Context, Daemon};
+
+/// The desktop agent of the LLM tunnel.
+#[derive(Parser, Debug)]
+#[command(name = "agentd", version, about)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Connects to a relay and prints the pins of the public keys it
+    /// presents (its own certificate first), for [tls] pins, and whether
+    /// this machine trusts its certificate. Given a PEM file instead (the
+    /// relay's certificate, on the relay's machine), prints its pin.
+    Pin {
+        /// The relay: wss://relay.example.com or host:port (443 by
+        /// default), or a PEM certificate file.
+        relay: String,
+        /// Trust the CAs in this PEM file instead of the system's roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+}
 
 struct Agentd;
 
@@ -19,6 +48,13 @@ impl Daemon for Agentd {
         let _metrics =
             daemon::metrics::Server::start(metrics_listen, Arc::new(move || render.metrics()))
                 .await?;
+        // SIGHUP: a token file changed by hand or by an identity provider's
+        // tooling is installed (in-band while connected).
+        let reloading = agent.clone();
+        ctx.on_reload(move || {
+            let agent = reloading.clone();
+            async move { agent.reload_token().await }
+        });
         // Ready without waiting for the relay: an offline laptop must boot.
         ctx.ready();
         agent.run(ctx.shutdown).await;
@@ -27,5 +63,70 @@ impl Daemon for Agentd {
 }
 
 fn main() -> ExitCode {
-    daemon::process::main::<Agentd>()
+    let cli = Cli::parse();
+    match cli.command {
+        None => daemon::process::run::<Agentd>(cli.common),
+        Some(Command::Pin { relay, ca_file }) => pin(&relay, ca_file.as_deref()),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn pin(relay: &str, ca_file: Option<&std::path::Path>) -> ExitCode {
+    let file = std::path::Path::new(relay);
+    if file.is_file() {
+        return match agentd::tls::pin_of_file(file) {
+            Ok(pin) => {
+                println!("{pin}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("agentd: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let url = if relay.contains("://") { relay.to_owned() } else { format!("wss://{relay}") };
+    let uri = match agentd::config::relay_url(&url) {
+        Ok(u) if u.scheme_str() == Some("wss") => u,
+        Ok(_) => {
+            eprintln!("agentd: {relay} is not a TLS (wss:// or https://) relay; nothing to pin");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("agentd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(agentd::tls::probe(&host, port, ca_file)) {
+        Ok(presented) => {
+            for (i, pin) in presented.pins.iter().enumerate() {
+                let what = if i == 0 {
+                    "the relay's own certificate".to_owned()
+                } else {
+                    format!("chain certificate {i}")
+                };
+                println!("{pin}\t{what}");
+            }
+            match presented.trusted {
+                Ok(()) => eprintln!("agentd: {host}:{port}: the certificate is trusted here"),
+                Err(why) => eprintln!(
+                    "agentd: {host}:{port}: the certificate is NOT trusted here ({why}); pins add to validation, they do not replace it (see [tls] ca_file)"
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

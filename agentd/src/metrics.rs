@@ -12,6 +12,16 @@ pub fn render(agent: &Agent) -> String {
     let mut out = Exposition::new();
     out.gauge("agentd_connected", "1 while a relay session is up.", state.is_connected() as u64)
         .counter("agentd_sessions_total", "Relay sessions established.", state.sessions)
+        .counter(
+            "agentd_requests_total",
+            "Requests taken from the relay.",
+            agent.requests().received,
+        )
+        .counter(
+            "agentd_requests_refused_total",
+            "Requests the endpoint policy refused (400 or 403, nothing sent to the local service).",
+            agent.requests().refused,
+        )
         .gauge(
             "agentd_streams_in_flight",
             "Requests in flight to the local service.",

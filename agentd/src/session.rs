@@ -28,6 +28,7 @@ use tunnel_proto::flow::{
 use tunnel_proto::frame::DataFrame;
 use tunnel_proto::{Limits, Message, ProtocolError, RequestBody, StreamId, Violation};
 
+use crate::renew::{Renewal, Reply};
 use crate::stream::{StreamHandle, StreamTable};
 use crate::upstream::{self, Upstream};
 
@@ -81,6 +82,8 @@ pub struct SessionParams {
     pub upstream: Arc<Upstream>,
     /// Where stream tasks run (drained on shutdown).
     pub tasks: TaskTracker,
+    /// The session's authorization and its in-band renewal.
+    pub renewal: Renewal,
 }
 
 /// One live session.
@@ -100,6 +103,7 @@ pub struct Session {
     acks: bool,
     upstream: Arc<Upstream>,
     tasks: TaskTracker,
+    renewal: Renewal,
 }
 
 impl Session {
@@ -124,12 +128,27 @@ impl Session {
             acks: p.acks,
             upstream: p.upstream,
             tasks: p.tasks,
+            renewal: p.renewal,
         });
         (session, rx)
     }
 
     pub fn in_flight(&self) -> usize {
         self.lock_streams().len()
+    }
+
+    pub fn renewal(&self) -> &Renewal {
+        &self.renewal
+    }
+
+    /// Sends a session-level message to the relay.
+    pub fn push(&self, msg: Message) {
+        self.link.push_urgent(msg);
+    }
+
+    /// Sends `msg` and waits for the relay's answer (one at a time).
+    pub async fn exchange(&self, msg: Message) -> Result<Reply, crate::renew::ExchangeError> {
+        self.renewal.exchange(msg, |m| self.push(m)).await
     }
 
     /// Last measured ping round-trip time to the relay.
@@ -236,6 +255,7 @@ impl Session {
 
     fn start(&self, req: tunnel_proto::TunnelRequest) {
         let Some(me) = self.me.upgrade() else { return };
+        self.upstream.counters.received.fetch_add(1, Ordering::Relaxed);
         let id = req.id.clone();
         let (body_tx, body_rx): (Option<InboxSender>, Option<Inbox>) = match req.body {
             RequestBody::Streamed => {
@@ -306,6 +326,16 @@ impl Handler for Session {
             Message::Error(e) => {
                 self.cancel_stream(e.id.as_str());
             }
+            Message::Authorized(a) => {
+                // Applied even when none waits: the relay's word on expiry.
+                self.renewal.authorized(&a);
+                self.renewal.answer(Reply::Authorized(a));
+            }
+            Message::Credential(c) => {
+                if !self.renewal.answer(Reply::Credential(c)) {
+                    warn!(session = %self.id, "the relay sent a credential nobody asked for; ignored");
+                }
+            }
             Message::WindowUpdate(w) => {
                 let window = self.lock_streams().get(w.id.as_str()).map(|e| e.window.clone());
                 link::grant_credit(window, &w)?;
@@ -369,7 +399,12 @@ impl Handler for Session {
         }
     }
 
+    fn on_peer_error(&self, e: &tunnel_proto::ErrorMsg) -> bool {
+        self.renewal.answer(Reply::Refused { code: e.code, message: e.error.clone() })
+    }
+
     fn on_end(&self, _end: &End) {
+        self.renewal.abandon();
         let streams: Vec<StreamEntry> = self.lock_streams().drain().map(|(_, e)| e).collect();
         self.stream_done.notify_waiters();
         for e in streams {

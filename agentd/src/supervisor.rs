@@ -22,8 +22,9 @@ use tunnel_proto::flow::BufferGauge;
 use crate::Config;
 use crate::backoff::Backoff;
 use crate::connect::{self, ConnectError};
+use crate::renew;
 use crate::session::{DRAIN_DEADLINE, Session, SessionEnd, SessionParams};
-use crate::upstream::Upstream;
+pub(crate) use crate::upstream::Upstream;
 
 /// Commands that may wait for the supervisor; more are refused.
 pub const COMMAND_QUEUE: usize = 8;
@@ -68,6 +69,9 @@ pub enum AgentError {
     /// TLS with the relay failed (untrusted or wrong-name certificate).
     #[error("TLS with the relay failed: {0}")]
     Tls(String),
+    /// The relay's public key is none of the `[tls] pins`.
+    #[error("the relay's public key {seen} matches none of the configured pins")]
+    PinMismatch { seen: String },
     /// The relay is busy or draining (503, 429, `goaway`).
     #[error("the relay is busy or draining")]
     RelayBusy,
@@ -95,6 +99,7 @@ impl From<ConnectError> for AgentError {
             ConnectError::Protocol(why) => AgentError::Protocol(why),
             ConnectError::Timeout => AgentError::Timeout,
             ConnectError::Tls(why) => AgentError::Tls(why),
+            ConnectError::PinMismatch(m) => AgentError::PinMismatch { seen: m.seen },
         }
     }
 }
@@ -135,11 +140,19 @@ impl AgentState {
 /// What the supervisor shares with the agent's handle.
 pub(crate) struct Shared {
     pub config: Config,
+    /// The token the next connection presents.
     pub token: Mutex<String>,
+    /// The configured token, while a stored credential shadows it: tried
+    /// once if the relay refuses the stored one.
+    pub fallback: Mutex<Option<String>>,
+    /// The token file's content when last read.
+    pub file_token: Mutex<Option<String>>,
     pub state: watch::Sender<AgentState>,
     pub gauge: Arc<BufferGauge>,
     /// The live session, for its stream count and commands.
     pub current: Mutex<Option<Arc<Session>>>,
+    /// The local service, its policy and request counters.
+    pub upstream: Arc<Upstream>,
 }
 
 impl Shared {
@@ -151,8 +164,66 @@ impl Shared {
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = session;
     }
 
-    fn token(&self) -> String {
+    pub fn token(&self) -> String {
         self.token.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Uses `token` from now on; the configured one no longer backs it up.
+    pub fn set_token(&self, token: String) {
+        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = token;
+        self.fallback.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+
+    /// The token file's content, when it changed since it was last read.
+    pub fn fresh_file_token(&self) -> Option<String> {
+        let fresh = match self.config.reread_token()? {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot read the token file again");
+                return None;
+            }
+        };
+        let mut seen = self.file_token.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.as_ref() == Some(&fresh) {
+            return None;
+        }
+        *seen = Some(fresh.clone());
+        Some(fresh)
+    }
+
+    /// Falls back to the configured token after the relay refused the
+    /// stored credential; `false` when there is none to fall back to.
+    fn fall_back(&self) -> bool {
+        let Some(configured) = self.fallback.lock().unwrap_or_else(PoisonError::into_inner).take()
+        else {
+            return false;
+        };
+        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = configured;
+        true
+    }
+}
+
+/// A session's renewal, with the agent's tokens.
+struct SessionRenew {
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+}
+
+impl renew::Renew for SessionRenew {
+    fn renewal(&self) -> &renew::Renewal {
+        self.session.renewal()
+    }
+
+    fn push(&self, msg: tunnel_proto::Message) {
+        self.session.push(msg);
+    }
+
+    fn fresh_token(&self) -> Option<String> {
+        self.shared.fresh_file_token()
+    }
+
+    fn adopt(&self, token: String) {
+        self.shared.set_token(token);
     }
 }
 
@@ -176,8 +247,7 @@ pub(crate) async fn run(
     let mut commands = Commands(Some(commands));
     let config = &shared.config;
     let stop = shutdown.child_token();
-    let upstream =
-        Arc::new(Upstream::new(config.upstream.clone(), config.limits.max_headers as usize));
+    let upstream = shared.upstream.clone();
     let tasks = TaskTracker::new();
     let mut backoff = Backoff::new(Duration::from_secs(1), config.reconnect_max_delay);
     let set_phase = |phase| shared.state.send_modify(|s| s.phase = phase);
@@ -210,6 +280,11 @@ pub(crate) async fn run(
                     acks: conn.relay_acks,
                     upstream: upstream.clone(),
                     tasks: tasks.clone(),
+                    renewal: renew::Renewal::new(
+                        conn.relay_auth,
+                        conn.expires,
+                        conn.access_token.is_some(),
+                    ),
                 });
                 info!(session = %session.id, relay = %config.relay, "connected to the relay");
                 shared.state.send_modify(|s| {
@@ -223,9 +298,14 @@ pub(crate) async fn run(
                 shared.set_current(Some(session.clone()));
                 let run = session.clone().run(conn.socket, rx, stop.clone());
                 tokio::pin!(run);
+                let renewing = SessionRenew { shared: shared.clone(), session: session.clone() };
+                let keeper = renew::keep_authorized(Arc::new(renewing), session.id.clone());
+                tokio::pin!(keeper);
+                let mut keeping = true;
                 let end = loop {
                     tokio::select! {
                         end = &mut run => break end,
+                        () = &mut keeper, if keeping => keeping = false,
                         cmd = commands.next() => match handle(&shared, cmd, &stop) {
                             Next::Retry => session.reconnect(),
                             // The session sees `stop` and drains.
@@ -256,8 +336,15 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 let delay = match &e {
-                    // A refused credential will not fix itself quickly.
-                    ConnectError::Unauthorized(_) => {
+                    // The stored credential was refused (revoked?) and the
+                    // configured token differs: try that one at once.
+                    ConnectError::Unauthorized(_) if shared.fall_back() => {
+                        warn!(error = %e, "the relay refused the stored credential; trying the configured token");
+                        Duration::ZERO
+                    }
+                    // A refused credential or a pin mismatch will not fix
+                    // itself quickly.
+                    ConnectError::Unauthorized(_) | ConnectError::PinMismatch(_) => {
                         backoff.ceiling().max(config.reconnect_max_delay)
                     }
                     _ => backoff.next_delay(),
@@ -316,7 +403,7 @@ fn handle(shared: &Shared, cmd: Command, stop: &CancellationToken) -> Next {
         }
         Command::ReplaceToken(token) => {
             info!("agent token replaced; used from the next connection");
-            *shared.token.lock().unwrap_or_else(PoisonError::into_inner) = token;
+            shared.set_token(token);
             if shared.current().is_some() { Next::Stay } else { Next::Retry }
         }
         Command::Shutdown => {

@@ -11,6 +11,7 @@
 //! generating.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::header::{HOST, HeaderName, HeaderValue};
@@ -22,11 +23,12 @@ use hyper_util::rt::TokioExecutor;
 use link::body::InboxBody;
 use link::chunks::SendError;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use tunnel_proto::flow::Inbox;
 use tunnel_proto::{Headers, Message, RequestBody, ResponseHeadMsg, TunnelRequest};
 
+use crate::policy::Policy;
 use crate::stream::StreamHandle;
 
 /// A request whose response head takes longer than this is acknowledged to
@@ -38,9 +40,19 @@ pub const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(100)
 /// Request fields never passed to the local service.
 const DROPPED: [HeaderName; 3] = [http::header::ORIGIN, http::header::AUTHORIZATION, HOST];
 
+/// Requests the agent took from the relay, and those its policy refused.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub refused: AtomicU64,
+}
+
 /// The local service and the pooled client that reaches it.
 pub struct Upstream {
     base: Uri,
+    /// Which requests may reach it.
+    policy: Policy,
+    pub counters: Counters,
     host: HeaderValue,
     client: Client<HttpConnector, UpstreamBody>,
 }
@@ -48,7 +60,7 @@ pub struct Upstream {
 impl Upstream {
     /// A client of the local service at `base` that reads response heads of
     /// up to `max_headers` fields (the limit the tunnel carries).
-    pub fn new(base: Uri, max_headers: usize) -> Self {
+    pub fn new(base: Uri, max_headers: usize, policy: Policy) -> Self {
         let mut connector = HttpConnector::new();
         // Nagle on the upstream connection made small POSTs 13x slower.
         connector.set_nodelay(true);
@@ -59,7 +71,7 @@ impl Upstream {
         let authority = base.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1");
         let host =
             HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("127.0.0.1"));
-        Self { base, host, client }
+        Self { base, policy, counters: Counters::default(), host, client }
     }
 
     fn uri_for(&self, path: &http::uri::PathAndQuery) -> Result<Uri, http::Error> {
@@ -115,6 +127,16 @@ async fn exchange(
     body: Option<Inbox>,
 ) -> Outcome {
     let id = req.id.clone();
+    // Nothing the owner's policy refuses reaches the local service.
+    if let Err(refusal) = upstream.policy.check(&req.method, req.path.as_str()) {
+        upstream.counters.refused.fetch_add(1, Ordering::Relaxed);
+        info!(stream = %id, method = %req.method, path = %req.path.path(), %refusal, "request refused");
+        return Outcome::Failed {
+            before_head: true,
+            code: refusal.code(),
+            message: refusal.to_string(),
+        };
+    }
     let uri = match upstream.uri_for(&req.path) {
         Ok(u) => u,
         Err(e) => {

@@ -56,14 +56,61 @@ pub fn secret(
             Err(ConfigError::Invalid(format!("set {what} or {what}_file, not both")))
         }
         (Some(v), None) => Ok(Some(v)),
-        (None, Some(path)) => Ok(Some(
-            std::fs::read_to_string(&path)
-                .map_err(|source| ConfigError::Read { path, source })?
-                .trim()
-                .to_owned(),
-        )),
+        (None, Some(path)) => read_secret(&path).map(Some),
         (None, None) => Ok(None),
     }
+}
+
+/// Reads a secret file (trimmed) that only its owner may read.
+pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    private_file(path)?;
+    Ok(std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?
+        .trim()
+        .to_owned())
+}
+
+/// Refuses a secret file its group or others may read or write: a token
+/// that leaked to another local account is a token to rotate, not to use.
+pub fn private_file(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "{} is readable by others (mode {mode:03o}): chmod 600 {}",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes a secret file only its owner may read, atomically: a temporary
+/// file in the same directory (mode 0600), synced, renamed over `path`, and
+/// the directory synced. A crash leaves the old file or the new one, never
+/// half of either.
+pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("secret");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(secret.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// `value`, which must not be zero, or `default`.
@@ -204,6 +251,9 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("token");
         std::fs::write(&file, "  from-file\n").expect("write");
+        let err = secret("token", None, Some(file.clone())).expect_err("world-readable");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        write_secret(&file, "  from-file").expect("write");
         assert_eq!(
             secret("token", None, Some(file.clone())).expect("ok"),
             Some("from-file".into())

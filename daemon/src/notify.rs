@@ -34,3 +34,11 @@ pub fn status(text: &str) {
 pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
+
+/// The daemon began reloading (SIGHUP); [`ready`] when it is done.
+pub fn reloading() {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or_default();
+    send(&[NotifyState::Reloading, NotifyState::MonotonicUsec(now as i128)]);
+}

@@ -91,12 +91,42 @@ pub trait Daemon {
 pub struct Context {
     /// Cancelled by the first terminate signal: stop accepting, drain.
     pub shutdown: CancellationToken,
+    /// Bumped by each SIGHUP.
+    reloads: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Context {
+    /// A context that no signal reaches (tests, embedding).
+    pub fn detached(shutdown: CancellationToken) -> Self {
+        Self { shutdown, reloads: tokio::sync::watch::channel(0).1 }
+    }
+
     /// The daemon's listeners are bound: tell the service manager.
     pub fn ready(&self) {
         notify::ready();
+    }
+
+    /// Runs `reload` on each SIGHUP, between `RELOADING=1` and `READY=1`,
+    /// until shutdown. One reload at a time; signals that arrive during one
+    /// fold into the next.
+    pub fn on_reload<F, Fut>(&self, mut reload: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let mut reloads = self.reloads.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    changed = reloads.changed() => if changed.is_err() { return },
+                }
+                notify::reloading();
+                reload().await;
+                notify::ready();
+            }
+        });
     }
 }
 
@@ -142,8 +172,9 @@ pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
     let result = rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let signals = Signals::new().map_err(|e| anyhow::anyhow!("cannot handle signals: {e}"))?;
-        tokio::spawn(watch_signals(D::NAME, signals, shutdown.clone()));
-        let ctx = Context { shutdown };
+        let (reload, reloads) = tokio::sync::watch::channel(0);
+        tokio::spawn(watch_signals(signals, shutdown.clone(), reload));
+        let ctx = Context { shutdown, reloads };
         // A task of its own, so a multi-threaded runtime's main thread only
         // waits.
         tokio::spawn(D::run(config, ctx))
@@ -159,8 +190,12 @@ pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
     }
 }
 
-/// Turns signals into the daemon's shutdown.
-async fn watch_signals(name: &'static str, mut signals: Signals, shutdown: CancellationToken) {
+/// Turns signals into the daemon's shutdown and reloads.
+async fn watch_signals(
+    mut signals: Signals,
+    shutdown: CancellationToken,
+    reload: tokio::sync::watch::Sender<u64>,
+) {
     loop {
         match signals.recv().await {
             Signal::Terminate if shutdown.is_cancelled() => {
@@ -173,7 +208,8 @@ async fn watch_signals(name: &'static str, mut signals: Signals, shutdown: Cance
                 shutdown.cancel();
             }
             Signal::Hangup => {
-                warn!("SIGHUP: this version reloads nothing; restart {name} to apply changes");
+                info!("SIGHUP: reloading");
+                reload.send_modify(|n| *n += 1);
             }
         }
     }

@@ -120,6 +120,13 @@ pub trait Handler: Send + Sync + 'static {
     /// `error`, which the link answers itself.
     fn on_message(&self, msg: Message) -> Result<(), Rejected>;
 
+    /// A session-level `error` (empty id) from the peer, already charged to
+    /// its refusal budget: true when the handler was waiting for it (an
+    /// answer to an in-band request), false to have it logged.
+    fn on_peer_error(&self, _error: &tunnel_proto::ErrorMsg) -> bool {
+        false
+    }
+
     /// A valid binary frame.
     fn on_data(&self, frame: DataFrame) -> Result<(), Rejected>;
 

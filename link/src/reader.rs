@@ -104,7 +104,9 @@ fn on_text<H: Handler>(link: &Link, text: &str, now: Instant, handler: &H) -> Re
             // A report that one of our frames was refused: it costs the
             // peer's refusal budget, so it cannot flood the log.
             link.lock_budget().refusal(now)?;
-            warn!(session = %link.label, code = e.code, error = %e.error, "{} reported an error", link.peer);
+            if !handler.on_peer_error(&e) {
+                warn!(session = %link.label, code = e.code, error = %e.error, "{} reported an error", link.peer);
+            }
         }
         other => handler.on_message(other)?,
     }

@@ -21,6 +21,7 @@ pub mod headers;
 pub mod limits;
 pub mod liveness;
 pub mod message;
+pub mod path;
 
 pub use error::{ProtocolError, Violation};
 pub use exchange::{RequestBody, ResponseHead, StreamId, TunnelRequest};

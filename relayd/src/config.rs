@@ -85,23 +85,7 @@ pub struct TlsFile {
     pub key_file: Option<PathBuf>,
 }
 
-/// TLS termination, loaded and checked.
-#[derive(Clone, Serialize)]
-pub struct Tls {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    #[serde(skip)]
-    pub server: std::sync::Arc<rustls::ServerConfig>,
-}
-
-impl std::fmt::Debug for Tls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls")
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .finish_non_exhaustive()
-    }
-}
+pub use crate::tls::Tls;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -420,12 +404,10 @@ impl ConfigFile {
             metrics_listen: self.metrics_listen,
             tls: match (self.tls.cert_file, self.tls.key_file) {
                 (None, None) => None,
-                (Some(cert_file), Some(key_file)) => Some(Tls {
-                    server: crate::tls::server_config(&cert_file, &key_file)
+                (Some(cert_file), Some(key_file)) => Some(
+                    crate::tls::load(&cert_file, &key_file)
                         .map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))?,
-                    cert_file,
-                    key_file,
-                }),
+                ),
                 _ => {
                     return Err(ConfigError::Invalid(
                         "[tls] needs both cert_file and key_file".into(),

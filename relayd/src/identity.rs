@@ -335,12 +335,10 @@ impl Identity {
         store: Arc<dyn CredentialStore>,
         revoked: HashMap<String, Option<u64>>,
     ) -> Self {
-        let jwks = match (&config.jwks_url, &config.jwks_tls) {
-            (Some(u), Some(tls)) => {
-                Some(JwksUrl::new(u.clone(), config.jwks_min_interval, tls.clone()))
-            }
-            _ => None,
-        };
+        let jwks = config
+            .jwks_url
+            .as_ref()
+            .map(|u| JwksUrl::new(u.clone(), config.jwks_min_interval, config.jwks_tls.clone()));
         Self {
             config,
             statics,
@@ -486,11 +484,12 @@ impl Identity {
             return Ok(found);
         }
         // An unknown kid may be a provider's new key: look again, at most
-        // once per interval.
+        // once per interval. A fetch already under way (the one at start)
+        // is waited for, and its keys count.
         if header.kid.is_some()
             && let Some(j) = &self.jwks
-            && j.refresh().await
         {
+            j.refresh().await;
             let found = pick(all(self));
             if !found.is_empty() {
                 return Ok(found);
@@ -516,14 +515,21 @@ impl Identity {
             v.leeway = self.config.leeway.as_secs();
             v.validate_nbf = true;
             v.validate_exp = true;
-            v.set_required_spec_claims(&["exp"]);
+            // A configured issuer or audience must be present, not just
+            // right when present.
+            let mut required = vec!["exp"];
             if let Some(iss) = &self.config.issuer {
                 v.set_issuer(&[iss]);
+                required.push("iss");
             }
             match &self.config.audience {
-                Some(aud) => v.set_audience(&[aud]),
+                Some(aud) => {
+                    v.set_audience(&[aud]);
+                    required.push("aud");
+                }
                 None => v.validate_aud = false,
             }
+            v.set_required_spec_claims(&required);
             match jsonwebtoken::decode::<Value>(token, &key.key, &v) {
                 Ok(data) => return self.principal_of(&data.claims),
                 Err(e) => {

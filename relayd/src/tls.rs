@@ -1,13 +1,21 @@
 //! TLS termination: web clients and agents reach the relay over HTTPS/WSS on
 //! the same listener when `[tls]` is configured.
+//!
+//! The certificate is served through a resolver whose key can be replaced
+//! while the relay runs ([`Tls::reload`], on SIGHUP): new handshakes get the
+//! new certificate, established connections (and the tunnels on them) keep
+//! theirs.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde::Serialize;
 
 /// Time a new connection has to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,9 +31,44 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Builds the server side from a PEM certificate chain (leaf first) and a
-/// PEM private key (PKCS#8, PKCS#1 or SEC1).
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// TLS termination, loaded and checked: the files, the server settings, and
+/// the certificate they serve (replaceable).
+#[derive(Clone, Serialize)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(skip)]
+    pub server: Arc<ServerConfig>,
+    #[serde(skip)]
+    current: Arc<Current>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The certificate new handshakes get.
+#[derive(Debug)]
+struct Current(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM certificate chain (leaf first) and a PEM private key
+/// (PKCS#8, PKCS#1 or SEC1) that belong together.
+fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
     let invalid = |path: &Path, why: String| TlsError::File { path: path.to_owned(), why };
     let certs = CertificateDer::pem_file_iter(cert_file)
         .map_err(|e| invalid(cert_file, e.to_string()))?
@@ -36,17 +79,36 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
     }
     let key =
         PrivateKeyDer::from_pem_file(key_file).map_err(|e| invalid(key_file, e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    CertifiedKey::from_der(certs, key, &provider()).map_err(|source| TlsError::Unusable {
+        cert: cert_file.to_owned(),
+        key: key_file.to_owned(),
+        source,
+    })
+}
+
+/// Loads `cert_file` and `key_file` into the relay's TLS settings.
+pub fn load(cert_file: &Path, key_file: &Path) -> Result<Tls, TlsError> {
+    let current = Arc::new(Current(RwLock::new(Arc::new(certified_key(cert_file, key_file)?))));
+    let mut server = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|source| TlsError::Unusable {
-            cert: cert_file.to_owned(),
-            key: key_file.to_owned(),
-            source,
-        })?;
+        .with_cert_resolver(current.clone());
     // The relay speaks HTTP/1.1 only (WebSocket upgrades need it).
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Tls {
+        cert_file: cert_file.to_owned(),
+        key_file: key_file.to_owned(),
+        server: Arc::new(server),
+        current,
+    })
+}
+
+impl Tls {
+    /// Reads the files again; on success new handshakes get the new
+    /// certificate. On failure the old one stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = certified_key(&self.cert_file, &self.key_file)?;
+        *self.current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        Ok(())
+    }
 }

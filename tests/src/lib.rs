@@ -25,6 +25,30 @@ pub fn agent_token(user: &str) -> String {
     format!("agent-token-{user}-0123456789")
 }
 
+/// A directory under the system's temp dir, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tunnel-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Longest any harness wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -152,6 +176,9 @@ impl TestAgent {
         }
         .resolve()
         .expect("valid agent config");
+        // The suites exercise the tunnel with the stand-in's own endpoints
+        // (/echo, /bytes, ...); the identity suite tests the default policy.
+        config.policy = agentd::policy::Policy::everything();
         tweak(&mut config);
         let agent = Arc::new(agentd::Agent::new(config));
         let shutdown = CancellationToken::new();

@@ -42,17 +42,12 @@ impl TestCert {
 
     /// The relay's `[tls]` with this certificate.
     pub fn relay_tls(&self) -> relayd::config::Tls {
-        relayd::config::Tls {
-            server: relayd::tls::server_config(&self.cert_file, &self.key_file)
-                .expect("the test certificate loads"),
-            cert_file: self.cert_file.clone(),
-            key_file: self.key_file.clone(),
-        }
+        relayd::tls::load(&self.cert_file, &self.key_file).expect("the test certificate loads")
     }
 
     /// A TLS client that trusts only this certificate.
     pub fn client(&self) -> Arc<rustls::ClientConfig> {
-        agentd::tls::client_config(Some(&self.cert_file)).expect("the test CA loads")
+        agentd::tls::client_config(Some(&self.cert_file), &[]).expect("the test CA loads")
     }
 }
 

@@ -36,7 +36,7 @@ async fn a_chat_streams_over_https_through_an_agent_on_wss() {
     let wss = format!("wss://{}/ws/tunnel", relay.addr);
     let _agent = TestAgent::start_with(&relay, "alice", &standin.url(), move |c| {
         c.relay = wss.parse().expect("valid URL");
-        c.tls = Some(agentd::tls::client_config(Some(&ca)).expect("CA loads"));
+        c.tls = Some(agentd::tls::client_config(Some(&ca), &[]).expect("CA loads"));
     })
     .await;
 
@@ -92,7 +92,7 @@ async fn first_connect_error(relay: &TestRelay, ca_file: &std::path::Path) -> St
     let config = agentd::ConfigFile {
         relay: Some(format!("wss://{}", relay.addr)),
         token: Some(tunnel_tests::agent_token("alice")),
-        tls: agentd::config::TlsFile { ca_file: Some(ca_file.to_owned()) },
+        tls: agentd::config::TlsFile { ca_file: Some(ca_file.to_owned()), pins: vec![] },
         ..agentd::ConfigFile::default()
     }
     .resolve()
@@ -146,17 +146,17 @@ async fn an_agent_refuses_a_trusted_certificate_for_another_name() {
 fn unusable_tls_files_are_refused_with_the_file_named() {
     let cert = TestCert::new().expect("certificate");
     // The key file given as the certificate: no certificate in it.
-    let err = relayd::tls::server_config(&cert.key_file, &cert.key_file).expect_err("must fail");
+    let err = relayd::tls::load(&cert.key_file, &cert.key_file).expect_err("must fail");
     assert!(err.to_string().contains("key.pem"), "{err}");
     // A missing key file.
     let missing = cert.dir.join("absent.pem");
-    let err = relayd::tls::server_config(&cert.cert_file, &missing).expect_err("must fail");
+    let err = relayd::tls::load(&cert.cert_file, &missing).expect_err("must fail");
     assert!(err.to_string().contains("absent.pem"), "{err}");
     // A CA file for a ws:// relay is a mistake, said at start.
     let err = agentd::ConfigFile {
         relay: Some("ws://127.0.0.1:1".into()),
         token: Some(tunnel_tests::agent_token("alice")),
-        tls: agentd::config::TlsFile { ca_file: Some(cert.cert_file.clone()) },
+        tls: agentd::config::TlsFile { ca_file: Some(cert.cert_file.clone()), pins: vec![] },
         ..agentd::ConfigFile::default()
     }
     .resolve()

@@ -61,21 +61,7 @@ pub struct KeyFile {
     pub kid: Option<String>,
 }
 
-/// Refuses a secret file others may read.
-pub fn private_file(path: &std::path::Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let meta = std::fs::metadata(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(ConfigError::Invalid(format!(
-            "{} is readable by others (mode {mode:o}): chmod 600 {}",
-            path.display(),
-            path.display()
-        )));
-    }
-    Ok(())
-}
+pub use daemon::config::private_file;
 
 impl IdentityFile {
     /// Loads every key; `public` are the users `[[users]]` marks public.
@@ -186,7 +172,13 @@ impl IdentityFile {
             signer,
             keys: verify,
             jwks_url,
-            jwks_min_interval: self.jwks_min_interval.map_or(d.jwks_min_interval, Human::get),
+            jwks_min_interval: match self.jwks_min_interval.map(Human::get) {
+                Some(t) if t < Duration::from_secs(1) => {
+                    return Err(invalid("jwks_min_interval must be at least 1s".into()));
+                }
+                Some(t) => t,
+                None => d.jwks_min_interval,
+            },
             jwks_tls,
         })
     }

@@ -28,14 +28,15 @@ pub struct JwksUrl {
     last_fetch: Mutex<Option<Instant>>,
     /// One fetch at a time; the others wait for it.
     fetching: tokio::sync::Mutex<()>,
-    tls: std::sync::Arc<rustls::ClientConfig>,
+    /// For an `https://` URL (plain `http://` is allowed on loopback only).
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl JwksUrl {
     pub fn new(
         url: Uri,
         min_interval: Duration,
-        tls: std::sync::Arc<rustls::ClientConfig>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     ) -> Self {
         Self {
             url,
@@ -98,9 +99,10 @@ impl JwksUrl {
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
         let resp = if https {
+            let tls = self.tls.clone().ok_or("no TLS settings for an https:// URL")?;
             let name = rustls::pki_types::ServerName::try_from(host.to_owned())
                 .map_err(|e| e.to_string())?;
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            let tls = tokio_rustls::TlsConnector::from(tls)
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;

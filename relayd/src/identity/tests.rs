@@ -107,6 +107,18 @@ fn time_issuer_and_audience_are_checked() {
         }),
         Err(AuthError::Claims(_))
     ));
+    // A configured issuer and audience must be there, not only right.
+    for claim in ["iss", "aud"] {
+        assert!(
+            matches!(
+                with(&|c| {
+                    c.as_object_mut().expect("map").remove(claim);
+                }),
+                Err(AuthError::Claims(_))
+            ),
+            "a token without {claim}"
+        );
+    }
     // Within the leeway (30 s) a just-expired token still passes.
     assert!(with(&|c| c["exp"] = (now() - 5).into()).is_ok());
 }

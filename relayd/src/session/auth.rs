@@ -39,6 +39,8 @@ pub struct SessionAuth {
     pub pending_rotation: Option<String>,
     /// A token being checked (one at a time).
     pub checking: bool,
+    /// A credential being issued for a `rotate` (one at a time).
+    pub issuing: bool,
 }
 
 fn rfc3339(t: Option<SystemTime>) -> Option<String> {
@@ -160,16 +162,17 @@ impl Session {
     /// `rotate`: issues a new credential (stored off the reader).
     pub(super) fn on_rotate(&self) {
         let current = {
-            let a = self.lock_auth();
+            let mut a = self.lock_auth();
             if a.via != Some(Via::Credential) {
                 drop(a);
                 return self
                     .refuse_auth(400, "rotate needs a session opened with an agent credential");
             }
-            if a.pending_rotation.is_some() {
+            if a.pending_rotation.is_some() || a.issuing {
                 drop(a);
-                return self.refuse_auth(409, "a rotation is waiting for rotated already");
+                return self.refuse_auth(409, "a rotation is under way already");
             }
+            a.issuing = true;
             a.id.clone()
         };
         let Some(me) = self.me.upgrade() else { return };
@@ -180,9 +183,14 @@ impl Session {
                 identity.issue_credential(&user, current.as_deref())
             })
             .await;
+            let mut a = me.lock_auth();
+            a.issuing = false;
+            if let Ok(Ok(c)) = &issued {
+                a.pending_rotation = Some(c.id.clone());
+            }
+            drop(a);
             match issued {
                 Ok(Ok(c)) => {
-                    me.lock_auth().pending_rotation = Some(c.id.clone());
                     me.link.push_urgent(Message::Credential(Credential {
                         id: c.id,
                         secret: c.secret,

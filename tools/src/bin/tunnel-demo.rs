@@ -87,7 +87,7 @@ async fn main() -> Result<()> {
     let relay = SocketAddr::from(([127, 0, 0, 1], port));
     let token = format!("demo-agent-token-{:032x}", rand_u128());
     let token_file = dir.join("agent.token");
-    std::fs::write(&token_file, &token)?;
+    daemon::config::write_secret(&token_file, &token)?;
     let relay_conf = dir.join("relayd.toml");
     std::fs::write(
         &relay_conf,

@@ -92,7 +92,7 @@ async fn main() -> Result<()> {
     );
     for i in 0..args.agents {
         let token = dir.join(format!("u{i}.token"));
-        std::fs::write(&token, format!("soak-agent-token-{i:06}-0123456789"))?;
+        daemon::config::write_secret(&token, &format!("soak-agent-token-{i:06}-0123456789"))?;
         write!(
             conf,
             "\n[[users]]\nid = \"u{i}\"\nagent_token_file = \"{}\"\npublic = true\n",

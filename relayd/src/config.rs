@@ -561,10 +561,22 @@ fn user_secret(
 ) -> Result<Option<String>, ConfigError> {
     let value = secret(what, inline, file)
         .map_err(|e| ConfigError::Invalid(format!("user {user:?}: {e}")))?;
-    if value.as_ref().is_some_and(|v| v.len() < 16) {
-        return Err(ConfigError::Invalid(format!(
-            "user {user:?}: {what} must be at least 16 characters"
-        )));
+    let Some(v) = &value else { return Ok(None) };
+    let bad = |why: &str| Err(ConfigError::Invalid(format!("user {user:?}: {what} {why}")));
+    if v.len() < 16 {
+        return bad("must be at least 16 characters");
+    }
+    if v.len() > crate::identity::MAX_TOKEN_LEN || v.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return bad("must be printable ASCII without spaces, at most 8 KiB");
+    }
+    // Tokens of these shapes are read as credentials or JWTs, never
+    // compared with static ones: such a static token could never work.
+    if v.starts_with(crate::identity::CREDENTIAL_PREFIX)
+        || v.bytes().filter(|b| *b == b'.').count() == 2
+    {
+        return bad(
+            "looks like an agent credential or a JWT (tcred_ prefix, or two dots); pick another static token",
+        );
     }
     Ok(value)
 }

@@ -24,6 +24,12 @@ fn users_need_a_valid_id_and_a_long_enough_token() {
     assert!(parse("[[users]]\nid = \"alice\"").is_err());
     let c = parse("[[users]]\nid = \"alice\"\nagent_token = \"0123456789abcdef\"").expect("valid");
     assert_eq!(c.users[0].id, "alice");
+    // Shapes that are read as a credential or a JWT could never match.
+    for token in ["tcred_0123456789abcdef", "aaaaaa.bbbbbbbb.cccccc", "with space 0123456789"] {
+        let err = parse(&format!("[[users]]\nid = \"alice\"\nagent_token = \"{token}\""))
+            .expect_err(token);
+        assert!(err.to_string().contains("agent_token"), "{err}");
+    }
 }
 
 #[test]

@@ -240,6 +240,10 @@ impl Agent {
     /// `state_dir` (when there is one) and used for every later connection.
     /// Not connected: stored, used, and the agent connects at once.
     pub async fn install_token(&self, token: String) -> Result<Installed, InstallError> {
+        self.install(token, true).await
+    }
+
+    async fn install(&self, token: String, persist: bool) -> Result<Installed, InstallError> {
         config::check_token(&token).map_err(|e| InstallError::Invalid(e.to_string()))?;
         let session = self.shared.current();
         let in_band = match &session {
@@ -257,7 +261,7 @@ impl Agent {
             }
             None => false,
         };
-        let stored = match self.config().state_dir.clone() {
+        let stored = match self.config().state_dir.clone().filter(|_| persist) {
             Some(dir) => {
                 let path = config::credential_path(&dir);
                 let (file, secret) = (path.clone(), token.clone());
@@ -280,12 +284,16 @@ impl Agent {
     }
 
     /// Reads the token file again (SIGHUP) and installs its token when it
-    /// changed; failures are logged, the current token stays.
+    /// changed (not copied to state_dir: the file is where it lives);
+    /// failures are logged, the current token stays.
     pub async fn reload_token(&self) {
+        if self.config().token_file.is_none() {
+            return tracing::info!("no token file to read again (the token is inline)");
+        }
         let Some(fresh) = self.shared.fresh_file_token() else {
             return tracing::info!("the token file is unchanged");
         };
-        match self.install_token(fresh).await {
+        match self.install(fresh, false).await {
             Ok(i) => tracing::info!(in_band = i.in_band, "the token file's new token is installed"),
             Err(e) => tracing::warn!(error = %e, "the token file's new token was not installed"),
         }

@@ -111,6 +111,11 @@ impl std::str::FromStr for Rule {
             Pattern::Exact(path.to_owned())
         };
         if let Pattern::Exact(p) | Pattern::Below(p) = &path
+            && p.contains('*')
+        {
+            return Err(bad("* stands alone or ends the rule (/api/blobs/*)"));
+        }
+        if let Pattern::Exact(p) | Pattern::Below(p) = &path
             && (tunnel_proto::path::check(p).is_err() || p.contains('?'))
         {
             return Err(bad("the path must be a plain absolute path"));
@@ -290,8 +295,15 @@ mod tests {
 
     #[test]
     fn rules_that_cannot_mean_anything_are_config_errors() {
-        for bad in ["post /api/chat", "GET", "GET /a /b", "/api/blobs*", "GET api/tags", "/a/../b"]
-        {
+        for bad in [
+            "post /api/chat",
+            "GET",
+            "GET /a /b",
+            "/api/blobs*",
+            "GET api/tags",
+            "/a/../b",
+            "/api/*/x",
+        ] {
             assert!(bad.parse::<Rule>().is_err(), "{bad:?}");
         }
         assert_eq!("GET /v1/models/*".parse::<Rule>().unwrap().to_string(), "GET /v1/models/*");

@@ -191,6 +191,17 @@ impl Shared {
         Some(fresh)
     }
 
+    /// Uses the token file's content when it changed since last read.
+    fn adopt_fresh_file_token(&self) -> bool {
+        match self.fresh_file_token() {
+            Some(t) => {
+                self.set_token(t);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Falls back to the configured token after the relay refused the
     /// stored credential; `false` when there is none to fall back to.
     fn fall_back(&self) -> bool {
@@ -336,6 +347,14 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 let delay = match &e {
+                    // The token file holds a newer token (an identity
+                    // provider's tooling renewed an expired JWT): use it.
+                    ConnectError::Unauthorized(_) if shared.adopt_fresh_file_token() => {
+                        info!(
+                            "the relay refused the token; the token file holds a new one, trying it"
+                        );
+                        Duration::ZERO
+                    }
                     // The stored credential was refused (revoked?) and the
                     // configured token differs: try that one at once.
                     ConnectError::Unauthorized(_) if shared.fall_back() => {
@@ -343,9 +362,11 @@ pub(crate) async fn run(
                         Duration::ZERO
                     }
                     // A refused credential or a pin mismatch will not fix
-                    // itself quickly.
+                    // itself quickly: the longest wait, spread so agents
+                    // refused together do not return together.
                     ConnectError::Unauthorized(_) | ConnectError::PinMismatch(_) => {
-                        backoff.ceiling().max(config.reconnect_max_delay)
+                        let slow = backoff.ceiling().max(config.reconnect_max_delay);
+                        slow.mul_f64(0.5 + rand::random::<f64>() * 0.5)
                     }
                     _ => backoff.next_delay(),
                 };

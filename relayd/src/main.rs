@@ -83,20 +83,22 @@ impl Daemon for Relayd {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let state = relayd::open_state(&config)?;
-        if let Some(tls) = config.tls.clone() {
-            ctx.on_reload(move || {
-                let tls = tls.clone();
-                async move {
-                    match tokio::task::spawn_blocking(move || tls.reload()).await {
+        let tls = config.tls.clone();
+        ctx.on_reload(move || {
+            let tls = tls.clone();
+            async move {
+                let Some(tls) = tls else {
+                    return tracing::info!("nothing to reload without [tls]");
+                };
+                match tokio::task::spawn_blocking(move || tls.reload()).await {
                         Ok(Ok(())) => tracing::info!("TLS certificate and key reloaded"),
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "cannot reload TLS; keeping the certificate in use")
                         }
                         Err(e) => tracing::warn!(error = %e, "TLS reload failed"),
                     }
-                }
-            });
-        }
+            }
+        });
         let metrics_listen = config.metrics_listen;
         let relay = relayd::Relay::with_state(config, state);
         // Metrics outlive the drain, so `relayd_draining` can be scraped.

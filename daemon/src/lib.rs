@@ -7,6 +7,8 @@
 //! listeners, tells the service manager it is ready ([`notify`]), serves
 //! until the terminate signal cancels [`Context::shutdown`], and drains.
 //!
+//! - [`control`]: the control socket (unix, 0660, stale ones replaced) and
+//!   who may call what on it (peer credentials).
 //! - [`config`]: strict TOML loading, durations, secrets inline or from a
 //!   file, the check that an example configuration documents real keys.
 //! - [`metrics`]: the Prometheus `GET /metrics` listener both daemons serve.
@@ -15,6 +17,7 @@
 //! - [`signals`]: terminate and hang-up as typed events.
 
 pub mod config;
+pub mod control;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

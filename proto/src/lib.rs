@@ -13,6 +13,7 @@
 //! `docs/PROTOCOL.md` is the human-readable specification of the same rules.
 
 pub mod budget;
+pub mod control;
 pub mod error;
 pub mod exchange;
 pub mod flow;

@@ -45,6 +45,8 @@ pub struct ConfigFile {
     pub tls: TlsFile,
     #[serde(default)]
     pub policy: crate::policy::PolicyFile,
+    #[serde(default)]
+    pub control: daemon::control::ControlFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +93,8 @@ pub struct Config {
     /// Which requests may reach the local service.
     #[serde(serialize_with = "show_policy")]
     pub policy: crate::policy::Policy,
+    /// The control socket (`tunnelctl`).
+    pub control: daemon::control::Control,
     /// Base URL of the local service (scheme and authority).
     #[serde(serialize_with = "display")]
     pub upstream: Uri,
@@ -197,6 +201,7 @@ impl Resolve for ConfigFile {
             token_file,
             state_dir,
             policy,
+            control: self.control.resolve("agentd"),
             upstream,
             limits,
             reconnect_max_delay: self

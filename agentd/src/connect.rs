@@ -31,11 +31,15 @@ pub struct Connected {
     pub relay_acks: bool,
     /// The relay listed `auth`: the session can be renewed in-band.
     pub relay_auth: bool,
+    /// The relay listed `service`: it takes reports of the local service.
+    pub relay_service: bool,
     /// When the session's authorization ends unless renewed.
     pub expires: Option<std::time::SystemTime>,
     /// An access token the relay minted for the credential: the session
     /// was opened with a credential and renews with `refresh`.
     pub access_token: Option<String>,
+    /// The pin of the relay's key (TLS only).
+    pub relay_pin: Option<String>,
 }
 
 /// Why a connection attempt failed. Callers branch on `Unauthorized` (retry
@@ -75,6 +79,7 @@ async fn try_connect(config: &Config, token: &str) -> Result<Connected, ConnectE
     let unreachable = |e: std::io::Error| ConnectError::Unreachable(e.to_string());
     let tcp = TcpStream::connect((host, port)).await.map_err(unreachable)?;
     tcp.set_nodelay(true).map_err(unreachable)?;
+    let mut relay_pin = None;
     let stream = match (uri.scheme_str(), &config.tls) {
         (Some("ws"), _) => MaybeTlsStream::Plain(tcp),
         (_, None) => {
@@ -91,6 +96,13 @@ async fn try_connect(config: &Config, token: &str) -> Result<Connected, ConnectE
                     None => ConnectError::Tls(e.to_string()),
                 }
             })?;
+            relay_pin = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::tls::Pin::of(c).ok())
+                .map(|p| p.to_string());
             MaybeTlsStream::Rustls(stream)
         }
     };
@@ -159,8 +171,10 @@ async fn try_connect(config: &Config, token: &str) -> Result<Connected, ConnectE
             Ok(Connected {
                 relay_acks: listed(capability::ACK),
                 relay_auth: listed(capability::AUTH),
+                relay_service: listed(capability::SERVICE),
                 expires: w.expires_at.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok()),
                 access_token: w.token,
+                relay_pin,
                 socket,
                 session_id: w.session_id,
                 relay_limits: w.limits,

@@ -14,6 +14,7 @@
 pub mod backoff;
 pub mod config;
 pub mod connect;
+pub mod control;
 mod metrics;
 pub mod policy;
 pub mod renew;
@@ -50,6 +51,44 @@ pub enum CommandError {
     NotRunning,
     #[error("the agent is busy with earlier commands; try again")]
     Busy,
+}
+
+/// How agentd's health checks of the local service name themselves
+/// (`User-Agent`), so logs and tests can tell them from tunnelled traffic.
+pub const HEALTH_CHECK_AGENT: &str = "agentd-health-check";
+
+/// The local service as the agent last saw it (`GET /api/version`, every
+/// [`supervisor::HEALTH_INTERVAL`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub reachable: bool,
+    /// Ollama's version, when it answered.
+    pub version: Option<String>,
+    /// Why it is not reachable.
+    pub error: Option<String>,
+    /// Models loaded in memory (`GET /api/ps`).
+    pub models: Vec<String>,
+    pub checked: Option<std::time::SystemTime>,
+}
+
+impl ServiceHealth {
+    /// The `service` message the relay gets.
+    pub fn report(&self) -> tunnel_proto::ServiceState {
+        tunnel_proto::ServiceState {
+            reachable: self.reachable,
+            version: self.version.clone(),
+            models: self
+                .models
+                .iter()
+                .take(tunnel_proto::message::MAX_SERVICE_MODELS)
+                .cloned()
+                .collect(),
+            checked_at: humantime::format_rfc3339_seconds(
+                self.checked.unwrap_or_else(std::time::SystemTime::now),
+            )
+            .to_string(),
+        }
+    }
 }
 
 /// Requests the agent took from the relay, and those its policy refused.
@@ -116,10 +155,12 @@ impl Agent {
         let token = config.token.clone();
         let fallback = config.fallback.clone();
         let file_token = config.configured_token.clone();
+        let observer = daemon::observe::Observer::new(config.control.trace_bodies);
         let upstream = Arc::new(supervisor::Upstream::new(
             config.upstream.clone(),
             config.limits.max_headers as usize,
             config.policy.clone(),
+            observer,
         ));
         Self {
             shared: Arc::new(supervisor::Shared {
@@ -131,6 +172,8 @@ impl Agent {
                 gauge: Arc::new(BufferGauge::default()),
                 current: Mutex::new(None),
                 upstream,
+                relay_pin: Mutex::new(None),
+                service: Mutex::new(ServiceHealth::default()),
             }),
             commands,
             inbox: Mutex::new(Some(inbox)),
@@ -157,6 +200,21 @@ impl Agent {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.shared.upstream.counters;
         RequestCounts { received: c.received.load(Relaxed), refused: c.refused.load(Relaxed) }
+    }
+
+    /// What traces and request metrics are recorded with.
+    pub fn observer(&self) -> &Arc<daemon::observe::Observer> {
+        self.shared.upstream.observer()
+    }
+
+    /// The pin of the relay's key seen on the last TLS connection.
+    pub fn relay_pin(&self) -> Option<String> {
+        self.shared.relay_pin.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The local service as last checked.
+    pub fn service_health(&self) -> ServiceHealth {
+        self.shared.service.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Last measured round-trip time to the relay, while connected.

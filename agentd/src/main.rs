@@ -43,7 +43,21 @@ impl Daemon for Agentd {
 
     async fn run(config: agentd::Config, ctx: Context) -> anyhow::Result<()> {
         let metrics_listen = config.metrics_listen;
+        let control = config.control.clone();
+        let socket = match &control.socket {
+            Some(path) => Some(daemon::control::bind(path)?),
+            None => None,
+        };
         let agent = Arc::new(agentd::Agent::new(config));
+        if let Some(listener) = socket {
+            let service = agentd::control::Control::new(agent.clone(), control.owner_only);
+            let shutdown = ctx.shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = service.serve(listener, shutdown).await {
+                    tracing::error!(error = %e, "the control socket failed");
+                }
+            });
+        }
         let render = agent.clone();
         let _metrics =
             daemon::metrics::Server::start(metrics_listen, Arc::new(move || render.metrics()))
@@ -58,6 +72,9 @@ impl Daemon for Agentd {
         // Ready without waiting for the relay: an offline laptop must boot.
         ctx.ready();
         agent.run(ctx.shutdown).await;
+        if let Some(path) = &control.socket {
+            let _ = std::fs::remove_file(path);
+        }
         Ok(())
     }
 }

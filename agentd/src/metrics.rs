@@ -38,5 +38,6 @@ pub fn render(agent: &Agent) -> String {
             gauge.peak() as u64,
         )
         .gauge("agentd_tasks", "Tokio tasks alive in the agent process.", tasks_alive());
+    agent.observer().render("agentd", &mut out);
     out.finish()
 }

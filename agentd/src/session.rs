@@ -79,6 +79,8 @@ pub struct SessionParams {
     pub liveness: link::settings::Liveness,
     /// The relay listed `ack`: each accepted request is acknowledged.
     pub acks: bool,
+    /// The relay listed `service`: the local service's health is reported.
+    pub service_reports: bool,
     pub upstream: Arc<Upstream>,
     /// Where stream tasks run (drained on shutdown).
     pub tasks: TaskTracker,
@@ -101,6 +103,7 @@ pub struct Session {
     draining: AtomicBool,
     ending: watch::Sender<Option<Ending>>,
     acks: bool,
+    service_reports: bool,
     upstream: Arc<Upstream>,
     tasks: TaskTracker,
     renewal: Renewal,
@@ -126,6 +129,7 @@ impl Session {
             draining: AtomicBool::new(false),
             ending: watch::channel(None).0,
             acks: p.acks,
+            service_reports: p.service_reports,
             upstream: p.upstream,
             tasks: p.tasks,
             renewal: p.renewal,
@@ -139,6 +143,13 @@ impl Session {
 
     pub fn renewal(&self) -> &Renewal {
         &self.renewal
+    }
+
+    /// Tells the relay what the agent saw of its local service.
+    pub fn report_service(&self, health: &crate::ServiceHealth) {
+        if self.service_reports {
+            self.link.push_urgent(Message::Service(health.report()));
+        }
     }
 
     /// Sends a session-level message to the relay.

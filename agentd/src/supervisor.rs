@@ -26,6 +26,24 @@ use crate::renew;
 use crate::session::{DRAIN_DEADLINE, Session, SessionEnd, SessionParams};
 pub(crate) use crate::upstream::Upstream;
 
+/// How often the local service's health is checked.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Checks the local service every [`HEALTH_INTERVAL`] until `stop`.
+async fn watch_service(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let health = shared.upstream.health().await;
+        if let Some(session) = shared.current() {
+            session.report_service(&health);
+        }
+        *shared.service.lock().unwrap_or_else(PoisonError::into_inner) = health;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+}
+
 /// Commands that may wait for the supervisor; more are refused.
 pub const COMMAND_QUEUE: usize = 8;
 
@@ -153,6 +171,10 @@ pub(crate) struct Shared {
     pub current: Mutex<Option<Arc<Session>>>,
     /// The local service, its policy and request counters.
     pub upstream: Arc<Upstream>,
+    /// The pin of the relay's key seen on the last TLS connection.
+    pub relay_pin: Mutex<Option<String>>,
+    /// The local service as last checked.
+    pub service: Mutex<crate::ServiceHealth>,
 }
 
 impl Shared {
@@ -259,6 +281,7 @@ pub(crate) async fn run(
     let config = &shared.config;
     let stop = shutdown.child_token();
     let upstream = shared.upstream.clone();
+    tokio::spawn(watch_service(shared.clone(), stop.clone()));
     let tasks = TaskTracker::new();
     let mut backoff = Backoff::new(Duration::from_secs(1), config.reconnect_max_delay);
     let set_phase = |phase| shared.state.send_modify(|s| s.phase = phase);
@@ -282,6 +305,8 @@ pub(crate) async fn run(
         let delay = match attempt {
             Ok(conn) => {
                 let started = Instant::now();
+                *shared.relay_pin.lock().unwrap_or_else(PoisonError::into_inner) =
+                    conn.relay_pin.clone();
                 let (session, rx) = Session::new(SessionParams {
                     id: conn.session_id.clone(),
                     peer: conn.relay_limits,
@@ -289,6 +314,7 @@ pub(crate) async fn run(
                     gauge: shared.gauge.clone(),
                     liveness: config.liveness,
                     acks: conn.relay_acks,
+                    service_reports: conn.relay_service,
                     upstream: upstream.clone(),
                     tasks: tasks.clone(),
                     renewal: renew::Renewal::new(
@@ -307,6 +333,10 @@ pub(crate) async fn run(
                     s.last_error = None;
                 });
                 shared.set_current(Some(session.clone()));
+                let seen = shared.service.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                if seen.checked.is_some() {
+                    session.report_service(&seen);
+                }
                 let run = session.clone().run(conn.socket, rx, stop.clone());
                 tokio::pin!(run);
                 let renewing = SessionRenew { shared: shared.clone(), session: session.clone() };

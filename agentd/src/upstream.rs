@@ -28,6 +28,8 @@ use tracing::{debug, info, warn};
 use tunnel_proto::flow::Inbox;
 use tunnel_proto::{Headers, Message, RequestBody, ResponseHeadMsg, TunnelRequest};
 
+use daemon::observe::{CancelReason, Observer, Outcome as Ended, Span};
+
 use crate::policy::Policy;
 use crate::stream::StreamHandle;
 
@@ -53,6 +55,8 @@ pub struct Upstream {
     /// Which requests may reach it.
     policy: Policy,
     pub counters: Counters,
+    /// Trace events and request metrics.
+    observer: Arc<Observer>,
     host: HeaderValue,
     client: Client<HttpConnector, UpstreamBody>,
 }
@@ -60,7 +64,7 @@ pub struct Upstream {
 impl Upstream {
     /// A client of the local service at `base` that reads response heads of
     /// up to `max_headers` fields (the limit the tunnel carries).
-    pub fn new(base: Uri, max_headers: usize, policy: Policy) -> Self {
+    pub fn new(base: Uri, max_headers: usize, policy: Policy, observer: Arc<Observer>) -> Self {
         let mut connector = HttpConnector::new();
         // Nagle on the upstream connection made small POSTs 13x slower.
         connector.set_nodelay(true);
@@ -71,7 +75,87 @@ impl Upstream {
         let authority = base.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1");
         let host =
             HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("127.0.0.1"));
-        Self { base, policy, counters: Counters::default(), host, client }
+        Self { base, policy, counters: Counters::default(), observer, host, client }
+    }
+
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
+    }
+
+    /// Asks the local service for its version (`GET /api/version`, 5 s).
+    pub async fn health(&self) -> crate::ServiceHealth {
+        let checked = Some(std::time::SystemTime::now());
+        let path = http::uri::PathAndQuery::from_static("/api/version");
+        let fail = |why: String| crate::ServiceHealth {
+            reachable: false,
+            version: None,
+            error: Some(why),
+            models: Vec::new(),
+            checked,
+        };
+        let (status, body) = match self.get_json(path).await {
+            Ok(answer) => answer,
+            Err(why) => return fail(why),
+        };
+        let version = body
+            .as_ref()
+            .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned));
+        // The models in memory, when the service is Ollama enough to say.
+        let models = match self.get_json(http::uri::PathAndQuery::from_static("/api/ps")).await {
+            Ok((s, Some(v))) if s.is_success() => v
+                .get("models")
+                .and_then(|m| m.as_array())
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|m| m.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        // Reachable, whatever it answered: a version only when it says one.
+        crate::ServiceHealth {
+            reachable: true,
+            version,
+            error: (!status.is_success()).then(|| format!("/api/version answered {status}")),
+            models,
+            checked,
+        }
+    }
+
+    /// `GET path` at the local service (5 s, 64 KiB): the status and the
+    /// body when it is JSON.
+    async fn get_json(
+        &self,
+        path: http::uri::PathAndQuery,
+    ) -> Result<(http::StatusCode, Option<serde_json::Value>), String> {
+        let uri = self.uri_for(&path).map_err(|e| e.to_string())?;
+        let mut req = Request::new(Either::Left(Full::new(Bytes::new())));
+        *req.uri_mut() = uri;
+        req.headers_mut().insert(HOST, self.host.clone());
+        req.headers_mut().insert(
+            http::header::USER_AGENT,
+            HeaderValue::from_str(&format!(
+                "agentd/{} ({})",
+                env!("CARGO_PKG_VERSION"),
+                crate::HEALTH_CHECK_AGENT
+            ))
+            .unwrap_or(HeaderValue::from_static(crate::HEALTH_CHECK_AGENT)),
+        );
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let resp = self.client.request(req).await.map_err(|e| source_text(&e))?;
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                resp.into_body(),
+                64 * 1024,
+            ))
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+            Ok::<_, String>((status, serde_json::from_slice(&body).ok()))
+        })
+        .await;
+        answer.unwrap_or_else(|_| Err("no answer within 5 s".into()))
     }
 
     fn uri_for(&self, path: &http::uri::PathAndQuery) -> Result<Uri, http::Error> {
@@ -93,11 +177,26 @@ pub async fn serve(
     let id = req.id.clone();
     let method = req.method.clone();
     let path = req.path.clone();
+    let mut span = upstream.observer.start(id.as_str(), "", "", method.as_str(), path.as_str());
+    if let RequestBody::Inline(b) = &req.body {
+        span.uploaded(b.len() as u64);
+    }
     let outcome = tokio::select! {
         biased;
         _ = cancel.cancelled() => Outcome::Cancelled,
-        o = exchange(&stream, &upstream, req, body) => o,
+        o = exchange(&stream, &upstream, req, body, &mut span) => o,
     };
+    match &outcome {
+        Outcome::Done => span.end(Ended::Ok, None, ""),
+        Outcome::SessionGone => {
+            span.end(Ended::Cancelled, Some(CancelReason::SessionLost), "the relay session ended")
+        }
+        Outcome::Cancelled => {
+            span.end(Ended::Cancelled, Some(CancelReason::Peer), "cancelled by the relay")
+        }
+        Outcome::Failed { code: 400 | 403, message, .. } => span.end(Ended::Refused, None, message),
+        Outcome::Failed { message, .. } => span.end(Ended::Error, None, message),
+    }
     match outcome {
         Outcome::Done | Outcome::SessionGone => {}
         Outcome::Cancelled => {
@@ -125,6 +224,7 @@ async fn exchange(
     upstream: &Upstream,
     req: TunnelRequest,
     body: Option<Inbox>,
+    span: &mut Span,
 ) -> Outcome {
     let id = req.id.clone();
     // Nothing the owner's policy refuses reaches the local service.
@@ -148,9 +248,10 @@ async fn exchange(
         }
     };
     let upstream_body = match (req.body, body) {
-        (RequestBody::Streamed, Some(inbox)) => {
-            Either::Right(InboxBody::new(inbox, stream.credit()))
-        }
+        (RequestBody::Streamed, Some(inbox)) => Either::Right(Counted::new(
+            InboxBody::new(inbox, stream.credit()),
+            span.upload_counter(),
+        )),
         (RequestBody::Inline(b), _) => Either::Left(Full::new(b)),
         (RequestBody::Streamed, None) => Either::Left(Full::new(Bytes::new())),
     };
@@ -208,6 +309,10 @@ async fn exchange(
         }
     };
     let body_follows = !http_body::Body::is_end_stream(&body);
+    span.head(
+        parts.status.as_u16(),
+        parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
+    );
     let head =
         Message::ResponseHead(ResponseHeadMsg::new(&id, parts.status, headers, body_follows));
     // A full writer queue (a congested tunnel) must not hold the head past
@@ -239,6 +344,7 @@ async fn exchange(
                 };
             }
         };
+        span.chunk(&data);
         match stream.send_data(data, last).await {
             Ok(()) if last => return Outcome::Done,
             Ok(()) => {}
@@ -260,5 +366,43 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The body of a request to the local service: whole, or streamed from the
-/// relay.
-pub type UpstreamBody = Either<Full<Bytes>, InboxBody>;
+/// relay (its bytes counted for the request's span).
+pub type UpstreamBody = Either<Full<Bytes>, Counted>;
+
+/// A streamed request body that counts the bytes the local service took.
+pub struct Counted {
+    inner: InboxBody,
+    count: Arc<AtomicU64>,
+}
+
+impl Counted {
+    fn new(inner: InboxBody, count: Arc<AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = <InboxBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -178,7 +178,7 @@ impl Guard {
                 format!("changing {name} takes root or the {name} user (uid {})", self.uid)
             }
             (false, Access::Read) => format!(
-                "permission denied: add yourself to {name}'s group (gid {}) or use sudo",
+                "reading {name}'s state takes its group (gid {}): add yourself to it, or use sudo",
                 self.gid
             ),
         };

@@ -15,14 +15,21 @@
 //! - [`notify`]: the one place that talks to systemd (`READY=1`,
 //!   `STOPPING=1`, `STATUS=`); a no-op without `NOTIFY_SOCKET`.
 //! - [`signals`]: terminate and hang-up as typed events.
+//! - [`trace`]: the registry of live trace subscribers (`tunnelctl trace`).
+//! - [`observe`]: a span per request: trace events and request metrics
+//!   (status classes, outcomes, cancels, per-model time to first token and
+//!   tokens per second, read by [`usage`] from the stream's final line).
 
 pub mod config;
 pub mod control;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod observe;
 pub mod process;
 pub mod signals;
+pub mod trace;
+pub mod usage;
 
 pub use config::ConfigError;
 pub use config::Resolve;

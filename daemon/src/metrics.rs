@@ -122,8 +122,107 @@ impl Exposition {
         self.sample(name, "counter", help, value)
     }
 
+    /// The `# HELP` and `# TYPE` lines of a family whose samples follow.
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        self
+    }
+
+    /// One labelled sample of the current family. Label values are
+    /// escaped as the text format asks.
+    pub fn labelled(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) -> &mut Self {
+        use std::fmt::Write as _;
+        let _ = writeln!(self.0, "{name}{} {value}", label_set(labels));
+        self
+    }
+
+    /// The samples of one histogram with `labels` (after [`Self::family`]
+    /// with kind `histogram`).
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        h: &HistogramSnapshot,
+    ) -> &mut Self {
+        let mut cumulative = 0;
+        for (bound, n) in h.bounds.iter().zip(&h.counts) {
+            cumulative += n;
+            let le = bound.to_string();
+            let mut l = labels.to_vec();
+            l.push(("le", &le));
+            self.labelled(&format!("{name}_bucket"), &l, cumulative);
+        }
+        let mut l = labels.to_vec();
+        l.push(("le", "+Inf"));
+        self.labelled(&format!("{name}_bucket"), &l, h.count);
+        self.labelled(&format!("{name}_sum"), labels, h.sum);
+        self.labelled(&format!("{name}_count"), labels, h.count)
+    }
+
     pub fn finish(self) -> String {
         self.0
+    }
+}
+
+fn label_set(labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// A Prometheus histogram with fixed bucket bounds.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    count: u64,
+    sum: f64,
+}
+
+/// A histogram's values at one moment.
+#[derive(Debug, Clone)]
+pub struct HistogramSnapshot {
+    pub bounds: &'static [f64],
+    /// Per bucket (not cumulative).
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, counts: vec![0; bounds.len()], count: 0, sum: 0.0 }
+    }
+
+    pub fn observe(&mut self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds: self.bounds,
+            counts: self.counts.clone(),
+            count: self.count,
+            sum: self.sum,
+        }
     }
 }
 

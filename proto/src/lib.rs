@@ -30,7 +30,7 @@ pub use headers::Headers;
 pub use limits::Limits;
 pub use message::{
     Ack, Auth, Authorized, Cancel, Credential, Empty, ErrorMsg, Goaway, Hello, HttpRequestMsg,
-    HttpResponseMsg, Message, Ping, ResponseHeadMsg, Rotated, Welcome, WindowUpdate,
+    HttpResponseMsg, Message, Ping, ResponseHeadMsg, Rotated, ServiceState, Welcome, WindowUpdate,
 };
 
 /// Version of the extended protocol negotiated by `hello`/`welcome`.
@@ -62,10 +62,12 @@ pub mod capability {
     /// rotation (`auth`, `refresh`, `authorized`, `rotate`, `credential`,
     /// `rotated`).
     pub const AUTH: &str = "auth";
+    /// `service`: the agent reports its local service's health.
+    pub const SERVICE: &str = "service";
 
     /// Everything version 1 defines, in the order it is advertised.
     pub const ALL: &[&str] =
-        &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL, GOAWAY, ACK, AUTH];
+        &[STREAM_RESPONSE, STREAM_REQUEST, CANCEL, FLOW_CONTROL, GOAWAY, ACK, AUTH, SERVICE];
 
     /// What every version-1 peer must offer: without them a session cannot
     /// stream, cancel or bound its memory.

@@ -54,6 +54,9 @@ pub enum Message {
     /// Agent -> relay (`auth`): credential `id` is stored; revoke the one
     /// this session was opened with.
     Rotated(Rotated),
+    /// Agent -> relay (`service`): the local service as the agent last saw
+    /// it, for the relay's health answer.
+    Service(ServiceState),
 }
 
 /// `auth`: a fresh token (a JWT or an agent credential).
@@ -89,6 +92,23 @@ pub struct Credential {
 pub struct Rotated {
     pub id: String,
 }
+
+/// `service`: what the agent saw of its local service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub reachable: bool,
+    /// The service's version (Ollama's `GET /api/version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Models loaded in memory (Ollama's `GET /api/ps`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// When it was checked (RFC 3339).
+    pub checked_at: String,
+}
+
+/// Most models a `service` message lists.
+pub const MAX_SERVICE_MODELS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HttpRequestMsg {
@@ -231,6 +251,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "rotate",
     "credential",
     "rotated",
+    "service",
 ];
 
 impl Message {
@@ -304,6 +325,20 @@ impl Message {
                 validate_token(&c.secret)
             }
             Message::Rotated(r) => validate_id(&r.id),
+            Message::Service(s) => {
+                validate_opt_time(Some(&s.checked_at))?;
+                let short = |t: &str| t.len() <= 256 && !t.chars().any(char::is_control);
+                if s.models.len() > MAX_SERVICE_MODELS
+                    || !s.models.iter().all(|m| short(m))
+                    || !s.version.as_deref().is_none_or(short)
+                {
+                    return Err(ProtocolError::new(
+                        Violation::MalformedMessage,
+                        "service: at most 64 models, names and version of at most 256 printable characters",
+                    ));
+                }
+                Ok(())
+            }
             Message::Cancel(c) => {
                 validate_id(&c.id)?;
                 validate_reason(&c.reason)
@@ -344,6 +379,7 @@ impl Message {
             Message::Rotate(_) => "rotate",
             Message::Credential(_) => "credential",
             Message::Rotated(_) => "rotated",
+            Message::Service(_) => "service",
         }
     }
 

@@ -17,6 +17,8 @@ use tokio::time::{Instant, Sleep};
 
 use tunnel_proto::flow::StreamAbort;
 
+use daemon::observe::{CancelReason, Outcome, Span};
+
 use crate::session::StreamGuard;
 use crate::shape::{Trailer, code_for_status};
 
@@ -39,6 +41,12 @@ pub struct StreamBody {
     /// How an abort mid-stream ends the body: an error line or event the
     /// client can show, or a cut.
     trailer: Trailer,
+    /// The request's trace and metrics; dropped unended, it records a
+    /// client that went away.
+    span: Option<Span>,
+    /// The declared length: once sent, the answer is complete (hyper stops
+    /// polling a body at its length).
+    length: Option<u64>,
 }
 
 impl RelayBody {
@@ -56,6 +64,8 @@ impl RelayBody {
         trailer: Trailer,
         idle: Option<Duration>,
         deadline: Option<Instant>,
+        span: Span,
+        length: Option<u64>,
     ) -> Self {
         let timer = next_wake(idle, deadline).map(|at| Box::pin(tokio::time::sleep_until(at)));
         RelayBody::Stream(Box::new(StreamBody {
@@ -66,6 +76,8 @@ impl RelayBody {
             idle,
             deadline,
             timer,
+            span: Some(span),
+            length,
         }))
     }
 }
@@ -128,6 +140,14 @@ impl StreamBody {
                 Poll::Pending
             }
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(span), Some(data)) = (&mut self.span, frame.data_ref()) {
+                    span.chunk(data);
+                    if self.length == Some(span.bytes_out())
+                        && let Some(span) = self.span.take()
+                    {
+                        span.end(Outcome::Ok, None, "");
+                    }
+                }
                 if let (Some(timer), Some(at)) =
                     (&mut self.timer, next_wake(self.idle, self.deadline))
                 {
@@ -138,6 +158,9 @@ impl StreamBody {
             Poll::Ready(None) => {
                 if let Some(mut g) = self.guard.take() {
                     g.complete();
+                }
+                if let Some(span) = self.span.take() {
+                    span.end(Outcome::Ok, None, "");
                 }
                 Poll::Ready(None)
             }
@@ -162,6 +185,9 @@ impl StreamBody {
         if let Some(guard) = self.guard.take() {
             guard.cancel(&message);
         }
+        if let Some(span) = self.span.take() {
+            span.end(Outcome::Cancelled, Some(CancelReason::Timeout), &message);
+        }
         self.fail(cx, StreamAbort::new(504, message))
     }
 
@@ -171,6 +197,9 @@ impl StreamBody {
         abort: StreamAbort,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
         self.timer = None;
+        if let Some(span) = self.span.take() {
+            span.end(Outcome::Error, None, &abort.message);
+        }
         let code =
             http::StatusCode::from_u16(abort.code).map_or("upstream_failed", code_for_status);
         // As Ollama does for errors mid-stream: a final error line (or SSE

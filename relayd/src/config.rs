@@ -44,6 +44,8 @@ pub struct ConfigFile {
     pub http: HttpFile,
     #[serde(default)]
     pub identity: IdentityFile,
+    #[serde(default)]
+    pub control: daemon::control::ControlFile,
     /// Where relayd keeps what must survive a restart: issued credentials
     /// and revocations. Absent: kept in memory.
     pub state_dir: Option<PathBuf>,
@@ -187,6 +189,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// HTTPS/WSS on `listen` when set.
     pub tls: Option<Tls>,
+    /// The control socket (`tunnelctl`); none by default in tests.
+    pub control: daemon::control::Control,
     #[serde(skip)]
     pub users: Vec<User>,
     /// Limits announced to agents in `welcome`.
@@ -270,6 +274,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             worker_threads: 0,
             metrics_listen: None,
+            control: daemon::control::Control::default(),
             tls: None,
             users: Vec::new(),
             limits: Limits::default(),
@@ -402,6 +407,7 @@ impl ConfigFile {
             listen: self.listen.unwrap_or(d.listen),
             worker_threads: self.worker_threads.unwrap_or(0),
             metrics_listen: self.metrics_listen,
+            control: self.control.resolve("relayd"),
             tls: match (self.tls.cert_file, self.tls.key_file) {
                 (None, None) => None,
                 (Some(cert_file), Some(key_file)) => Some(

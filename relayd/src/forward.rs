@@ -20,6 +20,8 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use tunnel_proto::flow::StreamAbort;
 use tunnel_proto::{Headers, HttpRequestMsg, Message, Violation, frame};
 
+use daemon::observe::{Outcome, Span};
+
 use crate::body::RelayBody;
 use crate::deadline::{Clock, Expired};
 use crate::identity::Scope;
@@ -59,7 +61,19 @@ pub async fn forward(
     scope: Option<Scope>,
 ) -> Response<RelayBody> {
     let shape = Shape::of(&target);
-    exchange(shared, conn, session, req, &target, scope).await.unwrap_or_else(|f| f.answer(shape))
+    let mut span = None;
+    match exchange(shared, conn, session, req, &target, scope, &mut span).await {
+        Ok(resp) => resp,
+        Err(f) => {
+            let (outcome, cancel, reason) = f.outcome();
+            let resp = f.answer(shape);
+            if let Some(mut span) = span {
+                span.head(resp.status().as_u16(), None);
+                span.end(outcome, cancel, &reason);
+            }
+            resp
+        }
+    }
 }
 
 /// Reads the whole body of a request made with a share token limited to
@@ -98,6 +112,7 @@ async fn exchange(
     req: Request<Incoming>,
     target: &str,
     scope: Option<Scope>,
+    span: &mut Option<Span>,
 ) -> Result<Response<RelayBody>, Failure> {
     let config = &shared.config;
     let (mut parts, body) = req.into_parts();
@@ -136,6 +151,21 @@ async fn exchange(
         OpenError::Closed => Failure::AgentOffline(session.user.clone()),
     })?;
     let OpenStream { id, head, inbox, window, mut guard, ack } = open;
+    // The user's hash only for subscribers: an HMAC per request otherwise
+    // buys nothing.
+    let user_hash = if shared.observer.taps.is_active() {
+        shared.user_hash(&session.user)
+    } else {
+        String::new()
+    };
+    let started = shared.observer.start(
+        id.as_str(),
+        &session.user,
+        &user_hash,
+        parts.method.as_str(),
+        target,
+    );
+    *span = Some(started);
 
     let mut body = Some(body);
     let parts = parts;
@@ -193,6 +223,9 @@ async fn exchange(
         if window.reserve(data.len()).await != Ok(data.len()) {
             return Err(Failure::AgentGone);
         }
+        if let Some(s) = span.as_mut() {
+            s.uploaded(data.len() as u64);
+        }
         inline = Some(Ws::Binary(frame::encode(id.as_str(), true, &data)));
     }
 
@@ -220,6 +253,7 @@ async fn exchange(
                 window: window.clone(),
                 max: config.max_request_body,
                 idle: timeouts.idle,
+                counted: span.as_ref().map(Span::upload_counter).unwrap_or_default(),
             };
             tokio::spawn(pump.run(body, uploaded_tx));
         }
@@ -234,7 +268,8 @@ async fn exchange(
         }
         Err(f) => return Err(f),
     };
-    Ok(answer(head, &parts, guard, inbox, timeouts.idle, clock.total()))
+    let span = span.take().expect("the span was started above");
+    Ok(answer(head, &parts, guard, inbox, timeouts.idle, clock.total(), span))
 }
 
 /// The `http_request` text, or why the agent would refuse it.
@@ -313,10 +348,12 @@ fn answer(
     inbox: tunnel_proto::flow::Inbox,
     idle: Option<std::time::Duration>,
     total: Option<Instant>,
+    mut span: Span,
 ) -> Response<RelayBody> {
     let mut resp = Response::new(RelayBody::empty());
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
+    span.head(head.status.as_u16(), resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()));
     response::secure_tunnelled(resp.headers_mut());
     let trailer = if content_type_is(&resp, "application/x-ndjson") {
         Trailer::NdjsonLine
@@ -340,6 +377,8 @@ fn answer(
     *resp.body_mut() = match head.body {
         Some(full) => {
             guard.complete();
+            span.chunk(&full);
+            span.end(Outcome::Ok, None, "");
             // The length is the body's, not whatever the agent claimed.
             if parts.method != Method::HEAD {
                 resp.headers_mut().remove(CONTENT_LENGTH);
@@ -350,13 +389,27 @@ fn answer(
         // stream only if the agent announced a body it should not have.
         None if parts.method == Method::HEAD => {
             drop(guard);
+            span.end(Outcome::Ok, None, "");
             RelayBody::empty()
         }
         // With a declared length an appended error would break the
         // framing; such a stream is cut off instead.
         None => {
             let credit = guard.session().credit(guard.id());
-            RelayBody::stream(InboxBody::new(inbox, credit), guard, trailer, idle, total)
+            let length = resp
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            RelayBody::stream(
+                InboxBody::new(inbox, credit),
+                guard,
+                trailer,
+                idle,
+                total,
+                span,
+                length,
+            )
         }
     };
     resp

@@ -16,6 +16,7 @@ mod agents;
 mod auth;
 mod body;
 pub mod config;
+pub mod control;
 mod cors;
 mod deadline;
 mod forward;
@@ -110,6 +111,15 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// What a revocation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// It was not revoked before.
+    pub newly: bool,
+    /// Live sessions it ended.
+    pub sessions_ended: usize,
+}
+
 /// A relay, ready to serve on any listener; cheap to clone.
 #[derive(Clone)]
 pub struct Relay {
@@ -152,15 +162,44 @@ impl Relay {
     }
 
     /// Revokes a credential id or a token's `jti` and ends the sessions it
-    /// authorizes (close code 4004). True when it was not revoked yet.
-    pub fn revoke(&self, id: &str) -> Result<bool, IdentityError> {
-        let fresh = self.shared.identity.revoke(id, None)?;
+    /// authorizes (close code 4004).
+    pub fn revoke(&self, id: &str) -> Result<Revoked, IdentityError> {
+        let newly = self.shared.identity.revoke(id, None)?;
+        let mut sessions_ended = 0;
         for session in self.shared.hub.sessions() {
             if session.auth_id().as_deref() == Some(id) {
                 session.close(CloseReason::Revoked);
+                sessions_ended += 1;
             }
         }
-        Ok(fresh)
+        Ok(Revoked { newly, sessions_ended })
+    }
+
+    /// Reloads what can change without a restart (the TLS certificate and
+    /// key), as SIGHUP does; what was reloaded.
+    pub fn reload(&self) -> Result<Vec<String>, tls::TlsError> {
+        match &self.shared.config.tls {
+            Some(tls) => {
+                tls.reload()?;
+                Ok(vec![format!("TLS certificate {}", tls.cert_file.display())])
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// What the relay's trace and request metrics are recorded with.
+    pub fn observer(&self) -> &Arc<daemon::observe::Observer> {
+        &self.shared.observer
+    }
+
+    /// When the relay started.
+    pub fn started(&self) -> SystemTime {
+        self.shared.started
+    }
+
+    /// Whether it drains (shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.shared.is_draining()
     }
 
     /// `user` as logs name it (a keyed hash).

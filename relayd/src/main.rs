@@ -82,6 +82,12 @@ impl Daemon for Relayd {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listen = listener.local_addr()?;
+        let control = config.control.clone();
+        let socket = match &control.socket {
+            Some(path) => Some(daemon::control::bind(path)?),
+            None => None,
+        };
         let state = relayd::open_state(&config)?;
         let tls = config.tls.clone();
         ctx.on_reload(move || {
@@ -101,13 +107,26 @@ impl Daemon for Relayd {
         });
         let metrics_listen = config.metrics_listen;
         let relay = relayd::Relay::with_state(config, state);
+        if let Some(socket) = socket {
+            let service = relayd::control::Control::new(relay.clone(), listen, control.owner_only);
+            let shutdown = ctx.shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = service.serve(socket, shutdown).await {
+                    tracing::error!(error = %e, "the control socket failed");
+                }
+            });
+        }
         // Metrics outlive the drain, so `relayd_draining` can be scraped.
         let render = relay.clone();
         let _metrics =
             daemon::metrics::Server::start(metrics_listen, Arc::new(move || render.metrics()))
                 .await?;
         ctx.ready();
-        Ok(relay.run(listener, ctx.shutdown).await?)
+        let served = relay.run(listener, ctx.shutdown).await;
+        if let Some(path) = &control.socket {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(served?)
     }
 }
 

@@ -30,6 +30,12 @@ pub fn render(shared: &Shared) -> String {
             "relayd_tls_handshake_failures_total",
             "TLS handshakes that failed or timed out (clients speaking plain HTTP, untrusted or wrong certificates, scanners).",
             shared.tls_handshake_failures.load(Ordering::Relaxed),
+        )
+        .counter(
+            "relayd_rate_limited_total",
+            "Requests refused by a user's requests_per_minute (429).",
+            shared.rate_limited.load(Ordering::Relaxed),
         );
+    shared.observer.render("relayd", &mut out);
     out.finish()
 }

@@ -19,6 +19,7 @@ use http::{HeaderMap, Response, StatusCode};
 use crate::body::RelayBody;
 use crate::deadline::Expired;
 pub use crate::shape::{Shape, code_for_status};
+use daemon::observe::{CancelReason, Outcome};
 use tunnel_proto::flow::StreamAbort;
 
 /// Why a request got no tunnelled answer.
@@ -44,6 +45,31 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// How the request ended, for its trace and the metrics.
+    pub fn outcome(&self) -> (Outcome, Option<CancelReason>, String) {
+        match self {
+            Failure::Refused { message, .. } => (Outcome::Refused, None, message.clone()),
+            Failure::TooManyStreams(n) => {
+                (Outcome::Refused, None, format!("{n} requests in flight already"))
+            }
+            Failure::Forbidden(m) => (Outcome::Refused, None, m.clone()),
+            Failure::AgentOffline(_) => (Outcome::Error, None, "agent not connected".into()),
+            Failure::AgentGone => {
+                (Outcome::Cancelled, Some(CancelReason::SessionLost), "agent disconnected".into())
+            }
+            Failure::Congested => {
+                (Outcome::Cancelled, Some(CancelReason::Timeout), "tunnel congested".into())
+            }
+            Failure::Expired(e) => {
+                (Outcome::Cancelled, Some(CancelReason::Timeout), e.message().to_owned())
+            }
+            Failure::Aborted(a) if a.code == 400 || a.code == 403 => {
+                (Outcome::Refused, None, a.message.clone())
+            }
+            Failure::Aborted(a) => (Outcome::Error, None, a.message.clone()),
+        }
+    }
+
     pub fn refused(status: StatusCode, message: impl Into<String>) -> Self {
         Failure::Refused { status, message: message.into() }
     }

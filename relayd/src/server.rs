@@ -59,7 +59,15 @@ pub async fn handle(
             r
         }
     } else if path == "/healthz" || path == "/readyz" {
-        let mut r = Response::new(RelayBody::full("ok\n"));
+        // Alive as long as it answers; ready (for a load balancer) unless
+        // it drains.
+        let (status, text) = if path == "/readyz" && shared.is_draining() {
+            (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else {
+            (StatusCode::OK, "ok\n")
+        };
+        let mut r = Response::new(RelayBody::full(text));
+        *r.status_mut() = status;
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         r
     } else {
@@ -218,6 +226,14 @@ fn health(shared: &Shared, user: &str) -> Response<RelayBody> {
             "agent": s.agent,
             "in_flight": s.in_flight(),
             "rtt_ms": s.rtt().map(|d| d.as_secs_f64() * 1e3),
+            // The agent's own view of its local service (agents that list
+            // the `service` capability report it every 30 s).
+            "service": s.service().map(|v| serde_json::json!({
+                "reachable": v.reachable,
+                "version": v.version,
+                "models_loaded": v.models,
+                "checked_at": v.checked_at,
+            })),
         }),
         None => serde_json::json!({ "user": user, "connected": false }),
     };

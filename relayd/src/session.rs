@@ -103,6 +103,8 @@ pub struct Session {
     /// Woken when the authorization changes (the expiry watcher).
     auth_changed: tokio::sync::Notify,
     identity: Arc<crate::identity::Identity>,
+    /// The agent's last report of its local service (`service`).
+    service: Mutex<Option<tunnel_proto::ServiceState>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -135,6 +137,15 @@ pub struct SessionParams {
 }
 
 impl Session {
+    /// The agent's last report of its local service.
+    pub fn service(&self) -> Option<tunnel_proto::ServiceState> {
+        self.service.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn set_service(&self, s: tunnel_proto::ServiceState) {
+        *self.service.lock().unwrap_or_else(PoisonError::into_inner) = Some(s);
+    }
+
     /// Creates the session and the receiver its writer drains.
     pub fn new(p: SessionParams) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
         let max_streams = p.local.max_streams.min(p.peer.max_streams) as usize;
@@ -171,6 +182,7 @@ impl Session {
             auth: Mutex::new(auth),
             auth_changed: tokio::sync::Notify::new(),
             identity: p.identity,
+            service: Mutex::new(None),
         });
         (session, rx)
     }

@@ -40,11 +40,18 @@ pub struct Shared {
     requests: Option<Buckets<String>>,
     /// The key user ids are hashed with in logs.
     log_key: ring::hmac::Key,
+    /// Trace subscribers and request metrics.
+    pub observer: Arc<daemon::observe::Observer>,
+    /// Requests refused by a user's rate limit (429).
+    pub rate_limited: AtomicU64,
+    /// When the relay started.
+    pub started: std::time::SystemTime,
 }
 
 impl Shared {
     pub fn new(config: Config, identity: Arc<Identity>, log_key: ring::hmac::Key) -> Self {
         let requests = config.requests_per_minute.map(|n| Buckets::per_minute(n, n));
+        let config_trace_bodies = config.control.trace_bodies;
         let admission = Admission::new(
             config.handshakes_per_second,
             config.refused_handshakes_per_minute,
@@ -62,13 +69,20 @@ impl Shared {
             identity,
             requests,
             log_key,
+            observer: daemon::observe::Observer::new(config_trace_bodies),
+            rate_limited: AtomicU64::new(0),
+            started: std::time::SystemTime::now(),
         }
     }
 
     /// Spends one of `user`'s requests; `Some(seconds to wait)` when the
     /// user has none left this minute.
     pub fn request_allowance(&self, user: &str) -> Option<u64> {
-        self.requests.as_ref()?.take(&user.to_owned(), std::time::Instant::now())
+        let wait = self.requests.as_ref()?.take(&user.to_owned(), std::time::Instant::now());
+        if wait.is_some() {
+            self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        wait
     }
 
     /// `user` as logs name it: a keyed hash (HMAC-SHA256 with the

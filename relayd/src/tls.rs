@@ -104,6 +104,19 @@ pub fn load(cert_file: &Path, key_file: &Path) -> Result<Tls, TlsError> {
 }
 
 impl Tls {
+    /// The pin (`sha256/` + base64 of the SubjectPublicKeyInfo's SHA-256)
+    /// of the certificate new handshakes get: what agents put in
+    /// `[tls] pins`.
+    pub fn pin(&self) -> Option<String> {
+        use base64::Engine as _;
+        let current = self.current.0.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let leaf = current.cert.first()?;
+        let parsed = webpki::EndEntityCert::try_from(leaf).ok()?;
+        let spki = parsed.subject_public_key_info();
+        let digest = ring::digest::digest(&ring::digest::SHA256, spki.as_ref());
+        Some(format!("sha256/{}", base64::engine::general_purpose::STANDARD.encode(digest)))
+    }
+
     /// Reads the files again; on success new handshakes get the new
     /// certificate. On failure the old one stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {

@@ -116,6 +116,8 @@ pub struct Pump {
     /// Largest body the relay accepts (413 above).
     pub max: u64,
     pub idle: Option<Duration>,
+    /// Where the bytes sent are counted (the request's span).
+    pub counted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Pump {
@@ -123,7 +125,7 @@ impl Pump {
     /// `uploaded` fires after the last one. A stall or failure ends the
     /// stream with the matching status.
     pub async fn run(self, mut body: ClientBody, uploaded: oneshot::Sender<()>) {
-        let Pump { session, id, window, max, idle } = self;
+        let Pump { session, id, window, max, idle, counted } = self;
         let chunk = session.chunk_size();
         let abort =
             |code: u16, what: &str| session.abort_stream(id.as_str(), StreamAbort::new(code, what));
@@ -139,6 +141,7 @@ impl Pump {
                     return abort(400, ENDED_EARLY);
                 }
             };
+            counted.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
             total += data.len() as u64;
             if total > max {
                 return abort(413, "request body is larger than this relay accepts");

@@ -203,6 +203,8 @@ class Fixture:
             'id = "carol"\n'
             f'agent_token = "{CAROL_AGENT}"\n'
             "public = true\n"
+            "\n[control]\n"
+            'socket = "off"\n'
         )
         for user, token, upstream in (
             ("alice", ALICE_AGENT, standin_port),
@@ -212,6 +214,8 @@ class Fixture:
                 f'relay = "ws://127.0.0.1:{relay_port}"\n'
                 f'token = "{token}"\n'
                 f'upstream = "http://127.0.0.1:{upstream}"\n'
+                "\n[control]\n"
+                'socket = "off"\n'
             )
 
         self.start(

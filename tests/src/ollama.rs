@@ -83,7 +83,8 @@ pub struct Events {
 }
 
 impl Events {
-    /// `METHOD path` of every request the stand-in received.
+    /// `METHOD path` of every request the stand-in received (agentd's own
+    /// health checks left out).
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
@@ -211,7 +212,15 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let get = method == Method::GET || method == Method::HEAD;
-    events.record_request(&method, &path);
+    // agentd's periodic health checks are not the traffic tests count.
+    let health_check = req
+        .headers()
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ua| ua.contains(agentd::HEALTH_CHECK_AGENT));
+    if !health_check {
+        events.record_request(&method, &path);
+    }
     let resp = match (path.as_str(), get) {
         ("/api/tags", true) => json_response(
             StatusCode::OK,

@@ -700,13 +700,20 @@ async fn agentd_acknowledges_so_a_slow_model_load_outlasts_the_ack_timeout() {
     let url = format!("http://{}", upstream.local_addr().unwrap());
     let _agent = TestAgent::start(&relay, "alice", &url).await;
     let client = tokio::spawn(reqwest::get(relay.tunnel_url("alice", "/api/tags")));
-    let (mut conn, _) = tokio::time::timeout(WAIT, upstream.accept()).await.unwrap().unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        tokio::io::AsyncReadExt::read_exact(&mut conn, &mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
+    // The tunnelled request; the agent's health checks (GET /api/version)
+    // come on connections of their own and are left unanswered.
+    let mut conn = loop {
+        let (mut conn, _) = tokio::time::timeout(WAIT, upstream.accept()).await.unwrap().unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut conn, &mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        if head.starts_with(b"GET /api/tags ") {
+            break conn;
+        }
+    };
     tokio::time::sleep(ack_timeout + ack_timeout / 2).await;
     tokio::io::AsyncWriteExt::write_all(
         &mut conn,

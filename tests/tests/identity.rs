@@ -774,7 +774,8 @@ async fn revoking_a_credential_ends_its_session_at_once() {
     .await;
     let tunnel = relay.relay.tunnel("alice").expect("tunnel");
     let start = Instant::now();
-    assert!(relay.relay.revoke(&credential.id).expect("revoke"));
+    let revoked = relay.relay.revoke(&credential.id).expect("revoke");
+    assert_eq!(revoked, relayd::Revoked { newly: true, sessions_ended: 1 });
     tokio::time::timeout(WAIT, tunnel.closed()).await.expect("the session ends");
     println!("revoked credential's session ended after {:?}", start.elapsed());
     let err = last_error(&agent.agent).await;

@@ -60,6 +60,7 @@ impl Handler for Session {
             Message::Refresh(_) => self.on_refresh(),
             Message::Rotate(_) => self.on_rotate(),
             Message::Rotated(r) => self.on_rotated(r.id),
+            Message::Service(s) => self.set_service(s),
             other => return Err(other.not_allowed("an agent").into()),
         }
         Ok(())

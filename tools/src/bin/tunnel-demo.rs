@@ -92,16 +92,18 @@ async fn main() -> Result<()> {
     std::fs::write(
         &relay_conf,
         format!(
-            "listen = \"{relay}\"\n\n[[users]]\nid = \"{USER}\"\nagent_token_file = \"{}\"\n# The demo tunnel is open: no client token needed.\npublic = true\n",
-            token_file.display()
+            "listen = \"{relay}\"\n\n[[users]]\nid = \"{USER}\"\nagent_token_file = \"{}\"\n# The demo tunnel is open: no client token needed.\npublic = true\n\n[control]\nsocket = \"{}\"\n",
+            token_file.display(),
+            dir.join("relayd.sock").display()
         ),
     )?;
     let agent_conf = dir.join("agentd.toml");
     std::fs::write(
         &agent_conf,
         format!(
-            "relay = \"ws://{relay}\"\ntoken_file = \"{}\"\nupstream = \"{upstream}\"\n",
-            token_file.display()
+            "relay = \"ws://{relay}\"\ntoken_file = \"{}\"\nupstream = \"{upstream}\"\n\n[control]\nsocket = \"{}\"\n",
+            token_file.display(),
+            dir.join("agentd.sock").display()
         ),
     )?;
     children.push(spawn(&bin_dir, "relayd", &["--config", &path(&relay_conf)], &dir)?);
@@ -119,6 +121,14 @@ async fn main() -> Result<()> {
     println!(">>> {}\n", args.prompt);
     stream_chat(&http, &url, &body).await?;
     println!("\nTry it yourself:\n\n  curl -N {url} -d '{}'\n", body);
+    let ctl = bin_dir.join("tunnelctl");
+    println!(
+        "Look inside:\n\n  {} --socket {} status\n  {} --socket {} trace\n",
+        ctl.display(),
+        dir.join("agentd.sock").display(),
+        ctl.display(),
+        dir.join("relayd.sock").display()
+    );
     if args.once {
         return Ok(());
     }

@@ -99,7 +99,7 @@ async fn main() -> Result<()> {
             token.display()
         )?;
     }
-    conf.push_str("\n[limits]\nhandshakes_per_second = 1000\n");
+    conf.push_str("\n[limits]\nhandshakes_per_second = 1000\n\n[control]\nsocket = \"off\"\n");
     std::fs::write(dir.join("relayd.toml"), conf)?;
     let mut relay = spawn(
         &bin,
@@ -115,7 +115,7 @@ async fn main() -> Result<()> {
         std::fs::write(
             dir.join(format!("agentd-{i}.toml")),
             format!(
-                "relay = \"ws://127.0.0.1:{relay_port}\"\ntoken_file = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[reconnect]\nmax_delay = \"5s\"\n",
+                "relay = \"ws://127.0.0.1:{relay_port}\"\ntoken_file = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[reconnect]\nmax_delay = \"5s\"\n\n[control]\nsocket = \"off\"\n",
                 dir.join(format!("u{i}.token")).display()
             ),
         )?;

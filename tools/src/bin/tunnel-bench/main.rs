@@ -31,6 +31,7 @@ mod stats;
 mod storm;
 mod stream;
 mod streams;
+mod trace;
 
 pub(crate) use bulk::*;
 pub(crate) use fan_in::*;
@@ -41,6 +42,7 @@ pub(crate) use stats::*;
 pub(crate) use storm::*;
 pub(crate) use stream::*;
 pub(crate) use streams::*;
+pub(crate) use trace::*;
 
 #[derive(Parser, Debug)]
 #[command(about = "Measure the tunnel against the direct path, scenario by scenario")]
@@ -89,11 +91,13 @@ pub(crate) enum Scenario {
     Streams,
     /// Time until 1,000 agents are back after a relay crash.
     Storm,
+    /// Small requests with and without a trace subscriber that never reads.
+    Trace,
     /// Every scenario above, in order.
     All,
 }
 
-pub(crate) const ALL: [Scenario; 7] = [
+pub(crate) const ALL: [Scenario; 8] = [
     Scenario::Small,
     Scenario::Stream,
     Scenario::Bulk,
@@ -101,6 +105,7 @@ pub(crate) const ALL: [Scenario; 7] = [
     Scenario::FanIn,
     Scenario::Streams,
     Scenario::Storm,
+    Scenario::Trace,
 ];
 
 impl Scenario {
@@ -113,6 +118,7 @@ impl Scenario {
             Scenario::FanIn => "fan-in",
             Scenario::Streams => "streams",
             Scenario::Storm => "storm",
+            Scenario::Trace => "trace",
             Scenario::All => "all",
         }
     }
@@ -153,6 +159,7 @@ async fn main() -> Result<()> {
             Scenario::FanIn => fan_in(&bin, &args).await,
             Scenario::Streams => streams(&bin, &args).await,
             Scenario::Storm => storm(&bin, &args).await,
+            Scenario::Trace => trace(&bin, &args).await,
             Scenario::All => unreachable!("expanded above"),
         }
         .with_context(|| format!("scenario {}", s.name()))?;

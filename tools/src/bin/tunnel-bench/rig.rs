@@ -169,6 +169,8 @@ impl Rig {
                 path(&c.key_file)
             ));
         }
+        // The relay's control socket: the trace scenario subscribes on it.
+        conf.push_str(&format!("\n[control]\nsocket = \"{}\"\n", path(&dir.join("relayd.sock"))));
         std::fs::write(dir.join("relayd.toml"), conf)?;
         let mut rig = Rig {
             bin: bin.to_owned(),
@@ -192,7 +194,7 @@ impl Rig {
             std::fs::write(
                 &file,
                 format!(
-                    "relay = \"{}://127.0.0.1:{relay_port}\"\ntoken = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[policy]\n# The bulk scenarios' stand-in endpoints.\nallow = [\"GET /zeros\", \"POST /sink\"]\n\n[limits]\n{}{}",
+                    "relay = \"{}://127.0.0.1:{relay_port}\"\ntoken = \"{}\"\nupstream = \"http://127.0.0.1:{standin_port}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[policy]\n# The bulk scenarios' stand-in endpoints.\nallow = [\"GET /zeros\", \"POST /sink\"]\n\n[control]\nsocket = \"off\"\n\n[limits]\n{}{}",
                     if rig.cert.is_some() { "wss" } else { "ws" },
                     token(i),
                     LIMITS.get().map(String::as_str).unwrap_or_default(),

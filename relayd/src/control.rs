@@ -1,0 +1,197 @@
+//! relayd's control API (`tunnel.control.v1.Relay`) on its unix socket: a
+//! thin adapter over the [`Relay`] handle. Each call checks its caller
+//! ([`Guard`]), asks the handle, and translates; no logic of its own.
+
+use std::time::{Duration, SystemTime};
+
+use daemon::control::{Access, Guard};
+use daemon::trace::{Filter, unix_ms};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tunnel_proto::control::v1::{self as pb, relay_server};
+
+use crate::Relay;
+use crate::identity::{IdentityError, Role, Scope};
+
+/// The service: the relay, its public address and who may call it.
+pub struct Control {
+    relay: Relay,
+    listen: String,
+    guard: Guard,
+}
+
+impl Control {
+    pub fn new(relay: Relay, listen: std::net::SocketAddr, owner_only: bool) -> Self {
+        Self { relay, listen: listen.to_string(), guard: Guard::new("relayd", owner_only) }
+    }
+
+    /// Serves on `listener` until `shutdown`.
+    pub async fn serve(
+        self,
+        listener: UnixListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(relay_server::RelayServer::new(self))
+            .serve_with_incoming_shutdown(
+                daemon::control::incoming(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await
+    }
+}
+
+fn ms(t: Option<SystemTime>) -> u64 {
+    t.map_or(0, unix_ms)
+}
+
+fn identity_status(e: IdentityError) -> Status {
+    match e {
+        IdentityError::NoSigningKey => Status::failed_precondition(e.to_string()),
+        IdentityError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl relay_server::Relay for Control {
+    async fn status(
+        &self,
+        req: Request<pb::RelayStatusRequest>,
+    ) -> Result<Response<pb::RelayStatus>, Status> {
+        self.guard.check(&req, Access::Read)?;
+        let r = &self.relay;
+        let tunnels = r.tunnels();
+        let tls = r.config().tls.as_ref();
+        Ok(Response::new(pb::RelayStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            listen: self.listen.clone(),
+            since_unix_ms: unix_ms(r.started()),
+            tunnels: tunnels.len() as u64,
+            in_flight: tunnels.iter().map(|t| t.in_flight() as u64).sum(),
+            draining: r.is_draining(),
+            buffered_bytes: r.buffered().current() as u64,
+            tls_cert_file: tls.map(|t| t.cert_file.display().to_string()).unwrap_or_default(),
+            tls_pin: tls.and_then(|t| t.pin()).unwrap_or_default(),
+        }))
+    }
+
+    async fn list_tunnels(
+        &self,
+        req: Request<pb::ListTunnelsRequest>,
+    ) -> Result<Response<pb::ListTunnelsReply>, Status> {
+        self.guard.check(&req, Access::Read)?;
+        let mut tunnels: Vec<pb::Tunnel> = self
+            .relay
+            .tunnels()
+            .into_iter()
+            .map(|t| pb::Tunnel {
+                user: t.user().to_owned(),
+                user_hash: self.relay.user_hash(t.user()),
+                session_id: t.session_id().to_owned(),
+                since_unix_ms: unix_ms(t.since()),
+                agent: t.agent().to_owned(),
+                protocol_version: t.protocol_version(),
+                in_flight: t.in_flight() as u32,
+                rtt_us: t.rtt().map_or(0, |d| d.as_micros() as u64),
+                auth_id: t.auth_id().unwrap_or_default(),
+                auth_expires_unix_ms: ms(t.auth_expires()),
+            })
+            .collect();
+        tunnels.sort_by(|a, b| a.user.cmp(&b.user));
+        Ok(Response::new(pb::ListTunnelsReply { tunnels }))
+    }
+
+    async fn disconnect(
+        &self,
+        req: Request<pb::DisconnectRequest>,
+    ) -> Result<Response<pb::DisconnectReply>, Status> {
+        self.guard.check(&req, Access::Change)?;
+        let disconnected = self.relay.disconnect(&req.into_inner().user);
+        Ok(Response::new(pb::DisconnectReply { disconnected }))
+    }
+
+    async fn issue_token(
+        &self,
+        req: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::IssueTokenReply>, Status> {
+        self.guard.check(&req, Access::Change)?;
+        let req = req.into_inner();
+        if !crate::config::valid_user_id(&req.user) {
+            return Err(Status::invalid_argument(format!("{:?} is not a valid user id", req.user)));
+        }
+        let reply = match pb::TokenRole::try_from(req.role) {
+            Ok(pb::TokenRole::Agent) => {
+                if req.ttl_seconds != 0 || !req.paths.is_empty() || !req.models.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "agent credentials take no lifetime or scope (they are revoked, not expired)",
+                    ));
+                }
+                let c = self.relay.issue_credential(&req.user).map_err(identity_status)?;
+                pb::IssueTokenReply { id: c.id, token: c.secret, expires_unix_ms: 0 }
+            }
+            Ok(pb::TokenRole::Client) => {
+                let ttl = match req.ttl_seconds {
+                    0 => Duration::from_secs(3600),
+                    s => Duration::from_secs(s),
+                };
+                let scope = (!req.paths.is_empty() || !req.models.is_empty())
+                    .then_some(Scope { paths: req.paths, models: req.models });
+                let m = self
+                    .relay
+                    .mint(&req.user, Role::Client, ttl, scope)
+                    .map_err(identity_status)?;
+                pb::IssueTokenReply {
+                    id: m.id,
+                    token: m.token,
+                    expires_unix_ms: unix_ms(m.expires),
+                }
+            }
+            _ => return Err(Status::invalid_argument("role must be agent or client")),
+        };
+        tracing::info!(user = %self.relay.user_hash(&req.user), id = %reply.id, "token issued through the control socket");
+        Ok(Response::new(reply))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenReply>, Status> {
+        self.guard.check(&req, Access::Change)?;
+        let id = req.into_inner().id;
+        let r = self.relay.revoke(&id).map_err(identity_status)?;
+        tracing::info!(%id, sessions = r.sessions_ended, "revoked through the control socket");
+        Ok(Response::new(pb::RevokeTokenReply {
+            revoked: r.newly,
+            sessions_ended: r.sessions_ended as u32,
+        }))
+    }
+
+    type TraceStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::TraceEvent, Status>> + Send + 'static>,
+    >;
+
+    async fn trace(
+        &self,
+        req: Request<pb::TraceRequest>,
+    ) -> Result<Response<Self::TraceStream>, Status> {
+        self.guard.check(&req, Access::Read)?;
+        let req = req.into_inner();
+        let observer = self.relay.observer();
+        let bodies = req.bodies && observer.trace_bodies;
+        let limit = (req.limit > 0).then_some(req.limit);
+        let sub = observer.taps.subscribe(Filter::of(&req), limit, bodies);
+        Ok(Response::new(sub.into_stream()))
+    }
+
+    async fn reload(
+        &self,
+        req: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadReply>, Status> {
+        self.guard.check(&req, Access::Change)?;
+        let reloaded =
+            self.relay.reload().map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(pb::ReloadReply { reloaded }))
+    }
+}

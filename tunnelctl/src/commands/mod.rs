@@ -1,0 +1,50 @@
+//! One module per command, mirroring the CLI: each asks its daemon and
+//! returns what to print (the rendering is [`crate::render`]'s).
+
+pub mod disconnect;
+pub mod reconnect;
+pub mod rotate_token;
+pub mod status;
+pub mod token;
+pub mod trace;
+pub mod tunnels;
+
+use std::io::Write;
+
+use crate::cli::{Cli, Command};
+use crate::client::{self, CtlError};
+
+/// Runs `cli`'s command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CtlError> {
+    let g = &cli.global;
+    let (which, path) = client::locate(g, cli.command.only_for())?;
+    let name = which.name();
+    let streaming = matches!(cli.command, Command::Trace(_));
+    let channel = client::connect(name, &path, g.timeout, streaming).await?;
+    let text = match (cli.command, which) {
+        (Command::Status, w) => status::run(channel, w, g.json).await,
+        (Command::Reconnect, _) => reconnect::run(channel, g.json).await,
+        (Command::RotateToken(args), _) => rotate_token::run(channel, args, g.json).await,
+        (Command::Tunnels, _) => tunnels::run(channel, g.json).await,
+        (Command::Disconnect { user }, _) => disconnect::run(channel, user, g.json).await,
+        (Command::Token(t), _) => token::run(channel, t, g.json).await,
+        (Command::Trace(args), w) => return trace::run(channel, w, args, g.json, out).await,
+        (Command::Completions { .. } | Command::Man, _) => {
+            unreachable!("handled before connecting")
+        }
+    }?;
+    out.write_all(text.as_bytes()).map_err(write_error)?;
+    Ok(())
+}
+
+/// A closed stdout (`| head`) ends the command quietly.
+pub fn write_error(e: std::io::Error) -> CtlError {
+    CtlError::Other(format!("cannot write the output: {e}"))
+}
+
+/// JSON text with a trailing newline.
+pub fn json_text(v: &serde_json::Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}

@@ -1,0 +1,34 @@
+//! tunnelctl: the operator's tool for agentd and relayd, over each daemon's
+//! control socket (gRPC, `tunnel.control.v1`).
+//!
+//! - [`cli`]: the command line (also the source of the shell completions
+//!   and the man page).
+//! - [`client`]: which socket, connecting, and errors that say what to do.
+//! - [`commands`]: one module per command; each asks the daemon and returns
+//!   the text to print, rendered by [`render`] (tables for people, JSON
+//!   lines with `--json`).
+
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod render;
+
+pub use client::CtlError;
+
+/// Exit codes (sysexits where one fits), as `tunnelctl --help` lists them.
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// The daemon answered with an error (see the message).
+    pub const FAILED: u8 = 1;
+    /// Bad usage (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// EX_DATAERR: the input (a token on stdin, a file) is unusable.
+    pub const DATA: u8 = 65;
+    /// EX_UNAVAILABLE: the daemon is not running (no socket, nobody on it).
+    pub const UNAVAILABLE: u8 = 69;
+    /// EX_TEMPFAIL: no answer within --timeout.
+    pub const TIMEOUT: u8 = 75;
+    /// EX_NOPERM: the socket or the daemon refused this user.
+    pub const NO_PERMISSION: u8 = 77;
+}

@@ -178,7 +178,8 @@ fn rotate_status(e: crate::RotateError) -> Status {
     match &e {
         E::NoStateDir => Status::failed_precondition(e.to_string()),
         E::NotConnected => Status::unavailable(e.to_string()),
-        E::Refused { .. } => Status::permission_denied(e.to_string()),
+        // The relay said no: not this caller's permission on the socket.
+        E::Refused { .. } => Status::failed_precondition(e.to_string()),
         E::Exchange(_) | E::Unexpected(_) => Status::unavailable(e.to_string()),
         E::Store { .. } => Status::internal(e.to_string()),
     }
@@ -188,7 +189,7 @@ fn install_status(e: crate::InstallError) -> Status {
     use crate::InstallError as E;
     match &e {
         E::Invalid(_) => Status::invalid_argument(e.to_string()),
-        E::Refused { .. } => Status::permission_denied(e.to_string()),
+        E::Refused { .. } => Status::failed_precondition(e.to_string()),
         E::Exchange(_) | E::Unexpected(_) => Status::unavailable(e.to_string()),
         E::Store { .. } => Status::internal(e.to_string()),
     }

@@ -74,12 +74,16 @@ pub struct ServiceHealth {
 impl ServiceHealth {
     /// The `service` message the relay gets.
     pub fn report(&self) -> tunnel_proto::ServiceState {
+        // What the protocol allows (at most 64 names of at most 256 bytes,
+        // no control characters); anything else is left out, not refused.
+        let fits = |t: &&String| t.len() <= 256 && !t.chars().any(char::is_control);
         tunnel_proto::ServiceState {
             reachable: self.reachable,
-            version: self.version.clone(),
+            version: self.version.as_ref().filter(fits).cloned(),
             models: self
                 .models
                 .iter()
+                .filter(fits)
                 .take(tunnel_proto::message::MAX_SERVICE_MODELS)
                 .cloned()
                 .collect(),

@@ -44,16 +44,17 @@ impl Daemon for Agentd {
     async fn run(config: agentd::Config, ctx: Context) -> anyhow::Result<()> {
         let metrics_listen = config.metrics_listen;
         let control = config.control.clone();
-        let socket = match &control.socket {
-            Some(path) => Some(daemon::control::bind(path)?),
-            None => None,
-        };
+        let socket = daemon::control::open(&control)?;
         let agent = Arc::new(agentd::Agent::new(config));
-        if let Some(listener) = socket {
+        // The socket serves through the drain (status shows it); it goes
+        // when `_bound` does, at the end of this function.
+        let mut _bound = None;
+        if let Some((listener, bound)) = socket {
             let service = agentd::control::Control::new(agent.clone(), control.owner_only);
-            let shutdown = ctx.shutdown.clone();
+            let stop = bound.stop_token();
+            _bound = Some(bound);
             tokio::spawn(async move {
-                if let Err(e) = service.serve(listener, shutdown).await {
+                if let Err(e) = service.serve(listener, stop).await {
                     tracing::error!(error = %e, "the control socket failed");
                 }
             });
@@ -72,9 +73,6 @@ impl Daemon for Agentd {
         // Ready without waiting for the relay: an offline laptop must boot.
         ctx.ready();
         agent.run(ctx.shutdown).await;
-        if let Some(path) = &control.socket {
-            let _ = std::fs::remove_file(path);
-        }
         Ok(())
     }
 }

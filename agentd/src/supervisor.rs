@@ -400,6 +400,10 @@ pub(crate) async fn run(
                     }
                     _ => backoff.next_delay(),
                 };
+                if let ConnectError::PinMismatch(m) = &e {
+                    *shared.relay_pin.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(m.seen.clone());
+                }
                 warn!(error = %e, retry_in = ?delay, "cannot connect to the relay");
                 shared.state.send_modify(|s| s.last_error = Some(e.into()));
                 delay

@@ -37,6 +37,10 @@ pub struct Control {
     /// Only the daemon's own user may call (a per-user daemon).
     pub owner_only: bool,
     pub trace_bodies: bool,
+    /// The path was configured (not the default): failing to bind it is
+    /// an error, not a warning.
+    #[serde(skip)]
+    pub explicit: bool,
 }
 
 impl ControlFile {
@@ -52,7 +56,12 @@ impl ControlFile {
             (Some(s), Some(x)) => s.starts_with(x),
             _ => false,
         };
-        Control { socket, owner_only, trace_bodies: self.trace_bodies.unwrap_or(false) }
+        Control {
+            explicit: self.socket.is_some(),
+            socket,
+            owner_only,
+            trace_bodies: self.trace_bodies.unwrap_or(false),
+        }
     }
 }
 
@@ -108,6 +117,48 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
     Ok(listener)
+}
+
+/// The bound control socket's lifetime: dropped (when the daemon has
+/// drained and returns), it stops the server and removes the socket file.
+#[derive(Debug)]
+pub struct Bound {
+    path: PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Bound {
+    /// Cancelled when the socket goes: the server's shutdown.
+    pub fn stop_token(&self) -> tokio_util::sync::CancellationToken {
+        self.stop.clone()
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the configured control socket. A default path that cannot be
+/// used (a daemon run by hand as an ordinary user, without a runtime
+/// directory) is logged and skipped; a configured one is an error.
+pub fn open(control: &Control) -> Result<Option<(UnixListener, Bound)>, BindError> {
+    let Some(path) = &control.socket else { return Ok(None) };
+    match bind(path) {
+        Ok(listener) => Ok(Some((
+            listener,
+            Bound { path: path.clone(), stop: tokio_util::sync::CancellationToken::new() },
+        ))),
+        Err(BindError::Io { source, .. })
+            if !control.explicit && source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            tracing::warn!(socket = %path.display(), error = %source, "no control socket (set [control] socket to a writable path); tunnelctl cannot reach this daemon");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The accepted connections of `listener`, for tonic's

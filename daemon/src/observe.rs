@@ -379,6 +379,6 @@ impl Span {
 
 impl Drop for Span {
     fn drop(&mut self) {
-        self.finish(Outcome::Cancelled, Some(CancelReason::ClientGone), "the request was dropped");
+        self.finish(Outcome::Cancelled, Some(CancelReason::ClientGone), "the client went away");
     }
 }

@@ -99,6 +99,11 @@ impl Usage {
     /// Reads the fields from what the body ended with.
     pub fn finish(&self) -> Report {
         let mut report = Report { model: self.model.clone(), ..Report::default() };
+        // Most answers carry no counts (lists, errors): no JSON to parse.
+        let has = |needle: &[u8]| self.tail.windows(needle.len()).any(|w| w == needle);
+        if !has(b"\"eval_count\"") && !has(b"\"completion_tokens\"") {
+            return report;
+        }
         let text = String::from_utf8_lossy(&self.tail);
         let lines: Vec<&str> = match self.format {
             Format::Json => vec![text.trim()],

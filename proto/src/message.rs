@@ -334,7 +334,7 @@ impl Message {
                 {
                     return Err(ProtocolError::new(
                         Violation::MalformedMessage,
-                        "service: at most 64 models, names and version of at most 256 printable characters",
+                        "service: at most 64 models, names and version of at most 256 bytes without control characters",
                     ));
                 }
                 Ok(())

@@ -84,10 +84,7 @@ impl Daemon for Relayd {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let listen = listener.local_addr()?;
         let control = config.control.clone();
-        let socket = match &control.socket {
-            Some(path) => Some(daemon::control::bind(path)?),
-            None => None,
-        };
+        let socket = daemon::control::open(&control)?;
         let state = relayd::open_state(&config)?;
         let tls = config.tls.clone();
         ctx.on_reload(move || {
@@ -107,11 +104,15 @@ impl Daemon for Relayd {
         });
         let metrics_listen = config.metrics_listen;
         let relay = relayd::Relay::with_state(config, state);
-        if let Some(socket) = socket {
+        // The socket serves through the drain (status shows "draining"); it
+        // goes when `_bound` does, at the end of this function.
+        let mut _bound = None;
+        if let Some((socket, bound)) = socket {
             let service = relayd::control::Control::new(relay.clone(), listen, control.owner_only);
-            let shutdown = ctx.shutdown.clone();
+            let stop = bound.stop_token();
+            _bound = Some(bound);
             tokio::spawn(async move {
-                if let Err(e) = service.serve(socket, shutdown).await {
+                if let Err(e) = service.serve(socket, stop).await {
                     tracing::error!(error = %e, "the control socket failed");
                 }
             });
@@ -122,11 +123,7 @@ impl Daemon for Relayd {
             daemon::metrics::Server::start(metrics_listen, Arc::new(move || render.metrics()))
                 .await?;
         ctx.ready();
-        let served = relay.run(listener, ctx.shutdown).await;
-        if let Some(path) = &control.socket {
-            let _ = std::fs::remove_file(path);
-        }
-        Ok(served?)
+        Ok(relay.run(listener, ctx.shutdown).await?)
     }
 }
 

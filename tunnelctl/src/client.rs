@@ -23,6 +23,8 @@ pub enum CtlError {
     Permission { why: String },
     #[error("{name} did not answer within {}", humantime::format_duration(*timeout))]
     Timeout { name: &'static str, timeout: Duration },
+    #[error("{name} did not answer in time (see --timeout)")]
+    NoAnswer { name: &'static str },
     #[error("{0}")]
     Input(String),
     #[error("{name}: {message}")]
@@ -38,7 +40,7 @@ impl CtlError {
                 exit::UNAVAILABLE
             }
             CtlError::Permission { .. } => exit::NO_PERMISSION,
-            CtlError::Timeout { .. } => exit::TIMEOUT,
+            CtlError::Timeout { .. } | CtlError::NoAnswer { .. } => exit::TIMEOUT,
             CtlError::Input(_) => exit::DATA,
             CtlError::Daemon { .. } | CtlError::Other(_) => exit::FAILED,
         }
@@ -48,11 +50,11 @@ impl CtlError {
     pub fn from_status(name: &'static str, s: tonic::Status) -> Self {
         match s.code() {
             tonic::Code::PermissionDenied => CtlError::Permission { why: s.message().to_owned() },
-            tonic::Code::DeadlineExceeded => CtlError::Daemon {
-                name,
-                message: "the call timed out".into(),
-                unimplemented: false,
-            },
+            // tonic reports its own request timeout as Cancelled.
+            tonic::Code::DeadlineExceeded => CtlError::NoAnswer { name },
+            tonic::Code::Cancelled if s.message().contains("Timeout expired") => {
+                CtlError::NoAnswer { name }
+            }
             tonic::Code::Unimplemented => CtlError::Daemon {
                 name,
                 message: format!("this socket does not serve that ({})", s.message()),

@@ -309,8 +309,14 @@ pub fn trace_line(e: &pb::TraceEvent) -> String {
                 bytes(end.bytes_in),
                 bytes(end.bytes_out)
             );
-            if !end.model.is_empty() {
-                let _ = write!(w, ", {} {} tokens", end.model, end.tokens);
+            match (end.model.is_empty(), end.tokens) {
+                (true, _) => {}
+                (false, 0) => {
+                    let _ = write!(w, ", {}", end.model);
+                }
+                (false, n) => {
+                    let _ = write!(w, ", {} {n} tokens", end.model);
+                }
             }
             if !end.reason.is_empty() {
                 let _ = write!(w, " ({})", end.reason);

@@ -103,7 +103,7 @@ async fn agent_rpcs_status_reconnect_rotate_install() {
     // Rotation needs a credential session; this agent runs on a static
     // token: the relay says so, and tunnelctl passes it on.
     let (code, msg) = ctl(&sock, &["rotate-token"]).await.expect_err("a static token");
-    assert_eq!(code, tunnelctl::exit::NO_PERMISSION, "{msg}");
+    assert_eq!(code, tunnelctl::exit::FAILED, "{msg}");
     assert!(msg.contains("rotate needs a session opened with an agent credential"), "{msg}");
 
     // Installing a token from a file: checked in-band, stored.

@@ -32,16 +32,16 @@ pub async fn run(ch: Channel, cmd: Token, json: bool) -> Result<String, CtlError
                     "id": r.id, "token": r.token, "expires_unix_ms": r.expires_unix_ms,
                 })));
             }
-            let what = match role {
-                Role::Agent => "agent credential".to_owned(),
-                Role::Client => format!(
-                    "client token, valid until {}",
+            match role {
+                Role::Agent => eprintln!("tunnelctl: agent credential {} for {user}", r.id),
+                Role::Client => eprintln!(
+                    "tunnelctl: client token {} for {user}, valid until {}",
+                    r.id,
                     humantime::format_rfc3339_seconds(
                         std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.expires_unix_ms)
                     )
                 ),
-            };
-            eprintln!("tunnelctl: {what} {} for {user}", r.id);
+            }
             Ok(format!("{}\n", r.token))
         }
         Token::Revoke { id } => {

@@ -25,19 +25,13 @@ impl Control {
         Self { agent, guard: Guard::new("agentd", owner_only) }
     }
 
-    /// Serves on `listener` until `shutdown`.
+    /// Serves on `listener` until `stop`.
     pub async fn serve(
         self,
         listener: UnixListener,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
-        tonic::transport::Server::builder()
-            .add_service(agent_server::AgentServer::new(self))
-            .serve_with_incoming_shutdown(
-                daemon::control::incoming(listener),
-                shutdown.cancelled_owned(),
-            )
-            .await
+        daemon::control::serve(agent_server::AgentServer::new(self), listener, stop).await
     }
 }
 

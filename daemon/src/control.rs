@@ -161,10 +161,30 @@ pub fn open(control: &Control) -> Result<Option<(UnixListener, Bound)>, BindErro
     }
 }
 
-/// The accepted connections of `listener`, for tonic's
-/// `serve_with_incoming_shutdown`.
-pub fn incoming(listener: UnixListener) -> tokio_stream::wrappers::UnixListenerStream {
-    tokio_stream::wrappers::UnixListenerStream::new(listener)
+/// Serves a daemon's gRPC `service` on `listener` until `stop` (the
+/// server both daemons run, written once).
+pub async fn serve<S>(
+    service: S,
+    listener: UnixListener,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error>
+where
+    S: tonic::codegen::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await
 }
 
 /// What a call does.

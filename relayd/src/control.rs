@@ -26,19 +26,13 @@ impl Control {
         Self { relay, listen: listen.to_string(), guard: Guard::new("relayd", owner_only) }
     }
 
-    /// Serves on `listener` until `shutdown`.
+    /// Serves on `listener` until `stop`.
     pub async fn serve(
         self,
         listener: UnixListener,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
-        tonic::transport::Server::builder()
-            .add_service(relay_server::RelayServer::new(self))
-            .serve_with_incoming_shutdown(
-                daemon::control::incoming(listener),
-                shutdown.cancelled_owned(),
-            )
-            .await
+        daemon::control::serve(relay_server::RelayServer::new(self), listener, stop).await
     }
 }
 

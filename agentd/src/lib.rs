@@ -361,6 +361,48 @@ impl Agent {
         }
     }
 
+    /// A round trip through the supervisor's loop (the service manager's
+    /// watchdog is fed only when it answers), then the one-line status for
+    /// `systemctl status`. A stopped agent answers without the loop.
+    pub async fn probe(&self) -> String {
+        if !matches!(self.shared.state.borrow().phase, Phase::Stopped) {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if self.commands.send(Command::Probe(reply)).await.is_ok() {
+                let _ = answer.await;
+            }
+        }
+        self.status_line()
+    }
+
+    /// What the agent does, in one line: `connected to relay.example.com,
+    /// 3 streams, rtt 12 ms`, `reconnecting in 8 s: cannot reach the relay:
+    /// connection refused`.
+    pub fn status_line(&self) -> String {
+        let state = self.shared.state.borrow().clone();
+        let relay = self.shared.config.relay.authority().map_or("the relay", |a| a.as_str());
+        let last = state.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default();
+        match state.phase {
+            Phase::Idle => "starting".to_owned(),
+            Phase::Connecting => format!("connecting to {relay}{last}"),
+            Phase::Connected { .. } => {
+                let streams = self.in_flight();
+                let plural = if streams == 1 { "" } else { "s" };
+                match self.rtt() {
+                    Some(rtt) => format!(
+                        "connected to {relay}, {streams} stream{plural}, rtt {} ms",
+                        rtt.as_millis()
+                    ),
+                    None => format!("connected to {relay}, {streams} stream{plural}"),
+                }
+            }
+            Phase::BackingOff { until } => {
+                let wait = until.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+                format!("reconnecting in {} s{last}", wait.as_secs_f64().ceil() as u64)
+            }
+            Phase::Stopped => "stopped".to_owned(),
+        }
+    }
+
     /// Drains and stops, as the shutdown token does.
     pub fn shutdown(&self) -> Result<(), CommandError> {
         self.command(Command::Shutdown)

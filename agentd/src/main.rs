@@ -72,6 +72,11 @@ impl Daemon for Agentd {
         });
         // Ready without waiting for the relay: an offline laptop must boot.
         ctx.ready();
+        let probing = agent.clone();
+        ctx.supervise(move || {
+            let agent = probing.clone();
+            async move { agent.probe().await }
+        });
         agent.run(ctx.shutdown).await;
         Ok(())
     }

@@ -48,7 +48,7 @@ async fn watch_service(shared: Arc<Shared>, stop: CancellationToken) {
 pub const COMMAND_QUEUE: usize = 8;
 
 /// What the agent can be told while it runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
     /// End the session once its streams finished, and connect again now.
     Reconnect,
@@ -57,6 +57,9 @@ pub enum Command {
     ReplaceToken(String),
     /// Drain and stop.
     Shutdown,
+    /// Answer at once: the loop turns (the service manager's watchdog is
+    /// fed only when it does).
+    Probe(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What the agent is doing.
@@ -428,6 +431,8 @@ pub(crate) async fn run(
         }
     }
     set_phase(Phase::Stopped);
+    // Probes queued now are answered by the stopped phase.
+    drop(commands);
     tasks.close();
     let _ = tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await;
     info!("agent stopped");
@@ -464,6 +469,10 @@ fn handle(shared: &Shared, cmd: Command, stop: &CancellationToken) -> Next {
         Command::Shutdown => {
             stop.cancel();
             Next::Stop
+        }
+        Command::Probe(reply) => {
+            let _ = reply.send(());
+            Next::Stay
         }
     }
 }

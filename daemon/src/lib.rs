@@ -13,7 +13,10 @@
 //!   file, the check that an example configuration documents real keys.
 //! - [`metrics`]: the Prometheus `GET /metrics` listener both daemons serve.
 //! - [`notify`]: the one place that talks to systemd (`READY=1`,
-//!   `STOPPING=1`, `STATUS=`); a no-op without `NOTIFY_SOCKET`.
+//!   `STOPPING=1`, `RELOADING=1`, socket activation); a no-op without
+//!   `NOTIFY_SOCKET`.
+//! - [`supervise`]: `STATUS=` and `WATCHDOG=1`, fed only by a probe that
+//!   went through the daemon's core loop.
 //! - [`signals`]: terminate and hang-up as typed events.
 //! - [`trace`]: the registry of live trace subscribers (`tunnelctl trace`).
 //! - [`observe`]: a span per request: trace events and request metrics
@@ -28,6 +31,7 @@ pub mod notify;
 pub mod observe;
 pub mod process;
 pub mod signals;
+pub mod supervise;
 pub mod trace;
 pub mod usage;
 

@@ -93,17 +93,39 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Bumped by each SIGHUP.
     reloads: tokio::sync::watch::Receiver<u64>,
+    /// The listener systemd passed (socket activation), until taken.
+    activated: std::sync::Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
 }
 
 impl Context {
     /// A context that no signal reaches (tests, embedding).
     pub fn detached(shutdown: CancellationToken) -> Self {
-        Self { shutdown, reloads: tokio::sync::watch::channel(0).1 }
+        Self { shutdown, reloads: tokio::sync::watch::channel(0).1, activated: Default::default() }
+    }
+
+    /// The TCP listener systemd passed by socket activation (a `.socket`
+    /// unit), taken once; `None` without one, and the daemon binds its own.
+    pub fn activated_listener(&self) -> Option<std::net::TcpListener> {
+        self.activated.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 
     /// The daemon's listeners are bound: tell the service manager.
     pub fn ready(&self) {
         notify::ready();
+    }
+
+    /// Feeds systemd's watchdog and `STATUS=` line from `probe`, which goes
+    /// through the daemon's core loop and answers the status line (see
+    /// [`crate::supervise`]). Does nothing without a service manager.
+    pub fn supervise<P, Fut>(&self, probe: P)
+    where
+        P: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = String> + Send + 'static,
+    {
+        if notify::expected() {
+            let schedule = crate::supervise::Schedule::from_env();
+            tokio::spawn(crate::supervise::run(schedule, probe, notify::send));
+        }
     }
 
     /// Runs `reload` on each SIGHUP, between `RELOADING=1` and `READY=1`,
@@ -162,6 +184,14 @@ pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
         return print_config(D::NAME, &config).into();
     }
     raise_fd_limit();
+    // Before any thread starts: taking it clears LISTEN_FDS.
+    let activated = match notify::tcp_listener() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{}: {e}", D::NAME);
+            return ExitStatus::Failure.into();
+        }
+    };
     let rt = match runtime(D::worker_threads(&config)) {
         Ok(rt) => rt,
         Err(e) => {
@@ -174,7 +204,8 @@ pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
         let signals = Signals::new().map_err(|e| anyhow::anyhow!("cannot handle signals: {e}"))?;
         let (reload, reloads) = tokio::sync::watch::channel(0);
         tokio::spawn(watch_signals(signals, shutdown.clone(), reload));
-        let ctx = Context { shutdown, reloads };
+        let activated = std::sync::Arc::new(std::sync::Mutex::new(activated));
+        let ctx = Context { shutdown, reloads, activated };
         // A task of its own, so a multi-threaded runtime's main thread only
         // waits.
         tokio::spawn(D::run(config, ctx))

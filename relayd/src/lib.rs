@@ -197,6 +197,32 @@ impl Relay {
         self.shared.started
     }
 
+    /// A round trip through the accept loop (the service manager's watchdog
+    /// is fed only when it answers), then the one-line status for
+    /// `systemctl status`. A draining relay answers without the loop.
+    pub async fn probe(&self) -> String {
+        if !self.is_draining() {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if self.shared.probes.send(reply).await.is_ok() {
+                let _ = answer.await;
+            }
+        }
+        self.status_line()
+    }
+
+    /// `serving 3 tunnels, 5 streams in flight`, or `draining: ...`.
+    pub fn status_line(&self) -> String {
+        let sessions = self.shared.hub.sessions();
+        let streams: usize = sessions.iter().map(|s| s.in_flight()).sum();
+        let what = format!(
+            "{} tunnel{}, {streams} stream{} in flight",
+            sessions.len(),
+            if sessions.len() == 1 { "" } else { "s" },
+            if streams == 1 { "" } else { "s" },
+        );
+        if self.is_draining() { format!("draining: {what}") } else { format!("serving {what}") }
+    }
+
     /// Whether it drains (shutting down).
     pub fn is_draining(&self) -> bool {
         self.shared.is_draining()

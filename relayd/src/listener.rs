@@ -4,7 +4,7 @@
 //! finish until `drain_timeout`, then ends the rest and closes the sessions.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -35,9 +35,14 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let tls = shared.config.tls.as_ref().map(|t| TlsAcceptor::from(t.server.clone()));
     info!(addr = %listener.local_addr()?, tls = tls.is_some(), "relay listening");
+    let mut probes = shared.probe_inbox.lock().unwrap_or_else(PoisonError::into_inner).take();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(reply) = recv(&mut probes) => {
+                let _ = reply.send(());
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -73,8 +78,18 @@ pub async fn serve(
             serve_connection(conn_shared, stream, peer, conn_shutdown).await
         });
     }
+    // Probes sent from now on are answered by the draining flag.
+    drop(probes);
     drain(&shared, listener).await;
     Ok(())
+}
+
+/// The next health probe; pends forever without a probe channel.
+async fn recv<T>(probes: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match probes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// No new work, agents told to go elsewhere after their streams, in-flight

@@ -79,9 +79,15 @@ impl Daemon for Relayd {
     }
 
     async fn run(config: relayd::Config, ctx: Context) -> anyhow::Result<()> {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        // A socket systemd passed (relayd.socket: port 443 without any
+        // capability) wins over `listen`.
+        let listener = match ctx.activated_listener() {
+            Some(l) => tokio::net::TcpListener::from_std(l)
+                .context("cannot use the socket systemd passed")?,
+            None => tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        };
         let listen = listener.local_addr()?;
         let control = config.control.clone();
         let socket = daemon::control::open(&control)?;
@@ -123,6 +129,11 @@ impl Daemon for Relayd {
             daemon::metrics::Server::start(metrics_listen, Arc::new(move || render.metrics()))
                 .await?;
         ctx.ready();
+        let probing = relay.clone();
+        ctx.supervise(move || {
+            let relay = probing.clone();
+            async move { relay.probe().await }
+        });
         Ok(relay.run(listener, ctx.shutdown).await?)
     }
 }

@@ -46,6 +46,11 @@ pub struct Shared {
     pub rate_limited: AtomicU64,
     /// When the relay started.
     pub started: std::time::SystemTime,
+    /// Health probes answered by the accept loop (the watchdog's proof that
+    /// it turns), and the loop's end of them until it runs.
+    pub probes: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    pub probe_inbox:
+        std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 impl Shared {
@@ -57,6 +62,7 @@ impl Shared {
             config.refused_handshakes_per_minute,
             config.agent_handshakes_per_minute,
         );
+        let (probes, probe_inbox) = tokio::sync::mpsc::channel(1);
         Self {
             config,
             hub: Hub::default(),
@@ -72,6 +78,8 @@ impl Shared {
             observer: daemon::observe::Observer::new(config_trace_bodies),
             rate_limited: AtomicU64::new(0),
             started: std::time::SystemTime::now(),
+            probes,
+            probe_inbox: std::sync::Mutex::new(Some(probe_inbox)),
         }
     }
 

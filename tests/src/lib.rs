@@ -5,6 +5,7 @@
 
 pub mod footprint;
 pub mod legacy;
+pub mod notify;
 pub mod ollama;
 pub mod proxy;
 pub mod raw;

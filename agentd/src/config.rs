@@ -17,7 +17,9 @@ pub use daemon::ConfigError;
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// The relay: `wss://relay.example.com` (the `/ws/tunnel` path is added
-    /// when the URL has none), or a full `ws://`/`wss://` URL.
+    /// when the URL has none), or a full `ws://`/`wss://` URL. Absent: the
+    /// relay `tunnelctl enroll` stored in `state_dir`, or none yet (agentd
+    /// waits to be enrolled).
     pub relay: Option<String>,
     /// The agent token. Prefer `token_file`.
     pub token: Option<String>,
@@ -69,16 +71,76 @@ pub struct ReconnectFile {
     pub healthy_after: Option<Human>,
 }
 
-/// The resolved configuration agentd runs with.
+/// Where agentd connects: the relay's WebSocket URL and how its TLS is
+/// checked.
 #[derive(Debug, Clone, Serialize)]
-pub struct Config {
+pub struct Target {
     /// WebSocket URL of the relay's agent endpoint.
     #[serde(serialize_with = "display")]
     pub relay: Uri,
-    /// The token the agent starts with: the stored credential when
-    /// `state_dir` holds one, else the configured token.
+    /// Pins of the relay's public key (`sha256/...`).
+    pub pins: Vec<String>,
+    /// Whether the configuration file names it (else `tunnelctl enroll`
+    /// stored it in `state_dir`).
+    pub configured: bool,
+    /// TLS client settings, for `wss://` relays only.
     #[serde(skip)]
-    pub token: String,
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl Target {
+    /// Checks `relay` and `pins` and builds the TLS settings (`ca_file`:
+    /// the CAs to trust instead of the system's roots).
+    pub fn new(
+        relay: &str,
+        pins: &[String],
+        ca_file: Option<&std::path::Path>,
+        configured: bool,
+    ) -> Result<Self, ConfigError> {
+        let relay = relay_url(relay)?;
+        let parsed = pins
+            .iter()
+            .map(|p| {
+                crate::tls::Pin::parse(p).map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let tls = match (relay.scheme_str(), ca_file) {
+            (Some("wss"), ca_file) => Some(
+                crate::tls::client_config(ca_file, &parsed)
+                    .map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))?,
+            ),
+            (_, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "[tls] ca_file is set but the relay is not a wss:// URL".into(),
+                ));
+            }
+            _ if !parsed.is_empty() => {
+                return Err(ConfigError::Invalid(
+                    "[tls] pins are set but the relay is not a wss:// URL".into(),
+                ));
+            }
+            _ => None,
+        };
+        let pins = parsed.iter().map(ToString::to_string).collect();
+        Ok(Self { relay, pins, configured, tls })
+    }
+
+    /// The relay's host (and port), for messages.
+    pub fn host(&self) -> &str {
+        self.relay.authority().map_or("the relay", |a| a.as_str())
+    }
+}
+
+/// The resolved configuration agentd runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// The relay, from the file or an enrollment; `None` until enrolled.
+    pub target: Option<Target>,
+    /// The token the agent starts with: the stored credential when
+    /// `state_dir` holds one, else the configured token; `None` until
+    /// enrolled.
+    #[serde(skip)]
+    pub token: Option<String>,
     /// The configured token, when the stored credential shadows a
     /// different one: tried if the relay refuses the stored one.
     #[serde(skip)]
@@ -111,11 +173,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The CA file trusted for `wss://` instead of the system's roots.
     pub ca_file: Option<PathBuf>,
-    /// Pins of the relay's public key (`sha256/...`).
+    /// The `[tls] pins` of the file (an enrollment adds its own).
     pub pins: Vec<String>,
-    /// TLS client settings, for `wss://` relays only.
-    #[serde(skip)]
-    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
@@ -125,33 +184,6 @@ impl Resolve for ConfigFile {
 
     /// Applies defaults and checks every value; the token file is read.
     fn resolve(self) -> Result<Config, ConfigError> {
-        let relay = self.relay.ok_or_else(|| ConfigError::Invalid("relay is not set".into()))?;
-        let relay = relay_url(&relay)?;
-        let pins = self
-            .tls
-            .pins
-            .iter()
-            .map(|p| {
-                crate::tls::Pin::parse(p).map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let tls = match (relay.scheme_str(), &self.tls.ca_file) {
-            (Some("wss"), ca_file) => Some(
-                crate::tls::client_config(ca_file.as_deref(), &pins)
-                    .map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))?,
-            ),
-            (_, Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "[tls] ca_file is set but the relay is not a wss:// URL".into(),
-                ));
-            }
-            _ if !pins.is_empty() => {
-                return Err(ConfigError::Invalid(
-                    "[tls] pins are set but the relay is not a wss:// URL".into(),
-                ));
-            }
-            _ => None,
-        };
         let state_dir = self.state_dir.or_else(|| {
             std::env::var_os("STATE_DIRECTORY")
                 .and_then(|v| v.to_str().and_then(|v| v.split(':').next()).map(PathBuf::from))
@@ -171,22 +203,39 @@ impl Resolve for ConfigFile {
             (None, Some(f)) => Some(read_secret(f)?),
             (None, None) => None,
         };
+        let target = match (&self.relay, &state_dir) {
+            (Some(relay), _) => {
+                Some(Target::new(relay, &self.tls.pins, self.tls.ca_file.as_deref(), true)?)
+            }
+            (None, Some(dir)) => match crate::enroll::read(dir)? {
+                Some(e) => {
+                    let pins: Vec<String> = self.tls.pins.iter().chain(&e.pins).cloned().collect();
+                    Some(Target::new(&e.relay, &pins, self.tls.ca_file.as_deref(), false)?)
+                }
+                None => None,
+            },
+            (None, None) => None,
+        };
+        if target.is_none() {
+            // Checked now rather than at enrollment.
+            for p in &self.tls.pins {
+                crate::tls::Pin::parse(p)
+                    .map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))?;
+            }
+        }
         let stored = match &state_dir {
             Some(dir) if credential_path(dir).exists() => Some(read_secret(&credential_path(dir))?),
             _ => None,
         };
         let configured_token = configured.clone();
+        // Neither: not enrolled yet; agentd waits for `tunnelctl enroll`.
         let (token, fallback) = match (stored, configured) {
-            (Some(s), Some(c)) if s != c => (s, Some(c)),
-            (Some(s), _) => (s, None),
-            (None, Some(c)) => (c, None),
-            (None, None) => {
-                return Err(ConfigError::invalid(
-                    "no agent token: set token_file, or give systemd the credential agent-token (LoadCredential=agent-token:/path)",
-                ));
-            }
+            (Some(s), Some(c)) if s != c => (Some(s), Some(c)),
+            (Some(s), _) => (Some(s), None),
+            (None, Some(c)) => (Some(c), None),
+            (None, None) => (None, None),
         };
-        for t in std::iter::once(&token).chain(&fallback) {
+        for t in token.iter().chain(&fallback) {
             check_token(t)?;
         }
         let policy =
@@ -194,7 +243,7 @@ impl Resolve for ConfigFile {
         let upstream = upstream_url(self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM))?;
         let limits = self.limits.resolve()?;
         Ok(Config {
-            relay,
+            target,
             token,
             fallback,
             configured_token,
@@ -212,8 +261,7 @@ impl Resolve for ConfigFile {
             liveness: self.liveness.resolve()?,
             metrics_listen: self.metrics_listen,
             ca_file: self.tls.ca_file,
-            pins: pins.iter().map(ToString::to_string).collect(),
-            tls,
+            pins: self.tls.pins,
         })
     }
 }
@@ -335,13 +383,16 @@ mod tests {
     }
 
     #[test]
-    fn token_is_required_and_unknown_keys_are_refused() {
+    fn without_a_token_the_agent_waits_to_be_enrolled_and_unknown_keys_are_refused() {
         let parse = |t: &str| {
             toml::from_str::<ConfigFile>(t)
                 .map_err(|e| e.to_string())
                 .and_then(|f| f.resolve().map_err(|e| e.to_string()))
         };
-        assert!(parse("relay = \"ws://127.0.0.1:1\"").is_err());
+        let bare = parse("relay = \"ws://127.0.0.1:1\"").expect("no token: not enrolled");
+        assert!(bare.token.is_none() && bare.target.is_some());
+        let empty = parse("").expect("an empty file: not enrolled");
+        assert!(empty.token.is_none() && empty.target.is_none());
         assert!(parse("relay = \"ws://127.0.0.1:1\"\ntoken = \"abc\"\nextra = 1").is_err());
         let c = parse("relay = \"ws://127.0.0.1:1\"\ntoken = \"abc\"").unwrap();
         assert_eq!(c.upstream.to_string(), "http://127.0.0.1:11434/");

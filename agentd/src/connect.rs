@@ -16,6 +16,7 @@ use rustls::pki_types::ServerName;
 use tunnel_proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
 
 use crate::Config;
+use crate::config::Target;
 
 /// Time allowed for TCP connect, upgrade and handshake together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -66,21 +67,29 @@ pub enum ConnectError {
 }
 
 /// Dials the relay with `token` and negotiates a session.
-pub async fn connect(config: &Config, token: &str) -> Result<Connected, ConnectError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, try_connect(config, token))
+pub async fn connect(
+    config: &Config,
+    target: &Target,
+    token: &str,
+) -> Result<Connected, ConnectError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, try_connect(config, target, token))
         .await
         .map_err(|_| ConnectError::Timeout)?
 }
 
-async fn try_connect(config: &Config, token: &str) -> Result<Connected, ConnectError> {
-    let uri = &config.relay;
+async fn try_connect(
+    config: &Config,
+    target: &Target,
+    token: &str,
+) -> Result<Connected, ConnectError> {
+    let uri = &target.relay;
     let host = uri.host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
     let unreachable = |e: std::io::Error| ConnectError::Unreachable(e.to_string());
     let tcp = TcpStream::connect((host, port)).await.map_err(unreachable)?;
     tcp.set_nodelay(true).map_err(unreachable)?;
     let mut relay_pin = None;
-    let stream = match (uri.scheme_str(), &config.tls) {
+    let stream = match (uri.scheme_str(), &target.tls) {
         (Some("ws"), _) => MaybeTlsStream::Plain(tcp),
         (_, None) => {
             // Never fall back to plain text (and the token in clear).

@@ -54,24 +54,33 @@ fn error_kind(e: &AgentError) -> pb::AgentErrorKind {
     }
 }
 
+fn state_of(phase: &Phase) -> pb::AgentState {
+    use pb::AgentState as S;
+    match phase {
+        Phase::Idle => S::Idle,
+        Phase::NotEnrolled => S::NotEnrolled,
+        Phase::Connecting => S::Connecting,
+        Phase::Connected { .. } => S::Connected,
+        Phase::BackingOff { .. } => S::BackingOff,
+        Phase::Stopped => S::Stopped,
+    }
+}
+
 /// The status the handle reports, in the API's terms.
 pub fn status(agent: &Agent) -> pb::AgentStatus {
-    use pb::AgentState as S;
     let state = agent.state().borrow().clone();
-    let (phase, session_id, since, until) = match &state.phase {
-        Phase::Idle => (S::Idle, String::new(), None, None),
-        Phase::Connecting => (S::Connecting, String::new(), None, None),
-        Phase::Connected { session_id, since } => {
-            (S::Connected, session_id.clone(), Some(*since), None)
-        }
-        Phase::BackingOff { until } => (S::BackingOff, String::new(), None, Some(*until)),
-        Phase::Stopped => (S::Stopped, String::new(), None, None),
+    let phase = state_of(&state.phase);
+    let (session_id, since, until) = match &state.phase {
+        Phase::Connected { session_id, since } => (session_id.clone(), Some(*since), None),
+        Phase::BackingOff { until } => (String::new(), None, Some(*until)),
+        _ => (String::new(), None, None),
     };
+    let target = agent.target();
     let service = agent.service_health();
     let requests = agent.requests();
     pb::AgentStatus {
         state: phase as i32,
-        relay: agent.config().relay.to_string(),
+        relay: target.as_ref().map(|t| t.relay.to_string()).unwrap_or_default(),
         session_id,
         since_unix_ms: ms(since),
         rtt_us: agent.rtt().map_or(0, |d| d.as_micros() as u64),
@@ -85,7 +94,7 @@ pub fn status(agent: &Agent) -> pb::AgentStatus {
         backoff_until_unix_ms: ms(until),
         credential_expires_unix_ms: ms(agent.session_expires()),
         relay_pin: agent.relay_pin().unwrap_or_default(),
-        pins: agent.config().pins.clone(),
+        pins: target.map(|t| t.pins).unwrap_or_default(),
         service: Some(pb::ServiceHealth {
             url: agent.config().upstream.to_string(),
             reachable: service.reachable,
@@ -149,6 +158,22 @@ impl agent_server::Agent for Control {
         Ok(Response::new(reply))
     }
 
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollReply>, Status> {
+        self.guard.check(&req, Access::Change)?;
+        let req = req.into_inner();
+        let token = (!req.token.is_empty()).then_some(req.token);
+        let e = self.agent.enroll(&req.relay, token, req.pins).await.map_err(enroll_status)?;
+        Ok(Response::new(pb::EnrollReply {
+            relay: e.relay,
+            stored: e.stored.display().to_string(),
+            state: state_of(&e.state.phase) as i32,
+            last_error: e.state.last_error.as_ref().map(ToString::to_string).unwrap_or_default(),
+        }))
+    }
+
     type TraceStream = std::pin::Pin<
         Box<dyn futures_util::Stream<Item = Result<pb::TraceEvent, Status>> + Send + 'static>,
     >;
@@ -164,6 +189,15 @@ impl agent_server::Agent for Control {
         let limit = (req.limit > 0).then_some(req.limit);
         let sub = observer.taps.subscribe(Filter::of(&req), limit, bodies);
         Ok(Response::new(sub.into_stream()))
+    }
+}
+
+fn enroll_status(e: crate::enroll::EnrollError) -> Status {
+    use crate::enroll::EnrollError as E;
+    match &e {
+        E::Invalid(_) | E::NoToken => Status::invalid_argument(e.to_string()),
+        E::ConfigWins { .. } | E::NoStateDir => Status::failed_precondition(e.to_string()),
+        E::Store { .. } => Status::internal(e.to_string()),
     }
 }
 

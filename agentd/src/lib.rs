@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod config;
 pub mod connect;
 pub mod control;
+pub mod enroll;
 mod metrics;
 pub mod policy;
 pub mod renew;
@@ -156,7 +157,8 @@ pub enum InstallError {
 impl Agent {
     pub fn new(config: Config) -> Self {
         let (commands, inbox) = mpsc::channel(supervisor::COMMAND_QUEUE);
-        let token = config.token.clone();
+        let token = config.token.clone().unwrap_or_default();
+        let target = config.target.clone();
         let fallback = config.fallback.clone();
         let file_token = config.configured_token.clone();
         let observer = daemon::observe::Observer::new(config.control.trace_bodies);
@@ -169,6 +171,7 @@ impl Agent {
         Self {
             shared: Arc::new(supervisor::Shared {
                 config,
+                target: Mutex::new(target),
                 token: Mutex::new(token),
                 fallback: Mutex::new(fallback),
                 file_token: Mutex::new(file_token),
@@ -186,6 +189,11 @@ impl Agent {
 
     pub fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    /// The relay it connects to; `None` until enrolled.
+    pub fn target(&self) -> Option<config::Target> {
+        self.shared.target()
     }
 
     /// The agent's state, updated as it changes.
@@ -379,10 +387,14 @@ impl Agent {
     /// connection refused`.
     pub fn status_line(&self) -> String {
         let state = self.shared.state.borrow().clone();
-        let relay = self.shared.config.relay.authority().map_or("the relay", |a| a.as_str());
+        let target = self.target();
+        let relay = target.as_ref().map_or("the relay", |t| t.host());
         let last = state.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default();
         match state.phase {
             Phase::Idle => "starting".to_owned(),
+            Phase::NotEnrolled => {
+                "not enrolled: run tunnelctl enroll wss://RELAY (credential on stdin)".to_owned()
+            }
             Phase::Connecting => format!("connecting to {relay}{last}"),
             Phase::Connected { .. } => {
                 let streams = self.in_flight();

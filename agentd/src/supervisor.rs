@@ -68,6 +68,8 @@ pub enum Phase {
     /// Not started yet.
     #[default]
     Idle,
+    /// No relay or no credential yet: waiting for `tunnelctl enroll`.
+    NotEnrolled,
     /// Dialling the relay.
     Connecting,
     /// A session is up.
@@ -161,6 +163,8 @@ impl AgentState {
 /// What the supervisor shares with the agent's handle.
 pub(crate) struct Shared {
     pub config: Config,
+    /// The relay connections go to; `None` until enrolled.
+    pub target: Mutex<Option<crate::config::Target>>,
     /// The token the next connection presents.
     pub token: Mutex<String>,
     /// The configured token, while a stored credential shadows it: tried
@@ -187,6 +191,15 @@ impl Shared {
 
     fn set_current(&self, session: Option<Arc<Session>>) {
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = session;
+    }
+
+    pub fn target(&self) -> Option<crate::config::Target> {
+        self.target.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Connects to `target` from the next attempt on.
+    pub fn set_target(&self, target: crate::config::Target) {
+        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = Some(target);
     }
 
     pub fn token(&self) -> String {
@@ -289,9 +302,24 @@ pub(crate) async fn run(
     let mut backoff = Backoff::new(Duration::from_secs(1), config.reconnect_max_delay);
     let set_phase = |phase| shared.state.send_modify(|s| s.phase = phase);
     'outer: while !stop.is_cancelled() {
-        set_phase(Phase::Connecting);
         let token = shared.token();
-        let attempt = connect::connect(config, &token);
+        let Some(target) = shared.target().filter(|_| !token.is_empty()) else {
+            // First run: stay up, say so, wait to be enrolled.
+            set_phase(Phase::NotEnrolled);
+            info!("not enrolled: waiting for `tunnelctl enroll wss://RELAY`");
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break 'outer,
+                    cmd = commands.next() => match handle(&shared, cmd, &stop) {
+                        Next::Retry => continue 'outer,
+                        Next::Stop => break 'outer,
+                        Next::Stay => {}
+                    },
+                }
+            }
+        };
+        set_phase(Phase::Connecting);
+        let attempt = connect::connect(config, &target, &token);
         tokio::pin!(attempt);
         let attempt = loop {
             tokio::select! {
@@ -326,7 +354,7 @@ pub(crate) async fn run(
                         conn.access_token.is_some(),
                     ),
                 });
-                info!(session = %session.id, relay = %config.relay, "connected to the relay");
+                info!(session = %session.id, relay = %target.relay, "connected to the relay");
                 shared.state.send_modify(|s| {
                     s.phase = Phase::Connected {
                         session_id: session.id.clone(),

@@ -67,3 +67,40 @@ async fn agentd_tells_the_service_manager_its_state() {
     let status = tokio::time::timeout(WAIT, child.wait()).await.expect("exits").expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// First run: no relay and no credential anywhere. agentd still starts
+/// (READY=1) and says what to do in its status line.
+#[tokio::test]
+async fn a_fresh_agentd_is_ready_and_says_it_waits_to_be_enrolled() {
+    let dir = TempDir::new("agentd-fresh");
+    let mut notify = NotifySocket::bind(&dir);
+    let config = dir.path("agentd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\nupstream = \"http://127.0.0.1:{}\"\n[control]\nsocket = \"off\"\n",
+            dir.0.display(),
+            closed_port()
+        ),
+    )
+    .expect("write the config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", notify.path())
+        .env("AGENTD_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start agentd");
+    notify.until(|l| l == "READY=1").await;
+    let seen = notify.until(|l| l.starts_with("STATUS=")).await;
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("STATUS=not enrolled: run tunnelctl enroll wss://RELAY (credential on stdin)")
+    );
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("exits").expect("wait");
+    assert!(status.success(), "{status}");
+}

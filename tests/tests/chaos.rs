@@ -133,7 +133,7 @@ async fn behind_a_proxy() -> (StandIn, TestRelay, ChaosProxy, TestAgent) {
     .await;
     let proxy = ChaosProxy::start(relay.addr).await;
     let agent = TestAgent::start_with(&relay, "alice", &standin.url(), |c| {
-        c.relay = proxy.url().parse().expect("proxy url");
+        c.target.as_mut().expect("a relay").relay = proxy.url().parse().expect("proxy url");
         c.liveness.ping_interval = PING;
         c.liveness.max_missed_pings = 2;
         c.reconnect_max_delay = Duration::from_millis(200);

@@ -113,7 +113,7 @@ async fn side(relay: &TestRelay, user: &'static str) -> Side {
     let credential = relay.relay.issue_credential(user).expect("issue a credential");
     let secret = credential.secret.clone();
     let agent = TestAgent::start_with(relay, user, &upstream.url(), move |c| {
-        c.token = secret;
+        c.token = Some(secret);
         c.policy = agentd::policy::Policy::default();
     })
     .await;
@@ -571,8 +571,9 @@ async fn the_relay_reloads_its_certificate_without_dropping_a_tunnel() {
     let ca = agentd::tls::client_config(Some(&both), &[]).expect("CA");
     let relay_url = agentd::config::relay_url(&url).expect("url");
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.relay = relay_url;
-        c.tls = Some(ca);
+        let target = c.target.as_mut().expect("a relay");
+        target.relay = relay_url;
+        target.tls = Some(ca);
     })
     .await;
     let session = relay.relay.tunnel("alice").expect("tunnel").session_id().to_owned();
@@ -638,7 +639,7 @@ async fn rotation_refresh_and_install_during_a_stream_lose_no_token() {
     let state_dir = state.0.clone();
     let secret = first.secret.clone();
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = secret;
+        c.token = Some(secret);
         c.state_dir = Some(state_dir);
     })
     .await;
@@ -723,7 +724,7 @@ async fn an_expired_unrefreshed_session_is_closed_and_a_renewed_one_lives_on() {
     // A JWT that lives 3 s, with nothing to renew it from.
     let short = relay.relay.mint("alice", Role::Agent, Duration::from_secs(3), None).expect("mint");
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = short.token;
+        c.token = Some(short.token);
         c.reconnect_max_delay = Duration::from_secs(1);
     })
     .await;
@@ -742,7 +743,7 @@ async fn an_expired_unrefreshed_session_is_closed_and_a_renewed_one_lives_on() {
     daemon::config::write_secret(&file, &first.token).expect("write");
     let (token, path) = (first.token.clone(), file.clone());
     let agent = TestAgent::start_with(&relay, "bob", &upstream.url(), move |c| {
-        c.token = token.clone();
+        c.token = Some(token.clone());
         c.configured_token = Some(token);
         c.token_file = Some(path);
     })
@@ -768,7 +769,7 @@ async fn revoking_a_credential_ends_its_session_at_once() {
     let credential = relay.relay.issue_credential("alice").expect("credential");
     let secret = credential.secret.clone();
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = secret;
+        c.token = Some(secret);
         c.reconnect_max_delay = Duration::from_secs(1);
     })
     .await;
@@ -844,7 +845,7 @@ async fn a_relay_behind_an_identity_provider_serves_a_user_it_was_never_told_of(
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
     let agent_token = idp_token("agent");
     let _agent = TestAgent::start_with(&relay, "zed", &upstream.url(), move |c| {
-        c.token = agent_token;
+        c.token = Some(agent_token);
     })
     .await;
     let resp = reqwest::Client::new()
@@ -881,7 +882,8 @@ async fn per_user_limits_and_cors_preflights() {
     let credential = relay.relay.issue_credential("alice").expect("credential");
     let secret = credential.secret.clone();
     let _agent =
-        TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| c.token = secret).await;
+        TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| c.token = Some(secret))
+            .await;
     let http = reqwest::Client::new();
     let token = |u: &str| {
         relay.relay.mint(u, Role::Client, Duration::from_secs(600), None).expect("mint").token

@@ -35,8 +35,9 @@ async fn a_chat_streams_over_https_through_an_agent_on_wss() {
     let ca = cert.cert_file.clone();
     let wss = format!("wss://{}/ws/tunnel", relay.addr);
     let _agent = TestAgent::start_with(&relay, "alice", &standin.url(), move |c| {
-        c.relay = wss.parse().expect("valid URL");
-        c.tls = Some(agentd::tls::client_config(Some(&ca), &[]).expect("CA loads"));
+        let target = c.target.as_mut().expect("a relay");
+        target.relay = wss.parse().expect("valid URL");
+        target.tls = Some(agentd::tls::client_config(Some(&ca), &[]).expect("CA loads"));
     })
     .await;
 

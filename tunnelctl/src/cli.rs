@@ -70,6 +70,10 @@ pub enum Command {
     /// agentd: rotate the agent credential in-band (the default), or install
     /// a token read from stdin or a file (never from the command line).
     RotateToken(RotateToken),
+    /// agentd: enroll with a relay (first run): the agent credential is
+    /// read from stdin (or --token-file), stored in agentd's state
+    /// directory with the relay, and agentd connects.
+    Enroll(Enroll),
     /// Stream live request events until interrupted (or --limit).
     Trace(Trace),
     /// relayd: the connected agents.
@@ -101,6 +105,22 @@ pub struct RotateToken {
     /// Install the token in this file instead of rotating.
     #[arg(long, value_name = "PATH")]
     pub file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct Enroll {
+    /// The relay: wss://relay.example.com
+    pub relay: String,
+    /// Read the agent credential from this file instead of stdin.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Keep the credential agentd already has (configured or stored).
+    #[arg(long, conflicts_with = "token_file")]
+    pub keep_token: bool,
+    /// A pin (sha256/...) of the relay's public key, checked on top of the
+    /// CA validation; repeat for a key rollover (`agentd pin URL`).
+    #[arg(long = "pin", value_name = "PIN")]
+    pub pins: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -158,7 +178,9 @@ impl Command {
     /// The daemon the command is for, when only one serves it.
     pub fn only_for(&self) -> Option<Which> {
         match self {
-            Command::Reconnect | Command::RotateToken(_) => Some(Which::Agentd),
+            Command::Reconnect | Command::RotateToken(_) | Command::Enroll(_) => {
+                Some(Which::Agentd)
+            }
             Command::Tunnels | Command::Disconnect { .. } | Command::Token(_) => {
                 Some(Which::Relayd)
             }

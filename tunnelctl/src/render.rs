@@ -93,6 +93,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 fn state_name(s: i32) -> &'static str {
     match pb::AgentState::try_from(s).unwrap_or(pb::AgentState::Unspecified) {
         pb::AgentState::Idle => "starting",
+        pb::AgentState::NotEnrolled => "not enrolled",
         pb::AgentState::Connecting => "connecting",
         pb::AgentState::Connected => "connected",
         pb::AgentState::BackingOff => "reconnecting",
@@ -120,7 +121,12 @@ fn error_kind(k: i32) -> &'static str {
 /// `tunnelctl status` against agentd.
 pub fn agent_status(s: &pb::AgentStatus, now: SystemTime) -> String {
     let state = state_name(s.state);
-    let mut rows: Vec<(&str, String)> = vec![("relay", s.relay.clone())];
+    let relay = if s.relay.is_empty() {
+        "none yet: run tunnelctl enroll wss://RELAY (the credential on stdin)".to_owned()
+    } else {
+        s.relay.clone()
+    };
+    let mut rows: Vec<(&str, String)> = vec![("relay", relay)];
     if !s.session_id.is_empty() {
         rows.push((
             "session",

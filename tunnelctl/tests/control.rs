@@ -340,3 +340,108 @@ async fn a_closed_stdout_ends_trace_quietly() {
     assert!(status.success(), "{status} {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// First run: an agent with no relay and no credential stays up, says so,
+/// and `tunnelctl enroll` stores both in its state directory and connects;
+/// a restarted agent finds them there. A relay set in the file wins.
+#[tokio::test]
+async fn enroll_takes_a_fresh_agent_to_a_connected_one() {
+    use daemon::Resolve as _;
+    init_logging();
+    let dir = TempDir::new("enroll");
+    let relay = TestRelay::start(&["alice"]).await;
+    let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
+    let state_dir = dir.path("state");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    let fresh = || {
+        agentd::ConfigFile {
+            state_dir: Some(state_dir.clone()),
+            upstream: Some(upstream.url()),
+            ..agentd::ConfigFile::default()
+        }
+        .resolve()
+        .expect("a configuration without relay or token is valid")
+    };
+    let agent = std::sync::Arc::new(agentd::Agent::new(fresh()));
+    let stop = CancellationToken::new();
+    let running = agent.clone();
+    let run_stop = stop.clone();
+    let run = tokio::spawn(async move { running.run(run_stop).await });
+    let sock = dir.path("agentd.sock");
+    let listener = daemon::control::bind(&sock).expect("bind");
+    tokio::spawn(agentd::control::Control::new(agent.clone(), false).serve(listener, stop.clone()));
+
+    let mut state = agent.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.phase == agentd::Phase::NotEnrolled))
+        .await
+        .expect("waits to be enrolled")
+        .expect("state");
+    let status = ctl(&sock, &["status"]).await.expect("status");
+    println!("{status}");
+    assert!(status.contains(": not enrolled"), "{status}");
+    assert!(status.contains("run tunnelctl enroll"), "{status}");
+    assert!(agent.status_line().starts_with("not enrolled: run tunnelctl enroll"));
+
+    // A credential file that is empty is bad input, not a call.
+    let token_file = dir.path("alice.token");
+    std::fs::write(&token_file, "\n").expect("write");
+    let (code, _) =
+        ctl(&sock, &["enroll", &relay.ws_url(), "--token-file", token_file.to_str().unwrap()])
+            .await
+            .expect_err("no credential");
+    assert_eq!(code, tunnelctl::exit::DATA);
+
+    std::fs::write(&token_file, format!("{}\n", tunnel_tests::agent_token("alice")))
+        .expect("write");
+    let url = format!("http://{}", relay.addr);
+    let out = ctl(&sock, &["enroll", &url, "--token-file", token_file.to_str().unwrap()])
+        .await
+        .expect("enroll");
+    println!("{out}");
+    assert!(out.contains("; connected"), "{out}");
+    assert!(out.contains(&relay.ws_url()), "{out}");
+    relay.wait_for_agent("alice").await;
+    let stored = std::fs::read_to_string(state_dir.join("enrollment.toml")).expect("stored");
+    assert!(stored.contains(&relay.ws_url()), "{stored}");
+    let credential = state_dir.join("credential");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&credential).expect("credential").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    stop.cancel();
+    tokio::time::timeout(WAIT, run).await.expect("stops").expect("join");
+
+    // A restart finds the enrollment: connected without any call.
+    let restarted = fresh();
+    assert_eq!(
+        restarted.target.as_ref().map(|t| t.relay.to_string()),
+        Some(relay.ws_url()),
+        "the relay comes from the state directory"
+    );
+    let agent = std::sync::Arc::new(agentd::Agent::new(restarted));
+    let stop = CancellationToken::new();
+    let running = agent.clone();
+    let run_stop = stop.clone();
+    tokio::spawn(async move { running.run(run_stop).await });
+    let mut state = agent.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.is_connected()))
+        .await
+        .expect("connects after a restart")
+        .expect("state");
+
+    // A relay named in the file wins over an enrollment elsewhere.
+    let configured = agentd::ConfigFile {
+        relay: Some(relay.ws_url()),
+        state_dir: Some(state_dir.clone()),
+        upstream: Some(upstream.url()),
+        ..agentd::ConfigFile::default()
+    }
+    .resolve()
+    .expect("config");
+    let pinned = std::sync::Arc::new(agentd::Agent::new(configured));
+    let err = pinned
+        .enroll("wss://other.example", Some(tunnel_tests::agent_token("alice")), vec![])
+        .await
+        .expect_err("the file wins");
+    assert!(err.to_string().contains("the configuration file sets relay"), "{err}");
+    stop.cancel();
+}

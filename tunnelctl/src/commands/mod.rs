@@ -2,6 +2,7 @@
 //! returns what to print (the rendering is [`crate::render`]'s).
 
 pub mod disconnect;
+pub mod enroll;
 pub mod reconnect;
 pub mod rotate_token;
 pub mod status;
@@ -25,6 +26,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CtlError>
         (Command::Status, w) => status::run(channel, w, g.json).await,
         (Command::Reconnect, _) => reconnect::run(channel, g.json).await,
         (Command::RotateToken(args), _) => rotate_token::run(channel, args, g.json).await,
+        (Command::Enroll(args), _) => enroll::run(channel, args, g.json).await,
         (Command::Tunnels, _) => tunnels::run(channel, g.json).await,
         (Command::Disconnect { user }, _) => disconnect::run(channel, user, g.json).await,
         (Command::Token(t), _) => token::run(channel, t, g.json).await,

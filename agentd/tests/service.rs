@@ -104,3 +104,76 @@ async fn a_fresh_agentd_is_ready_and_says_it_waits_to_be_enrolled() {
     let status = tokio::time::timeout(WAIT, child.wait()).await.expect("exits").expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// `tunnelctl log-level` reads and replaces the filter of a running agentd
+/// over its control socket; the change takes effect at once (the next
+/// debug line is written) and a filter that does not parse is refused.
+#[tokio::test]
+async fn the_log_filter_changes_while_agentd_runs() {
+    use clap::Parser as _;
+    let dir = TempDir::new("agentd-log-level");
+    let mut notify = NotifySocket::bind(&dir);
+    let sock = dir.path("agentd.sock");
+    let config = dir.path("agentd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\nupstream = \"http://127.0.0.1:{}\"\n[control]\nsocket = \"{}\"\n",
+            dir.0.display(),
+            closed_port(),
+            sock.display()
+        ),
+    )
+    .expect("write the config");
+    let log = dir.path("stderr.json");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", notify.path())
+        .env("AGENTD_LOG", "info")
+        .env("AGENTD_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start agentd");
+    notify.until(|l| l == "READY=1").await;
+    let ctl = |args: &[&str]| {
+        let mut argv = vec!["tunnelctl", "--socket", sock.to_str().expect("utf-8")];
+        argv.extend_from_slice(args);
+        let cli = tunnelctl::cli::Cli::try_parse_from(argv).expect("arguments");
+        async move {
+            let mut out = Vec::new();
+            tunnelctl::commands::run(cli, &mut out)
+                .await
+                .map(|()| String::from_utf8(out).expect("utf-8"))
+                .map_err(|e| (e.exit_code(), e.to_string()))
+        }
+    };
+    assert_eq!(ctl(&["log-level"]).await.expect("read"), "log filter: info (lines go to json)\n");
+    assert_eq!(
+        ctl(&["log-level", "debug"]).await.expect("set"),
+        "log filter: debug (was info; until the next restart)\n"
+    );
+    let (code, msg) = ctl(&["log-level", "info,[[["]).await.expect_err("not a filter");
+    assert_eq!(code, tunnelctl::exit::FAILED, "{msg}");
+    assert!(msg.contains("is not a log filter"), "{msg}");
+    let j = ctl(&["--json", "log-level"]).await.expect("read");
+    let j: serde_json::Value = serde_json::from_str(&j).expect("json");
+    assert_eq!(j["filter"], "debug");
+    // The change is logged (as JSON lines, the format asked for).
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("exits").expect("wait");
+    assert!(status.success(), "{status}");
+    let lines = std::fs::read_to_string(&log).expect("log");
+    let changed = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "log filter changed")
+        .unwrap_or_else(|| panic!("no JSON line says the filter changed:\n{lines}"));
+    assert_eq!(changed["fields"]["filter"], "debug");
+    // Debug lines appear once the filter says so (the drain at SIGTERM
+    // logs at debug).
+    assert!(lines.contains("\"level\":\"DEBUG\""), "{lines}");
+}

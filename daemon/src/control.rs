@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use tonic::transport::server::UdsConnectInfo;
+use tunnel_proto::control::v1 as pb;
 
 /// `[control]` as written.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -280,6 +281,28 @@ fn in_group(pid: i32, gid: u32) -> bool {
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
         .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+}
+
+/// The access a `LogLevel` call needs: replacing the filter changes the
+/// daemon, reading it does not.
+pub fn log_level_access(req: &pb::LogLevelRequest) -> Access {
+    if req.filter.is_empty() { Access::Read } else { Access::Change }
+}
+
+/// `LogLevel`, the same for both daemons: reads or replaces the filter.
+pub fn log_level(req: pb::LogLevelRequest) -> Result<pb::LogLevelReply, tonic::Status> {
+    use crate::logging::{self, FilterError};
+    let previous = if req.filter.is_empty() {
+        String::new()
+    } else {
+        logging::set_filter(&req.filter).map_err(|e| match e {
+            FilterError::Invalid(..) => tonic::Status::invalid_argument(e.to_string()),
+            FilterError::NotInitialized => tonic::Status::unavailable(e.to_string()),
+        })?
+    };
+    let (filter, output) = logging::filter()
+        .ok_or_else(|| tonic::Status::unavailable("logging is not set up in this process"))?;
+    Ok(pb::LogLevelReply { filter, previous, output: output.as_str().to_owned() })
 }
 
 #[cfg(test)]

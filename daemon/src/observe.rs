@@ -142,6 +142,7 @@ impl Observer {
             id: id.to_owned(),
             user: user.to_owned(),
             user_hash: user_hash.to_owned(),
+            method: method.to_owned(),
             path: path.to_owned(),
             started: Instant::now(),
             status: 0,
@@ -248,6 +249,7 @@ pub struct Span {
     id: String,
     user: String,
     user_hash: String,
+    method: String,
     path: String,
     started: Instant,
     status: u32,
@@ -361,6 +363,7 @@ impl Span {
                 }
             }
         }
+        self.log(outcome, reason, duration, &report);
         let end = pb::RequestEnd {
             status: self.status,
             bytes_in: self.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
@@ -374,6 +377,40 @@ impl Span {
         };
         let observer = self.observer.clone();
         observer.taps.publish(self.subject(), || self.event(Kind::End(end)));
+    }
+}
+
+impl Span {
+    /// The access line: one per request, at info, target `access` (turn it
+    /// down with `access=warn` in the filter). In the journal every field
+    /// is a field of its own (`journalctl REQUEST_ID=...`).
+    fn log(
+        &self,
+        outcome: Outcome,
+        reason: &str,
+        duration: Duration,
+        report: &crate::usage::Report,
+    ) {
+        let duration_ms = duration.as_secs_f64() * 1000.0;
+        let bytes_in = self.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+        let model = report.model.as_deref().unwrap_or_default();
+        let tokens = report.tokens.unwrap_or_default();
+        let outcome = outcome.as_str();
+        if self.user_hash.is_empty() {
+            tracing::info!(
+                target: "access",
+                request_id = %self.id, method = %self.method, path = %self.path,
+                status = self.status, duration_ms, outcome, reason, bytes_in,
+                bytes_out = self.bytes_out, model, tokens, "request"
+            );
+        } else {
+            tracing::info!(
+                target: "access",
+                request_id = %self.id, user_hash = %self.user_hash, method = %self.method,
+                path = %self.path, status = self.status, duration_ms, outcome, reason, bytes_in,
+                bytes_out = self.bytes_out, model, tokens, "request"
+            );
+        }
     }
 }
 

@@ -172,7 +172,7 @@ pub fn load<D: Daemon>(args: &CommonArgs) -> Result<ConfigOf<D>, crate::ConfigEr
 
 /// Runs daemon `D` with arguments its `main` parsed.
 pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
-    logging::init(&format!("{}_LOG", D::NAME.to_ascii_uppercase()));
+    logging::init(D::NAME);
     let config = match load::<D>(&args) {
         Ok(c) => c,
         Err(e) => {

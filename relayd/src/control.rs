@@ -162,6 +162,14 @@ impl relay_server::Relay for Control {
         }))
     }
 
+    async fn log_level(
+        &self,
+        req: Request<pb::LogLevelRequest>,
+    ) -> Result<Response<pb::LogLevelReply>, Status> {
+        self.guard.check(&req, daemon::control::log_level_access(req.get_ref()))?;
+        daemon::control::log_level(req.into_inner()).map(Response::new)
+    }
+
     type TraceStream = std::pin::Pin<
         Box<dyn futures_util::Stream<Item = Result<pb::TraceEvent, Status>> + Send + 'static>,
     >;

@@ -86,6 +86,12 @@ pub enum Command {
     /// relayd: issue or revoke credentials and tokens.
     #[command(subcommand)]
     Token(Token),
+    /// Show the daemon's log filter, or replace it until its next restart
+    /// (tracing syntax: debug, "info,access=warn", agentd=trace).
+    LogLevel {
+        /// The new filter; without it, the current one is shown.
+        filter: Option<String>,
+    },
     /// Print shell completions for tunnelctl.
     #[command(hide = true)]
     Completions {

@@ -3,6 +3,7 @@
 
 pub mod disconnect;
 pub mod enroll;
+pub mod log_level;
 pub mod reconnect;
 pub mod rotate_token;
 pub mod status;
@@ -27,6 +28,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CtlError>
         (Command::Reconnect, _) => reconnect::run(channel, g.json).await,
         (Command::RotateToken(args), _) => rotate_token::run(channel, args, g.json).await,
         (Command::Enroll(args), _) => enroll::run(channel, args, g.json).await,
+        (Command::LogLevel { filter }, w) => log_level::run(channel, w, filter, g.json).await,
         (Command::Tunnels, _) => tunnels::run(channel, g.json).await,
         (Command::Disconnect { user }, _) => disconnect::run(channel, user, g.json).await,
         (Command::Token(t), _) => token::run(channel, t, g.json).await,

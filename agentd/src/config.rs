@@ -184,10 +184,7 @@ impl Resolve for ConfigFile {
 
     /// Applies defaults and checks every value; the token file is read.
     fn resolve(self) -> Result<Config, ConfigError> {
-        let state_dir = self.state_dir.or_else(|| {
-            std::env::var_os("STATE_DIRECTORY")
-                .and_then(|v| v.to_str().and_then(|v| v.split(':').next()).map(PathBuf::from))
-        });
+        let state_dir = self.state_dir.or_else(daemon::config::state_directory);
         let token_file = match (&self.token, self.token_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::invalid("set token or token_file, not both"));

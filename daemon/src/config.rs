@@ -222,6 +222,14 @@ pub fn uncomment_example(text: &str, skip: &[&str]) -> String {
         .join("\n")
 }
 
+/// systemd's `$STATE_DIRECTORY` (the first one when `StateDirectory=`
+/// names several): where a daemon keeps state when its file names none.
+pub fn state_directory() -> Option<std::path::PathBuf> {
+    std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| v.to_str().and_then(|v| v.split(':').next()).map(std::path::PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

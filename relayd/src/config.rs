@@ -47,7 +47,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub control: daemon::control::ControlFile,
     /// Where relayd keeps what must survive a restart: issued credentials
-    /// and revocations. Absent: kept in memory.
+    /// and revocations. Default `$STATE_DIRECTORY` (systemd's
+    /// `StateDirectory=`); without either, kept in memory.
     pub state_dir: Option<PathBuf>,
 }
 
@@ -452,7 +453,7 @@ impl ConfigFile {
                 None => d.max_tunnels,
             },
             identity: self.identity.resolve(public)?,
-            state_dir: self.state_dir,
+            state_dir: self.state_dir.or_else(daemon::config::state_directory),
             ack_timeout: match self.timeouts.ack.map(Human::get) {
                 // Agents may wait ACK_FLOOR / 10 before acknowledging.
                 Some(a) if a < ACK_FLOOR => {

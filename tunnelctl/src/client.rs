@@ -91,10 +91,21 @@ pub fn locate(global: &Global, only: Option<Which>) -> Result<(Which, PathBuf), 
     let mut tried = Vec::new();
     for which in &candidates {
         for path in default_sockets(*which) {
-            if path.exists() {
-                return Ok((*which, path));
+            match std::fs::symlink_metadata(&path) {
+                Ok(_) => return Ok((*which, path)),
+                // /run/NAME is 0750 NAME:NAME: a non-member cannot even see
+                // whether the socket is there. The daemon runs; say so.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(CtlError::Permission {
+                        why: format!(
+                            "cannot reach {}: add yourself to group {} (then log in again), or use sudo",
+                            path.display(),
+                            which.name()
+                        ),
+                    });
+                }
+                Err(_) => tried.push(path.display().to_string()),
             }
-            tried.push(path.display().to_string());
         }
     }
     match wanted {

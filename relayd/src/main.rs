@@ -26,6 +26,9 @@ enum Command {
     /// Tokens and credentials, offline.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print relayd's man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
@@ -138,6 +141,18 @@ impl Daemon for Relayd {
     }
 }
 
+/// `relayd man`: the man page (section 8) from the definitions above.
+fn man() -> ExitCode {
+    use clap::CommandFactory as _;
+    match clap_mangen::Man::new(Cli::command()).section("8").render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relayd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -156,6 +171,7 @@ fn admin(common: &CommonArgs, command: Command) -> ExitCode {
                 out.display()
             );
         }),
+        Command::Man => return man(),
         Command::Token(cmd) => match daemon::process::load::<Relayd>(common) {
             Err(e) => {
                 eprintln!("relayd: {e}");

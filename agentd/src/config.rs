@@ -365,7 +365,11 @@ mod tests {
     #[test]
     fn the_example_configuration_parses() {
         let text = include_str!("../../packaging/agentd.toml");
-        toml::from_str::<ConfigFile>(text).expect("packaging/agentd.toml is valid");
+        let shipped = toml::from_str::<ConfigFile>(text).expect("packaging/agentd.toml is valid");
+        // As shipped (the package's conffile), agentd starts and waits to
+        // be enrolled.
+        let shipped = shipped.resolve().expect("the shipped agentd.toml resolves");
+        assert!(shipped.target.is_none() && shipped.token.is_none());
         let uncommented = daemon::config::uncomment_example(text, &["token"]);
         let file: ConfigFile =
             toml::from_str(&uncommented).expect("every documented knob is accepted");

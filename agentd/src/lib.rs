@@ -358,7 +358,9 @@ impl Agent {
     /// failures are logged, the current token stays.
     pub async fn reload_token(&self) {
         if self.config().token_file.is_none() {
-            return tracing::info!("no token file to read again (the token is inline)");
+            return tracing::info!(
+                "no token file to read again (the token is inline or came from tunnelctl enroll)"
+            );
         }
         let Some(fresh) = self.shared.fresh_file_token() else {
             return tracing::info!("the token file is unchanged");

@@ -299,7 +299,15 @@ impl Session {
         }
         let chunk = self.local.chunk_towards(&self.peer);
         let handle = StreamHandle::new(id, self.link.clone(), me, window, chunk, self.acks);
-        self.tasks.spawn(upstream::serve(handle, self.upstream.clone(), req, body_rx, cancel));
+        let session = self.id.clone();
+        self.tasks.spawn(upstream::serve(
+            session,
+            handle,
+            self.upstream.clone(),
+            req,
+            body_rx,
+            cancel,
+        ));
     }
 }
 

@@ -168,6 +168,7 @@ impl Upstream {
 /// Runs one stream to completion or cancellation; dropping `stream` at the
 /// end takes it out of the session's table.
 pub async fn serve(
+    session: String,
     stream: StreamHandle,
     upstream: Arc<Upstream>,
     req: TunnelRequest,
@@ -177,7 +178,8 @@ pub async fn serve(
     let id = req.id.clone();
     let method = req.method.clone();
     let path = req.path.clone();
-    let mut span = upstream.observer.start(id.as_str(), "", "", method.as_str(), path.as_str());
+    let mut span =
+        upstream.observer.start(&session, id.as_str(), "", "", method.as_str(), path.as_str());
     if let RequestBody::Inline(b) = &req.body {
         span.uploaded(b.len() as u64);
     }

@@ -131,6 +131,7 @@ impl Observer {
     /// serves one user).
     pub fn start(
         self: &Arc<Self>,
+        session: &str,
         id: &str,
         user: &str,
         user_hash: &str,
@@ -139,6 +140,7 @@ impl Observer {
     ) -> Span {
         let span = Span {
             observer: self.clone(),
+            session: session.to_owned(),
             id: id.to_owned(),
             user: user.to_owned(),
             user_hash: user_hash.to_owned(),
@@ -246,6 +248,8 @@ impl Observer {
 #[derive(Debug)]
 pub struct Span {
     observer: Arc<Observer>,
+    /// The session the stream runs on: stream ids restart with each one.
+    session: String,
     id: String,
     user: String,
     user_hash: String,
@@ -399,15 +403,16 @@ impl Span {
         if self.user_hash.is_empty() {
             tracing::info!(
                 target: "access",
-                request_id = %self.id, method = %self.method, path = %self.path,
+                session = %self.session, request_id = %self.id, method = %self.method,
+                path = %self.path,
                 status = self.status, duration_ms, outcome, reason, bytes_in,
                 bytes_out = self.bytes_out, model, tokens, "request"
             );
         } else {
             tracing::info!(
                 target: "access",
-                request_id = %self.id, user_hash = %self.user_hash, method = %self.method,
-                path = %self.path, status = self.status, duration_ms, outcome, reason, bytes_in,
+                session = %self.session, request_id = %self.id, user_hash = %self.user_hash,
+                method = %self.method, path = %self.path, status = self.status, duration_ms, outcome, reason, bytes_in,
                 bytes_out = self.bytes_out, model, tokens, "request"
             );
         }

@@ -151,14 +151,16 @@ async fn exchange(
         OpenError::Closed => Failure::AgentOffline(session.user.clone()),
     })?;
     let OpenStream { id, head, inbox, window, mut guard, ack } = open;
-    // The user's hash only for subscribers: an HMAC per request otherwise
-    // buys nothing.
-    let user_hash = if shared.observer.taps.is_active() {
+    // The user's hash only for trace subscribers and the access line: an
+    // HMAC per request otherwise buys nothing.
+    let access = tracing::enabled!(target: "access", tracing::Level::INFO);
+    let user_hash = if access || shared.observer.taps.is_active() {
         shared.user_hash(&session.user)
     } else {
         String::new()
     };
     let started = shared.observer.start(
+        &session.id,
         id.as_str(),
         &session.user,
         &user_hash,

@@ -28,6 +28,9 @@ pub(crate) use crate::upstream::Upstream;
 
 /// How often the local service's health is checked.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+/// The soonest a check follows the last one when a request found the
+/// service up (or down) against what that check said.
+const RECHECK_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
 /// Checks the local service every [`HEALTH_INTERVAL`] until `stop`.
 async fn watch_service(shared: Arc<Shared>, stop: CancellationToken) {
@@ -36,10 +39,19 @@ async fn watch_service(shared: Arc<Shared>, stop: CancellationToken) {
         if let Some(session) = shared.current() {
             session.report_service(&health);
         }
+        shared
+            .upstream
+            .seen_reachable
+            .store(health.reachable, std::sync::atomic::Ordering::Relaxed);
         *shared.service.lock().unwrap_or_else(PoisonError::into_inner) = health;
         tokio::select! {
             _ = stop.cancelled() => return,
             () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            // A request found the service in another state than the last
+            // check: look again now, but not more than once a second.
+            () = shared.upstream.recheck.notified() => {
+                tokio::time::sleep(RECHECK_AT_MOST_EVERY).await;
+            }
         }
     }
 }

@@ -59,6 +59,11 @@ pub struct Upstream {
     observer: Arc<Observer>,
     host: HeaderValue,
     client: Client<HttpConnector, UpstreamBody>,
+    /// What the last health check found, and a wake-up for the next one
+    /// when a tunnelled request finds otherwise (so `tunnelctl status` and
+    /// the relay's health answer do not lag a service that came or went).
+    pub seen_reachable: std::sync::atomic::AtomicBool,
+    pub recheck: tokio::sync::Notify,
 }
 
 impl Upstream {
@@ -75,7 +80,16 @@ impl Upstream {
         let authority = base.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1");
         let host =
             HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("127.0.0.1"));
-        Self { base, policy, counters: Counters::default(), observer, host, client }
+        Self {
+            base,
+            policy,
+            counters: Counters::default(),
+            observer,
+            host,
+            client,
+            seen_reachable: std::sync::atomic::AtomicBool::new(false),
+            recheck: tokio::sync::Notify::new(),
+        }
     }
 
     pub fn observer(&self) -> &Arc<Observer> {
@@ -285,6 +299,13 @@ async fn exchange(
     // What crosses the tunnel says what happened, never where: the web
     // side must not learn the desktop's addresses or library errors. The
     // detail stays in this log.
+    let reachable = match &answered {
+        Ok(_) => true,
+        Err(e) => !e.is_connect(),
+    };
+    if reachable != upstream.seen_reachable.load(std::sync::atomic::Ordering::Relaxed) {
+        upstream.recheck.notify_one();
+    }
     let resp = match answered {
         Ok(r) => r,
         Err(e) => {

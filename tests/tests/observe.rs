@@ -139,3 +139,42 @@ async fn the_relays_health_answer_carries_the_agents_view_of_its_service() {
     let ready = http.get(relay.url("/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), 200);
 }
+
+/// A local service that comes up after the agent: the first tunnelled
+/// request that reaches it makes the agent check again at once, so its
+/// status does not say "unreachable" for the rest of the 30 s interval.
+#[tokio::test]
+async fn a_request_that_finds_the_service_up_refreshes_the_agents_view() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    // A port nothing listens on yet (bound by the OS, then released).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let agent = TestAgent::start(&relay, "alice", &format!("http://127.0.0.1:{port}")).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while agent.agent.service_health().checked.is_none() {
+        assert!(std::time::Instant::now() < deadline, "no first check");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(!agent.agent.service_health().reachable, "nothing listens yet");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("rebind");
+    let _upstream = StandIn::serve(listener, StandInConfig::default());
+    let answer = reqwest::Client::new()
+        .get(relay.tunnel_url("alice", "/api/tags"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 200);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !agent.agent.service_health().reachable {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still unreachable: {:?}",
+            agent.agent.service_health()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(agent.agent.service_health().version.is_some());
+}

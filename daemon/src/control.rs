@@ -267,13 +267,17 @@ impl Guard {
         if c.uid == 0 {
             return true;
         }
-        access == Access::Read
-            && (c.gid == self.gid || c.pid.is_some_and(|p| in_group(p, self.gid)))
+        access == Access::Read && (c.gid == self.gid || in_group(c, self.gid))
     }
 }
 
-/// Whether process `pid` has `gid` among its supplementary groups.
-fn in_group(pid: i32, gid: u32) -> bool {
+/// Whether the calling process has `gid` among its supplementary groups
+/// (Linux: the process's own list, `/proc/PID/status`, so a `newgrp` or a
+/// group added since login counts as the kernel counts it for the socket's
+/// mode).
+#[cfg(target_os = "linux")]
+fn in_group(c: &Caller, gid: u32) -> bool {
+    let Some(pid) = c.pid else { return false };
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
     };
@@ -281,6 +285,16 @@ fn in_group(pid: i32, gid: u32) -> bool {
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
         .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+}
+
+/// Whether the caller's user is a member of `gid` in the group database
+/// (macOS and the BSDs have no `/proc`; the peer credentials come from
+/// `getpeereid`).
+#[cfg(not(target_os = "linux"))]
+fn in_group(c: &Caller, gid: u32) -> bool {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(c.uid)) else { return false };
+    matches!(Group::from_gid(Gid::from_raw(gid)), Ok(Some(g)) if g.mem.contains(&user.name))
 }
 
 /// The access a `LogLevel` call needs: replacing the filter changes the

@@ -85,24 +85,12 @@ impl Daemon for Agentd {
     }
 }
 
-/// `agentd man`: the man page (section 8) from the definitions above.
-fn man() -> ExitCode {
-    use clap::CommandFactory as _;
-    match clap_mangen::Man::new(Cli::command()).section("8").render(&mut std::io::stdout()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("agentd: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => daemon::process::run::<Agentd>(cli.common),
         Some(Command::Pin { relay, ca_file }) => pin(&relay, ca_file.as_deref()),
-        Some(Command::Man) => man(),
+        Some(Command::Man) => daemon::process::print_man(<Cli as clap::CommandFactory>::command()),
     }
 }
 

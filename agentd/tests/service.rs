@@ -14,6 +14,19 @@ fn closed_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// agentd on `config` under the notify socket (the caller adds what else
+/// the environment holds, and may redirect stderr).
+fn agentd(config: &std::path::Path, notify: &NotifySocket) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentd"));
+    cmd.arg("--config")
+        .arg(config)
+        .env("NOTIFY_SOCKET", notify.path())
+        .env("AGENTD_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Ready without the relay (an offline laptop boots), a live status line,
 /// watchdog pings, RELOADING/READY around SIGHUP, STOPPING on SIGTERM.
 #[tokio::test]
@@ -32,16 +45,8 @@ async fn agentd_tells_the_service_manager_its_state() {
         ),
     )
     .expect("write the config");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", notify.path())
-        .env("WATCHDOG_USEC", "400000")
-        .env("AGENTD_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start agentd");
+    let mut child =
+        agentd(&config, &notify).env("WATCHDOG_USEC", "400000").spawn().expect("start agentd");
     let pid = Pid::from_raw(child.id().expect("pid") as i32);
 
     let seen = notify.until(|l| l == "READY=1").await;
@@ -84,15 +89,7 @@ async fn a_fresh_agentd_is_ready_and_says_it_waits_to_be_enrolled() {
         ),
     )
     .expect("write the config");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", notify.path())
-        .env("AGENTD_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start agentd");
+    let mut child = agentd(&config, &notify).spawn().expect("start agentd");
     notify.until(|l| l == "READY=1").await;
     let seen = notify.until(|l| l.starts_with("STATUS=")).await;
     assert_eq!(
@@ -126,15 +123,10 @@ async fn the_log_filter_changes_while_agentd_runs() {
     )
     .expect("write the config");
     let log = dir.path("stderr.json");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", notify.path())
+    let mut child = agentd(&config, &notify)
         .env("AGENTD_LOG", "info")
         .env("AGENTD_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log file"))
-        .kill_on_drop(true)
         .spawn()
         .expect("start agentd");
     notify.until(|l| l == "READY=1").await;

@@ -246,6 +246,26 @@ async fn watch_signals(
     }
 }
 
+/// `NAME man`: the daemon's man page (section 8, roff) from its command
+/// line definition, on stdout.
+pub fn print_man(command: clap::Command) -> ExitCode {
+    let name = command.get_name().to_owned();
+    let mut out = Vec::new();
+    if let Err(e) = clap_mangen::Man::new(command).section("8").render(&mut out) {
+        eprintln!("{name}: {e}");
+        return ExitStatus::Failure.into();
+    }
+    match std::io::stdout().lock().write_all(&out) {
+        Ok(()) => ExitStatus::Ok.into(),
+        // `| head`: not a failure worth a panic.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitStatus::Ok.into(),
+        Err(e) => {
+            eprintln!("{name}: cannot write the man page: {e}");
+            ExitStatus::Failure.into()
+        }
+    }
+}
+
 /// `--check-config`: the resolved configuration as JSON on stdout. A closed
 /// stdout (`| head`) is not a failure worth a panic.
 fn print_config(name: &str, config: &impl serde::Serialize) -> ExitStatus {

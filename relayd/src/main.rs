@@ -141,18 +141,6 @@ impl Daemon for Relayd {
     }
 }
 
-/// `relayd man`: the man page (section 8) from the definitions above.
-fn man() -> ExitCode {
-    use clap::CommandFactory as _;
-    match clap_mangen::Man::new(Cli::command()).section("8").render(&mut std::io::stdout()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("relayd: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -171,7 +159,9 @@ fn admin(common: &CommonArgs, command: Command) -> ExitCode {
                 out.display()
             );
         }),
-        Command::Man => return man(),
+        Command::Man => {
+            return daemon::process::print_man(<Cli as clap::CommandFactory>::command());
+        }
         Command::Token(cmd) => match daemon::process::load::<Relayd>(common) {
             Err(e) => {
                 eprintln!("relayd: {e}");

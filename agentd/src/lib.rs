@@ -371,6 +371,42 @@ impl Agent {
         }
     }
 
+    /// SIGHUP: the configuration file read again (`fresh`). The endpoint
+    /// policy applies at once, the token file's new token is installed (see
+    /// [`Agent::reload_token`]), and any other setting that changed is named
+    /// in the log as taking a restart. A file that no longer loads changes
+    /// nothing.
+    pub async fn reload(&self, fresh: Result<Config, config::ConfigError>) {
+        match fresh {
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the configuration file does not load; the running configuration stays"
+            ),
+            Ok(new) => {
+                let mut changed = daemon::config::changed_settings(self.config(), &new);
+                if changed.iter().any(|k| k == "policy") {
+                    self.shared.upstream.set_policy(new.policy.clone());
+                    tracing::info!("endpoint policy reloaded");
+                }
+                // The relay in force may come from an enrollment made since
+                // start: only a file that names another one is a change.
+                let live = self.target().map(|t| t.relay);
+                changed.retain(|k| {
+                    k != "policy"
+                        && !(k == "target"
+                            && new.target.as_ref().map(|t| &t.relay) == live.as_ref())
+                });
+                if !changed.is_empty() {
+                    tracing::warn!(
+                        settings = %changed.join(", "),
+                        "changed in the configuration file; they take effect at the next restart"
+                    );
+                }
+            }
+        }
+        self.reload_token().await;
+    }
+
     /// A round trip through the supervisor's loop (the service manager's
     /// watchdog is fed only when it answers), then the one-line status for
     /// `systemctl status`. A stopped agent answers without the loop.

@@ -66,12 +66,15 @@ impl Daemon for Agentd {
         let _metrics =
             daemon::metrics::Server::start(metrics_listen, Arc::new(move || render.metrics()))
                 .await?;
-        // SIGHUP: a token file changed by hand or by an identity provider's
-        // tooling is installed (in-band while connected).
-        let reloading = agent.clone();
+        // SIGHUP: the file read again (the endpoint policy applies at once,
+        // other changes are named as taking a restart), and a token file
+        // changed by hand or by an identity provider's tooling installed
+        // (in-band while connected).
+        let (reloading, reread) = (agent.clone(), ctx.clone());
         ctx.on_reload(move || {
             let agent = reloading.clone();
-            async move { agent.reload_token().await }
+            let fresh = reread.load_again::<Agentd>();
+            async move { agent.reload(fresh).await }
         });
         // Ready without waiting for the relay: an offline laptop must boot.
         ctx.ready();

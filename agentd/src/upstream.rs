@@ -52,8 +52,8 @@ pub struct Counters {
 /// The local service and the pooled client that reaches it.
 pub struct Upstream {
     base: Uri,
-    /// Which requests may reach it.
-    policy: Policy,
+    /// Which requests may reach it (replaced by a SIGHUP reload).
+    policy: std::sync::RwLock<Arc<Policy>>,
     pub counters: Counters,
     /// Trace events and request metrics.
     observer: Arc<Observer>,
@@ -82,7 +82,7 @@ impl Upstream {
             HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("127.0.0.1"));
         Self {
             base,
-            policy,
+            policy: std::sync::RwLock::new(Arc::new(policy)),
             counters: Counters::default(),
             observer,
             host,
@@ -94,6 +94,16 @@ impl Upstream {
 
     pub fn observer(&self) -> &Arc<Observer> {
         &self.observer
+    }
+
+    /// The endpoint policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Applies `policy` to every request from now on.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
     }
 
     /// Asks the local service for its version (`GET /api/version`, 5 s).
@@ -244,7 +254,7 @@ async fn exchange(
 ) -> Outcome {
     let id = req.id.clone();
     // Nothing the owner's policy refuses reaches the local service.
-    if let Err(refusal) = upstream.policy.check(&req.method, req.path.as_str()) {
+    if let Err(refusal) = upstream.policy().check(&req.method, req.path.as_str()) {
         upstream.counters.refused.fetch_add(1, Ordering::Relaxed);
         info!(stream = %id, method = %req.method, path = %req.path.path(), %refusal, "request refused");
         return Outcome::Failed {

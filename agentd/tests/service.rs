@@ -169,3 +169,67 @@ async fn the_log_filter_changes_while_agentd_runs() {
     // logs at debug).
     assert!(lines.contains("\"level\":\"DEBUG\""), "{lines}");
 }
+
+/// SIGHUP reads the file again: a new endpoint policy applies at once on
+/// the live session (a refused endpoint becomes reachable, same session),
+/// other changed settings are named as taking a restart, and
+/// RELOADING=1/READY=1 frame it.
+#[tokio::test]
+async fn sighup_applies_a_new_endpoint_policy_without_reconnecting() {
+    use tunnel_tests::{StandIn, StandInConfig, TestRelay};
+    let dir = TempDir::new("agentd-reload");
+    let mut notify = NotifySocket::bind(&dir);
+    let relay = TestRelay::start(&["alice"]).await;
+    let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
+    let config = dir.path("agentd.toml");
+    let base = format!(
+        "relay = \"{}\"\ntoken = \"{}\"\nupstream = \"{}\"\n[control]\nsocket = \"off\"\n",
+        relay.ws_url(),
+        tunnel_tests::agent_token("alice"),
+        upstream.url()
+    );
+    std::fs::write(&config, &base).expect("write the config");
+    let log = dir.path("stderr.log");
+    let mut child = agentd(&config, &notify)
+        .env("AGENTD_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start agentd");
+    notify.until(|l| l == "READY=1").await;
+    let session = relay.wait_for_agent("alice").await.session_id().to_owned();
+    let http = reqwest::Client::new();
+    let pull =
+        || http.post(relay.tunnel_url("alice", "/api/pull")).body("{\"model\":\"m\"}").send();
+    assert_eq!(pull().await.expect("pull").status(), 403, "refused by the default policy");
+
+    std::fs::write(
+        &config,
+        format!("{base}[policy]\nallow = [\"POST /api/pull\"]\n[reconnect]\nmax_delay = \"7s\"\n"),
+    )
+    .expect("rewrite the config");
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    notify.until(|l| l == "RELOADING=1").await;
+    notify.until(|l| l == "READY=1").await;
+    assert_ne!(pull().await.expect("pull").status(), 403, "the new policy lets it through");
+    assert_eq!(relay.relay.tunnel("alice").expect("tunnel").session_id(), session, "same session");
+
+    // A file that no longer loads changes nothing.
+    std::fs::write(&config, "relay = 5\n").expect("break the config");
+    kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    notify.until(|l| l == "RELOADING=1").await;
+    notify.until(|l| l == "READY=1").await;
+    assert_ne!(pull().await.expect("pull").status(), 403, "the policy in force stays");
+
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("exits").expect("wait");
+    assert!(status.success(), "{status}");
+    let lines = std::fs::read_to_string(&log).expect("log");
+    assert!(lines.contains("endpoint policy reloaded"), "{lines}");
+    assert!(
+        lines.contains("reconnect_max_delay")
+            && lines.contains("they take effect at the next restart"),
+        "{lines}"
+    );
+    assert!(lines.contains("the configuration file does not load"), "{lines}");
+}

@@ -230,6 +230,22 @@ pub fn state_directory() -> Option<std::path::PathBuf> {
         .filter(|p| !p.as_os_str().is_empty())
 }
 
+/// The top-level settings (and `[table]` names) whose resolved values
+/// differ between `old` and `new`, as `--check-config` shows them: what a
+/// reload could not apply and a restart would.
+pub fn changed_settings(old: &impl serde::Serialize, new: &impl serde::Serialize) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(new))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    let mut keys: Vec<String> =
+        old.keys().chain(new.keys()).filter(|k| old.get(*k) != new.get(*k)).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +298,19 @@ mod tests {
             uncomment_example(text, &["token"]),
             "# comment\nkey = 1\n[[users]]\n# Not a key = 2"
         );
+    }
+
+    #[test]
+    fn changed_settings_names_what_differs() {
+        #[derive(serde::Serialize)]
+        struct C {
+            a: u32,
+            b: &'static str,
+            t: std::collections::BTreeMap<&'static str, u32>,
+        }
+        let old = C { a: 1, b: "x", t: [("k", 1)].into() };
+        let new = C { a: 1, b: "y", t: [("k", 2)].into() };
+        assert_eq!(changed_settings(&old, &new), ["b", "t"]);
+        assert!(changed_settings(&old, &old).is_empty());
     }
 }

@@ -95,12 +95,25 @@ pub struct Context {
     reloads: tokio::sync::watch::Receiver<u64>,
     /// The listener systemd passed (socket activation), until taken.
     activated: std::sync::Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
+    /// The arguments the daemon started with: where its file is read again.
+    args: CommonArgs,
 }
 
 impl Context {
     /// A context that no signal reaches (tests, embedding).
     pub fn detached(shutdown: CancellationToken) -> Self {
-        Self { shutdown, reloads: tokio::sync::watch::channel(0).1, activated: Default::default() }
+        Self {
+            shutdown,
+            reloads: tokio::sync::watch::channel(0).1,
+            activated: Default::default(),
+            args: CommonArgs::default(),
+        }
+    }
+
+    /// The configuration file read and resolved again (a SIGHUP reload), as
+    /// at start; a context without a file (tests) reads the default path.
+    pub fn load_again<D: Daemon>(&self) -> Result<ConfigOf<D>, crate::ConfigError> {
+        load::<D>(&self.args)
     }
 
     /// The TCP listener systemd passed by socket activation (a `.socket`
@@ -199,13 +212,14 @@ pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
             return ExitStatus::Failure.into();
         }
     };
+    let started_with = args.clone();
     let result = rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let signals = Signals::new().map_err(|e| anyhow::anyhow!("cannot handle signals: {e}"))?;
         let (reload, reloads) = tokio::sync::watch::channel(0);
         tokio::spawn(watch_signals(signals, shutdown.clone(), reload));
         let activated = std::sync::Arc::new(std::sync::Mutex::new(activated));
-        let ctx = Context { shutdown, reloads, activated };
+        let ctx = Context { shutdown, reloads, activated, args: started_with };
         // A task of its own, so a multi-threaded runtime's main thread only
         // waits.
         tokio::spawn(D::run(config, ctx))

@@ -96,19 +96,38 @@ impl Daemon for Relayd {
         let socket = daemon::control::open(&control)?;
         let state = relayd::open_state(&config)?;
         let tls = config.tls.clone();
+        // SIGHUP: the certificate and key read again (new handshakes get
+        // them, open connections keep theirs); the file read again too, and
+        // what changed in it named as taking a restart.
+        let running = serde_json::to_value(&config).unwrap_or_default();
+        let reread = ctx.clone();
         ctx.on_reload(move || {
             let tls = tls.clone();
+            let changed = reread
+                .load_again::<Relayd>()
+                .map(|new| daemon::config::changed_settings(&running, &new));
             async move {
+                match changed {
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "the configuration file does not load; the running configuration stays"
+                    ),
+                    Ok(keys) if !keys.is_empty() => tracing::warn!(
+                        settings = %keys.join(", "),
+                        "changed in the configuration file; they take effect at the next restart"
+                    ),
+                    Ok(_) => {}
+                }
                 let Some(tls) = tls else {
-                    return tracing::info!("nothing to reload without [tls]");
+                    return tracing::info!("no certificate to reload without [tls]");
                 };
                 match tokio::task::spawn_blocking(move || tls.reload()).await {
-                        Ok(Ok(())) => tracing::info!("TLS certificate and key reloaded"),
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "cannot reload TLS; keeping the certificate in use")
-                        }
-                        Err(e) => tracing::warn!(error = %e, "TLS reload failed"),
+                    Ok(Ok(())) => tracing::info!("TLS certificate and key reloaded"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot reload TLS; keeping the certificate in use")
                     }
+                    Err(e) => tracing::warn!(error = %e, "TLS reload failed"),
+                }
             }
         });
         let metrics_listen = config.metrics_listen;

@@ -2,7 +2,9 @@
 # End-to-end test of the Debian packages under a real systemd: boots a Debian
 # bookworm rootfs with systemd-nspawn (--ephemeral: the cached base stays
 # pristine), installs relayd, agentd and tunnelctl with dpkg, and proves the
-# service integration step by step (see tests/systemd/README.md).
+# service integration step by step (see tests/systemd/README.md). Every
+# command of docs/INSTALL.md that can run here is run here, as written there
+# (localhost for relay.example.com, no sudo: this is root).
 #
 #   sudo tests/systemd/e2e.sh
 #
@@ -20,8 +22,9 @@
 #   E2E_FROM     "packages" (default) or "build": a REHEARSAL that places the
 #                binaries of E2E_BUILD_DIR (default target/debug) and the
 #                repository's units/sysusers/tmpfiles/configs by hand where the
-#                packages put them. Steps 1 and 10 then test nothing of the
-#                packaging; use it only while no package exists.
+#                packages put them. Steps 1 and 12 then test nothing of the
+#                packaging, step 11 (upgrade) is skipped; use it only while no
+#                package exists.
 #   E2E_MIRROR   the Debian mirror for debootstrap (default: the one apt uses)
 set -euo pipefail
 
@@ -33,7 +36,10 @@ FROM=${E2E_FROM:-packages}
 BUILD_DIR=$(realpath -m "${E2E_BUILD_DIR:-target/debug}")
 SUITE=bookworm
 CHAT_BODY='{"model":"m","messages":[{"role":"user","content":"hi"}]'
-INCLUDE=systemd,systemd-sysv,dbus,procps,iproute2,curl,ca-certificates,openssl
+# libpam-systemd and dbus-user-session: a user manager (user@UID.service, for
+# the user unit) gets XDG_RUNTIME_DIR from pam_systemd and its bus at
+# /run/user/UID/bus, as on a desktop.
+INCLUDE=systemd,systemd-sysv,dbus,procps,iproute2,curl,ca-certificates,openssl,libpam-systemd,dbus-user-session
 
 T0=$(date +%s)
 NSPAWN_PID=
@@ -63,7 +69,16 @@ diagnostics() {
     [ -n "$LEADER" ] && [ -d "/proc/$LEADER" ] || return 0
     say "---- diagnostics (container) ----"
     ct 'systemctl --no-pager status relayd.socket relayd agentd ollama 2>&1 | head -60
-        journalctl --no-pager -n 60 -u relayd -u agentd -u ollama 2>&1' 2>&1 || true
+        journalctl --no-pager -n 60 -u relayd -u agentd -u ollama 2>&1
+        for u in /run/user/[0-9]*; do
+            [ -d "$u" ] || continue
+            systemctl --no-pager status "user@${u##*/}.service" 2>&1 | head -20
+            journalctl --no-pager -n 40 _UID="${u##*/}" 2>&1
+        done
+        if systemctl --no-pager list-units --all --no-legend "user@*" 2>/dev/null | grep -q .; then
+            systemctl --no-pager status "user@*" 2>&1 | head -20
+            journalctl --no-pager -n 40 -u "user@*" -u "user-runtime-dir@*" -u systemd-logind 2>&1
+        fi' 2>&1 || true
 }
 
 DIAG_DONE=
@@ -84,22 +99,56 @@ ok() { say "ok: $*"; }
 WARNINGS=()
 warn() { say "WARNING: $*"; WARNINGS+=("$*"); }
 
-# A command inside the container, as root, with a clean environment.
+# A command inside the container, as root in its home (/root: relative file
+# names such as alice.credential are there), with a clean environment.
 ct() {
     nsenter -t "$LEADER" -a -- /usr/bin/env -i \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root LANG=C.UTF-8 TERM=dumb SYSTEMD_PAGER= SYSTEMD_COLORS=0 \
-        /bin/bash -o pipefail -c "$1"
+        /bin/bash -o pipefail -c "cd /root || exit 1
+$1"
 }
 
-# run [-e CODE] CMD: prints "$ CMD" and its answer (stdout and stderr); fails
-# unless it exits with CODE (default 0). The answer is left in $OUT.
-run() {
+# as_user USER CMD: CMD as USER (runuser: his groups as of now) in his home,
+# with his user manager's environment (XDG_RUNTIME_DIR, the session bus
+# address), as a login of his would have; prints the command for ct/run.
+as_user() {
+    local uid; uid=$(ct "id -u $1")
+    printf 'runuser -u %s -- env XDG_RUNTIME_DIR=/run/user/%s DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/%s/bus bash -o pipefail -c %q' \
+        "$1" "$uid" "$uid" "cd && $2"
+}
+
+# run_as [-e CODE] USER CMD: run, as USER (see as_user); prints "USER$ CMD".
+run_as() {
     local want=0 rc=0
     if [ "$1" = "-e" ]; then want=$2; shift 2; fi
+    say "$1\$ $2"
+    OUT=$(ct "$(as_user "$1" "$2")" 2>&1) || rc=$?
+    [ -z "$OUT" ] || say "$OUT"
+    [ "$rc" -eq "$want" ] || fail "exit code $rc, expected $want: ($1) $2"
+    [ "$want" -eq 0 ] || say "(exit $rc, as expected)"
+}
+
+# run [-e CODE] [-t N] CMD: prints "$ CMD" and its answer (stdout and
+# stderr; with -t only its last N lines); fails unless it exits with CODE
+# (default 0). The whole answer is left in $OUT.
+run() {
+    local want=0 rc=0 tail=
+    while :; do
+        case "$1" in
+            -e) want=$2; shift 2 ;;
+            -t) tail=$2; shift 2 ;;
+            *) break ;;
+        esac
+    done
     say "\$ $1"
     OUT=$(ct "$1" 2>&1) || rc=$?
-    [ -z "$OUT" ] || say "$OUT"
+    if [ -n "$tail" ] && [ "$(wc -l <<<"$OUT")" -gt "$tail" ]; then
+        say "[... $(($(wc -l <<<"$OUT") - tail)) earlier lines of the answer not shown ...]"
+        tail -n "$tail" <<<"$OUT"
+    elif [ -n "$OUT" ]; then
+        say "$OUT"
+    fi
     [ "$rc" -eq "$want" ] || fail "exit code $rc, expected $want: $1"
     [ "$want" -eq 0 ] || say "(exit $rc, as expected)"
 }
@@ -212,6 +261,18 @@ section "0. host: tools, rootfs, container"
 [ "$(id -u)" -eq 0 ] || fail "run as root"
 host "df -h / $(dirname "$ROOTFS")"
 
+# A cached rootfs made with an older --include list is made again.
+if [ -d "$ROOTFS" ]; then
+    for p in ${INCLUDE//,/ }; do
+        if ! awk -v p="$p" '$0 == "Package: " p {f=1} f && /^Status:/ {ok = ($0 == "Status: install ok installed"); exit} END {exit !ok}' \
+                "$ROOTFS/var/lib/dpkg/status" 2>/dev/null; then
+            say "rootfs: $ROOTFS lacks package $p (made with an older --include list): making it again"
+            rm -rf --one-file-system -- "$ROOTFS"
+            break
+        fi
+    done
+fi
+
 missing=()
 command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 [ -d "$ROOTFS" ] || command -v debootstrap >/dev/null || missing+=(debootstrap)
@@ -220,12 +281,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ "$FROM" = packages ]; then
-    DEBS=()
+    # DEB[p]: the newest file of package p (cargo-deb names NAME_VERSION_ARCH.deb),
+    # by its name in /mnt/pkg, where the commands of docs/INSTALL.md run.
+    declare -A DEB
     for p in relayd agentd tunnelctl; do
-        # the newest file of that package (cargo-deb names NAME_VERSION_ARCH.deb)
         f=$(ls -t "$PKGDIR"/"${p}"_*_*.deb 2>/dev/null | head -n1 || true)
         [ -n "$f" ] || fail "no ${p}_*.deb in $PKGDIR (build the packages first, or E2E_FROM=build to rehearse)"
-        DEBS+=("/mnt/pkg/$(basename "$f")")
+        DEB[$p]=$(basename "$f")
     done
     host "ls -l $PKGDIR"
 elif [ "$FROM" = build ]; then
@@ -264,7 +326,7 @@ else
     mv "$ROOTFS.partial" "$ROOTFS"
     say "debootstrap took $(($(date +%s) - t)) s; $(du -sh "$ROOTFS" | cut -f1)"
 fi
-for f in usr/bin/curl usr/bin/openssl usr/bin/systemctl usr/sbin/useradd usr/bin/pgrep; do
+for f in usr/bin/curl usr/bin/openssl usr/bin/systemctl usr/sbin/useradd usr/bin/pgrep usr/bin/loginctl; do
     [ -e "$ROOTFS/$f" ] || fail "$ROOTFS lacks /$f: delete it to have it made again with --include=$INCLUDE"
 done
 
@@ -302,7 +364,9 @@ run 'printf "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n" 
 
 section "1. install the packages; no service starts"
 if [ "$FROM" = packages ]; then
-    run "dpkg -i ${DEBS[*]}"
+    # docs/INSTALL.md: the relay host's line, then the desktop's (one machine here).
+    run "cd /mnt/pkg && dpkg -i ${DEB[tunnelctl]} ${DEB[relayd]}"
+    run "cd /mnt/pkg && dpkg -i ${DEB[tunnelctl]} ${DEB[agentd]}"
     run 'dpkg-query -W -f='"'"'${Package} ${Version} ${Status}\n'"'"' relayd agentd tunnelctl'
     expect "three packages installed" '^relayd .* install ok installed'
     expect "agentd installed" '^agentd .* install ok installed'
@@ -315,6 +379,7 @@ else
     run 'set -e
 for b in relayd agentd tunnelctl; do ln -s /mnt/build/$b /usr/bin/$b; done
 install -m 0644 /mnt/src/systemd/relayd.service /mnt/src/systemd/relayd.socket /mnt/src/systemd/agentd.service /usr/lib/systemd/system/
+install -D -m 0644 /mnt/src/systemd/user/agentd.service /usr/lib/systemd/user/agentd.service
 install -d /usr/lib/sysusers.d /usr/lib/tmpfiles.d /etc/relayd /etc/agentd
 install -m 0644 /mnt/src/packaging/sysusers.d/agentd.conf /mnt/src/packaging/sysusers.d/relayd.conf /usr/lib/sysusers.d/
 install -m 0644 /mnt/src/packaging/tmpfiles.d/agentd.conf /mnt/src/packaging/tmpfiles.d/relayd.conf /usr/lib/tmpfiles.d/
@@ -345,7 +410,7 @@ run 'runuser -u agentd -- agentd --config /etc/agentd/agentd.toml --check-config
 run 'runuser -u relayd -- relayd --config /etc/relayd/relayd.toml --check-config >/dev/null && echo "shipped relayd.toml: valid"'
 expect "the shipped relayd.toml loads" 'shipped relayd.toml: valid'
 
-section "2. private CA, relay certificate, configuration; enable --now; agentd \"not enrolled\""
+section "2. private CA, relay certificate, configuration; the relay, then the desktop: enable --now; agentd \"not enrolled\""
 run 'set -e; mkdir -p /root/pki; cd /root/pki
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -keyout ca.key -out ca.pem -subj "/CN=tunnel e2e test CA" \
@@ -372,6 +437,10 @@ state_dir = "/var/lib/relayd"
 id = "alice"
 public = true
 
+[[users]]
+id = "dave"
+public = true
+
 [identity]
 signing_key_file = "/etc/relayd/signing.pem"
 
@@ -393,35 +462,45 @@ run 'runuser -u agentd -- agentd --config /etc/agentd/agentd.toml --check-config
 # The model server first, so agentd's first health check finds it.
 run 'systemd-run --unit=ollama /usr/local/bin/stand-in-ollama --listen 127.0.0.1:11434'
 wait_until "the stand-in Ollama answers" 15 'curl -sS --max-time 2 http://127.0.0.1:11434/api/version'
-run 'systemctl enable --now relayd.socket relayd agentd'
-run 'systemctl is-active relayd.socket relayd agentd'
-expect "relayd.socket, relayd, agentd active" '^active
-active
+# docs/INSTALL.md, "The relay".
+run 'systemctl enable --now relayd.socket relayd'
+run 'systemctl is-active relayd.socket relayd'
+expect "relayd.socket and relayd active" '^active
 active$'
-run 'systemctl --no-pager status relayd.socket'
+run 'systemctl status relayd.socket'
 expect "the socket unit listens on 443" 'Listen: .*:443'
-run 'systemctl --no-pager status relayd'
-expect "relayd reports its status over sd_notify" 'Status: "serving 0 tunnels'
-run 'systemctl --no-pager status agentd'
-expect "agentd says \"not enrolled\" in its Status line" 'Status: "not enrolled'
+run 'systemctl status relayd'
+expect "relayd reports its status over sd_notify" 'Status: "serving 0 tunnels, 0 streams in flight"'
 run 'ss -Hltnp "sport = :443"'
+run 'tunnelctl status'
+expect "tunnelctl status (no --daemon, no agentd yet) finds relayd" '^relayd [0-9.]+: serving$'
 run 'tunnelctl --daemon relayd status'
 expect "relayd serves TLS on the inherited socket" 'tls +/etc/relayd/tls/fullchain.pem'
-run 'tunnelctl --daemon agentd status'
-expect "agentd not enrolled" 'not enrolled'
+# docs/INSTALL.md, "The desktop".
+run 'systemctl enable --now agentd'
+run 'systemctl is-active agentd'
+expect "agentd active" '^active$'
+run 'systemctl status agentd'
+expect "agentd says \"not enrolled\" in its Status line" 'Status: "not enrolled: run tunnelctl enroll wss://RELAY \(credential on stdin\)"'
+run 'tunnelctl status'
+expect "tunnelctl status (no --daemon) now finds agentd: not enrolled" '^agentd [0-9.]+: not enrolled$'
 
 section "3. enroll: a credential from relayd, tunnelctl enroll, agentd connected"
-run 'umask 077; tunnelctl --daemon relayd token issue --user alice --role agent > /root/alice.credential'
+# docs/INSTALL.md: the relay issues the credential, the desktop enrolls
+# with it on stdin (one machine here, both in /root).
+run 'umask 077    # the credential file is a secret: yours only
+tunnelctl --daemon relayd token issue --user alice --role agent > alice.credential'
 expect "relayd issued an agent credential" 'agent credential c_[0-9a-f]+ for alice'
-run 'stat -c "%a %s bytes %n" /root/alice.credential; cut -c1-8 /root/alice.credential'
+run 'stat -c "%a %s bytes %n" alice.credential; cut -c1-8 alice.credential'
+expect "the credential file is 0600" '^600 '
 expect "the credential has the tcred_ shape" '^tcred_c_'
-run 'tunnelctl --daemon agentd enroll wss://localhost --token-file /root/alice.credential'
-expect "enrolled and connected" 'connected'
+run 'tunnelctl enroll wss://localhost < alice.credential'
+expect "enrolled and connected" '^enrolled with wss://localhost/ws/tunnel \(stored in /var/lib/agentd\); connected$'
 wait_until "agentd's STATUS says connected" 20 \
     'systemctl show -p StatusText agentd; systemctl show -p StatusText --value agentd | grep -q "^connected to localhost"'
-run 'systemctl --no-pager status agentd'
-expect "systemctl status shows \"connected to localhost\"" 'Status: "connected to localhost'
-run 'tunnelctl --daemon agentd status'
+run 'systemctl status agentd'
+expect "systemctl status shows \"connected to localhost, 0 streams\"" 'Status: "connected to localhost, 0 streams'
+run 'tunnelctl status'
 expect "tunnelctl status: connected" '^agentd .*: connected'
 run 'ls -l /var/lib/agentd; cat /var/lib/agentd/enrollment.toml'
 expect "the enrollment is stored" 'relay = "wss://localhost/ws/tunnel"'
@@ -443,7 +522,12 @@ expect "NDJSON content type" '^content-type: application/x-ndjson'
 section "5. who may use the control socket"
 run 'tunnelctl --daemon agentd status'
 expect "root: status works" 'connected'
-run 'useradd -m -G agentd bob && useradd -m carol && id bob && id carol'
+run 'useradd -m bob && useradd -m carol'
+# docs/INSTALL.md: "sudo usermod -aG agentd $USER" (runuser starts with the
+# groups as they are now, like a new login).
+run 'usermod -aG agentd bob'
+run 'id bob; id carol'
+expect "bob is in group agentd" '^uid=[0-9]+\(bob\).*[0-9]+\(agentd\)'
 run 'runuser -u bob -- tunnelctl --daemon agentd status'
 expect "bob (group agentd): status works" '^agentd .*: connected'
 run 'runuser -u bob -- tunnelctl status'
@@ -455,15 +539,56 @@ expect "carol (not in group agentd) is refused" 'permission denied.*group agentd
 run -e 77 'runuser -u carol -- tunnelctl status'
 expect "carol without --daemon: refused too (not \"not running\")" 'permission denied'
 
-section "6. rotate-token while a slow stream runs"
-run 'tunnelctl --json --daemon relayd tunnels'
-SESSION=$(grep -o 's_[0-9a-f]\{6,\}' <<<"$OUT" | head -n1)
-AUTH_BEFORE=$(grep -o 'c_[0-9a-f]\{16\}' <<<"$OUT" | head -n1)
+section "6. an agent of your own: the user unit (dave, lingering)"
+# docs/INSTALL.md, "An agent of your own": dave is in group agentd (he copies
+# /etc/agentd/agentd.toml, 0640 root:agentd); lingering starts his user
+# manager without a login session.
+run 'useradd -m dave && usermod -aG agentd dave && id dave'
+DAVE_UID=$(ct 'id -u dave')
+run 'loginctl enable-linger dave'
+wait_until "dave's user manager (user@$DAVE_UID.service) runs" 30 \
+    "systemctl is-active user@$DAVE_UID.service && ls /run/user/$DAVE_UID/bus /run/user/$DAVE_UID/systemd/private"
+say "# dave\$ CMD below is: $(as_user dave CMD)"
+run_as dave 'mkdir -p ~/.config/agentd && cp /etc/agentd/agentd.toml ~/.config/agentd/'
+run_as dave 'systemctl --user enable --now agentd'
+run_as dave 'systemctl --user is-active agentd'
+expect "dave's agentd (user unit) active" '^active$'
+run_as dave 'systemctl --user status agentd'
+expect "dave's agentd says \"not enrolled\"" 'Status: "not enrolled'
+run_as dave 'tunnelctl status'
+expect "dave: tunnelctl status finds his own agentd (\$XDG_RUNTIME_DIR), not enrolled" '^agentd [0-9.]+: not enrolled$'
+run "stat -c '%A %U:%G %n' /run/user/$DAVE_UID/agentd /run/user/$DAVE_UID/agentd/control.sock"
+expect "his control socket is his only" "^drwx------ dave:dave /run/user/$DAVE_UID/agentd\$"
+run -e 77 "runuser -u bob -- tunnelctl --socket /run/user/$DAVE_UID/agentd/control.sock status"
+expect "bob (group agentd) cannot reach dave's agent" 'permission denied'
+# His credential (relayd knows user dave), handed over as my.credential (0600).
+run 'umask 077; tunnelctl --daemon relayd token issue --user dave --role agent > dave.credential
+install -o dave -g dave -m 0600 dave.credential /home/dave/my.credential'
+expect "relayd issued dave's credential" 'agent credential c_[0-9a-f]+ for dave'
+DAVE_CRED=$(grep -o 'credential c_[0-9a-f]*' <<<"$OUT" | cut -d' ' -f2)
+run_as dave 'tunnelctl enroll wss://localhost < my.credential'
+expect "dave enrolled and connected" '^enrolled with wss://localhost/ws/tunnel \(stored in /home/dave/.config/agentd\); connected$'
+wait_until "dave's agentd STATUS says connected" 20 \
+    "$(as_user dave 'systemctl --user show -p StatusText --value agentd | grep "^connected to localhost"')"
+run_as dave 'tunnelctl status'
+expect "dave: tunnelctl status: connected" '^agentd [0-9.]+: connected$'
+run_as dave 'ls -la ~/.config/agentd ~/.local/state/agentd 2>&1 || true'
+expect "systemd 252: the user unit's state (StateDirectory=) is ~/.config/agentd" 'enrollment.toml'
+run 'tunnelctl --daemon relayd tunnels'
+expect "relayd lists dave's tunnel" '^dave +s_[0-9a-f]+ '
+expect "and alice's" '^alice +s_[0-9a-f]+ '
+run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/dave/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":3}}'"
+expect "a request through dave's tunnel (his user unit) streams to the end" '"done":true'
+
+section "7. rotate-token while a slow stream runs"
+run 'tunnelctl --daemon relayd tunnels'
+SESSION=$(awk '$1 == "alice" {print $2}' <<<"$OUT")
+AUTH_BEFORE=$(grep '^alice ' <<<"$OUT" | grep -o 'c_[0-9a-f]\{16\}' | head -n1)
 [ -n "$SESSION" ] && [ -n "$AUTH_BEFORE" ] || fail "no session or credential id in the answer above"
 say "session $SESSION, credential $AUTH_BEFORE"
 slow_start 20 250
-run 'tunnelctl --daemon agentd rotate-token'
-expect "credential rotated" 'credential rotated: now c_[0-9a-f]+'
+run 'tunnelctl rotate-token'
+expect "credential rotated" '^credential rotated: now c_[0-9a-f]+, stored in /var/lib/agentd/credential; the old one is revoked$'
 AUTH_NEW=$(grep -o 'now c_[0-9a-f]*' <<<"$OUT" | cut -d' ' -f2)
 run 'tunnelctl --daemon agentd status | grep -E "in flight|session"; tunnelctl --daemon relayd tunnels'
 expect "agentd counts the stream in flight" 'in flight +1$'
@@ -481,7 +606,29 @@ expect "the new credential is stored" "^tcred_$AUTH_NEW"
 run 'curl -sS -o /dev/null -w "%{http_code}\n" --cacert /root/pki/ca.pem -H "Authorization: Bearer $(cat /root/alice.credential)" -H "Connection: Upgrade" -H "Upgrade: websocket" -H "Sec-WebSocket-Version: 13" -H "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==" https://localhost/ws/tunnel'
 expect "the old credential is refused (401)" '^401$'
 
-section "7. the access line in the journal"
+section "8. logs: the journal (access lines and their fields), tunnelctl log-level"
+# docs/INSTALL.md, "Logs", in its order; the log level first, so that the
+# last line of agentd's journal is the access line of the request below.
+run -t 12 'journalctl -u agentd'
+expect "journalctl -u agentd: the agent's life" 'connected to the relay'
+expect "and one line per request" '^[A-Z][a-z]{2} [0-9 :]+ [^ ]+ agentd\[[0-9]+\]: request$'
+run 'tunnelctl log-level debug'
+expect "log-level debug: agentd's filter is debug now" '^log filter: debug \(was info; until the next restart\)$'
+run 'tunnelctl log-level'
+expect "agentd reports the debug filter" '^log filter: debug '
+run 'tunnelctl log-level info'
+expect "log-level info: back to info" '^log filter: info \(was debug; until the next restart\)$'
+run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/alice/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":2}}' | tail -n1"
+expect "a request" '"done":true'
+wait_until "the last line of agentd's journal is its access line" 10 \
+    'out=$(journalctl -u agentd -o json-pretty -n 1); echo "$out"; grep -q "\"REQUEST_ID\"" <<<"$out"'
+for f in SESSION REQUEST_ID METHOD PATH STATUS DURATION_MS OUTCOME; do
+    expect "journalctl -u agentd -o json-pretty -n 1: field $f" "\"$f\" : \"[^\"]+\""
+done
+REQ=$(sed -n 's/.*"REQUEST_ID" : "\([^"]*\)".*/\1/p' <<<"$OUT")
+run "journalctl -u agentd REQUEST_ID=$REQ"
+expect "journalctl -u agentd REQUEST_ID=$REQ finds the access line" 'agentd\[[0-9]+\]: request$'
+# The streamed chat of the rotation step, field by field.
 run 'journalctl -u agentd -o json --no-pager TARGET=access PATH=/api/chat | tail -n1'
 for f in SESSION REQUEST_ID METHOD PATH STATUS DURATION_MS OUTCOME; do
     expect "journal field $f" "\"$f\":\"[^\"]+\""
@@ -492,40 +639,41 @@ REQ=$(sed -n 's/.*"REQUEST_ID":"\([^"]*\)".*/\1/p' <<<"$OUT")
 SES=$(sed -n 's/.*"SESSION":"\([^"]*\)".*/\1/p' <<<"$OUT")
 # Stream ids restart with each session (req_1, req_2, ...): SESSION and
 # REQUEST_ID together name one request.
-run "journalctl -u agentd --no-pager -o verbose SESSION=$SES REQUEST_ID=$REQ"
+run "journalctl -u agentd -o verbose SESSION=$SES REQUEST_ID=$REQ"
 expect "journalctl REQUEST_ID=$REQ finds the access line" 'MESSAGE=request'
 expect "with OUTCOME=ok" '^ *OUTCOME=ok$'
 run "journalctl -u relayd --no-pager -o cat --output-fields=REQUEST_ID,USER_HASH,METHOD,PATH,STATUS,DURATION_MS,OUTCOME SESSION=$SES REQUEST_ID=$REQ | tail -n 7"
 expect "relayd logged the same request" "^$REQ\$"
 expect "relayd names the user by its keyed hash only" '^u_[0-9a-f]{12}$'
-run 'tunnelctl --daemon agentd log-level'
 
-section "8. watchdog: a stopped agentd is killed and restarted"
+section "9. watchdog: a stopped agentd is killed and restarted"
 run 'mkdir -p /etc/systemd/system/agentd.service.d && printf "[Service]\nWatchdogSec=4s\n" > /etc/systemd/system/agentd.service.d/50-e2e-watchdog.conf && systemctl daemon-reload && systemctl restart agentd && systemctl show -p WatchdogUSec agentd'
 expect "WatchdogSec=4s in force" '^WatchdogUSec=4s$'
 wait_until "agentd connected again" 20 'systemctl show -p StatusText --value agentd | grep "^connected to localhost"'
-run 'systemctl show -p NRestarts,MainPID agentd'
+run 'systemctl show -p MainPID agentd'
 BEFORE_PID=$(sed -n 's/^MainPID=//p' <<<"$OUT")
+run 'systemctl show -p NRestarts agentd'
 BEFORE_N=$(sed -n 's/^NRestarts=//p' <<<"$OUT")
 run "kill -STOP $BEFORE_PID; date +%T"
 wait_until "systemd killed and restarted agentd" 30 \
     "[ \"\$(systemctl show -p NRestarts --value agentd)\" -gt $BEFORE_N ] && [ \"\$(systemctl show -p ActiveState --value agentd)\" = active ] && date +%T"
-run 'systemctl show -p NRestarts,MainPID agentd'
+run 'systemctl show -p MainPID agentd'
 AFTER_PID=$(sed -n 's/^MainPID=//p' <<<"$OUT")
+run 'systemctl show -p NRestarts agentd'
 AFTER_N=$(sed -n 's/^NRestarts=//p' <<<"$OUT")
 [ "$AFTER_N" -eq $((BEFORE_N + 1)) ] || fail "NRestarts $BEFORE_N -> $AFTER_N, expected +1"
 [ "$AFTER_PID" != "$BEFORE_PID" ] && [ "$AFTER_PID" != 0 ] || fail "MainPID $BEFORE_PID -> $AFTER_PID"
 ok "NRestarts $BEFORE_N -> $AFTER_N, MainPID $BEFORE_PID -> $AFTER_PID"
-run "journalctl -u agentd --no-pager -o short-precise | grep -E 'Watchdog timeout|status=6/ABRT|result .watchdog.|Scheduled restart'"
+run "journalctl -u agentd -o short-precise | grep -E 'Watchdog timeout|status=6/ABRT|result .watchdog.|Scheduled restart'"
 expect "the journal says watchdog timeout" 'agentd.service: Watchdog timeout \(limit 4s\)!'
 wait_until "agentd connected again with the stored (rotated) credential" 20 \
     'systemctl show -p StatusText --value agentd | grep "^connected to localhost"'
 
-section "9. relayd reload with a new certificate: tunnel stays, new handshakes see it"
+section "10. reload: relayd with a new certificate (tunnel stays, new handshakes see it); agentd"
 wait_until "relayd lists exactly one tunnel for alice" 20 \
     'out=$(tunnelctl --daemon relayd tunnels); echo "$out"; [ "$(grep -c "^alice " <<<"$out")" = 1 ]'
-run 'tunnelctl --json --daemon relayd tunnels'
-SESSION=$(grep -o 's_[0-9a-f]\{6,\}' <<<"$OUT" | head -n1)
+run 'tunnelctl --daemon relayd tunnels'
+SESSION=$(awk '$1 == "alice" {print $2}' <<<"$OUT")
 [ -n "$SESSION" ] || fail "no session id"
 run 'systemctl show -p MainPID,NRestarts relayd'
 RELAYD_BEFORE=$OUT
@@ -560,13 +708,107 @@ expect "agentd still on session $SESSION" "session +$SESSION"
 run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/alice/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":3}}'"
 expect "a request over the new certificate and the old tunnel works" '"done":true'
 
-section "10. purge: nothing of the packages remains"
+# docs/INSTALL.md, "Reloading": agentd reads its token file again; it keeps
+# its process, its session and the streams in flight.
+run 'systemctl show -p MainPID agentd'
+AGENTD_PID=$OUT
+slow_start 8 250
+run 'systemctl reload agentd'
+run 'systemctl show -p MainPID agentd; systemctl is-active agentd'
+[ "$(head -n1 <<<"$OUT")" = "$AGENTD_PID" ] || fail "agentd restarted instead of reloading"
+expect "agentd active after the reload, same MainPID" '^active$'
+slow_finish 8 "agentd's reload"
+run 'tunnelctl status'
+expect "agentd still on session $SESSION after its reload" "session +$SESSION"
+expect "no reconnect" 'sessions +1 \(0 reconnects\)'
+
+section "11. upgrade: dpkg -i over the installed packages; the edited configuration, the enrollment and the running agents stay"
 # The watchdog drop-in is this test's (an administrator's file), not the package's.
 run 'rm -r /etc/systemd/system/agentd.service.d && systemctl daemon-reload'
+if [ "$FROM" = packages ]; then
+    say "# No newer version exists here: the same files go in again, which runs the same"
+    say "# maintainer-script paths as an upgrade (postinst configure with the installed version)."
+    run 'echo "# edited by the administrator before the upgrade" >> /etc/agentd/agentd.toml; cat /etc/agentd/agentd.toml'
+    run 'md5sum /etc/agentd/agentd.toml /etc/relayd/relayd.toml /var/lib/agentd/enrollment.toml /var/lib/agentd/credential'
+    SUMS_BEFORE=$OUT
+    run 'systemctl show -p MainPID relayd; systemctl show -p MainPID agentd'
+    PIDS_BEFORE=$OUT
+    run_as dave 'systemctl --user show -p MainPID agentd'
+    DAVE_PID_BEFORE=$OUT
+    # docs/INSTALL.md, "Upgrading": the relay host's line, then the desktop's.
+    run "cd /mnt/pkg && dpkg -i ${DEB[tunnelctl]} ${DEB[relayd]}"
+    run "cd /mnt/pkg && dpkg -i ${DEB[tunnelctl]} ${DEB[agentd]}"
+    run 'dpkg-query -W -f='"'"'${Package} ${Version} ${Status}\n'"'"' relayd agentd tunnelctl'
+    expect_not "all three installed" ' (deinstall|half|unpacked|config-files)'
+    run 'md5sum /etc/agentd/agentd.toml /etc/relayd/relayd.toml /var/lib/agentd/enrollment.toml /var/lib/agentd/credential'
+    [ "$OUT" = "$SUMS_BEFORE" ] || fail "a configuration file or the enrollment changed in the upgrade"
+    ok "the edited agentd.toml, relayd.toml, the enrollment and the credential are unchanged"
+    run 'tail -n1 /etc/agentd/agentd.toml'
+    expect "the administrator's edit is there" '^# edited by the administrator before the upgrade$'
+    run 'systemctl is-active relayd.socket relayd agentd'
+    expect "relayd.socket, relayd, agentd active after the upgrade" '^active
+active
+active$'
+    run 'systemctl show -p MainPID relayd; systemctl show -p MainPID agentd'
+    PIDS_AFTER=$OUT
+    [ "$(head -n1 <<<"$PIDS_AFTER")" != "$(head -n1 <<<"$PIDS_BEFORE")" ] || fail "relayd was not restarted by the upgrade"
+    [ "$(tail -n1 <<<"$PIDS_AFTER")" != "$(tail -n1 <<<"$PIDS_BEFORE")" ] || fail "agentd was not restarted by the upgrade"
+    ok "the packages restarted the running relayd and agentd (new MainPIDs: $(echo $PIDS_BEFORE) -> $(echo $PIDS_AFTER))"
+    wait_until "agentd connected again, with the stored enrollment" 30 \
+        'systemctl show -p StatusText --value agentd | grep "^connected to localhost"'
+    run 'tunnelctl status'
+    expect "tunnelctl status: connected" '^agentd [0-9.]+: connected$'
+    run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/alice/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":3}}' | tail -n1"
+    expect "a request through alice's tunnel after the upgrade" '"done":true'
+    # A user unit is not the package's to restart.
+    run_as dave 'systemctl --user show -p MainPID agentd'
+    [ "$OUT" = "$DAVE_PID_BEFORE" ] || fail "dave's agentd (user unit) was restarted by the package"
+    ok "dave's agentd (user unit) kept running: $OUT"
+    run_as dave 'systemctl --user restart agentd'
+    wait_until "dave's agentd connected again" 30 \
+        "$(as_user dave 'systemctl --user show -p StatusText --value agentd | grep "^connected to localhost"')"
+else
+    say "REHEARSAL: no package to upgrade"
+fi
+
+section "12. remove, then purge: nothing of the packages remains"
 CHECK_PATHS='/usr/bin/relayd /usr/bin/agentd /usr/bin/tunnelctl /usr/lib/systemd/system/relayd.service /usr/lib/systemd/system/relayd.socket /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service /usr/lib/sysusers.d/agentd.conf /usr/lib/sysusers.d/relayd.conf /usr/lib/tmpfiles.d/agentd.conf /usr/lib/tmpfiles.d/relayd.conf /etc/agentd /etc/relayd /var/lib/agentd /var/lib/relayd /run/agentd /run/relayd'
 if [ "$FROM" = packages ]; then
     run 'dpkg-query -L relayd agentd tunnelctl | sort -u | while read -r f; do [ -z "$f" ] || [ -d "$f" ] || echo "$f"; done > /root/package-files; wc -l < /root/package-files; cat /root/package-files'
-    run 'dpkg --purge tunnelctl agentd relayd'
+fi
+# docs/INSTALL.md, "Rotating credentials": a revoked credential's tunnel closes at once.
+run "tunnelctl --daemon relayd token revoke $DAVE_CRED"
+expect "dave's credential revoked, his session ended" "^$DAVE_CRED revoked; 1 live session\\(s\\) ended$"
+wait_until "relayd no longer lists dave's tunnel" 10 \
+    'out=$(tunnelctl --daemon relayd tunnels); echo "$out"; ! grep -q "^dave " <<<"$out"'
+wait_until "dave's agent says why it is not connected" 10 \
+    "$(as_user dave 'out=$(tunnelctl status); echo "$out"; grep -q "last error .*credential was revoked" <<<"$out"')"
+expect_not "dave's agent is not connected any more" ': connected$'
+# docs/INSTALL.md, "Removing": an agent of your own first, then the desktop.
+run_as dave 'systemctl --user disable --now agentd'
+run_as -e 3 dave 'systemctl --user is-active agentd'
+expect "dave's agentd stopped" '^inactive$'
+run 'systemctl disable --now agentd'
+run -e 3 'systemctl is-active agentd'
+expect "agentd stopped" '^inactive$'
+if [ "$FROM" = packages ]; then
+    run 'dpkg --remove agentd'
+    run 'dpkg-query -W -f='"'"'${Package} ${Status}\n'"'"' agentd'
+    expect "agentd: removed, its configuration kept" '^agentd deinstall ok config-files$'
+    run 'ls -l /etc/agentd /var/lib/agentd; tail -n1 /etc/agentd/agentd.toml'
+    expect "/etc/agentd/agentd.toml stays" 'agentd.toml$'
+    expect "with the administrator's edit" '^# edited by the administrator before the upgrade$'
+    expect "/var/lib/agentd stays (the enrollment)" 'enrollment.toml$'
+    run 'for f in /usr/bin/agentd /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service; do [ -e "$f" ] && echo "LEFT: $f" || echo "gone: $f"; done'
+    expect_not "the binary and the units are gone" 'LEFT:'
+    run 'dpkg --purge agentd'
+    run 'ls -d /etc/agentd /var/lib/agentd 2>&1 || true'
+    expect "/etc/agentd and /var/lib/agentd gone with the purge" "cannot access '/etc/agentd'"
+    expect "(both)" "cannot access '/var/lib/agentd'"
+    # The relay host, then tunnelctl (agentd and relayd depend on it).
+    run 'systemctl disable --now relayd.socket relayd'
+    run 'dpkg --purge relayd'
+    run 'dpkg --purge tunnelctl'
     run 'dpkg-query -W -f='"'"'${Package} ${Status}\n'"'"' relayd agentd tunnelctl 2>&1 || true'
     expect_not "dpkg knows none of the three any more (not even config-files)" ' (install|deinstall|purge) ok '
     expect "dpkg: no packages found" 'no packages found matching'
@@ -574,7 +816,7 @@ if [ "$FROM" = packages ]; then
 else
     say "REHEARSAL: removing by hand what step 1 placed"
     run 'systemctl disable --now relayd.socket relayd agentd
-rm -f /usr/bin/relayd /usr/bin/agentd /usr/bin/tunnelctl /usr/lib/systemd/system/relayd.service /usr/lib/systemd/system/relayd.socket /usr/lib/systemd/system/agentd.service /usr/lib/sysusers.d/agentd.conf /usr/lib/sysusers.d/relayd.conf /usr/lib/tmpfiles.d/agentd.conf /usr/lib/tmpfiles.d/relayd.conf
+rm -f /usr/bin/relayd /usr/bin/agentd /usr/bin/tunnelctl /usr/lib/systemd/system/relayd.service /usr/lib/systemd/system/relayd.socket /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service /usr/lib/sysusers.d/agentd.conf /usr/lib/sysusers.d/relayd.conf /usr/lib/tmpfiles.d/agentd.conf /usr/lib/tmpfiles.d/relayd.conf
 rm -rf /etc/agentd /etc/relayd /var/lib/agentd /var/lib/relayd
 systemctl daemon-reload'
 fi
@@ -589,8 +831,10 @@ run 'systemctl list-units --all --no-legend "relayd*" "agentd*" | grep -v "not-f
 expect_not "systemd knows no relayd/agentd unit" '(relayd|agentd)\.(service|socket) +loaded'
 run 'getent passwd relayd agentd || true'
 say "(the system users stay after a purge, as Debian does for system users)"
+run 'ls /home/dave/.config/agentd'
+expect "dave's own configuration and enrollment stay (no package touches them)" '^enrollment.toml$'
 
-section "11. .rpm: inspection on the host, not an install"
+section "13. .rpm: inspection on the host, not an install"
 shopt -s nullglob
 RPMS=("$PKGDIR"/*.rpm)
 shopt -u nullglob

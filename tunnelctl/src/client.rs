@@ -135,6 +135,16 @@ pub async fn connect(
                 std::io::ErrorKind::NotFound => {
                     CtlError::NotRunning { name, path: path.to_owned() }
                 }
+                // A per-user agentd's socket sits in its owner's runtime
+                // directory (0700): no group opens it.
+                std::io::ErrorKind::PermissionDenied if path.starts_with("/run/user") => {
+                    CtlError::Permission {
+                        why: format!(
+                            "cannot open {}: it is another user's {name}, and only that user may use it",
+                            path.display()
+                        ),
+                    }
+                }
                 std::io::ErrorKind::PermissionDenied => CtlError::Permission {
                     why: format!(
                         "cannot open {}: add yourself to group {name} (then log in again), or use sudo",

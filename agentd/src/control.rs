@@ -192,6 +192,13 @@ impl agent_server::Agent for Control {
     ) -> Result<Response<Self::TraceStream>, Status> {
         self.guard.check(&req, Access::Read)?;
         let req = req.into_inner();
+        if !req.user.is_empty() {
+            // agentd serves one user and knows no user ids: a filter by user
+            // would match nothing, silently.
+            return Err(Status::invalid_argument(
+                "agentd serves one user: --user filters only at relayd",
+            ));
+        }
         let observer = self.agent.observer();
         let bodies = req.bodies && observer.trace_bodies;
         let limit = (req.limit > 0).then_some(req.limit);

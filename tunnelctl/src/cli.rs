@@ -83,6 +83,9 @@ pub enum Command {
         /// The user whose tunnel to close.
         user: String,
     },
+    /// relayd: read the TLS certificate and key again (as SIGHUP does);
+    /// says what was reloaded.
+    Reload,
     /// relayd: issue or revoke credentials and tokens.
     #[command(subcommand)]
     Token(Token),
@@ -187,7 +190,7 @@ impl Command {
             Command::Reconnect | Command::RotateToken(_) | Command::Enroll(_) => {
                 Some(Which::Agentd)
             }
-            Command::Tunnels | Command::Disconnect { .. } | Command::Token(_) => {
+            Command::Tunnels | Command::Disconnect { .. } | Command::Token(_) | Command::Reload => {
                 Some(Which::Relayd)
             }
             _ => None,

@@ -165,13 +165,8 @@ async fn relay_rpcs_status_tunnels_tokens_disconnect_reload() {
     assert!(out.contains("was revoked already"), "{out}");
 
     // Reload with no TLS: nothing to reload, and that is not an error.
-    let mut client = tunnel_proto::control::v1::relay_client::RelayClient::new(
-        tunnelctl::client::connect("relayd", &sock, Duration::from_secs(5), false)
-            .await
-            .expect("connect"),
-    );
-    let r = client.reload(tunnel_proto::control::v1::ReloadRequest {}).await.expect("reload");
-    assert!(r.into_inner().reloaded.is_empty());
+    let out = relay(&["reload"]).await.expect("reload");
+    assert_eq!(out, "nothing to reload (relayd has no [tls])\n");
 
     // Disconnect: the tunnel goes, the agent comes back.
     let tunnel = rig.relay.relay.tunnel("alice").expect("tunnel");
@@ -186,6 +181,13 @@ async fn relay_rpcs_status_tunnels_tokens_disconnect_reload() {
 #[tokio::test]
 async fn trace_streams_events_of_a_request() {
     let rig = rig().await;
+    // agentd knows no user ids: a filter by user is refused, not silently
+    // matching nothing.
+    let (code, msg) = ctl(&rig.agent_sock(), &["trace", "--user", "alice"])
+        .await
+        .expect_err("agentd cannot filter by user");
+    assert_eq!(code, tunnelctl::exit::FAILED, "{msg}");
+    assert!(msg.contains("--user filters only at relayd"), "{msg}");
     for (which, sock) in [("agentd", rig.agent_sock()), ("relayd", rig.relay_sock())] {
         let args = ["--daemon", which, "trace", "--limit", "3", "--path", "/api/chat", "--json"];
         let tracing = {

@@ -5,6 +5,7 @@ pub mod disconnect;
 pub mod enroll;
 pub mod log_level;
 pub mod reconnect;
+pub mod reload;
 pub mod rotate_token;
 pub mod status;
 pub mod token;
@@ -30,6 +31,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CtlError>
         (Command::Enroll(args), _) => enroll::run(channel, args, g.json).await,
         (Command::LogLevel { filter }, w) => log_level::run(channel, w, filter, g.json).await,
         (Command::Tunnels, _) => tunnels::run(channel, g.json).await,
+        (Command::Reload, _) => reload::run(channel, g.json).await,
         (Command::Disconnect { user }, _) => disconnect::run(channel, user, g.json).await,
         (Command::Token(t), _) => token::run(channel, t, g.json).await,
         (Command::Trace(args), w) => return trace::run(channel, w, args, g.json, out).await,

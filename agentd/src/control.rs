@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use daemon::control::{Access, Guard};
-use daemon::trace::{Filter, unix_ms};
+use daemon::trace::unix_ms;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -182,9 +182,7 @@ impl agent_server::Agent for Control {
         daemon::control::log_level(req.into_inner()).map(Response::new)
     }
 
-    type TraceStream = std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<pb::TraceEvent, Status>> + Send + 'static>,
-    >;
+    type TraceStream = daemon::trace::TraceStream;
 
     async fn trace(
         &self,
@@ -199,11 +197,7 @@ impl agent_server::Agent for Control {
                 "agentd serves one user: --user filters only at relayd",
             ));
         }
-        let observer = self.agent.observer();
-        let bodies = req.bodies && observer.trace_bodies;
-        let limit = (req.limit > 0).then_some(req.limit);
-        let sub = observer.taps.subscribe(Filter::of(&req), limit, bodies);
-        Ok(Response::new(sub.into_stream()))
+        Ok(Response::new(self.agent.observer().trace(&req)))
     }
 }
 

@@ -169,3 +169,26 @@ impl Agent {
         Ok(Enrolled { relay, stored: dir, state: self.state().borrow().clone() })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A damaged enrollment file is an error that names it, not a silent
+    /// "not enrolled" (which would hide a lost relay).
+    #[test]
+    fn a_damaged_enrollment_file_is_an_error_naming_it() {
+        let dir = std::env::temp_dir().join(format!("enroll-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        assert_eq!(read(&dir).expect("no file"), None);
+        let e = Enrollment { relay: "wss://r.example/ws/tunnel".into(), pins: vec![] };
+        write(&dir, &e).expect("write");
+        assert_eq!(read(&dir).expect("read"), Some(e));
+        std::fs::write(dir.join(FILE), "relay = [\n").expect("damage");
+        let err = read(&dir).expect_err("damaged").to_string();
+        assert!(err.contains("enrollment.toml"), "{err}");
+        std::fs::write(dir.join(FILE), "relay = \"x\"\nextra = 1\n").expect("unknown key");
+        assert!(read(&dir).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -28,11 +28,6 @@ pub fn ready() {
     send(&[NotifyState::Ready]);
 }
 
-/// A one-line state for `systemctl status`.
-pub fn status(text: &str) {
-    send(&[NotifyState::Status(text)]);
-}
-
 /// The daemon began draining.
 pub fn stopping() {
     send(&[NotifyState::Stopping]);

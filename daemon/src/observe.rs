@@ -123,6 +123,14 @@ impl Observer {
         Arc::new(Self { taps: Arc::new(Taps::default()), trace_bodies, stats: Mutex::default() })
     }
 
+    /// A `Trace` call's subscription: its filters and limit, and bodies
+    /// only when both the call and the daemon's configuration ask.
+    pub fn trace(&self, req: &pb::TraceRequest) -> crate::trace::TraceStream {
+        let bodies = req.bodies && self.trace_bodies;
+        let limit = (req.limit > 0).then_some(req.limit);
+        self.taps.subscribe(crate::trace::Filter::of(req), limit, bodies).into_stream()
+    }
+
     fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
         self.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }

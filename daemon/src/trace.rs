@@ -14,6 +14,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc;
 use tunnel_proto::control::v1::{self as pb, trace_event::Kind};
 
+/// What the `Trace` RPC of both daemons answers with.
+pub type TraceStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::TraceEvent, tonic::Status>> + Send>>;
+
 /// Events a subscriber's buffer holds before it loses some.
 pub const BUFFER: usize = 1024;
 
@@ -213,10 +217,7 @@ impl Subscription {
     }
 
     /// The events as a stream, for a server-streaming RPC.
-    pub fn into_stream(
-        self,
-    ) -> Pin<Box<dyn futures_util::Stream<Item = Result<pb::TraceEvent, tonic::Status>> + Send>>
-    {
+    pub fn into_stream(self) -> TraceStream {
         Box::pin(futures_util::stream::unfold(self, |mut s| async move {
             s.next().await.map(|e| (Ok(e), s))
         }))

@@ -201,6 +201,7 @@ async fn run(shared: Arc<Shared>, mut socket: AgentSocket, principal: Principal,
     let user_hash = shared.user_hash(&principal.user);
     let (session, rx) = Session::new(SessionParams {
         principal,
+        user_hash: user_hash.clone(),
         expires,
         identity: shared.identity.clone(),
         version,

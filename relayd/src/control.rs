@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use daemon::control::{Access, Guard};
-use daemon::trace::{Filter, unix_ms};
+use daemon::trace::unix_ms;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -170,9 +170,7 @@ impl relay_server::Relay for Control {
         daemon::control::log_level(req.into_inner()).map(Response::new)
     }
 
-    type TraceStream = std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<pb::TraceEvent, Status>> + Send + 'static>,
-    >;
+    type TraceStream = daemon::trace::TraceStream;
 
     async fn trace(
         &self,
@@ -180,11 +178,7 @@ impl relay_server::Relay for Control {
     ) -> Result<Response<Self::TraceStream>, Status> {
         self.guard.check(&req, Access::Read)?;
         let req = req.into_inner();
-        let observer = self.relay.observer();
-        let bodies = req.bodies && observer.trace_bodies;
-        let limit = (req.limit > 0).then_some(req.limit);
-        let sub = observer.taps.subscribe(Filter::of(&req), limit, bodies);
-        Ok(Response::new(sub.into_stream()))
+        Ok(Response::new(self.relay.observer().trace(&req)))
     }
 
     async fn reload(

@@ -151,19 +151,11 @@ async fn exchange(
         OpenError::Closed => Failure::AgentOffline(session.user.clone()),
     })?;
     let OpenStream { id, head, inbox, window, mut guard, ack } = open;
-    // The user's hash only for trace subscribers and the access line: an
-    // HMAC per request otherwise buys nothing.
-    let access = tracing::enabled!(target: "access", tracing::Level::INFO);
-    let user_hash = if access || shared.observer.taps.is_active() {
-        shared.user_hash(&session.user)
-    } else {
-        String::new()
-    };
     let started = shared.observer.start(
         &session.id,
         id.as_str(),
         &session.user,
-        &user_hash,
+        &session.user_hash,
         parts.method.as_str(),
         target,
     );

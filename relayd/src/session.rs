@@ -82,6 +82,9 @@ pub struct Session {
     /// Itself, for the tasks its in-band messages start.
     me: std::sync::Weak<Session>,
     pub user: String,
+    /// The user as logs and traces name it (the relay's keyed hash),
+    /// computed once per session.
+    pub user_hash: String,
     /// 0 for an original agent, else the negotiated version.
     pub version: u32,
     pub connected_at: SystemTime,
@@ -121,6 +124,8 @@ impl std::fmt::Debug for Session {
 pub struct SessionParams {
     /// Who the agent proved to be.
     pub principal: crate::identity::Principal,
+    /// Its user's keyed hash, for logs and traces.
+    pub user_hash: String,
     /// When the session ends unless renewed.
     pub expires: Option<SystemTime>,
     pub identity: Arc<crate::identity::Identity>,
@@ -166,6 +171,7 @@ impl Session {
             id,
             me: me.clone(),
             user: p.principal.user,
+            user_hash: p.user_hash,
             version: p.version,
             connected_at: SystemTime::now(),
             agent: p.agent,

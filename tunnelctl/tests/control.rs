@@ -395,6 +395,15 @@ async fn enroll_takes_a_fresh_agent_to_a_connected_one() {
 
     std::fs::write(&token_file, format!("{}\n", tunnel_tests::agent_token("alice")))
         .expect("write");
+    // A relay that is not a URL is refused, and nothing is stored.
+    let (code, msg) =
+        ctl(&sock, &["enroll", "ftp://relay", "--token-file", token_file.to_str().unwrap()])
+            .await
+            .expect_err("not a relay URL");
+    assert_eq!(code, tunnelctl::exit::FAILED, "{msg}");
+    assert!(msg.contains("use ws://, wss://, http:// or https://"), "{msg}");
+    assert!(!state_dir.join("enrollment.toml").exists());
+    assert!(!state_dir.join("credential").exists());
     let url = format!("http://{}", relay.addr);
     let out = ctl(&sock, &["enroll", &url, "--token-file", token_file.to_str().unwrap()])
         .await

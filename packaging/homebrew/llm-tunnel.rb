@@ -1,15 +1,25 @@
 # Homebrew formula for the desktop side of the LLM tunnel: agentd (the
 # agent) and tunnelctl (the operator CLI), built from source with cargo.
 #
-#   brew install --HEAD ./packaging/homebrew/llm-tunnel.rb   # or from a tap
+# This file is the template: packaging/release.sh makes the release source
+# archive (llm-tunnel-VERSION.tar.gz, `git archive` of the tagged commit)
+# and writes the formula to publish in the tap, with the `url` and `sha256`
+# lines below filled in (@VERSION@ and @SHA256@). Then:
+#
+#   brew install llm-tunnel               # from the tap: the release archive
+#   brew install --HEAD ./llm-tunnel.rb   # or the main branch
 #   brew services start llm-tunnel
 #
-# Only `ruby -c` checks this file in CI (packaging/lint.sh): brew itself
-# does not run on the build machines. A release adds `url` (the source
-# tarball of the tag) and its `sha256` above `head`.
+# brew does not run on the build machines. CI (packaging/lint.sh) runs
+# packaging/release.sh, then packaging/homebrew/formula-test.rb, which loads
+# the published formula with a stand-in for brew's Formula DSL, checks the
+# archive's sha256, and runs the formula's own `install`, `post_install`,
+# `service` and `test do` against the unpacked archive in a temporary prefix.
 class LlmTunnel < Formula
   desc "Reverse tunnel for local LLMs: desktop agent and operator CLI"
   homepage "https://example.invalid/llm-tunnel"
+  url "https://example.invalid/llm-tunnel/releases/download/v@VERSION@/llm-tunnel-@VERSION@.tar.gz"
+  sha256 "@SHA256@"
   license "Apache-2.0"
   head "https://example.invalid/llm-tunnel.git", branch: "main"
 
@@ -24,7 +34,7 @@ class LlmTunnel < Formula
     (buildpath/"tunnelctl.1").write Utils.safe_popen_read(bin/"tunnelctl", "man")
     man8.install "agentd.8"
     man1.install "tunnelctl.1"
-    generate_completions_from_executable(bin/"tunnelctl", "completions")
+    generate_completions_from_executable(bin/"tunnelctl", "completions", shells: [:bash, :zsh, :fish])
 
     # The documented example configuration; it works as is (the agent waits
     # for `tunnelctl enroll`). Homebrew keeps an edited etc file on upgrade
@@ -62,9 +72,13 @@ class LlmTunnel < Formula
   end
 
   test do
-    assert_match "agentd", shell_output("#{bin}/agentd --version")
-    assert_match "tunnelctl", shell_output("#{bin}/tunnelctl --version")
+    assert_match "agentd #{version}", shell_output("#{bin}/agentd --version")
+    assert_match "tunnelctl #{version}", shell_output("#{bin}/tunnelctl --version")
+    assert_match "enroll", shell_output("#{bin}/tunnelctl --help")
     assert_match ".TH agentd 8", shell_output("#{bin}/agentd man")
     assert_match "tunnelctl", shell_output("#{bin}/tunnelctl completions zsh")
+    # The installed configuration loads as shipped (the agent would wait
+    # for `tunnelctl enroll`).
+    shell_output("#{bin}/agentd --config #{etc}/agentd/agentd.toml --check-config")
   end
 end

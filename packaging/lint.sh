@@ -78,6 +78,10 @@ for p in relayd agentd tunnelctl; do
         for d in tunnelctl procps systemd; do
             grep -qw "$d" <<<"$depends" || fail "$deb does not depend on $d: $depends"
         done
+        # The user unit needs pam_systemd (see agentd/Cargo.toml).
+        if [ "$p" = agentd ]; then
+            grep -qw libpam-systemd <<<"$depends" || fail "$deb does not depend on libpam-systemd: $depends"
+        fi
         ;;
     esac
     echo "layout of $deb: ok" >&2

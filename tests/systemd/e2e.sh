@@ -817,13 +817,25 @@ if [ "$FROM" = packages ]; then
     expect "/var/lib/agentd stays (the enrollment)" 'enrollment.toml$'
     run 'for f in /usr/bin/agentd /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service; do [ -e "$f" ] && echo "LEFT: $f" || echo "gone: $f"; done'
     expect_not "the binary and the units are gone" 'LEFT:'
+    # Purge removes the package's files and agentd's state; files the
+    # administrator added under /etc/agentd stay, and the purge names them.
     run 'dpkg --purge agentd'
-    run 'ls -d /etc/agentd /var/lib/agentd 2>&1 || true'
-    expect "/etc/agentd and /var/lib/agentd gone with the purge" "cannot access '/etc/agentd'"
-    expect "(both)" "cannot access '/var/lib/agentd'"
+    expect "the purge says what it kept" '^agentd: purge kept /etc/agentd: it holds files the package did not install:$'
+    expect "the administrator's relay CA, by name" '^  /etc/agentd/relay-ca.pem$'
+    run 'ls -A /etc/agentd; ls -d /var/lib/agentd 2>&1 || true'
+    expect "/etc/agentd holds only the administrator's file (agentd.toml gone)" '^relay-ca.pem$'
+    expect_not "agentd.toml gone with the purge" 'agentd.toml'
+    expect "/var/lib/agentd gone with the purge" "cannot access '/var/lib/agentd'"
     # The relay host, then tunnelctl (agentd and relayd depend on it).
     run 'systemctl disable --now relayd.socket relayd'
     run 'dpkg --purge relayd'
+    expect "the purge says what it kept" '^relayd: purge kept /etc/relayd: it holds files the package did not install:$'
+    expect "the certificate, by name" '^  /etc/relayd/tls/fullchain.pem$'
+    run 'find /etc/relayd; ls -d /var/lib/relayd 2>&1 || true'
+    expect_not "relayd.toml gone with the purge" 'relayd.toml'
+    expect "/var/lib/relayd gone with the purge" "cannot access '/var/lib/relayd'"
+    # docs/INSTALL.md, "Removing": what you added yourself is yours to remove.
+    run 'rm -r /etc/agentd /etc/relayd'
     run 'dpkg --purge tunnelctl'
     run 'dpkg-query -W -f='"'"'${Package} ${Status}\n'"'"' relayd agentd tunnelctl 2>&1 || true'
     expect_not "dpkg knows none of the three any more (not even config-files)" ' (install|deinstall|purge) ok '

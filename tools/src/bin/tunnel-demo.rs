@@ -1,7 +1,9 @@
 //! The quick-start demo: starts relayd, agentd and (when no Ollama answers
 //! on 127.0.0.1:11434) the stand-in Ollama as real processes with generated
 //! configuration, streams a chat through the tunnel printing tokens as they
-//! arrive, then prints a curl line and keeps the tunnel up until Ctrl-C.
+//! arrive, then prints a curl line and keeps the tunnel up until Ctrl-C
+//! (`--once`: stops after the chat, and prints no line for the stopped
+//! tunnel).
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -120,6 +122,15 @@ async fn main() -> Result<()> {
     let body = json!({ "model": model, "messages": [{ "role": "user", "content": args.prompt }] });
     println!(">>> {}\n", args.prompt);
     stream_chat(&http, &url, &body).await?;
+    if args.once {
+        // The processes stop with this one (kill_on_drop): no curl or
+        // tunnelctl line for a tunnel that is about to be gone.
+        println!(
+            "\n--once: relayd and agentd stop now. Run ./demo.sh without --once to keep \
+             the tunnel up and call it yourself."
+        );
+        return Ok(());
+    }
     println!("\nTry it yourself:\n\n  curl -N {url} -d '{}'\n", body);
     let ctl = bin_dir.join("tunnelctl");
     println!(
@@ -129,9 +140,6 @@ async fn main() -> Result<()> {
         ctl.display(),
         dir.join("relayd.sock").display()
     );
-    if args.once {
-        return Ok(());
-    }
     println!("The tunnel stays up; press Ctrl-C to stop it.");
     tokio::signal::ctrl_c().await?;
     for mut c in children {

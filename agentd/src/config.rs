@@ -62,6 +62,12 @@ pub struct TlsFile {
     /// several for a key rollover. `agentd pin URL` prints a relay's.
     #[serde(default)]
     pub pins: Vec<String>,
+    /// Allow a plain `ws://` relay on another machine: the credential and
+    /// every prompt then cross the network in clear. Only for a relay
+    /// behind a TLS-terminating hop on a network you control. Default false
+    /// (plain text only to a loopback relay).
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,9 +101,16 @@ impl Target {
         relay: &str,
         pins: &[String],
         ca_file: Option<&std::path::Path>,
+        allow_plaintext: bool,
         configured: bool,
     ) -> Result<Self, ConfigError> {
         let relay = relay_url(relay)?;
+        if relay.scheme_str() == Some("ws") && !allow_plaintext && !daemon::url::is_loopback(&relay)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "relay {relay}: ws:// would send the credential and every prompt in clear; use wss:// (plain text goes only to a loopback relay, or set [tls] allow_plaintext = true)"
+            )));
+        }
         let parsed = pins
             .iter()
             .map(|p| {
@@ -175,6 +188,8 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     /// The `[tls] pins` of the file (an enrollment adds its own).
     pub pins: Vec<String>,
+    /// A plain `ws://` relay on another machine is allowed.
+    pub allow_plaintext: bool,
 }
 
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
@@ -200,14 +215,15 @@ impl Resolve for ConfigFile {
             (None, Some(f)) => Some(read_secret(f)?),
             (None, None) => None,
         };
+        let ca_file = self.tls.ca_file.as_deref();
         let target = match (&self.relay, &state_dir) {
             (Some(relay), _) => {
-                Some(Target::new(relay, &self.tls.pins, self.tls.ca_file.as_deref(), true)?)
+                Some(Target::new(relay, &self.tls.pins, ca_file, self.tls.allow_plaintext, true)?)
             }
             (None, Some(dir)) => match crate::enroll::read(dir)? {
                 Some(e) => {
                     let pins: Vec<String> = self.tls.pins.iter().chain(&e.pins).cloned().collect();
-                    Some(Target::new(&e.relay, &pins, self.tls.ca_file.as_deref(), false)?)
+                    Some(Target::new(&e.relay, &pins, ca_file, self.tls.allow_plaintext, false)?)
                 }
                 None => None,
             },
@@ -259,6 +275,7 @@ impl Resolve for ConfigFile {
             metrics_listen: self.metrics_listen,
             ca_file: self.tls.ca_file,
             pins: self.tls.pins,
+            allow_plaintext: self.tls.allow_plaintext,
         })
     }
 }
@@ -303,19 +320,26 @@ fn show_policy<S: serde::Serializer>(p: &crate::policy::Policy, s: S) -> Result<
 }
 
 /// Accepts `ws`, `wss`, `http` and `https` URLs; adds `/ws/tunnel` when the
-/// URL has no path.
+/// URL has no path. The one rule for a relay URL, in the file and at
+/// enrollment: a real port, no user name or password, no query string (a
+/// token there would end up in logs).
 pub fn relay_url(text: &str) -> Result<Uri, ConfigError> {
     let bad = |why: &str| ConfigError::Invalid(format!("relay {text:?}: {why}"));
-    let uri: Uri = text.parse().map_err(|_| bad("not a URL"))?;
+    let uri = daemon::url::parse(text, "relay").map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let scheme = match uri.scheme_str() {
         Some("ws") | Some("http") => "ws",
         Some("wss") | Some("https") => "wss",
         _ => return Err(bad("use ws://, wss://, http:// or https://")),
     };
+    if uri.query().is_some() {
+        return Err(bad(
+            "a query string does not belong in the relay URL; the credential goes on stdin",
+        ));
+    }
     let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-    let path = match uri.path_and_query().map(|p| p.as_str()) {
-        None | Some("/") | Some("") => "/ws/tunnel",
-        Some(p) => p,
+    let path = match uri.path() {
+        "/" | "" => "/ws/tunnel",
+        p => p,
     };
     format!("{scheme}://{authority}{path}").parse().map_err(|_| bad("not a URL"))
 }
@@ -323,7 +347,8 @@ pub fn relay_url(text: &str) -> Result<Uri, ConfigError> {
 /// The local service: `http://host:port`, no path.
 pub fn upstream_url(text: &str) -> Result<Uri, ConfigError> {
     let bad = |why: &str| ConfigError::Invalid(format!("upstream {text:?}: {why}"));
-    let uri: Uri = text.parse().map_err(|_| bad("not a URL"))?;
+    let uri =
+        daemon::url::parse(text, "upstream").map_err(|e| ConfigError::Invalid(e.to_string()))?;
     if uri.scheme_str() != Some("http") {
         return Err(bad("use http://host:port"));
     }

@@ -49,6 +49,9 @@ pub struct Connected {
 pub enum ConnectError {
     #[error("the relay refused the agent token ({0})")]
     Unauthorized(u16),
+    /// The relay says the credential was revoked: only a new one helps.
+    #[error("the agent's credential was revoked")]
+    Revoked,
     #[error("the relay is busy or draining (503); retrying")]
     Busy,
     #[error("cannot reach the relay: {0}")]
@@ -84,7 +87,7 @@ async fn try_connect(
 ) -> Result<Connected, ConnectError> {
     let uri = &target.relay;
     let host = uri.host().unwrap_or("localhost").trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
+    let port = daemon::url::port(uri);
     let unreachable = |e: std::io::Error| ConnectError::Unreachable(e.to_string());
     let tcp = TcpStream::connect((host, port)).await.map_err(unreachable)?;
     tcp.set_nodelay(true).map_err(unreachable)?;
@@ -102,7 +105,7 @@ async fn try_connect(
             let stream = TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| {
                 match crate::tls::PinMismatch::find(&e) {
                     Some(m) => ConnectError::PinMismatch(m),
-                    None => ConnectError::Tls(e.to_string()),
+                    None => ConnectError::Tls(crate::tls::explain(&e, host)),
                 }
             })?;
             relay_pin = stream
@@ -131,6 +134,15 @@ async fn try_connect(
         tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config))
             .await
             .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp)
+                    if resp.status() == 401
+                        && resp
+                            .headers()
+                            .get(tunnel_proto::ERROR_CODE_HEADER)
+                            .is_some_and(|c| c == tunnel_proto::REVOKED_TOKEN) =>
+                {
+                    ConnectError::Revoked
+                }
                 tokio_tungstenite::tungstenite::Error::Http(resp)
                     if resp.status() == 401 || resp.status() == 403 =>
                 {

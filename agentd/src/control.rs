@@ -43,6 +43,7 @@ fn error_kind(e: &AgentError) -> pb::AgentErrorKind {
     use pb::AgentErrorKind as K;
     match e {
         AgentError::Unauthorized(_) => K::Unauthorized,
+        AgentError::Revoked => K::Revoked,
         AgentError::Unreachable(_) => K::Unreachable,
         AgentError::Tls(_) => K::Tls,
         AgentError::PinMismatch { .. } => K::PinMismatch,
@@ -62,6 +63,7 @@ fn state_of(phase: &Phase) -> pb::AgentState {
         Phase::Connecting => S::Connecting,
         Phase::Connected { .. } => S::Connected,
         Phase::BackingOff { .. } => S::BackingOff,
+        Phase::Revoked => S::Revoked,
         Phase::Stopped => S::Stopped,
     }
 }

@@ -40,16 +40,16 @@ pub fn read(dir: &Path) -> Result<Option<Enrollment>, ConfigError> {
         .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))
 }
 
-/// Writes `e` to `dir` atomically (a temporary file renamed over it).
+/// Writes `e` to `dir` atomically, readable by agentd's user only (it
+/// names the relay and its pins).
 fn write(dir: &Path, e: &Enrollment) -> std::io::Result<PathBuf> {
     let path = dir.join(FILE);
     let text = toml::to_string(e).map_err(std::io::Error::other)?;
-    let tmp = dir.join(format!(".{FILE}.tmp"));
-    std::fs::write(
-        &tmp,
-        format!("# Written by `tunnelctl enroll`; a relay set in agentd.toml wins.\n{text}"),
+    daemon::config::write_secret(
+        &path,
+        format!("# Written by `tunnelctl enroll`; a relay set in agentd.toml wins.\n{text}")
+            .trim_end(),
     )?;
-    std::fs::rename(&tmp, &path)?;
     Ok(path)
 }
 
@@ -107,7 +107,8 @@ impl Agent {
             None => {
                 let mut all = self.config().pins.clone();
                 all.extend(pins.iter().cloned());
-                Target::new(relay, &all, self.config().ca_file.as_deref(), false)
+                let c = self.config();
+                Target::new(relay, &all, c.ca_file.as_deref(), c.allow_plaintext, false)
                     .map_err(invalid)?
             }
         };
@@ -134,7 +135,7 @@ impl Agent {
 
         let mut state = self.state();
         let relay = target.relay.to_string();
-        tracing::info!(relay = %relay, "enrolled");
+        tracing::info!(relay = %relay, "enrolled with {relay}");
         self.shared.set_target(target);
         if let Some(t) = token {
             self.shared.set_token(t);

@@ -294,13 +294,13 @@ impl Agent {
             .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|why| RotateError::Store { path: path.clone(), why })?;
         self.shared.set_token(credential.secret);
-        tracing::info!(credential = %credential.id, file = %path.display(), "new agent credential stored");
+        tracing::info!(credential = %credential.id, file = %path.display(), "new agent credential {} stored in {}", credential.id, path.display());
         let confirm = Message::Rotated(tunnel_proto::Rotated { id: credential.id.clone() });
         match session.exchange(confirm).await? {
             renew::Reply::Authorized(_) => {}
             other => return Err(refused("rotated", other)),
         }
-        tracing::info!(credential = %credential.id, "agent credential rotated; the old one is revoked");
+        tracing::info!(credential = %credential.id, "agent credential rotated to {}; the old one is revoked", credential.id);
         Ok(Rotation { id: credential.id, stored: path })
     }
 
@@ -367,7 +367,9 @@ impl Agent {
         };
         match self.install(fresh, false).await {
             Ok(i) => tracing::info!(in_band = i.in_band, "the token file's new token is installed"),
-            Err(e) => tracing::warn!(error = %e, "the token file's new token was not installed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the token file's new token was not installed: {e}")
+            }
         }
     }
 
@@ -380,7 +382,7 @@ impl Agent {
         match fresh {
             Err(e) => tracing::warn!(
                 error = %e,
-                "the configuration file does not load; the running configuration stays"
+                "the configuration file does not load ({e}); the running configuration stays: fix it and reload again"
             ),
             Ok(new) => {
                 let mut changed = daemon::config::changed_settings(self.config(), &new);
@@ -399,7 +401,8 @@ impl Agent {
                 if !changed.is_empty() {
                     tracing::warn!(
                         settings = %changed.join(", "),
-                        "changed in the configuration file; they take effect at the next restart"
+                        "changed in the configuration file: {}; they take effect at the next restart (systemctl restart agentd)",
+                        changed.join(", ")
                     );
                 }
             }
@@ -449,6 +452,9 @@ impl Agent {
                 let wait = until.duration_since(std::time::SystemTime::now()).unwrap_or_default();
                 format!("reconnecting in {} s{last}", wait.as_secs_f64().ceil() as u64)
             }
+            Phase::Revoked => "not connected: the credential was revoked; install a new one with \
+                `tunnelctl rotate-token` (on stdin) or `tunnelctl enroll`"
+                .to_owned(),
             Phase::Stopped => "stopped".to_owned(),
         }
     }

@@ -58,7 +58,7 @@ impl Daemon for Agentd {
             _bound = Some(bound);
             tokio::spawn(async move {
                 if let Err(e) = service.serve(listener, stop).await {
-                    tracing::error!(error = %e, "the control socket failed");
+                    tracing::error!(error = %e, "the control socket failed: {e}; tunnelctl cannot reach agentd until it restarts");
                 }
             });
         }
@@ -89,12 +89,35 @@ impl Daemon for Agentd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = daemon::process::parse("agentd");
     match cli.command {
         None => daemon::process::run::<Agentd>(cli.common),
-        Some(Command::Pin { relay, ca_file }) => pin(&relay, ca_file.as_deref()),
-        Some(Command::Man) => daemon::process::print_man(<Cli as clap::CommandFactory>::command()),
+        Some(Command::Pin { relay, ca_file }) => {
+            // The CA the agent itself trusts, unless one is given here.
+            let ca_file = match ca_file {
+                Some(f) => Some(f),
+                None => match configured_ca(&cli.common) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("agentd: {e}");
+                        return ExitCode::from(daemon::process::exit::CONFIG);
+                    }
+                },
+            };
+            pin(&relay, ca_file.as_deref())
+        }
+        Some(Command::Man) => daemon::process::print_man(daemon::process::command::<Cli>("agentd")),
     }
+}
+
+/// `[tls] ca_file` of the configuration file: the one `--config` names
+/// (which must load), or the default one when it exists.
+fn configured_ca(common: &CommonArgs) -> Result<Option<PathBuf>, daemon::ConfigError> {
+    let default = std::path::Path::new("/etc/agentd/agentd.toml");
+    if common.config.is_none() && !default.exists() {
+        return Ok(None);
+    }
+    Ok(daemon::process::load::<Agentd>(common)?.ca_file)
 }
 
 #[allow(clippy::print_stdout)]
@@ -125,7 +148,7 @@ fn pin(relay: &str, ca_file: Option<&std::path::Path>) -> ExitCode {
         }
     };
     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
-    let port = uri.port_u16().unwrap_or(443);
+    let port = daemon::url::port(&uri);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -143,13 +166,22 @@ fn pin(relay: &str, ca_file: Option<&std::path::Path>) -> ExitCode {
                 };
                 println!("{pin}\t{what}");
             }
+            let trust = match ca_file {
+                Some(f) => format!("the CA file {}", f.display()),
+                None => "this system's roots".to_owned(),
+            };
             match presented.trusted {
-                Ok(()) => eprintln!("agentd: {host}:{port}: the certificate is trusted here"),
-                Err(why) => eprintln!(
-                    "agentd: {host}:{port}: the certificate is NOT trusted here ({why}); pins add to validation, they do not replace it (see [tls] ca_file)"
-                ),
+                Ok(()) => {
+                    eprintln!("agentd: {host}:{port}: the certificate is trusted by {trust}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!(
+                        "agentd: {host}:{port}: the certificate is NOT trusted by {trust} ({why}); pins add to validation, they do not replace it: set [tls] ca_file to the CA that signed it"
+                    );
+                    ExitCode::FAILURE
+                }
             }
-            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("agentd: {e:#}");

@@ -181,7 +181,7 @@ pub async fn keep_authorized(agent: Arc<dyn Renew>, session: String) {
             }
             Err(why) => {
                 let at = current.map(humantime::format_rfc3339_seconds);
-                warn!(%session, expires = ?at.map(|t| t.to_string()), %why, "cannot renew the session's authorization");
+                warn!(%session, expires = ?at.map(|t| t.to_string()), %why, "cannot renew the session's authorization: {why}; the relay closes the session when it expires");
                 failed = true;
             }
         }

@@ -244,7 +244,7 @@ impl Session {
             }
             Ending::Shutdown | Ending::Reconnect => {
                 if tokio::time::timeout(DRAIN_DEADLINE, self.idle()).await.is_err() {
-                    warn!(session = %self.id, in_flight = self.in_flight(), "drain deadline passed; cancelling the rest");
+                    warn!(session = %self.id, in_flight = self.in_flight(), "the drain deadline passed; cancelling the {} requests still running", self.in_flight());
                 }
                 if why == Ending::Shutdown { SessionEnd::Shutdown } else { SessionEnd::Reconnect }
             }
@@ -364,7 +364,7 @@ impl Handler for Session {
                     .retry_after_ms
                     .map_or(GOAWAY_DEFAULT_RETRY, Duration::from_millis)
                     .min(GOAWAY_MAX_RETRY);
-                info!(session = %self.id, reason = %g.reason, ?retry, "relay is draining; finishing streams, then reconnecting");
+                info!(session = %self.id, reason = %g.reason, ?retry, "the relay is draining ({}); finishing streams, then reconnecting", g.reason);
                 self.wind_down(Ending::Goaway(retry));
             }
             other => return Err(other.not_allowed("a relay").into()),

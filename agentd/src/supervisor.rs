@@ -88,6 +88,10 @@ pub enum Phase {
     Connected { session_id: String, since: SystemTime },
     /// Waiting before the next attempt.
     BackingOff { until: SystemTime },
+    /// The relay revoked the credential: no more attempts until a new one
+    /// is installed (`tunnelctl rotate-token`, `tunnelctl enroll`, or a
+    /// changed token file and SIGHUP).
+    Revoked,
     /// Stopped for good.
     Stopped,
 }
@@ -96,8 +100,15 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AgentError {
     /// The relay refused the agent token (401/403): fix the credential.
-    #[error("the relay refused the agent token ({0})")]
+    #[error(
+        "the relay refused the agent's credential ({0}): install a valid one with `tunnelctl rotate-token` (on stdin) or `tunnelctl enroll`"
+    )]
     Unauthorized(u16),
+    /// The relay revoked the credential: the agent waits for a new one.
+    #[error(
+        "the agent's credential was revoked: install a new one with `tunnelctl rotate-token` (on stdin) or `tunnelctl enroll`; no more attempts until then"
+    )]
+    Revoked,
     /// No TCP connection to the relay (DNS, refused, unreachable).
     #[error("cannot reach the relay: {0}")]
     Unreachable(String),
@@ -128,6 +139,7 @@ impl From<ConnectError> for AgentError {
     fn from(e: ConnectError) -> Self {
         match e {
             ConnectError::Unauthorized(code) => AgentError::Unauthorized(code),
+            ConnectError::Revoked => AgentError::Revoked,
             ConnectError::Busy => AgentError::RelayBusy,
             ConnectError::Unreachable(why) => AgentError::Unreachable(why),
             ConnectError::Handshake(why) => AgentError::Handshake(why),
@@ -229,7 +241,7 @@ impl Shared {
         let fresh = match self.config.reread_token()? {
             Ok(t) => t,
             Err(e) => {
-                warn!(error = %e, "cannot read the token file again");
+                warn!(error = %e, "cannot read the token file again: {e}; keeping the token in use");
                 return None;
             }
         };
@@ -318,16 +330,12 @@ pub(crate) async fn run(
         let Some(target) = shared.target().filter(|_| !token.is_empty()) else {
             // First run: stay up, say so, wait to be enrolled.
             set_phase(Phase::NotEnrolled);
-            info!("not enrolled: waiting for `tunnelctl enroll wss://RELAY`");
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break 'outer,
-                    cmd = commands.next() => match handle(&shared, cmd, &stop) {
-                        Next::Retry => continue 'outer,
-                        Next::Stop => break 'outer,
-                        Next::Stay => {}
-                    },
-                }
+            info!(
+                "not enrolled: waiting for `tunnelctl enroll wss://RELAY` (the credential on stdin)"
+            );
+            match wait_for_command(&shared, &mut commands, &stop).await {
+                Next::Stop => break 'outer,
+                _ => continue 'outer,
             }
         };
         set_phase(Phase::Connecting);
@@ -366,7 +374,7 @@ pub(crate) async fn run(
                         conn.access_token.is_some(),
                     ),
                 });
-                info!(session = %session.id, relay = %target.relay, "connected to the relay");
+                info!(session = %session.id, relay = %target.relay, "connected to the relay {} (session {})", target.host(), session.id);
                 shared.state.send_modify(|s| {
                     s.phase = Phase::Connected {
                         session_id: session.id.clone(),
@@ -408,9 +416,14 @@ pub(crate) async fn run(
                     // spread a little so a relay's agents do not return in
                     // one instant.
                     SessionEnd::Goaway(retry) => retry + retry.mul_f64(rand::random::<f64>() * 0.5),
+                    SessionEnd::Lost(End::PeerClosed(Some((code, _))))
+                        if code == tunnel_proto::CLOSE_REVOKED =>
+                    {
+                        after_revocation(&shared)
+                    }
                     SessionEnd::Lost(end) => {
                         let why = describe(&end);
-                        warn!(reason = %why, "relay session lost");
+                        warn!(reason = %why, "relay session lost: {why}; reconnecting");
                         shared
                             .state
                             .send_modify(|s| s.last_error = Some(AgentError::SessionLost(why)));
@@ -418,6 +431,7 @@ pub(crate) async fn run(
                     }
                 }
             }
+            Err(ConnectError::Revoked) => after_revocation(&shared),
             Err(e) => {
                 let delay = match &e {
                     // The token file holds a newer token (an identity
@@ -431,7 +445,7 @@ pub(crate) async fn run(
                     // The stored credential was refused (revoked?) and the
                     // configured token differs: try that one at once.
                     ConnectError::Unauthorized(_) if shared.fall_back() => {
-                        warn!(error = %e, "the relay refused the stored credential; trying the configured token");
+                        warn!(error = %e, "the relay refused the stored credential ({e}); trying the configured token");
                         Duration::ZERO
                     }
                     // A refused credential or a pin mismatch will not fix
@@ -447,11 +461,25 @@ pub(crate) async fn run(
                     *shared.relay_pin.lock().unwrap_or_else(PoisonError::into_inner) =
                         Some(m.seen.clone());
                 }
-                warn!(error = %e, retry_in = ?delay, "cannot connect to the relay");
-                shared.state.send_modify(|s| s.last_error = Some(e.into()));
+                let error = AgentError::from(e);
+                warn!(
+                    error = %error,
+                    retry_in = ?delay,
+                    "cannot connect to {}: {error}; retrying in {}",
+                    target.host(),
+                    seconds(delay)
+                );
+                shared.state.send_modify(|s| s.last_error = Some(error));
                 delay
             }
         };
+        if delay == REVOKED {
+            set_phase(Phase::Revoked);
+            match wait_for_command(&shared, &mut commands, &stop).await {
+                Next::Stop => break 'outer,
+                _ => continue 'outer,
+            }
+        }
         if delay.is_zero() {
             continue;
         }
@@ -476,6 +504,50 @@ pub(crate) async fn run(
     tasks.close();
     let _ = tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await;
     info!("agent stopped");
+}
+
+/// The "delay" that means: no more attempts until a new credential.
+const REVOKED: Duration = Duration::MAX;
+
+/// `d` in whole seconds, for messages.
+fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64().ceil() as u64)
+}
+
+/// The relay revoked the credential in use: a newer token in the token
+/// file, or the configured token behind a stored credential, is tried at
+/// once; otherwise [`REVOKED`].
+fn after_revocation(shared: &Shared) -> Duration {
+    if shared.adopt_fresh_file_token() {
+        info!("the relay revoked the credential; the token file holds a new one, trying it");
+        return Duration::ZERO;
+    }
+    if shared.fall_back() {
+        warn!("the relay revoked the stored credential; trying the configured token");
+        return Duration::ZERO;
+    }
+    let error = AgentError::Revoked;
+    warn!(error = %error, "{error}");
+    shared.state.send_modify(|s| s.last_error = Some(error));
+    REVOKED
+}
+
+/// Waits for a command that calls for an attempt (a new token, a
+/// reconnect) or a stop.
+async fn wait_for_command(
+    shared: &Shared,
+    commands: &mut Commands,
+    stop: &CancellationToken,
+) -> Next {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Next::Stop,
+            cmd = commands.next() => match handle(shared, cmd, stop) {
+                Next::Stay => {}
+                next => return next,
+            },
+        }
+    }
 }
 
 /// The command channel; once every sender is gone it pends forever

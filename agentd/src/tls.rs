@@ -87,6 +87,29 @@ impl PinMismatch {
     }
 }
 
+/// A TLS failure with the relay in words that say what to do: an
+/// untrusted issuer names `[tls] ca_file` and `agentd pin`, a name mismatch
+/// the name to use.
+pub fn explain(e: &std::io::Error, host: &str) -> String {
+    let rustls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match rustls {
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        )) => format!(
+            "{e}: the relay's certificate is not signed by a CA this machine trusts; set [tls] ca_file in agentd.toml to the CA that signed it (or add that CA to the system's store), and see what the relay presents with `agentd --config FILE pin wss://{host}`"
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => format!(
+            "{e}: the relay's certificate is for another name than {host:?}; enroll with the name the certificate carries"
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => format!("{e}: the relay's certificate expired; its operator must renew it"),
+        _ => e.to_string(),
+    }
+}
+
 /// The usual validation, then the pins.
 #[derive(Debug)]
 struct Pinned {

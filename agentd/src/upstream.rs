@@ -256,7 +256,7 @@ async fn exchange(
     // Nothing the owner's policy refuses reaches the local service.
     if let Err(refusal) = upstream.policy().check(&req.method, req.path.as_str()) {
         upstream.counters.refused.fetch_add(1, Ordering::Relaxed);
-        info!(stream = %id, method = %req.method, path = %req.path.path(), %refusal, "request refused");
+        info!(stream = %id, method = %req.method, path = %req.path.path(), %refusal, "{} {} refused: {refusal}", req.method, req.path.path());
         return Outcome::Failed {
             before_head: true,
             code: refusal.code(),
@@ -320,10 +320,10 @@ async fn exchange(
         Ok(r) => r,
         Err(e) => {
             let message = if e.is_connect() {
-                warn!(stream = %id, upstream = %upstream.base, error = %source_text(&e), "local service unreachable");
+                warn!(stream = %id, upstream = %upstream.base, error = %source_text(&e), "the local service at {} is unreachable: {}; is it running?", upstream.base, source_text(&e));
                 "the local service is unreachable from the agent"
             } else {
-                warn!(stream = %id, upstream = %upstream.base, error = %source_text(&e), "local service failed");
+                warn!(stream = %id, upstream = %upstream.base, error = %source_text(&e), "the local service at {} failed before answering: {}", upstream.base, source_text(&e));
                 "the local service failed before answering"
             };
             return Outcome::Failed { before_head: true, code: 502, message: message.into() };
@@ -333,7 +333,7 @@ async fn exchange(
     let headers = match Headers::from_map(&parts.headers, &[]) {
         Ok(h) => h,
         Err(e) => {
-            warn!(stream = %id, error = %e, "local service sent an unusable head");
+            warn!(stream = %id, error = %e, "the local service sent an unusable response head: {e}");
             return Outcome::Failed {
                 before_head: true,
                 code: 502,
@@ -369,7 +369,7 @@ async fn exchange(
         let (data, last) = match link::chunks::next_chunk(&mut body).await {
             Ok(next) => next,
             Err(e) => {
-                warn!(stream = %id, error = %source_text(&e), "local service failed mid-response");
+                warn!(stream = %id, error = %source_text(&e), "the local service failed mid-response: {}", source_text(&e));
                 return Outcome::Failed {
                     before_head: false,
                     code: 502,

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 /// A configuration that cannot be used, with what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}: {source}{}", path.display(), access_hint(path, source))]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
     Parse { path: PathBuf, source: Box<toml::de::Error> },
@@ -26,6 +26,33 @@ impl ConfigError {
     pub fn invalid(what: impl Into<String>) -> Self {
         ConfigError::Invalid(what.into())
     }
+}
+
+/// What to do about a file this process may not read: who it runs as,
+/// who owns the file, and the commands that fix it (empty for other
+/// errors).
+pub fn access_hint(path: &Path, e: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    if e.kind() != std::io::ErrorKind::PermissionDenied {
+        return String::new();
+    }
+    let uid = nix::unistd::geteuid();
+    let me =
+        nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| uid.to_string(), |u| u.name);
+    let owner = match std::fs::metadata(path) {
+        Ok(m) => {
+            let name = nix::unistd::User::from_uid(m.uid().into())
+                .ok()
+                .flatten()
+                .map_or_else(|| m.uid().to_string(), |u| u.name);
+            format!(", and it is owned by {name} with mode {:04o}", m.mode() & 0o7777)
+        }
+        Err(_) => " (or a directory on its path does not let it through)".to_owned(),
+    };
+    format!(
+        "; this process runs as {me}{owner}: make it {me}'s with `chown {me} {0}` and `chmod 600 {0}`",
+        path.display()
+    )
 }
 
 /// A configuration file's strict shape, resolved into what the daemon runs

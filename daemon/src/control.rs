@@ -10,6 +10,8 @@
 //!   and the daemon's user. A per-user daemon (its socket under
 //!   `$XDG_RUNTIME_DIR`) accepts its own user only.
 
+pub mod conns;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -155,7 +157,7 @@ pub fn open(control: &Control) -> Result<Option<(UnixListener, Bound)>, BindErro
         Err(BindError::Io { source, .. })
             if !control.explicit && source.kind() == std::io::ErrorKind::PermissionDenied =>
         {
-            tracing::warn!(socket = %path.display(), error = %source, "no control socket (set [control] socket to a writable path); tunnelctl cannot reach this daemon");
+            tracing::warn!(socket = %path.display(), error = %source, "no control socket: cannot create {}: {source}; tunnelctl cannot reach this daemon (set [control] socket to a writable path)", path.display());
             Ok(None)
         }
         Err(e) => Err(e),
@@ -181,8 +183,11 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming =
+        tokio_stream::wrappers::ReceiverStream::new(conns::accept(listener, stop.clone()));
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(conns::KEEPALIVE))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await

@@ -19,6 +19,7 @@
 //!   went through the daemon's core loop.
 //! - [`signals`]: terminate and hang-up as typed events.
 //! - [`trace`]: the registry of live trace subscribers (`tunnelctl trace`).
+//! - [`url`]: URLs read one way everywhere (ports checked, no secrets).
 //! - [`observe`]: a span per request: trace events and request metrics
 //!   (status classes, outcomes, cancels, per-model time to first token and
 //!   tokens per second, read by [`usage`] from the stream's final line).
@@ -33,6 +34,7 @@ pub mod process;
 pub mod signals;
 pub mod supervise;
 pub mod trace;
+pub mod url;
 pub mod usage;
 
 pub use config::ConfigError;

@@ -414,14 +414,16 @@ impl Span {
                 session = %self.session, request_id = %self.id, method = %self.method,
                 path = %self.path,
                 status = self.status, duration_ms, outcome, reason, bytes_in,
-                bytes_out = self.bytes_out, model, tokens, "request"
+                bytes_out = self.bytes_out, model, tokens,
+                "{} {} {} {duration_ms} ms {outcome}", self.method, self.path, self.status
             );
         } else {
             tracing::info!(
                 target: "access",
                 session = %self.session, request_id = %self.id, user_hash = %self.user_hash,
                 method = %self.method, path = %self.path, status = self.status, duration_ms, outcome, reason, bytes_in,
-                bytes_out = self.bytes_out, model, tokens, "request"
+                bytes_out = self.bytes_out, model, tokens,
+                "{} {} {} {duration_ms} ms {outcome}", self.method, self.path, self.status
             );
         }
     }

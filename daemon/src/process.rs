@@ -48,7 +48,8 @@ impl From<ExitStatus> for ExitCode {
 /// The arguments every daemon takes.
 #[derive(clap::Parser, Debug, Clone, Default)]
 pub struct CommonArgs {
-    /// Configuration file (TOML) [default: /etc/NAME/NAME.toml]
+    /// Configuration file (TOML); the daemon's command line names its
+    /// default (see [`command`]).
     #[arg(short, long)]
     pub config: Option<PathBuf>,
     /// Print the resolved configuration (JSON, secrets left out) and exit.
@@ -186,15 +187,15 @@ pub fn load<D: Daemon>(args: &CommonArgs) -> Result<ConfigOf<D>, crate::ConfigEr
 /// Runs daemon `D` with arguments its `main` parsed.
 pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
     logging::init(D::NAME);
-    let config = match load::<D>(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{}: {e}", D::NAME);
-            return ExitStatus::Config.into();
-        }
-    };
+    let loaded = load::<D>(&args);
     if args.check_config {
-        return print_config(D::NAME, &config).into();
+        return match loaded {
+            Ok(config) => print_config(D::NAME, &config).into(),
+            Err(e) => {
+                eprintln!("{}: {e}", D::NAME);
+                ExitStatus::Config.into()
+            }
+        };
     }
     raise_fd_limit();
     // Before any thread starts: taking it clears LISTEN_FDS.
@@ -205,6 +206,18 @@ pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
             return ExitStatus::Failure.into();
         }
     };
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", D::NAME);
+            return match activated {
+                Some(l) => hold_socket(D::NAME, &e.to_string(), l, ExitStatus::Config),
+                None => ExitStatus::Config.into(),
+            };
+        }
+    };
+    // Kept to hold the socket should the daemon fail to start.
+    let spare = activated.as_ref().and_then(|l| l.try_clone().ok());
     let rt = match runtime(D::worker_threads(&config)) {
         Ok(rt) => rt,
         Err(e) => {
@@ -226,13 +239,61 @@ pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("{} task failed: {e}", D::NAME)))
     });
-    match result {
-        Ok(()) => ExitStatus::Ok.into(),
-        Err(e) => {
+    drop(rt);
+    match (result, spare) {
+        (Ok(()), _) => ExitStatus::Ok.into(),
+        (Err(e), Some(l)) => hold_socket(D::NAME, &format!("{e:#}"), l, ExitStatus::Failure),
+        (Err(e), None) => {
             eprintln!("{}: {e:#}", D::NAME);
             ExitStatus::Failure.into()
         }
     }
+}
+
+/// A socket-activated daemon that cannot start holds the socket systemd
+/// passed, closing each connection at once, until it is told to stop; then
+/// exits with `status`. Exiting at once would leave the connections that
+/// started it waiting: systemd would start it again and again, its start
+/// limit would fail the socket unit, nothing would listen, and the first
+/// `systemctl restart` after the fix would fail too. Held, the socket
+/// stays up, the journal says once what is wrong, and one `systemctl
+/// restart` after the fix serves again.
+fn hold_socket(
+    name: &'static str,
+    why: &str,
+    listener: std::net::TcpListener,
+    status: ExitStatus,
+) -> ExitCode {
+    let line = format!("cannot start: {why}; fix it, then run systemctl restart {name}");
+    tracing::error!(
+        "{name} cannot start: {why}. It holds the socket systemd passed and closes each connection until then: fix it, then run `systemctl restart {name}`"
+    );
+    let Ok(rt) = runtime(1) else { return status.into() };
+    rt.block_on(async move {
+        let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+        let Ok(mut signals) = Signals::new() else { return };
+        notify::ready();
+        if notify::expected() {
+            let schedule = crate::supervise::Schedule::from_env();
+            let probe_line = line.clone();
+            tokio::spawn(crate::supervise::run(
+                schedule,
+                move || std::future::ready(probe_line.clone()),
+                notify::send,
+            ));
+        }
+        loop {
+            tokio::select! {
+                signal = signals.recv() => match signal {
+                    Signal::Terminate => break,
+                    Signal::Hangup => info!("{line}"),
+                },
+                accepted = listener.accept() => drop(accepted),
+            }
+        }
+        notify::stopping();
+    });
+    status.into()
 }
 
 /// Turns signals into the daemon's shutdown and reloads.
@@ -262,6 +323,20 @@ async fn watch_signals(
 
 /// `NAME man`: the daemon's man page (section 8, roff) from its command
 /// line definition, on stdout.
+/// Daemon `name`'s command line, whose `--config` help names the file
+/// read without it.
+pub fn command<C: clap::CommandFactory>(name: &str) -> clap::Command {
+    let help = format!("Configuration file (TOML); without it, /etc/{name}/{name}.toml");
+    C::command().mut_arg("config", |a| a.help(help))
+}
+
+/// Parses daemon `name`'s arguments ([`command`]'s help); exits with
+/// clap's message and code on an error, `--help` or `--version`.
+pub fn parse<C: clap::Parser>(name: &str) -> C {
+    let matches = command::<C>(name).get_matches();
+    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 pub fn print_man(command: clap::Command) -> ExitCode {
     let name = command.get_name().to_owned();
     let mut out = Vec::new();
@@ -324,9 +399,11 @@ pub fn raise_fd_limit() {
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
-            Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open-file limit"),
+            Err(e) => {
+                tracing::warn!(error = %e, soft, "cannot raise the open-file limit above {soft}: {e}; raise LimitNOFILE= if connections fail with \"too many open files\"")
+            }
         },
         Ok((soft, _)) => tracing::debug!(limit = soft, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit: {e}"),
     }
 }

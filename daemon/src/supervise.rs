@@ -76,7 +76,8 @@ where
                 stuck = true;
                 warn!(
                     deadline = ?schedule.tick,
-                    "the core loop did not answer its health probe; withholding the watchdog ping"
+                    "the core loop did not answer its health probe within {:?}; withholding the watchdog ping (systemd restarts a daemon stuck past WatchdogSec=)",
+                    schedule.tick
                 );
             }
             Err(_) => {}

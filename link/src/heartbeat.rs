@@ -25,7 +25,7 @@ pub(crate) async fn run(link: &Link) {
         match beat {
             Beat::Ping(ping) => link.push_urgent(ping),
             Beat::Dead { silent_for } => {
-                warn!(session = %link.label, ?silent_for, "{} stopped answering pings", link.peer);
+                warn!(session = %link.label, ?silent_for, "{} stopped answering pings (silent for {silent_for:.1?}); closing the session", link.peer);
                 let text = format!("{} stopped answering pings", link.peer);
                 link.end(
                     End::Unresponsive(silent_for),

@@ -235,7 +235,7 @@ impl Link {
     /// the link closes with 1008.
     pub fn push_urgent(&self, msg: Message) {
         if self.urgent.push(msg).is_err() {
-            tracing::warn!(session = %self.label, "control queue overflow; closing the session");
+            tracing::warn!(session = %self.label, "the {} is not reading its control messages (queue full); closing the session", self.peer);
             self.end(
                 End::NotReading,
                 Some(close_frame(CloseCode::Policy, format!("{} is not reading", self.peer))),
@@ -283,7 +283,7 @@ impl Link {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         H: Handler,
     {
-        let (sink, stream) = socket.split();
+        let (sink, mut stream) = socket.split();
         // Aborted if this future is dropped, so the socket never outlives it.
         let writer = AbortOnDropHandle::new(tokio::spawn(writer::run(
             self.clone(),
@@ -292,7 +292,7 @@ impl Link {
             handler.clone(),
         )));
         let until = tokio::select! {
-            () = reader::run(self, stream, &*handler) => None,
+            () = reader::run(self, &mut stream, &*handler) => None,
             () = heartbeat::run(self) => None,
             t = until => Some(t),
         };
@@ -302,7 +302,19 @@ impl Link {
         self.closed.cancel();
         let end = lock(&self.end).as_ref().map_or(End::Closed, |(e, _)| e.clone());
         handler.on_end(&end);
-        let _ = writer.await;
+        // The closing handshake: what the peer still sends is read (and
+        // dropped) while the close frame goes out, until the peer closes or
+        // the deadline. A socket closed with unread input sends a reset,
+        // which can destroy the close frame before the peer reads it.
+        let drain = async {
+            while let Some(Ok(frame)) = stream.next().await {
+                if frame.is_close() {
+                    break;
+                }
+            }
+        };
+        let _ =
+            tokio::time::timeout(CLOSE_DEADLINE, futures_util::future::join(writer, drain)).await;
         match until {
             Some(t) => Outcome::Until(t),
             None => Outcome::Ended(end),

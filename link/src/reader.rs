@@ -23,8 +23,11 @@ use tunnel_proto::{Message, ProtocolError, Violation, frame};
 
 use crate::{End, Handler, Link, close_frame, lock, refused_data};
 
-pub(crate) async fn run<S, H>(link: &Link, mut stream: SplitStream<WebSocketStream<S>>, handler: &H)
-where
+pub(crate) async fn run<S, H>(
+    link: &Link,
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    handler: &H,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
     H: Handler,
 {
@@ -63,7 +66,7 @@ where
                 }
             },
         };
-        warn!(session = %link.label, %flood, "closing the session");
+        warn!(session = %link.label, %flood, "the {} flooded the session ({flood}); closing it with 1008", link.peer);
         let text = match flood {
             Flood::Pings => format!("{} sent too many pings", link.peer),
             Flood::Refusals => format!("{} sent too many invalid frames", link.peer),
@@ -105,7 +108,7 @@ fn on_text<H: Handler>(link: &Link, text: &str, now: Instant, handler: &H) -> Re
             // peer's refusal budget, so it cannot flood the log.
             link.lock_budget().refusal(now)?;
             if !handler.on_peer_error(&e) {
-                warn!(session = %link.label, code = e.code, error = %e.error, "{} reported an error", link.peer);
+                warn!(session = %link.label, code = e.code, error = %e.error, "the {} reported an error: {} ({})", link.peer, e.error, e.code);
             }
         }
         other => handler.on_message(other)?,
@@ -123,7 +126,7 @@ fn on_binary<H: Handler>(data: &Bytes, handler: &H) -> Result<(), Rejected> {
 /// its web client is not left waiting or fed what followed. An unknown type
 /// is a newer peer's extension, not a broken stream.
 fn refuse<H: Handler>(link: &Link, handler: &H, err: ProtocolError, stream: Option<String>) {
-    warn!(session = %link.label, error = %err, "refused a frame from the {}", link.peer);
+    warn!(session = %link.label, error = %err, "refused a frame from the {}: {err}", link.peer);
     if let Some(id) = stream
         && err.kind != Violation::UnknownType
     {

@@ -43,6 +43,19 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// not offer it is an original (version 0) agent.
 pub const SUBPROTOCOL: &str = "llm-tunnel.v1";
 
+/// The header a relay's 401 names its reason in (`missing_token`,
+/// `invalid_token`, `expired_token`, `revoked_token`), whatever the shape of
+/// its body.
+pub const ERROR_CODE_HEADER: &str = "x-tunnel-error";
+
+/// The `code` of the relay's 401 answer to `/ws/tunnel` when the agent's
+/// credential (or the credential its token was minted for) was revoked: a
+/// new credential is needed, and retrying the old one will not help.
+pub const REVOKED_TOKEN: &str = "revoked_token";
+
+/// The WebSocket close code of a session whose credential was revoked.
+pub const CLOSE_REVOKED: u16 = 4004;
+
 /// Capabilities of protocol version 1. A peer only uses a capability both
 /// sides listed in `hello`/`welcome`.
 pub mod capability {

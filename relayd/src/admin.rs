@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::identity::keys::Signer;
 use crate::identity::store::{CredentialStore, RedbStore, Revocation};
-use crate::identity::{IssuedCredential, Minted, Role, Scope, issue_into, mint_with};
+use crate::identity::{IssuedCredential, MintOptions, Minted, Role, Scope, issue_into, mint_with};
 
 /// An administrative action that failed, with what to do.
 #[derive(Debug, thiserror::Error)]
@@ -43,17 +43,32 @@ pub fn generate_key(path: &Path) -> Result<String, AdminError> {
     Ok(signer.kid().to_owned())
 }
 
+/// The signing key relayd makes in its state directory when
+/// `[identity] signing_key_file` is not set.
+pub const SIGNING_KEY: &str = "signing.key";
+
 /// Mints a client token (with `scope`, a share token) from the signing key
-/// in `config`.
+/// in `config`, or the one relayd made in its state directory.
 pub fn mint_client(
     config: &Config,
     user: &str,
     ttl: Duration,
     scope: Option<Scope>,
 ) -> Result<Minted, AdminError> {
-    let signer =
-        config.identity.signer.as_ref().ok_or(crate::identity::IdentityError::NoSigningKey)?;
-    Ok(mint_with(signer, &config.identity, user, Role::Client, ttl, scope)?)
+    let made = config.state_dir.as_ref().map(|d| d.join(SIGNING_KEY)).filter(|p| p.exists());
+    let signer = match (&config.identity.signer, made) {
+        (Some(signer), _) => signer.clone(),
+        (None, Some(path)) => Arc::new(Signer::load_or_create(&path).map_err(|e| {
+            AdminError::Invalid(format!("{e} (run this as the user relayd runs as)"))
+        })?),
+        (None, None) => {
+            return Err(AdminError::Invalid(
+                "no signing key yet: relayd makes one in its state directory when it first starts; start it, or use `tunnelctl token issue` on the running relay".into(),
+            ));
+        }
+    };
+    let options = MintOptions { scope, credential: None };
+    Ok(mint_with(&signer, &config.identity, user, Role::Client, ttl, options)?)
 }
 
 fn store(config: &Config) -> Result<Arc<dyn CredentialStore>, AdminError> {

@@ -30,7 +30,7 @@ use tunnel_proto::{Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capa
 use crate::admission::Verdict;
 use crate::auth;
 use crate::body::RelayBody;
-use crate::identity::{IdentityError, Principal, Role, Via};
+use crate::identity::{Principal, Via};
 use crate::response::{self, Shape, retry_after};
 use crate::session::{AgentSocket, Session, SessionParams};
 use crate::state::{Conn, Shared};
@@ -123,7 +123,7 @@ pub async fn accept(
         let upgraded = match upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                warn!(error = %e, "agent WebSocket upgrade failed");
+                warn!(error = %e, "an agent's WebSocket upgrade failed: {e}");
                 return;
             }
         };
@@ -161,12 +161,12 @@ pub fn ws_config(limits: &Limits, v1: bool) -> WebSocketConfig {
 fn authorization(shared: &Shared, principal: &Principal) -> (Option<SystemTime>, Option<String>) {
     match principal.via {
         Via::Credential => {
-            let ttl = shared.identity.config().access_token_ttl;
-            match shared.identity.mint(&principal.user, Role::Agent, ttl, None) {
-                Ok(m) => (Some(m.expires), Some(m.token)),
-                Err(IdentityError::NoSigningKey) => (None, None),
+            let credential = principal.id.as_deref().unwrap_or_default();
+            match shared.identity.mint_access(&principal.user, credential) {
+                Ok(Some(m)) => (Some(m.expires), Some(m.token)),
+                Ok(None) => (None, None),
                 Err(e) => {
-                    warn!(error = %e, "cannot mint an access token; the session is not limited in time");
+                    warn!(error = %e, "cannot mint an access token ({e}); the session is not limited in time");
                     (None, None)
                 }
             }
@@ -184,7 +184,7 @@ async fn run(shared: Arc<Shared>, mut socket: AgentSocket, principal: Principal,
                 (PROTOCOL_VERSION.min(hello.version), hello.agent, hello.limits, hello.capabilities)
             }
             Err(why) => {
-                warn!(reason = %why, "agent handshake failed");
+                warn!(reason = %why, "an agent's handshake failed: {why}");
                 let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
                     code:
                         tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Protocol,

@@ -36,6 +36,7 @@ impl Denied {
         let kind = match e {
             AuthError::Missing => Unauthorized::Missing,
             AuthError::Expired => Unauthorized::Expired,
+            AuthError::Revoked => Unauthorized::Revoked,
             _ => Unauthorized::Invalid,
         };
         Denied::Unauthorized(kind, e.to_string())

@@ -155,7 +155,7 @@ impl relay_server::Relay for Control {
         self.guard.check(&req, Access::Change)?;
         let id = req.into_inner().id;
         let r = self.relay.revoke(&id).map_err(identity_status)?;
-        tracing::info!(%id, sessions = r.sessions_ended, "revoked through the control socket");
+        tracing::info!(%id, sessions = r.sessions_ended, "{id} revoked through the control socket; {} sessions ended", r.sessions_ended);
         Ok(Response::new(pb::RevokeTokenReply {
             revoked: r.newly,
             sessions_ended: r.sessions_ended as u32,

@@ -91,17 +91,20 @@ async fn models_checked(
         "a share token limited to models takes request bodies of at most 16 MiB",
     )
     .await?;
-    let model = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_owned));
-    match model {
-        Some(m) if scope.allows_model(&m) => Ok(bytes),
+    // What is checked is what is forwarded: these very bytes, read the way
+    // the desktop's server will read them.
+    let models = crate::model::named_models(&bytes)
+        .map_err(|e| Failure::refused(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if models.is_empty() {
+        return Err(Failure::Forbidden(
+            "this share token only allows requests that name one of its models".into(),
+        ));
+    }
+    match models.iter().find(|m| !scope.allows_model(m)) {
         Some(m) => {
             Err(Failure::Forbidden(format!("this share token does not cover the model {m:?}")))
         }
-        None => Err(Failure::Forbidden(
-            "this share token only allows requests that name one of its models".into(),
-        )),
+        None => Ok(bytes),
     }
 }
 

@@ -12,6 +12,8 @@
 //! revocations on every use). Revoking a credential or a token's `jti` is
 //! immediate here; the relay also ends the sessions it holds open.
 
+pub mod claims;
+mod issue;
 mod jwks;
 pub mod keys;
 pub mod store;
@@ -21,16 +23,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Validation;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::warn;
 
+use issue::{hex, sha256};
 use keys::{Signer, VerifyKey};
 use store::{CredentialRecord, CredentialStore, MemoryStore, Revocation, StoreError};
 
+pub use issue::{IssuedCredential, MintOptions, Minted, issue_into, mint_with, parse_credential};
 pub use jwks::JwksUrl;
 
 /// Longest token accepted (a bigger one is refused unread).
@@ -71,8 +73,10 @@ impl std::str::FromStr for Role {
 }
 
 /// What a share token may reach: path prefixes at the local service and
-/// models (empty: any).
+/// models (empty: any). A member it does not know is refused: it could be
+/// a limit the relay would not enforce.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Scope {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
@@ -120,6 +124,9 @@ pub struct Principal {
     pub scope: Option<Scope>,
     /// The credential id or the token's `jti`: what revocation names.
     pub id: Option<String>,
+    /// For an access token the relay minted, the credential it was minted
+    /// for: revoking that credential revokes the token too.
+    pub parent: Option<String>,
     /// When it stops being valid (`None`: static tokens and credentials).
     pub expires: Option<SystemTime>,
     pub via: Via,
@@ -250,23 +257,6 @@ pub struct StaticToken {
     pub role: Role,
 }
 
-/// A freshly minted JWT.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Minted {
-    pub token: String,
-    pub id: String,
-    pub expires: SystemTime,
-}
-
-/// A freshly issued agent credential; `secret` is shown once and never
-/// stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IssuedCredential {
-    pub id: String,
-    pub user: String,
-    pub secret: String,
-}
-
 /// The relay's identity: verification, minting, credentials, revocation.
 pub struct Identity {
     config: IdentityConfig,
@@ -285,21 +275,6 @@ impl std::fmt::Debug for Identity {
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn random_id(prefix: &str) -> String {
-    format!("{prefix}{:016x}", rand::random::<u64>())
 }
 
 /// Compares without telling by its timing where the first difference is.
@@ -387,11 +362,11 @@ impl Identity {
                 p
             }
         };
-        if principal.expires.is_some_and(|e| e + self.config.leeway <= SystemTime::now()) {
+        if principal.expires.is_some_and(|e| self.valid_until(e) <= SystemTime::now()) {
             self.cache.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
             return Err(AuthError::Expired);
         }
-        if principal.id.as_deref().is_some_and(|id| self.is_revoked(id)) {
+        if self.covers_revoked(&principal) {
             return Err(AuthError::Revoked);
         }
         Ok(principal)
@@ -413,6 +388,19 @@ impl Identity {
         self.revoked.read().unwrap_or_else(PoisonError::into_inner).contains_key(id)
     }
 
+    /// Whether `p`'s token, or the credential it was minted for, is
+    /// revoked.
+    pub fn covers_revoked(&self, p: &Principal) -> bool {
+        [&p.id, &p.parent].into_iter().flatten().any(|id| self.is_revoked(id))
+    }
+
+    /// The last instant a token that expires at `expires` is accepted: its
+    /// `exp` plus the configured leeway. One rule for a new request, a new
+    /// session and the end of a session opened with it.
+    pub fn valid_until(&self, expires: SystemTime) -> SystemTime {
+        claims::later(expires, self.config.leeway)
+    }
+
     fn static_token(&self, token: &str) -> Result<Principal, AuthError> {
         // Compare against every token so the time taken does not say which
         // prefix matched.
@@ -428,6 +416,7 @@ impl Identity {
             role: s.role,
             scope: None,
             id: None,
+            parent: None,
             expires: None,
             via: Via::Static,
         })
@@ -439,7 +428,7 @@ impl Identity {
             Ok(Some(r)) => r,
             Ok(None) => return Err(AuthError::Unknown),
             Err(e) => {
-                warn!(error = %e, "credential lookup failed");
+                warn!(error = %e, "cannot look the credential up in the store: {e}; refusing it");
                 return Err(AuthError::Unknown);
             }
         };
@@ -454,6 +443,7 @@ impl Identity {
             role: Role::Agent,
             scope: None,
             id: Some(record.id),
+            parent: None,
             expires: None,
             via: Via::Credential,
         })
@@ -531,7 +521,9 @@ impl Identity {
             }
             v.set_required_spec_claims(&required);
             match jsonwebtoken::decode::<Value>(token, &key.key, &v) {
-                Ok(data) => return self.principal_of(&data.claims),
+                Ok(data) => {
+                    return claims::principal_of(&self.config, &data.claims, SystemTime::now());
+                }
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind as K;
                     last = match e.kind() {
@@ -557,60 +549,6 @@ impl Identity {
         Err(last)
     }
 
-    fn principal_of(&self, claims: &Value) -> Result<Principal, AuthError> {
-        let c = &self.config;
-        // jsonwebtoken accepts an `iss` list when one member matches; a
-        // token names one issuer.
-        if claims.get("iss").is_some_and(|i| !i.is_string()) {
-            return Err(AuthError::Claims("iss must be a single string".into()));
-        }
-        let now = unix(SystemTime::now());
-        if claims
-            .get("iat")
-            .and_then(Value::as_u64)
-            .is_some_and(|iat| iat > now + c.leeway.as_secs())
-        {
-            return Err(AuthError::NotYetValid);
-        }
-        let user = claims
-            .get(&c.user_claim)
-            .and_then(Value::as_str)
-            .filter(|u| crate::config::valid_user_id(u))
-            .ok_or_else(|| {
-                AuthError::Claims(format!("no valid user id in the {} claim", c.user_claim))
-            })?
-            .to_owned();
-        let names: Vec<&str> = match claims.get(&c.role_claim) {
-            Some(Value::String(s)) => vec![s.as_str()],
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
-            _ => Vec::new(),
-        };
-        let agent = names.contains(&c.agent_role.as_str());
-        let client = names.contains(&c.client_role.as_str());
-        let role = match (agent, client) {
-            (true, false) => Role::Agent,
-            (false, true) => Role::Client,
-            (true, true) => return Err(AuthError::Claims("the token names both roles".into())),
-            (false, false) => {
-                return Err(AuthError::Claims(format!("no role in the {} claim", c.role_claim)));
-            }
-        };
-        let scope = match claims.get("share") {
-            None | Some(Value::Null) => None,
-            Some(s) => Some(
-                serde_json::from_value::<Scope>(s.clone())
-                    .map_err(|e| AuthError::Claims(format!("the share claim is malformed: {e}")))?,
-            ),
-        };
-        if scope.is_some() && role != Role::Client {
-            return Err(AuthError::Claims("only client tokens carry a share scope".into()));
-        }
-        let expires =
-            claims.get("exp").and_then(Value::as_u64).map(|e| UNIX_EPOCH + Duration::from_secs(e));
-        let id = claims.get("jti").and_then(Value::as_str).map(str::to_owned);
-        Ok(Principal { user, role, scope, id, expires, via: Via::Token })
-    }
-
     /// Mints a JWT for `user` with `role`, valid for `ttl`; `scope` makes it
     /// a share token.
     pub fn mint(
@@ -621,7 +559,21 @@ impl Identity {
         scope: Option<Scope>,
     ) -> Result<Minted, IdentityError> {
         let signer = self.config.signer.as_ref().ok_or(IdentityError::NoSigningKey)?;
-        mint_with(signer, &self.config, user, role, ttl, scope)
+        mint_with(signer, &self.config, user, role, ttl, MintOptions { scope, credential: None })
+    }
+
+    /// An access token for an agent session opened with credential
+    /// `credential` (`None` when relayd has no signing key): revoking the
+    /// credential revokes it.
+    pub fn mint_access(
+        &self,
+        user: &str,
+        credential: &str,
+    ) -> Result<Option<Minted>, IdentityError> {
+        let Some(signer) = &self.config.signer else { return Ok(None) };
+        let options = MintOptions { scope: None, credential: Some(credential.to_owned()) };
+        mint_with(signer, &self.config, user, Role::Agent, self.config.access_token_ttl, options)
+            .map(Some)
     }
 
     /// Issues a long-lived agent credential for `user` (recorded by id and
@@ -652,83 +604,6 @@ impl Identity {
     pub fn credential_record(&self, id: &str) -> Result<Option<CredentialRecord>, IdentityError> {
         Ok(self.store.get(id)?)
     }
-}
-
-/// Mints a JWT with `signer` under `config`'s issuer, audience and claim
-/// names (used by the running relay and by `relayd token issue`).
-pub fn mint_with(
-    signer: &Signer,
-    config: &IdentityConfig,
-    user: &str,
-    role: Role,
-    ttl: Duration,
-    scope: Option<Scope>,
-) -> Result<Minted, IdentityError> {
-    if !crate::config::valid_user_id(user) {
-        return Err(IdentityError::Invalid(format!("{user:?} is not a valid user id")));
-    }
-    let now = SystemTime::now();
-    let expires = now + ttl;
-    let id = random_id("t_");
-    let role_name = match role {
-        Role::Agent => &config.agent_role,
-        Role::Client => &config.client_role,
-    };
-    let mut claims = serde_json::json!({
-        config.user_claim.clone(): user,
-        config.role_claim.clone(): role_name,
-        "iat": unix(now),
-        "nbf": unix(now),
-        "exp": unix(expires),
-        "jti": id,
-        "iss": config.issuer.clone().unwrap_or_else(|| "relayd".into()),
-    });
-    if let Some(aud) = &config.audience {
-        claims["aud"] = aud.clone().into();
-    }
-    if let Some(scope) = scope {
-        claims["share"] =
-            serde_json::to_value(scope).map_err(|e| IdentityError::Sign(e.to_string()))?;
-    }
-    let token = signer.sign(&claims).map_err(IdentityError::Sign)?;
-    Ok(Minted { token, id, expires })
-}
-
-/// Issues a credential into `store`.
-pub fn issue_into(
-    store: &dyn CredentialStore,
-    user: &str,
-    replaces: Option<&str>,
-) -> Result<IssuedCredential, IdentityError> {
-    if !crate::config::valid_user_id(user) {
-        return Err(IdentityError::Invalid(format!("{user:?} is not a valid user id")));
-    }
-    let id = random_id("c_");
-    let mut raw = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-        .map_err(|_| IdentityError::Sign("no randomness".into()))?;
-    let secret = URL_SAFE_NO_PAD.encode(raw);
-    store.insert(&CredentialRecord {
-        id: id.clone(),
-        user: user.to_owned(),
-        secret_sha256: hex(&sha256(secret.as_bytes())),
-        created: unix(SystemTime::now()),
-        replaces: replaces.map(str::to_owned),
-    })?;
-    Ok(IssuedCredential {
-        secret: format!("{CREDENTIAL_PREFIX}{id}_{secret}"),
-        id,
-        user: user.to_owned(),
-    })
-}
-
-/// `tcred_<id>_<secret>` -> (id, secret).
-pub fn parse_credential(token: &str) -> Option<(&str, &str)> {
-    let rest = token.strip_prefix(CREDENTIAL_PREFIX)?;
-    // ids are `c_` and 16 hex digits
-    let (id, secret) = (rest.get(..18)?, rest.get(19..)?);
-    (id.starts_with("c_") && rest.as_bytes().get(18) == Some(&b'_') && !secret.is_empty())
-        .then_some((id, secret))
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ mod hub;
 pub mod identity;
 mod listener;
 mod metrics;
+mod model;
 mod response;
 mod server;
 mod session;
@@ -61,6 +62,8 @@ pub enum StateError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{0}")]
     Store(#[from] identity::store::StoreError),
+    #[error("{0}")]
+    Key(#[from] identity::keys::KeyError),
 }
 
 /// Opens the credential store and the log key in `config.state_dir`
@@ -75,8 +78,19 @@ pub fn open_state(config: &Config) -> Result<State, StateError> {
     let io = |source| StateError::Io { path: dir.clone(), source };
     std::fs::create_dir_all(dir).map_err(io)?;
     let store = identity::store::RedbStore::open(&dir.join("credentials.redb"))?;
-    let identity =
-        Identity::open(config.identity_config(), config.static_tokens(), Arc::new(store))?;
+    let mut identity_config = config.identity_config();
+    if identity_config.signing_key_file.is_none() {
+        // Like an SSH host key: made on first start, kept from then on.
+        let path = dir.join(admin::SIGNING_KEY);
+        let signer = identity::keys::Signer::load_or_create(&path)?;
+        identity_config.key_summary.insert(
+            0,
+            format!("EdDSA {} (own signing key {}, made by relayd)", signer.kid(), path.display()),
+        );
+        identity_config.signer = Some(Arc::new(signer));
+        identity_config.signing_key_file = Some(path);
+    }
+    let identity = Identity::open(identity_config, config.static_tokens(), Arc::new(store))?;
     let key_path = dir.join("log.key");
     let log_key = match std::fs::read(&key_path) {
         Ok(k) if k.len() >= 32 => k,
@@ -167,7 +181,7 @@ impl Relay {
         let newly = self.shared.identity.revoke(id, None)?;
         let mut sessions_ended = 0;
         for session in self.shared.hub.sessions() {
-            if session.auth_id().as_deref() == Some(id) {
+            if session.authorized_by(id) {
                 session.close(CloseReason::Revoked);
                 sessions_ended += 1;
             }

@@ -34,7 +34,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let tls = shared.config.tls.as_ref().map(|t| TlsAcceptor::from(t.server.clone()));
-    info!(addr = %listener.local_addr()?, tls = tls.is_some(), "relay listening");
+    let addr = listener.local_addr()?;
+    info!(%addr, tls = tls.is_some(), "listening on {addr}{}", if tls.is_some() { " (TLS)" } else { "" });
     let mut probes = shared.probe_inbox.lock().unwrap_or_else(PoisonError::into_inner).take();
     loop {
         let (stream, peer) = tokio::select! {
@@ -48,7 +49,7 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors or similar: keep serving the
                     // connections we have and retry shortly.
-                    error!(error = %e, "accept failed");
+                    error!(error = %e, "cannot accept a connection: {e} (out of file descriptors? raise LimitNOFILE=)");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -98,7 +99,7 @@ async fn drain(shared: &Shared, listener: TcpListener) {
     shared.start_draining();
     drop(listener);
     let sessions = shared.hub.sessions();
-    info!(agents = sessions.len(), deadline = ?shared.config.drain_timeout, "draining");
+    info!(agents = sessions.len(), deadline = ?shared.config.drain_timeout, "draining {} agent sessions (at most {:?})", sessions.len(), shared.config.drain_timeout);
     for session in &sessions {
         session.goaway("relay shutting down", GOAWAY_RETRY);
     }

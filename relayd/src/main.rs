@@ -110,11 +110,12 @@ impl Daemon for Relayd {
                 match changed {
                     Err(e) => tracing::warn!(
                         error = %e,
-                        "the configuration file does not load; the running configuration stays"
+                        "the configuration file does not load ({e}); the running configuration stays: fix it and reload again"
                     ),
                     Ok(keys) if !keys.is_empty() => tracing::warn!(
                         settings = %keys.join(", "),
-                        "changed in the configuration file; they take effect at the next restart"
+                        "changed in the configuration file: {}; they take effect at the next restart (systemctl restart relayd)",
+                        keys.join(", ")
                     ),
                     Ok(_) => {}
                 }
@@ -124,9 +125,9 @@ impl Daemon for Relayd {
                 match tokio::task::spawn_blocking(move || tls.reload()).await {
                     Ok(Ok(())) => tracing::info!("TLS certificate and key reloaded"),
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cannot reload TLS; keeping the certificate in use")
+                        tracing::warn!(error = %e, "cannot reload TLS: {e}; keeping the certificate in use")
                     }
-                    Err(e) => tracing::warn!(error = %e, "TLS reload failed"),
+                    Err(e) => tracing::warn!(error = %e, "TLS reload failed: {e}; keeping the certificate in use"),
                 }
             }
         });
@@ -141,7 +142,7 @@ impl Daemon for Relayd {
             _bound = Some(bound);
             tokio::spawn(async move {
                 if let Err(e) = service.serve(socket, stop).await {
-                    tracing::error!(error = %e, "the control socket failed");
+                    tracing::error!(error = %e, "the control socket failed: {e}; tunnelctl cannot reach relayd until it restarts");
                 }
             });
         }
@@ -161,7 +162,7 @@ impl Daemon for Relayd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = daemon::process::parse("relayd");
     match cli.command {
         None => daemon::process::run::<Relayd>(cli.common),
         Some(command) => admin(&cli.common, command),
@@ -179,7 +180,7 @@ fn admin(common: &CommonArgs, command: Command) -> ExitCode {
             );
         }),
         Command::Man => {
-            return daemon::process::print_man(<Cli as clap::CommandFactory>::command());
+            return daemon::process::print_man(daemon::process::command::<Cli>("relayd"));
         }
         Command::Token(cmd) => match daemon::process::load::<Relayd>(common) {
             Err(e) => {

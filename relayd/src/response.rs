@@ -121,6 +121,10 @@ pub fn error(shape: Shape, status: StatusCode, code: &str, message: &str) -> Res
     resp
 }
 
+/// The error code of a 401 for a revoked credential: agentd stops
+/// retrying when it reads it.
+pub const REVOKED_TOKEN: &str = tunnel_proto::REVOKED_TOKEN;
+
 /// Why a request carried no usable credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unauthorized {
@@ -130,6 +134,9 @@ pub enum Unauthorized {
     Invalid,
     /// A token that was valid and ran out.
     Expired,
+    /// A credential or token its issuer revoked (or one minted for a
+    /// revoked credential): a new one is needed, retrying will not help.
+    Revoked,
 }
 
 /// 401 with `WWW-Authenticate: Bearer` (RFC 6750): without an `error`
@@ -145,9 +152,15 @@ pub fn unauthorized(shape: Shape, why: Unauthorized, message: &str) -> Response<
             "expired_token",
             "Bearer realm=\"relayd\", error=\"invalid_token\", error_description=\"the token expired\"",
         ),
+        Unauthorized::Revoked => (
+            REVOKED_TOKEN,
+            "Bearer realm=\"relayd\", error=\"invalid_token\", error_description=\"the token was revoked\"",
+        ),
     };
     let mut r = error(shape, StatusCode::UNAUTHORIZED, code, message);
     r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    // The code for programs whatever the body's shape (agentd reads it).
+    r.headers_mut().insert(tunnel_proto::ERROR_CODE_HEADER, HeaderValue::from_static(code));
     r
 }
 

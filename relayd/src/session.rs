@@ -163,6 +163,7 @@ impl Session {
         });
         let auth = SessionAuth {
             id: p.principal.id.clone(),
+            parent: p.principal.parent.clone(),
             via: Some(p.principal.via),
             expires: p.expires,
             ..SessionAuth::default()
@@ -348,7 +349,7 @@ impl Session {
         };
         let _ = self.link.run(socket, rx, self.clone(), expiry).await;
         stop.cancel();
-        info!(session = %self.id, reason = self.close_reason().text(), "agent session ended");
+        info!(session = %self.id, reason = self.close_reason().text(), "agent session {} ended: {}", self.id, self.close_reason().text());
     }
 
     fn read_limits(&self) -> Limits {

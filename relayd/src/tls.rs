@@ -70,15 +70,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// (PKCS#8, PKCS#1 or SEC1) that belong together.
 fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
     let invalid = |path: &Path, why: String| TlsError::File { path: path.to_owned(), why };
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .map_err(|e| invalid(cert_file, e.to_string()))?
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            invalid(path, format!("cannot read it: {e}{}", daemon::config::access_hint(path, &e)))
+        })
+    };
+    let (cert_pem, key_pem) = (read(cert_file)?, read(key_file)?);
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(cert_file, e.to_string()))?;
     if certs.is_empty() {
         return Err(invalid(cert_file, "no CERTIFICATE block in the file".into()));
     }
     let key =
-        PrivateKeyDer::from_pem_file(key_file).map_err(|e| invalid(key_file, e.to_string()))?;
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| invalid(key_file, e.to_string()))?;
     CertifiedKey::from_der(certs, key, &provider()).map_err(|source| TlsError::Unusable {
         cert: cert_file.to_owned(),
         key: key_file.to_owned(),

@@ -91,8 +91,20 @@ impl TestRelay {
             .collect();
         tweak(&mut config);
         let listener = TcpListener::bind(addr).await.expect("bind the relay listener");
+        Self::serve(listener, relayd::Relay::new(config))
+    }
+
+    /// A relay over the state in `config`'s `state_dir` (its credential
+    /// store, signing key and log key), as the daemon opens it.
+    pub async fn with_state(config: relayd::Config) -> Self {
+        let state = relayd::open_state(&config).expect("open the state directory");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the relay listener");
+        Self::serve(listener, relayd::Relay::with_state(config, state))
+    }
+
+    /// Serves `relay` on `listener` until stopped.
+    pub fn serve(listener: TcpListener, relay: relayd::Relay) -> Self {
         let addr = listener.local_addr().expect("local addr");
-        let relay = relayd::Relay::new(config);
         let shutdown = CancellationToken::new();
         let serving = relay.clone();
         let token = shutdown.clone();

@@ -48,6 +48,11 @@ impl RawAgent {
         Ok(Self { socket, welcome })
     }
 
+    /// The WebSocket itself, for a test that reads and writes at once.
+    pub fn into_socket(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.socket
+    }
+
     /// Sends a frame as it is, for frames a WebSocket library would not
     /// build (a text frame that is not UTF-8).
     pub async fn send_frame(

@@ -627,7 +627,7 @@ section "8. logs: the journal (access lines and their fields), tunnelctl log-lev
 # last line of agentd's journal is the access line of the request below.
 run -t 12 'journalctl -u agentd'
 expect "journalctl -u agentd: the agent's life" 'connected to the relay'
-expect "and one line per request" '^[A-Z][a-z]{2} [0-9 :]+ [^ ]+ agentd\[[0-9]+\]: request$'
+expect "and one line per request, saying what it was" '^[A-Z][a-z]{2} [0-9 :]+ [^ ]+ agentd\[[0-9]+\]: (GET|POST) /[^ ]* [0-9]{3} [0-9]+ ms [a-z_]+$'
 run 'tunnelctl log-level debug'
 expect "log-level debug: agentd's filter is debug now" '^log filter: debug \(was info; until the next restart\)$'
 run 'tunnelctl log-level'
@@ -643,7 +643,7 @@ for f in SESSION REQUEST_ID METHOD PATH STATUS DURATION_MS OUTCOME; do
 done
 REQ=$(sed -n 's/.*"REQUEST_ID" : "\([^"]*\)".*/\1/p' <<<"$OUT")
 run "journalctl -u agentd REQUEST_ID=$REQ"
-expect "journalctl -u agentd REQUEST_ID=$REQ finds the access line" 'agentd\[[0-9]+\]: request$'
+expect "journalctl -u agentd REQUEST_ID=$REQ finds the access line" 'agentd\[[0-9]+\]: POST /api/chat 200 [0-9]+ ms ok$'
 # The streamed chat of the rotation step, field by field.
 run 'journalctl -u agentd -o json --no-pager TARGET=access PATH=/api/chat | tail -n1'
 for f in SESSION REQUEST_ID METHOD PATH STATUS DURATION_MS OUTCOME; do
@@ -656,7 +656,7 @@ SES=$(sed -n 's/.*"SESSION":"\([^"]*\)".*/\1/p' <<<"$OUT")
 # Stream ids restart with each session (req_1, req_2, ...): SESSION and
 # REQUEST_ID together name one request.
 run "journalctl -u agentd -o verbose SESSION=$SES REQUEST_ID=$REQ"
-expect "journalctl REQUEST_ID=$REQ finds the access line" 'MESSAGE=request'
+expect "journalctl REQUEST_ID=$REQ finds the access line" 'MESSAGE=POST /api/chat 200 [0-9]+ ms ok'
 expect "with OUTCOME=ok" '^ *OUTCOME=ok$'
 run "journalctl -u relayd --no-pager -o cat --output-fields=REQUEST_ID,USER_HASH,METHOD,PATH,STATUS,DURATION_MS,OUTCOME SESSION=$SES REQUEST_ID=$REQ | tail -n 7"
 expect "relayd logged the same request" "^$REQ\$"

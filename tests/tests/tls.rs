@@ -93,7 +93,11 @@ async fn first_connect_error(relay: &TestRelay, ca_file: &std::path::Path) -> St
     let config = agentd::ConfigFile {
         relay: Some(format!("wss://{}", relay.addr)),
         token: Some(tunnel_tests::agent_token("alice")),
-        tls: agentd::config::TlsFile { ca_file: Some(ca_file.to_owned()), pins: vec![] },
+        tls: agentd::config::TlsFile {
+            ca_file: Some(ca_file.to_owned()),
+            pins: vec![],
+            ..Default::default()
+        },
         ..agentd::ConfigFile::default()
     }
     .resolve()
@@ -157,7 +161,11 @@ fn unusable_tls_files_are_refused_with_the_file_named() {
     let err = agentd::ConfigFile {
         relay: Some("ws://127.0.0.1:1".into()),
         token: Some(tunnel_tests::agent_token("alice")),
-        tls: agentd::config::TlsFile { ca_file: Some(cert.cert_file.clone()), pins: vec![] },
+        tls: agentd::config::TlsFile {
+            ca_file: Some(cert.cert_file.clone()),
+            pins: vec![],
+            ..Default::default()
+        },
         ..agentd::ConfigFile::default()
     }
     .resolve()

@@ -92,7 +92,20 @@ pub fn locate(global: &Global, only: Option<Which>) -> Result<(Which, PathBuf), 
     for which in &candidates {
         for path in default_sockets(*which) {
             match std::fs::symlink_metadata(&path) {
-                Ok(_) => return Ok((*which, path)),
+                Ok(_) => {
+                    // Both daemons on one host: say which one answers.
+                    if wanted.is_none()
+                        && let Some(other) = candidates.iter().find(|w| *w != which)
+                        && default_sockets(*other).iter().any(|p| p.exists())
+                    {
+                        eprintln!(
+                            "tunnelctl: {0} and {1} both run here; this is {0} (--daemon {1} for the other)",
+                            which.name(),
+                            other.name()
+                        );
+                    }
+                    return Ok((*which, path));
+                }
                 // /run/NAME is 0750 NAME:NAME: a non-member cannot even see
                 // whether the socket is there. The daemon runs; say so.
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {

@@ -98,6 +98,7 @@ fn state_name(s: i32) -> &'static str {
         pb::AgentState::Connected => "connected",
         pb::AgentState::BackingOff => "reconnecting",
         pb::AgentState::Stopped => "stopped",
+        pb::AgentState::Revoked => "credential revoked",
         pb::AgentState::Unspecified => "unknown",
     }
 }
@@ -114,6 +115,7 @@ fn error_kind(k: i32) -> &'static str {
         K::Handshake => "handshake",
         K::Timeout => "timeout",
         K::SessionLost => "session_lost",
+        K::Revoked => "revoked",
         K::Unspecified => "",
     }
 }

@@ -108,14 +108,14 @@ async fn agent_rpcs_status_reconnect_rotate_install() {
 
     // Installing a token from a file: checked in-band, stored.
     let token = rig.dir.path("new.token");
-    std::fs::write(&token, format!("{}\n", tunnel_tests::agent_token("alice"))).expect("write");
+    daemon::config::write_secret(&token, &tunnel_tests::agent_token("alice")).expect("write");
     let out = ctl(&sock, &["rotate-token", "--file", token.to_str().expect("utf-8")])
         .await
         .expect("install");
     assert!(out.contains("the live session runs on it"), "{out}");
     assert!(out.contains("credential"), "{out}");
     // An empty file is bad input, not a call.
-    std::fs::write(&token, "\n").expect("write");
+    daemon::config::write_secret(&token, "").expect("write");
     let (code, _) = ctl(&sock, &["rotate-token", "--file", token.to_str().expect("utf-8")])
         .await
         .expect_err("empty");
@@ -386,15 +386,47 @@ async fn enroll_takes_a_fresh_agent_to_a_connected_one() {
 
     // A credential file that is empty is bad input, not a call.
     let token_file = dir.path("alice.token");
-    std::fs::write(&token_file, "\n").expect("write");
+    daemon::config::write_secret(&token_file, "").expect("write");
     let (code, _) =
         ctl(&sock, &["enroll", &relay.ws_url(), "--token-file", token_file.to_str().unwrap()])
             .await
             .expect_err("no credential");
     assert_eq!(code, tunnelctl::exit::DATA);
 
+    // A credential file others may read is refused, as agentd refuses such
+    // a token_file.
     std::fs::write(&token_file, format!("{}\n", tunnel_tests::agent_token("alice")))
         .expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+    }
+    let (code, msg) =
+        ctl(&sock, &["enroll", &relay.ws_url(), "--token-file", token_file.to_str().unwrap()])
+            .await
+            .expect_err("a credential file others can read");
+    assert_eq!(code, tunnelctl::exit::DATA, "{msg}");
+    assert!(msg.contains("readable by others"), "{msg}");
+    daemon::config::write_secret(&token_file, &tunnel_tests::agent_token("alice")).expect("write");
+    // What agentd would not accept is refused at enrollment too, and
+    // nothing is stored: a port that is not one, a secret in the URL, plain
+    // text to another machine.
+    for (bad, why) in [
+        ("ws://127.0.0.1:99999".to_owned(), "not a port"),
+        (format!("ws://user:secret@{}", relay.addr), "user name or password"),
+        (format!("{}?token=abc", relay.ws_url()), "query string"),
+        ("ws://relay.example.com".to_owned(), "in clear"),
+    ] {
+        let (code, msg) =
+            ctl(&sock, &["enroll", &bad, "--token-file", token_file.to_str().unwrap()])
+                .await
+                .expect_err(&bad);
+        assert_eq!(code, tunnelctl::exit::FAILED, "{bad}: {msg}");
+        assert!(msg.contains(why), "{bad}: {msg}");
+    }
+    assert!(!state_dir.join("enrollment.toml").exists());
+    assert!(!state_dir.join("credential").exists());
     // A relay that is not a URL is refused, and nothing is stored.
     let (code, msg) =
         ctl(&sock, &["enroll", "ftp://relay", "--token-file", token_file.to_str().unwrap()])
@@ -414,6 +446,11 @@ async fn enroll_takes_a_fresh_agent_to_a_connected_one() {
     relay.wait_for_agent("alice").await;
     let stored = std::fs::read_to_string(state_dir.join("enrollment.toml")).expect("stored");
     assert!(stored.contains(&relay.ws_url()), "{stored}");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(state_dir.join("enrollment.toml")).expect("enrollment");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the enrollment is agentd's only");
+    }
     let credential = state_dir.join("credential");
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(&credential).expect("credential").permissions().mode();
@@ -455,4 +492,43 @@ async fn enroll_takes_a_fresh_agent_to_a_connected_one() {
         .expect_err("the file wins");
     assert!(err.to_string().contains("the configuration file sets relay"), "{err}");
     stop.cancel();
+}
+
+#[tokio::test]
+async fn one_user_cannot_hold_the_control_socket_open_without_bound() {
+    use tokio::io::AsyncReadExt as _;
+    let rig = rig().await;
+    let sock = rig.agent_sock();
+    // Connections that never speak, up to the bound: they stay open.
+    let mut idle = Vec::new();
+    for _ in 0..daemon::control::conns::PER_UID {
+        idle.push(tokio::net::UnixStream::connect(&sock).await.expect("connect"));
+    }
+    // One more is closed at once.
+    let mut extra = tokio::net::UnixStream::connect(&sock).await.expect("connect");
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, extra.read(&mut byte)).await.expect("closed, not held");
+    assert_eq!(read.unwrap_or(0), 0, "the connection past the bound is closed");
+    // The ones held are still open (the server's HTTP/2 preface arrives,
+    // no end).
+    let mut first = idle.swap_remove(0);
+    let mut preface = [0u8; 256];
+    let held = tokio::time::timeout(Duration::from_millis(200), async {
+        while first.read(&mut preface).await.unwrap_or(0) > 0 {}
+    })
+    .await;
+    assert!(held.is_err(), "a held connection within the bound stays open");
+    // Closed, they give their places back: tunnelctl works again.
+    drop(first);
+    drop(idle);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match ctl(&sock, &["status"]).await {
+            Ok(out) => break assert!(out.starts_with("agentd "), "{out}"),
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "never answered again: {e:?}")
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -114,14 +114,9 @@ impl IdentityFile {
         }
         let jwks_url = match &self.jwks_url {
             Some(text) => {
-                let url: http::Uri =
-                    text.parse().map_err(|_| invalid(format!("jwks_url {text:?} is not a URL")))?;
-                let loopback = url.host().is_some_and(|h| {
-                    h == "localhost"
-                        || h.trim_matches(['[', ']'])
-                            .parse::<std::net::IpAddr>()
-                            .is_ok_and(|ip| ip.is_loopback())
-                });
+                let url =
+                    daemon::url::parse(text, "jwks_url").map_err(|e| invalid(e.to_string()))?;
+                let loopback = daemon::url::is_loopback(&url);
                 match url.scheme_str() {
                     Some("https") => {}
                     Some("http") if loopback => {}

@@ -71,16 +71,16 @@ impl JwksUrl {
                     true
                 }
                 Err(e) => {
-                    warn!(error = %e, "JWKS unusable; keeping the previous keys");
+                    warn!(error = %e, "the JWKS is unusable ({e}); keeping the previous keys");
                     false
                 }
             },
             Ok(Err(e)) => {
-                warn!(url = %self.url, error = %e, "cannot fetch the JWKS; keeping the previous keys");
+                warn!(url = %self.url, error = %e, "cannot fetch the JWKS from {}: {e}; keeping the previous keys", self.url);
                 false
             }
             Err(_) => {
-                warn!(url = %self.url, "JWKS fetch timed out; keeping the previous keys");
+                warn!(url = %self.url, "fetching the JWKS from {} timed out; keeping the previous keys", self.url);
                 false
             }
         }
@@ -89,7 +89,7 @@ impl JwksUrl {
     async fn fetch(&self) -> Result<Bytes, String> {
         let host = self.url.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']');
         let https = self.url.scheme_str() == Some("https");
-        let port = self.url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let port = daemon::url::port(&self.url);
         let tcp = TcpStream::connect((host, port)).await.map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
         let path = self.url.path_and_query().map_or("/", |p| p.as_str());

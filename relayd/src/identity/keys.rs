@@ -56,7 +56,7 @@ impl std::fmt::Debug for VerifyKey {
 /// A key that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {source}{}", path.display(), daemon::config::access_hint(path, source))]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{}: {why}", path.display())]
     Invalid { path: PathBuf, why: String },
@@ -184,6 +184,29 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
+    /// The key in `path`, made there (mode 0600) when there is none yet.
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let invalid = |why: String| KeyError::Invalid { path: path.into(), why };
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Ok(mut f) => {
+                let (signer, pem) = Self::generate().map_err(invalid)?;
+                f.write_all(pem.as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|source| KeyError::Read { path: path.into(), source })?;
+                Ok(signer)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                daemon::config::private_file(path).map_err(|e| invalid(e.to_string()))?;
+                let pem = std::fs::read(path)
+                    .map_err(|source| KeyError::Read { path: path.into(), source })?;
+                Self::from_pem(&pem, path)
+            }
+            Err(source) => Err(KeyError::Read { path: path.into(), source }),
+        }
+    }
+
     /// A PKCS#8 PEM Ed25519 private key (what [`Signer::generate`] writes).
     pub fn from_pem(pem: &[u8], path: &Path) -> Result<Self, KeyError> {
         let invalid = |why: String| KeyError::Invalid { path: path.into(), why };

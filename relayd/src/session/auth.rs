@@ -31,6 +31,9 @@ pub struct SessionAuth {
     /// The credential id or token `jti` it was opened (or last renewed)
     /// with: revoking it ends the session.
     pub id: Option<String>,
+    /// The credential the token `id` was minted for: revoking it ends the
+    /// session too.
+    pub parent: Option<String>,
     /// How it proved itself (`None`: not yet known).
     pub via: Option<Via>,
     /// When it ends unless renewed.
@@ -62,6 +65,14 @@ impl Session {
         self.lock_auth().expires
     }
 
+    /// Whether revoking `id` ends this session: it is the credential or
+    /// token the session is authorized by, or the credential that token was
+    /// minted for.
+    pub fn authorized_by(&self, id: &str) -> bool {
+        let a = self.lock_auth();
+        a.id.as_deref() == Some(id) || a.parent.as_deref() == Some(id)
+    }
+
     fn refuse_auth(&self, code: u16, why: impl Into<String>) {
         self.link.push_urgent(Message::error("", code, why));
     }
@@ -74,7 +85,7 @@ impl Session {
     /// Renews the session with a principal that proved itself in-band.
     fn renew(&self, p: Principal) {
         let (expires, token) = match p.via {
-            Via::Credential => match self.mint_access() {
+            Via::Credential => match self.mint_access(p.id.as_deref()) {
                 Ok(minted) => minted,
                 Err(e) => {
                     return self.refuse_auth(500, format!("cannot mint an access token: {e}"));
@@ -86,6 +97,7 @@ impl Session {
         {
             let mut a = self.lock_auth();
             a.id = p.id;
+            a.parent = p.parent;
             a.via = Some(p.via);
             a.expires = expires;
         }
@@ -93,14 +105,17 @@ impl Session {
         self.authorize(expires, token);
     }
 
-    /// A fresh access token for this session's user, when relayd can mint.
-    fn mint_access(&self) -> Result<(Option<SystemTime>, Option<String>), IdentityError> {
-        let ttl = self.identity.config().access_token_ttl;
-        match self.identity.mint(&self.user, Role::Agent, ttl, None) {
-            Ok(m) => Ok((Some(m.expires), Some(m.token))),
-            Err(IdentityError::NoSigningKey) => Ok((None, None)),
-            Err(e) => Err(e),
-        }
+    /// A fresh access token for this session's user and `credential`,
+    /// when relayd can mint.
+    fn mint_access(
+        &self,
+        credential: Option<&str>,
+    ) -> Result<(Option<SystemTime>, Option<String>), IdentityError> {
+        let Some(credential) = credential else { return Ok((None, None)) };
+        Ok(match self.identity.mint_access(&self.user, credential)? {
+            Some(m) => (Some(m.expires), Some(m.token)),
+            None => (None, None),
+        })
     }
 
     /// `auth {token}`: checks the token off the reader, then renews.
@@ -149,7 +164,7 @@ impl Session {
         if id.as_deref().is_some_and(|id| self.identity.is_revoked(id)) {
             return self.close(CloseReason::Revoked);
         }
-        match self.mint_access() {
+        match self.mint_access(id.as_deref()) {
             Ok((expires, token)) => {
                 self.lock_auth().expires = expires;
                 self.auth_changed.notify_waiters();
@@ -213,22 +228,33 @@ impl Session {
             }
             a.pending_rotation = None;
             let old = a.id.replace(id.clone());
+            a.parent = None;
             a.via = Some(Via::Credential);
             old
         };
-        let expires = self.auth_expires();
+        // The access token in hand was minted for the credential that goes
+        // now: the agent gets one for the new credential.
+        let (expires, token) = match self.mint_access(Some(&id)) {
+            Ok(minted) => minted,
+            Err(e) => {
+                warn!(session = %self.id, "cannot mint an access token for the rotated credential: {e}");
+                (self.auth_expires(), None)
+            }
+        };
+        self.lock_auth().expires = expires;
+        self.auth_changed.notify_waiters();
         let Some(me) = self.me.upgrade() else { return };
         tokio::spawn(async move {
             if let Some(old) = old {
-                let identity = me.identity.clone();
+                let (identity, old_id) = (me.identity.clone(), old.clone());
                 let revoked =
                     tokio::task::spawn_blocking(move || identity.revoke(&old, None)).await;
                 if !matches!(revoked, Ok(Ok(_))) {
-                    warn!(session = %me.id, "cannot revoke the rotated-out credential");
+                    warn!(session = %me.id, "cannot revoke the rotated-out credential {old_id}: revoke it by hand with `tunnelctl token revoke {old_id}`");
                 }
             }
-            info!(session = %me.id, credential = %id, "agent credential rotated");
-            me.authorize(expires, None);
+            info!(session = %me.id, credential = %id, "agent credential rotated to {id}");
+            me.authorize(expires, token);
         });
     }
 
@@ -239,9 +265,10 @@ impl Session {
             let changed = self.auth_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let expires = self.auth_expires();
+            // The rule a new session is admitted by: `exp` plus the leeway.
+            let until = self.auth_expires().map(|t| self.identity.valid_until(t));
             let wait = async {
-                match expires {
+                match until {
                     Some(t) => {
                         tokio::time::sleep(t.duration_since(SystemTime::now()).unwrap_or_default())
                             .await
@@ -253,8 +280,9 @@ impl Session {
                 _ = stop.cancelled() => return,
                 _ = &mut changed => {}
                 () = wait => {
-                    if self.auth_expires().is_some_and(|t| t <= SystemTime::now()) {
-                        info!(session = %self.id, "the session's token expired unrenewed");
+                    let until = self.auth_expires().map(|t| self.identity.valid_until(t));
+                    if until.is_some_and(|t| t <= SystemTime::now()) {
+                        info!(session = %self.id, "the token of session {} expired unrenewed; closing it (4003)", self.id);
                         self.close(CloseReason::TokenExpired);
                         return;
                     }

@@ -8,7 +8,7 @@ use tunnel_proto::budget::Flood;
 /// Close code: the session's token expired unrenewed.
 pub const TOKEN_EXPIRED: u16 = 4003;
 /// Close code: the session's credential was revoked.
-pub const REVOKED: u16 = 4004;
+pub const REVOKED: u16 = tunnel_proto::CLOSE_REVOKED;
 
 /// Why a session ended, as its streams and the close frame tell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,6 @@
 //! `tunnelctl enroll wss://relay.example.com` (agentd, first run): the
 //! credential comes from stdin or a file, never from the command line.
 
-use std::io::{IsTerminal as _, Read as _};
-
 use tonic::transport::Channel;
 use tunnel_proto::control::v1::{self as pb, agent_client::AgentClient};
 
@@ -13,24 +11,10 @@ use crate::client::CtlError;
 /// The credential: the file's or stdin's whole content, trimmed; `None`
 /// with --keep-token.
 fn read_token(args: &Enroll) -> Result<Option<String>, CtlError> {
-    let text = if args.keep_token {
+    if args.keep_token {
         return Ok(None);
-    } else if let Some(path) = &args.token_file {
-        std::fs::read_to_string(path)
-            .map_err(|e| CtlError::Input(format!("cannot read {}: {e}", path.display())))?
-    } else {
-        let stdin = std::io::stdin();
-        if stdin.is_terminal() {
-            eprintln!("tunnelctl: paste the agent credential, then Enter and Ctrl-D");
-        }
-        let mut s = String::new();
-        stdin
-            .take(64 * 1024)
-            .read_to_string(&mut s)
-            .map_err(|e| CtlError::Input(format!("cannot read stdin: {e}")))?;
-        s
-    };
-    let token = text.trim().to_owned();
+    }
+    let token = super::read_secret(args.token_file.as_deref(), "paste the agent credential")?;
     if token.is_empty() {
         return Err(CtlError::Input(
             "no credential in the input (pipe it in, use --token-file, or --keep-token)".into(),

@@ -48,6 +48,31 @@ pub fn write_error(e: std::io::Error) -> CtlError {
     CtlError::Other(format!("cannot write the output: {e}"))
 }
 
+/// A secret given to a command (a credential or a token): a file's
+/// content, which only its owner may read (the rule agentd applies to a
+/// `token_file`), or stdin's (at most 64 KiB), trimmed; never argv.
+pub fn read_secret(file: Option<&std::path::Path>, prompt: &str) -> Result<String, CtlError> {
+    use std::io::{IsTerminal as _, Read as _};
+    let text = match file {
+        Some(path) => {
+            daemon::config::read_secret(path).map_err(|e| CtlError::Input(e.to_string()))?
+        }
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprintln!("tunnelctl: {prompt}, then Enter and Ctrl-D");
+            }
+            let mut s = String::new();
+            stdin
+                .take(64 * 1024)
+                .read_to_string(&mut s)
+                .map_err(|e| CtlError::Input(format!("cannot read stdin: {e}")))?;
+            s
+        }
+    };
+    Ok(text.trim().to_owned())
+}
+
 /// JSON text with a trailing newline.
 pub fn json_text(v: &serde_json::Value) -> String {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_default();

@@ -2,8 +2,6 @@
 //! read from stdin or a file, never from the command line (where `ps` and
 //! shell history would show it).
 
-use std::io::Read as _;
-
 use tonic::transport::Channel;
 use tunnel_proto::control::v1::{self as pb, agent_client::AgentClient, rotate_token_request::How};
 
@@ -13,20 +11,10 @@ use crate::client::CtlError;
 
 /// Reads the token to install: the whole input, trimmed.
 fn read_token(args: &RotateToken) -> Result<Option<String>, CtlError> {
-    let text = if let Some(path) = &args.file {
-        std::fs::read_to_string(path)
-            .map_err(|e| CtlError::Input(format!("cannot read {}: {e}", path.display())))?
-    } else if args.stdin {
-        let mut s = String::new();
-        std::io::stdin()
-            .take(64 * 1024)
-            .read_to_string(&mut s)
-            .map_err(|e| CtlError::Input(format!("cannot read stdin: {e}")))?;
-        s
-    } else {
+    if args.file.is_none() && !args.stdin {
         return Ok(None);
-    };
-    let token = text.trim().to_owned();
+    }
+    let token = super::read_secret(args.file.as_deref(), "paste the token")?;
     if token.is_empty() {
         return Err(CtlError::Input("no token in the input".into()));
     }

@@ -233,3 +233,52 @@ async fn sighup_applies_a_new_endpoint_policy_without_reconnecting() {
     );
     assert!(lines.contains("the configuration file does not load"), "{lines}");
 }
+
+/// `agentd --config FILE pin` trusts what the agent trusts (the file's
+/// `[tls] ca_file`), and says with its exit code whether the relay's chain
+/// is trusted.
+#[tokio::test]
+async fn pin_uses_the_configured_ca_and_fails_on_an_untrusted_chain() {
+    let cert = tunnel_tests::tls::TestCert::new().expect("certificate");
+    let tls = cert.relay_tls();
+    let relay = tunnel_tests::TestRelay::start_with(&["alice"], move |c| c.tls = Some(tls)).await;
+    let dir = TempDir::new("agentd-pin");
+    let config = dir.path("agentd.toml");
+    std::fs::write(&config, format!("[tls]\nca_file = \"{}\"\n", cert.cert_file.display()))
+        .expect("config");
+    let url = format!("wss://{}", relay.addr);
+    let pin = |config: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"));
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.arg("pin").arg(&url).stdin(Stdio::null());
+        async move { tokio::task::spawn_blocking(move || cmd.output()).await }
+    };
+    let trusted = pin(Some(&config)).await.expect("join").expect("agentd pin");
+    let err = String::from_utf8_lossy(&trusted.stderr);
+    assert!(trusted.status.success(), "{err}");
+    assert!(err.contains("trusted by the CA file"), "{err}");
+    assert!(String::from_utf8_lossy(&trusted.stdout).starts_with("sha256/"));
+    // Without the file: the system's roots do not know this certificate.
+    let untrusted = pin(None).await.expect("join").expect("agentd pin");
+    let err = String::from_utf8_lossy(&untrusted.stderr);
+    assert_eq!(untrusted.status.code(), Some(1), "{err}");
+    assert!(err.contains("NOT trusted") && err.contains("[tls] ca_file"), "{err}");
+    assert!(
+        String::from_utf8_lossy(&untrusted.stdout).starts_with("sha256/"),
+        "the pins still show"
+    );
+}
+
+/// `--help` names the file read without `--config`.
+#[test]
+fn help_names_the_configuration_file_read_by_default() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("--help")
+        .output()
+        .expect("agentd --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/etc/agentd/agentd.toml"), "{text}");
+    assert!(!text.contains("NAME"), "{text}");
+}

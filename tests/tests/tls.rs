@@ -131,6 +131,8 @@ async fn an_agent_refuses_a_relay_whose_certificate_it_does_not_trust() {
     // Both test certificates carry rcgen's default subject, so rustls
     // finds the other one as issuer and the signature does not verify.
     assert!(why.contains("TLS") && why.contains("invalid peer certificate"), "{why}");
+    // And what to do about it.
+    assert!(why.contains("[tls] ca_file") && why.contains("agentd --config FILE pin"), "{why}");
     let metrics = relay.relay.metrics();
     assert!(metrics.contains("relayd_tls_handshake_failures_total 1"), "{metrics}");
 }
@@ -145,6 +147,7 @@ async fn an_agent_refuses_a_trusted_certificate_for_another_name() {
     let relay = TestRelay::start_with(&["alice"], move |c| c.tls = Some(tls)).await;
     let why = first_connect_error(&relay, &served.cert_file).await;
     assert!(why.contains("TLS") && why.contains("not valid for name"), "{why}");
+    assert!(why.contains("enroll with the name the certificate carries"), "{why}");
 }
 
 #[test]

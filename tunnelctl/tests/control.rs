@@ -532,3 +532,38 @@ async fn one_user_cannot_hold_the_control_socket_open_without_bound() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// On a host with both daemons, tunnelctl says which one it shows.
+#[tokio::test]
+async fn with_both_daemons_here_tunnelctl_says_which_one_answers() {
+    let rig = rig().await;
+    let xdg = rig.dir.path("xdg");
+    let agent_listener =
+        daemon::control::bind(&xdg.join("agentd").join("control.sock")).expect("bind");
+    let svc = agentd::control::Control::new(rig.agent.agent.clone(), false);
+    tokio::spawn(svc.serve(agent_listener, rig.stop.clone()));
+    let relay_listener =
+        daemon::control::bind(&xdg.join("relayd").join("control.sock")).expect("bind");
+    let svc = relayd::control::Control::new(rig.relay.relay.clone(), rig.relay.addr, false);
+    tokio::spawn(svc.serve(relay_listener, rig.stop.clone()));
+    let run = |args: &'static [&'static str]| {
+        let xdg = xdg.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN).args(args).env("XDG_RUNTIME_DIR", xdg).output().expect("tunnelctl")
+        })
+    };
+    let out = run(&["status"]).await.expect("join");
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("agentd "), "{stdout}");
+    assert!(
+        stderr.contains("agentd and relayd both run here; this is agentd (--daemon relayd"),
+        "{stderr}"
+    );
+    let out = run(&["--daemon", "relayd", "status"]).await.expect("join");
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("relayd "), "{stdout}");
+    assert!(stderr.is_empty(), "asked for by name: no note ({stderr})");
+}

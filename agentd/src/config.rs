@@ -220,7 +220,7 @@ impl Resolve for ConfigFile {
             (Some(relay), _) => {
                 Some(Target::new(relay, &self.tls.pins, ca_file, self.tls.allow_plaintext, true)?)
             }
-            (None, Some(dir)) => match crate::enroll::read(dir)? {
+            (None, Some(dir)) => match crate::enrollment::read(dir)? {
                 Some(e) => {
                     let pins: Vec<String> = self.tls.pins.iter().chain(&e.pins).cloned().collect();
                     Some(Target::new(&e.relay, &pins, ca_file, self.tls.allow_plaintext, false)?)

@@ -16,6 +16,7 @@ pub mod config;
 pub mod connect;
 pub mod control;
 pub mod enroll;
+pub mod enrollment;
 mod metrics;
 pub mod policy;
 pub mod renew;

@@ -13,13 +13,26 @@
 use http::HeaderMap;
 
 use crate::identity::{AuthError, Identity, Principal, Role};
-use crate::response::Unauthorized;
 
 /// The bearer token of a request, if it carries one.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Why a request carried no usable credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unauthorized {
+    /// No `Authorization: Bearer` at all.
+    Missing,
+    /// A token that is not valid here (malformed, badly signed, revoked).
+    Invalid,
+    /// A token that was valid and ran out.
+    Expired,
+    /// A credential or token its issuer revoked (or one minted for a
+    /// revoked credential): a new one is needed, retrying will not help.
+    Revoked,
 }
 
 /// Why a request may not pass.

@@ -13,6 +13,8 @@ use tunnel_proto::limits::LimitOverrides;
 
 mod identity;
 
+/// User ids are identity's to define; the configuration checks them.
+pub use crate::identity::valid_user_id;
 pub use identity::{IdentityFile, KeyFile, private_file};
 
 pub use daemon::ConfigError;
@@ -523,15 +525,6 @@ impl Config {
             |r| r.timeouts,
         )
     }
-}
-
-/// User ids appear in URLs: 1-64 characters from `[A-Za-z0-9._-]`.
-pub fn valid_user_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id != "."
-        && id != ".."
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// Every token must be different: one secret for two users would let one

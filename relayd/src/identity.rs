@@ -42,6 +42,15 @@ const CACHE_ENTRIES: usize = 16 * 1024;
 /// What every agent credential starts with.
 pub const CREDENTIAL_PREFIX: &str = "tcred_";
 
+/// User ids appear in URLs: 1-64 characters from `[A-Za-z0-9._-]`.
+pub fn valid_user_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id != "."
+        && id != ".."
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 /// What a token lets its holder do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

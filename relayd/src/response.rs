@@ -16,6 +16,7 @@
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Response, StatusCode};
 
+use crate::auth::Unauthorized;
 use crate::body::RelayBody;
 use crate::deadline::Expired;
 pub use crate::shape::{Shape, code_for_status};
@@ -121,24 +122,6 @@ pub fn error(shape: Shape, status: StatusCode, code: &str, message: &str) -> Res
     resp
 }
 
-/// The error code of a 401 for a revoked credential: agentd stops
-/// retrying when it reads it.
-pub const REVOKED_TOKEN: &str = tunnel_proto::REVOKED_TOKEN;
-
-/// Why a request carried no usable credential.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unauthorized {
-    /// No `Authorization: Bearer` at all.
-    Missing,
-    /// A token that is not valid here (malformed, badly signed, revoked).
-    Invalid,
-    /// A token that was valid and ran out.
-    Expired,
-    /// A credential or token its issuer revoked (or one minted for a
-    /// revoked credential): a new one is needed, retrying will not help.
-    Revoked,
-}
-
 /// 401 with `WWW-Authenticate: Bearer` (RFC 6750): without an `error`
 /// attribute when no token came, `error="invalid_token"` when one did (with
 /// a description saying an expired one expired).
@@ -153,7 +136,7 @@ pub fn unauthorized(shape: Shape, why: Unauthorized, message: &str) -> Response<
             "Bearer realm=\"relayd\", error=\"invalid_token\", error_description=\"the token expired\"",
         ),
         Unauthorized::Revoked => (
-            REVOKED_TOKEN,
+            tunnel_proto::REVOKED_TOKEN,
             "Bearer realm=\"relayd\", error=\"invalid_token\", error_description=\"the token was revoked\"",
         ),
     };

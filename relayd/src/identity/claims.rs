@@ -67,7 +67,7 @@ pub fn principal_of(
     let user = claims
         .get(&c.user_claim)
         .and_then(Value::as_str)
-        .filter(|u| crate::config::valid_user_id(u))
+        .filter(|u| super::valid_user_id(u))
         .ok_or_else(|| {
             AuthError::Claims(format!("no valid user id in the {} claim", c.user_claim))
         })?

@@ -64,7 +64,7 @@ pub fn mint_with(
     ttl: Duration,
     options: MintOptions,
 ) -> Result<Minted, IdentityError> {
-    if !crate::config::valid_user_id(user) {
+    if !super::valid_user_id(user) {
         return Err(IdentityError::Invalid(format!("{user:?} is not a valid user id")));
     }
     if ttl.is_zero() {
@@ -112,7 +112,7 @@ pub fn issue_into(
     user: &str,
     replaces: Option<&str>,
 ) -> Result<IssuedCredential, IdentityError> {
-    if !crate::config::valid_user_id(user) {
+    if !super::valid_user_id(user) {
         return Err(IdentityError::Invalid(format!("{user:?} is not a valid user id")));
     }
     let id = random_id("c_");

@@ -5,10 +5,8 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use daemon::control::{Access, Guard};
+use daemon::control::{Access, Common, Guard};
 use daemon::trace::unix_ms;
-use tokio::net::UnixListener;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tunnel_proto::control::v1::{self as pb, agent_server};
 
@@ -17,21 +15,19 @@ use crate::{Agent, AgentError, Phase};
 /// The service: the agent and who may call it.
 pub struct Control {
     agent: Arc<Agent>,
-    guard: Guard,
+    common: Common,
 }
 
 impl Control {
     pub fn new(agent: Arc<Agent>, owner_only: bool) -> Self {
-        Self { agent, guard: Guard::new("agentd", owner_only) }
+        let guard = Guard::new("agentd", owner_only);
+        let common = Common::new(guard, agent.observer().clone(), false);
+        Self { agent, common }
     }
 
-    /// Serves on `listener` until `stop`.
-    pub async fn serve(
-        self,
-        listener: UnixListener,
-        stop: CancellationToken,
-    ) -> Result<(), tonic::transport::Error> {
-        daemon::control::serve(agent_server::AgentServer::new(self), listener, stop).await
+    /// The gRPC service, for [`daemon::control::start`] (or `serve`).
+    pub fn server(self) -> agent_server::AgentServer<Self> {
+        agent_server::AgentServer::new(self)
     }
 }
 
@@ -116,7 +112,7 @@ impl agent_server::Agent for Control {
         &self,
         req: Request<pb::AgentStatusRequest>,
     ) -> Result<Response<pb::AgentStatus>, Status> {
-        self.guard.check(&req, Access::Read)?;
+        self.common.guard().check(&req, Access::Read)?;
         Ok(Response::new(status(&self.agent)))
     }
 
@@ -124,7 +120,7 @@ impl agent_server::Agent for Control {
         &self,
         req: Request<pb::ReconnectRequest>,
     ) -> Result<Response<pb::ReconnectReply>, Status> {
-        self.guard.check(&req, Access::Change)?;
+        self.common.guard().check(&req, Access::Change)?;
         let was_connected = self.agent.state().borrow().is_connected();
         self.agent.reconnect().map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(pb::ReconnectReply { was_connected }))
@@ -134,7 +130,7 @@ impl agent_server::Agent for Control {
         &self,
         req: Request<pb::RotateTokenRequest>,
     ) -> Result<Response<pb::RotateTokenReply>, Status> {
-        self.guard.check(&req, Access::Change)?;
+        self.common.guard().check(&req, Access::Change)?;
         use pb::rotate_token_request::How;
         let reply = match req.into_inner().how {
             Some(How::Rotate(true)) | None => {
@@ -164,7 +160,7 @@ impl agent_server::Agent for Control {
         &self,
         req: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollReply>, Status> {
-        self.guard.check(&req, Access::Change)?;
+        self.common.guard().check(&req, Access::Change)?;
         let req = req.into_inner();
         let token = (!req.token.is_empty()).then_some(req.token);
         let e = self.agent.enroll(&req.relay, token, req.pins).await.map_err(enroll_status)?;
@@ -180,8 +176,7 @@ impl agent_server::Agent for Control {
         &self,
         req: Request<pb::LogLevelRequest>,
     ) -> Result<Response<pb::LogLevelReply>, Status> {
-        self.guard.check(&req, daemon::control::log_level_access(req.get_ref()))?;
-        daemon::control::log_level(req.into_inner()).map(Response::new)
+        self.common.log_level(req)
     }
 
     type TraceStream = daemon::trace::TraceStream;
@@ -190,16 +185,7 @@ impl agent_server::Agent for Control {
         &self,
         req: Request<pb::TraceRequest>,
     ) -> Result<Response<Self::TraceStream>, Status> {
-        self.guard.check(&req, Access::Read)?;
-        let req = req.into_inner();
-        if !req.user.is_empty() {
-            // agentd serves one user and knows no user ids: a filter by user
-            // would match nothing, silently.
-            return Err(Status::invalid_argument(
-                "agentd serves one user: --user filters only at relayd",
-            ));
-        }
-        Ok(Response::new(self.agent.observer().trace(&req)))
+        self.common.trace(req)
     }
 }
 

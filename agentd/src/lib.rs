@@ -12,14 +12,17 @@
 //! [`Agent::rotate`], [`Agent::install_token`], [`Agent::shutdown`]).
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod control;
 pub mod enroll;
 pub mod enrollment;
 mod metrics;
+pub mod pin;
 pub mod policy;
 pub mod renew;
+pub mod service;
 mod session;
 mod stream;
 pub mod supervisor;

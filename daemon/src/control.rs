@@ -164,6 +164,39 @@ pub fn open(control: &Control) -> Result<Option<(UnixListener, Bound)>, BindErro
     }
 }
 
+/// Binds daemon `name`'s control socket as [`open`] does and serves
+/// `service` on it; the socket serves until the returned [`Bound`] is
+/// dropped (a daemon keeps it through its drain). `None`: no socket.
+pub fn start<S>(
+    control: &Control,
+    name: &'static str,
+    service: S,
+) -> Result<Option<Bound>, BindError>
+where
+    S: tonic::codegen::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let Some((listener, bound)) = open(control)? else { return Ok(None) };
+    let stop = bound.stop_token();
+    tokio::spawn(async move {
+        if let Err(e) = serve(service, listener, stop).await {
+            tracing::error!(
+                error = %e,
+                "the control socket failed: {e}; tunnelctl cannot reach {name} until it restarts"
+            );
+        }
+    });
+    Ok(Some(bound))
+}
+
 /// Serves a daemon's gRPC `service` on `listener` until `stop` (the
 /// server both daemons run, written once).
 pub async fn serve<S>(
@@ -306,6 +339,58 @@ fn in_group(c: &Caller, gid: u32) -> bool {
 /// daemon, reading it does not.
 pub fn log_level_access(req: &pb::LogLevelRequest) -> Access {
     if req.filter.is_empty() { Access::Read } else { Access::Change }
+}
+
+/// The calls both daemons answer alike, written once: each daemon's
+/// service hands its `LogLevel` and `Trace` here.
+#[derive(Debug, Clone)]
+pub struct Common {
+    guard: Guard,
+    observer: std::sync::Arc<crate::observe::Observer>,
+    /// The daemon knows user ids (relayd): a trace may filter by user.
+    users: bool,
+}
+
+impl Common {
+    pub fn new(
+        guard: Guard,
+        observer: std::sync::Arc<crate::observe::Observer>,
+        users: bool,
+    ) -> Self {
+        Self { guard, observer, users }
+    }
+
+    /// Who may call what on this daemon's socket.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// `LogLevel`: reads the log filter, or replaces it (a change).
+    pub fn log_level(
+        &self,
+        req: tonic::Request<pb::LogLevelRequest>,
+    ) -> Result<tonic::Response<pb::LogLevelReply>, tonic::Status> {
+        self.guard.check(&req, log_level_access(req.get_ref()))?;
+        log_level(req.into_inner()).map(tonic::Response::new)
+    }
+
+    /// `Trace`: live request events through a bounded buffer.
+    pub fn trace(
+        &self,
+        req: tonic::Request<pb::TraceRequest>,
+    ) -> Result<tonic::Response<crate::trace::TraceStream>, tonic::Status> {
+        self.guard.check(&req, Access::Read)?;
+        let req = req.into_inner();
+        if !self.users && !req.user.is_empty() {
+            // This daemon serves one user and knows no user ids: a filter
+            // by user would match nothing, silently.
+            let name = self.guard.name;
+            return Err(tonic::Status::invalid_argument(format!(
+                "{name} serves one user: --user filters only at relayd"
+            )));
+        }
+        Ok(tonic::Response::new(self.observer.trace(&req)))
+    }
 }
 
 /// `LogLevel`, the same for both daemons: reads or replaces the filter.

@@ -323,18 +323,34 @@ async fn watch_signals(
 
 /// `NAME man`: the daemon's man page (section 8, roff) from its command
 /// line definition, on stdout.
-/// Daemon `name`'s command line, whose `--config` help names the file
-/// read without it.
-pub fn command<C: clap::CommandFactory>(name: &str) -> clap::Command {
-    let help = format!("Configuration file (TOML); without it, /etc/{name}/{name}.toml");
-    C::command().mut_arg("config", |a| a.help(help))
+/// A daemon's command line: its arguments, and the commands `C` that run
+/// instead of it (an administrative command, `man`).
+#[derive(clap::Parser, Debug)]
+#[command(version)]
+pub struct Cli<C: clap::Subcommand> {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(subcommand)]
+    pub command: Option<C>,
 }
 
-/// Parses daemon `name`'s arguments ([`command`]'s help); exits with
-/// clap's message and code on an error, `--help` or `--version`.
-pub fn parse<C: clap::Parser>(name: &str) -> C {
-    let matches = command::<C>(name).get_matches();
-    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+/// Daemon `D`'s command line with commands `C`: named after it, its
+/// `ABOUT`, and a `--config` help that names the file read without it.
+pub fn command<D: Daemon, C: clap::Subcommand>() -> clap::Command {
+    let name = D::NAME;
+    let help = format!("Configuration file (TOML); without it, /etc/{name}/{name}.toml");
+    <Cli<C> as clap::CommandFactory>::command()
+        .name(name)
+        .bin_name(name)
+        .about(D::ABOUT)
+        .mut_arg("config", |a| a.help(help))
+}
+
+/// Parses daemon `D`'s arguments ([`command`]); exits with clap's message
+/// and code on an error, `--help` or `--version`.
+pub fn parse<D: Daemon, C: clap::Subcommand>() -> Cli<C> {
+    let matches = command::<D, C>().get_matches();
+    <Cli<C> as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 pub fn print_man(command: clap::Command) -> ExitCode {

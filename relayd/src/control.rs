@@ -4,10 +4,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use daemon::control::{Access, Guard};
+use daemon::control::{Access, Common, Guard};
 use daemon::trace::unix_ms;
-use tokio::net::UnixListener;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tunnel_proto::control::v1::{self as pb, relay_server};
 
@@ -18,21 +16,19 @@ use crate::identity::{IdentityError, Role, Scope};
 pub struct Control {
     relay: Relay,
     listen: String,
-    guard: Guard,
+    common: Common,
 }
 
 impl Control {
     pub fn new(relay: Relay, listen: std::net::SocketAddr, owner_only: bool) -> Self {
-        Self { relay, listen: listen.to_string(), guard: Guard::new("relayd", owner_only) }
+        let guard = Guard::new("relayd", owner_only);
+        let common = Common::new(guard, relay.observer().clone(), true);
+        Self { relay, listen: listen.to_string(), common }
     }
 
-    /// Serves on `listener` until `stop`.
-    pub async fn serve(
-        self,
-        listener: UnixListener,
-        stop: CancellationToken,
-    ) -> Result<(), tonic::transport::Error> {
-        daemon::control::serve(relay_server::RelayServer::new(self), listener, stop).await
+    /// The gRPC service, for [`daemon::control::start`] (or `serve`).
+    pub fn server(self) -> relay_server::RelayServer<Self> {
+        relay_server::RelayServer::new(self)
     }
 }
 
@@ -54,7 +50,7 @@ impl relay_server::Relay for Control {
         &self,
         req: Request<pb::RelayStatusRequest>,
     ) -> Result<Response<pb::RelayStatus>, Status> {
-        self.guard.check(&req, Access::Read)?;
+        self.common.guard().check(&req, Access::Read)?;
         let r = &self.relay;
         let tunnels = r.tunnels();
         let tls = r.config().tls.as_ref();
@@ -75,7 +71,7 @@ impl relay_server::Relay for Control {
         &self,
         req: Request<pb::ListTunnelsRequest>,
     ) -> Result<Response<pb::ListTunnelsReply>, Status> {
-        self.guard.check(&req, Access::Read)?;
+        self.common.guard().check(&req, Access::Read)?;
         let mut tunnels: Vec<pb::Tunnel> = self
             .relay
             .tunnels()
@@ -101,7 +97,7 @@ impl relay_server::Relay for Control {
         &self,
         req: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::DisconnectReply>, Status> {
-        self.guard.check(&req, Access::Change)?;
+        self.common.guard().check(&req, Access::Change)?;
         let disconnected = self.relay.disconnect(&req.into_inner().user);
         Ok(Response::new(pb::DisconnectReply { disconnected }))
     }
@@ -110,7 +106,7 @@ impl relay_server::Relay for Control {
         &self,
         req: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenReply>, Status> {
-        self.guard.check(&req, Access::Change)?;
+        self.common.guard().check(&req, Access::Change)?;
         let req = req.into_inner();
         if !crate::config::valid_user_id(&req.user) {
             return Err(Status::invalid_argument(format!("{:?} is not a valid user id", req.user)));
@@ -152,7 +148,7 @@ impl relay_server::Relay for Control {
         &self,
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenReply>, Status> {
-        self.guard.check(&req, Access::Change)?;
+        self.common.guard().check(&req, Access::Change)?;
         let id = req.into_inner().id;
         let r = self.relay.revoke(&id).map_err(identity_status)?;
         tracing::info!(%id, sessions = r.sessions_ended, "{id} revoked through the control socket; {} sessions ended", r.sessions_ended);
@@ -166,8 +162,7 @@ impl relay_server::Relay for Control {
         &self,
         req: Request<pb::LogLevelRequest>,
     ) -> Result<Response<pb::LogLevelReply>, Status> {
-        self.guard.check(&req, daemon::control::log_level_access(req.get_ref()))?;
-        daemon::control::log_level(req.into_inner()).map(Response::new)
+        self.common.log_level(req)
     }
 
     type TraceStream = daemon::trace::TraceStream;
@@ -176,16 +171,14 @@ impl relay_server::Relay for Control {
         &self,
         req: Request<pb::TraceRequest>,
     ) -> Result<Response<Self::TraceStream>, Status> {
-        self.guard.check(&req, Access::Read)?;
-        let req = req.into_inner();
-        Ok(Response::new(self.relay.observer().trace(&req)))
+        self.common.trace(req)
     }
 
     async fn reload(
         &self,
         req: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadReply>, Status> {
-        self.guard.check(&req, Access::Change)?;
+        self.common.guard().check(&req, Access::Change)?;
         let reloaded =
             self.relay.reload().map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(pb::ReloadReply { reloaded }))

@@ -15,6 +15,7 @@ pub mod admission;
 mod agents;
 mod auth;
 mod body;
+pub mod cli;
 pub mod config;
 pub mod control;
 mod cors;
@@ -27,6 +28,7 @@ mod metrics;
 mod model;
 mod response;
 mod server;
+pub mod service;
 mod session;
 mod shape;
 mod stall;
@@ -187,6 +189,38 @@ impl Relay {
             }
         }
         Ok(Revoked { newly, sessions_ended })
+    }
+
+    /// SIGHUP: `changed` is what the configuration file, read again, sets
+    /// differently (named in the log as taking a restart), or why it does
+    /// not load; then the certificate and key are reloaded as
+    /// [`Relay::reload`] does.
+    pub async fn reload_after_signal(&self, changed: Result<Vec<String>, daemon::ConfigError>) {
+        match changed {
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the configuration file does not load ({e}); the running configuration stays: fix it and reload again"
+            ),
+            Ok(keys) if !keys.is_empty() => tracing::warn!(
+                settings = %keys.join(", "),
+                "changed in the configuration file: {}; they take effect at the next restart (systemctl restart relayd)",
+                keys.join(", ")
+            ),
+            Ok(_) => {}
+        }
+        let relay = self.clone();
+        match tokio::task::spawn_blocking(move || relay.reload()).await {
+            Ok(Ok(reloaded)) if reloaded.is_empty() => {
+                tracing::info!("no certificate to reload without [tls]")
+            }
+            Ok(Ok(_)) => tracing::info!("TLS certificate and key reloaded"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot reload TLS: {e}; keeping the certificate in use")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS reload failed: {e}; keeping the certificate in use")
+            }
+        }
     }
 
     /// Reloads what can change without a restart (the TLS certificate and

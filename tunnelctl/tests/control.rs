@@ -53,10 +53,10 @@ async fn rig() -> Rig {
     let stop = CancellationToken::new();
     let agent_listener = daemon::control::bind(&dir.path("agentd.sock")).expect("bind");
     let svc = agentd::control::Control::new(agent.agent.clone(), false);
-    tokio::spawn(svc.serve(agent_listener, stop.clone()));
+    tokio::spawn(daemon::control::serve(svc.server(), agent_listener, stop.clone()));
     let relay_listener = daemon::control::bind(&dir.path("relayd.sock")).expect("bind");
     let svc = relayd::control::Control::new(relay.relay.clone(), relay.addr, false);
-    tokio::spawn(svc.serve(relay_listener, stop.clone()));
+    tokio::spawn(daemon::control::serve(svc.server(), relay_listener, stop.clone()));
     Rig { dir, relay, agent, upstream, stop }
 }
 
@@ -371,7 +371,11 @@ async fn enroll_takes_a_fresh_agent_to_a_connected_one() {
     let run = tokio::spawn(async move { running.run(run_stop).await });
     let sock = dir.path("agentd.sock");
     let listener = daemon::control::bind(&sock).expect("bind");
-    tokio::spawn(agentd::control::Control::new(agent.clone(), false).serve(listener, stop.clone()));
+    tokio::spawn(daemon::control::serve(
+        agentd::control::Control::new(agent.clone(), false).server(),
+        listener,
+        stop.clone(),
+    ));
 
     let mut state = agent.state();
     tokio::time::timeout(WAIT, state.wait_for(|s| s.phase == agentd::Phase::NotEnrolled))
@@ -541,11 +545,11 @@ async fn with_both_daemons_here_tunnelctl_says_which_one_answers() {
     let agent_listener =
         daemon::control::bind(&xdg.join("agentd").join("control.sock")).expect("bind");
     let svc = agentd::control::Control::new(rig.agent.agent.clone(), false);
-    tokio::spawn(svc.serve(agent_listener, rig.stop.clone()));
+    tokio::spawn(daemon::control::serve(svc.server(), agent_listener, rig.stop.clone()));
     let relay_listener =
         daemon::control::bind(&xdg.join("relayd").join("control.sock")).expect("bind");
     let svc = relayd::control::Control::new(rig.relay.relay.clone(), rig.relay.addr, false);
-    tokio::spawn(svc.serve(relay_listener, rig.stop.clone()));
+    tokio::spawn(daemon::control::serve(svc.server(), relay_listener, rig.stop.clone()));
     let run = |args: &'static [&'static str]| {
         let xdg = xdg.clone();
         tokio::task::spawn_blocking(move || {

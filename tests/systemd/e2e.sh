@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# End-to-end test of the Debian packages under a real systemd: boots a Debian
-# bookworm rootfs with systemd-nspawn (--ephemeral: the cached base stays
-# pristine), installs relayd, agentd and tunnelctl with dpkg, and proves the
-# service integration step by step (see tests/systemd/README.md). Every
-# command of docs/INSTALL.md that can run here is run here, as written there
-# (localhost for relay.example.com, no sudo: this is root).
+# End-to-end test of the Debian packages under a real systemd, driven by
+# docs/INSTALL.md: boots a Debian bookworm rootfs with systemd-nspawn
+# (--ephemeral: the cached base stays pristine) and runs the page's command
+# blocks, taken from the page itself (each block is marked in its source,
+# `<!-- e2e: NAME -->`), line by line as written there, `sudo` and all, in
+# a login session of the user the page addresses (`admin`, who may use
+# sudo; `dave` for the user unit). Between blocks it only reads (check: a
+# fixed list of read-only commands); what the page assumes of the world is
+# set up first and printed as "fixture"; experiments beyond the page (a
+# hung daemon, an unreadable key, an edited configuration) come after the
+# first answer and are printed as "experiment". See tests/systemd/README.md.
 #
 #   sudo tests/systemd/e2e.sh
 #
@@ -19,12 +24,6 @@
 #   E2E_PKGDIR   where the .deb (and .rpm) files are (default target/packages)
 #   E2E_STANDIN  the stand-in-ollama binary (default: the newer of
 #                target/release/stand-in-ollama and target/debug/stand-in-ollama)
-#   E2E_FROM     "packages" (default) or "build": a REHEARSAL that places the
-#                binaries of E2E_BUILD_DIR (default target/debug) and the
-#                repository's units/sysusers/tmpfiles/configs by hand where the
-#                packages put them. Steps 1 and 12 then test nothing of the
-#                packaging, step 11 (upgrade) is skipped; use it only while no
-#                package exists.
 #   E2E_MIRROR   the Debian mirror for debootstrap (default: the one apt uses)
 set -euo pipefail
 
@@ -32,14 +31,14 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 ROOTFS=$(realpath -m "${E2E_ROOTFS:-target/e2e-rootfs}")
 PKGDIR=$(realpath -m "${E2E_PKGDIR:-target/packages}")
-FROM=${E2E_FROM:-packages}
-BUILD_DIR=$(realpath -m "${E2E_BUILD_DIR:-target/debug}")
-SUITE=bookworm
+PAGE=$REPO/docs/INSTALL.md
 CHAT_BODY='{"model":"m","messages":[{"role":"user","content":"hi"}]'
-# libpam-systemd and dbus-user-session: a user manager (user@UID.service, for
-# the user unit) gets XDG_RUNTIME_DIR from pam_systemd and its bus at
-# /run/user/UID/bus, as on a desktop.
-INCLUDE=systemd,systemd-sysv,dbus,procps,iproute2,curl,ca-certificates,openssl,libpam-systemd,dbus-user-session
+SUITE=bookworm
+RELAY=relay.example.com
+# libpam-systemd and dbus-user-session: a login (pam_systemd) gets
+# XDG_RUNTIME_DIR and a user manager with its bus, as on a desktop; sudo:
+# the page's lines run as written.
+INCLUDE=systemd,systemd-sysv,dbus,procps,iproute2,curl,ca-certificates,openssl,libpam-systemd,dbus-user-session,sudo
 
 T0=$(date +%s)
 NSPAWN_PID=
@@ -48,7 +47,6 @@ NSPAWN_LOG=
 SLOW_PID=
 STEP_T0=$T0
 OUT=
-
 # ---------------------------------------------------------------- helpers
 
 say() { printf '%s\n' "$*"; }
@@ -195,7 +193,7 @@ wait_until() {
 # slow_start TOKENS DELAY_MS: a streamed chat request in the background
 # (inside), paced by the stand-in; returns once its first line arrived.
 slow_start() {
-    local cmd="rm -f /root/slow.*; curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/alice/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":$1,\"token_delay_ms\":$2}}' > /root/slow.out 2> /root/slow.err; echo \$? > /root/slow.rc"
+    local cmd="rm -f /root/slow.*; curl -sS -N --fail-with-body https://$RELAY/api/tunnel/alice/api/chat -H \"Authorization: Bearer \$(cat /home/admin/alice.token)\" -d '$CHAT_BODY,\"options\":{\"num_predict\":$1,\"token_delay_ms\":$2}}' > /root/slow.out 2> /root/slow.err; echo \$? > /root/slow.rc"
     say "\$ $cmd &   # $1 tokens, $2 ms apart: about $(($1 * $2 / 1000)) s"
     ct "$cmd" >/dev/null 2>&1 &
     SLOW_PID=$!
@@ -217,6 +215,110 @@ slow_finish() {
     expect "the stream ended with done" '"done":true'
     run 'grep -c "\"error\"" /root/slow.out || true'
     expect "no error line in the stream" '^0$'
+}
+
+
+# ------------------------------------------------------------ the page
+
+# The page's command blocks: a marker line `<!-- e2e: NAME -->` right
+# before a ```sh block, or `<!-- e2e: not run: REASON -->`.
+declare -A PAGE_RAN=()
+
+# page_blocks: "NAME" for every marked block, "-" for one marked not run,
+# "?" for a ```sh block without a marker, one per line, in page order.
+page_blocks() {
+    awk '
+        /^```sh$/ {
+            if (prev ~ /^<!-- e2e: not run: .+ -->$/) print "-"
+            else if (prev ~ /^<!-- e2e: [a-z0-9-]+ -->$/) { n = prev; sub(/^<!-- e2e: /, "", n); sub(/ -->$/, "", n); print n }
+            else print "?"
+        }
+        { prev = $0 }' "$PAGE"
+}
+
+# page_text NAME: the lines of block NAME.
+page_text() {
+    awk -v m="<!-- e2e: $1 -->" '
+        $0 == m { found = 1; next }
+        found == 1 && /^```sh$/ { inblock = 1; found = 2; next }
+        found == 1 { exit }
+        inblock && /^```$/ { exit }
+        inblock { print }' "$PAGE"
+}
+
+# page [-u USER] NAME [FROM=TO ...]: runs block NAME of docs/INSTALL.md,
+# each command as written (a line ending in \ goes on with the next), in
+# one login shell of USER (default admin; `runuser -l`, a PAM session as a
+# login would have: pam_systemd gives XDG_RUNTIME_DIR and the user
+# manager), in his home. FROM=TO replaces the text FROM (the page's
+# examples; each must occur). Every command must exit 0. $OUT is the
+# transcript; page_out NAME N is the output of its Nth command (from 1).
+page() {
+    local user=admin
+    if [ "$1" = "-u" ]; then user=$2; shift 2; fi
+    local name=$1; shift
+    local text sub from to
+    text=$(page_text "$name")
+    [ -n "$text" ] || fail "docs/INSTALL.md has no block marked <!-- e2e: $name -->"
+    for sub in "$@"; do
+        from=${sub%%=*}; to=${sub#*=}
+        grep -qF -- "$from" <<<"$text" || fail "block $name: no '$from' to replace"
+        text=${text//"$from"/"$to"}
+    done
+    # One script: each command printed, run in this shell (umask, cd and
+    # variables carry over, as when typed), its output kept and shown.
+    local script="set -o pipefail
+d=/tmp/e2e-page; cd || exit 1
+" cmd= line n=0
+    while IFS= read -r line || [ -n "$line" ]; do
+        cmd+=$line
+        if [[ $cmd == *\\ ]]; then cmd=${cmd%\\}; continue; fi
+        [[ $cmd =~ ^[[:space:]]*$ ]] && { cmd=; continue; }
+        n=$((n + 1))
+        script+="printf '%s\$ %s\n' $(printf %q "$user") $(printf %q "$cmd")
+{ $cmd
+} > \$d/$name.$n.out 2>&1 < /dev/null; rc=\$?
+cat \$d/$name.$n.out
+if [ \$rc -ne 0 ]; then echo \"(exit \$rc)\"; exit 100; fi
+"
+        cmd=
+    done <<<"$text"
+    say "---- docs/INSTALL.md, block \"$name\" (as $user, $n command(s))"
+    ct "mkdir -p -m 1777 /tmp/e2e-page && cat > /tmp/e2e-page/$name.sh" <<<"$script"
+    local rc=0
+    OUT=$(ct "runuser -l $user -c 'bash /tmp/e2e-page/$name.sh'" 2>&1) || rc=$?
+    [ -z "$OUT" ] || say "$OUT"
+    [ "$rc" -eq 0 ] || fail "docs/INSTALL.md, block \"$name\": a command failed (see above)"
+    PAGE_RAN[$name]=1
+}
+
+page_out() {
+    ct "cat /tmp/e2e-page/$1.$2.out"
+}
+
+# ------------------------------------------------------------ not the page
+
+# fixture WHAT CMD: what the page assumes of the world, made here (as root).
+fixture() {
+    say "# fixture: $1"
+    run "$2"
+}
+
+# experiment WHAT: a test beyond the page begins (its commands run as root).
+experiment() {
+    say ""
+    say "# experiment (beyond docs/INSTALL.md): $1"
+}
+
+# check [-e CODE] [-t N] CMD: like run, for reading only: the command must
+# start with one of these (so the test does no step the page does not show).
+CHECK_VERBS='systemctl show |systemctl status |systemctl is-active |systemctl is-enabled |systemctl is-failed |systemctl list-units |journalctl |tunnelctl status|tunnelctl --daemon agentd status|tunnelctl --daemon relayd status|tunnelctl tunnels|tunnelctl --daemon relayd tunnels|runuser -u [a-z]+ -- tunnelctl |curl |stat |ls |cat |grep |getent |id |ss |pgrep |dpkg-query |md5sum |find |tail |openssl |cut |echo |n=|out=|left=|state='
+check() {
+    local a=() cmd
+    while [ "${1:-}" = -e ] || [ "${1:-}" = -t ]; do a+=("$1" "$2"); shift 2; done
+    cmd=$1
+    grep -Eq "^($CHECK_VERBS)" <<<"$cmd" || fail "check: '$cmd' is not a read-only command the test may run between the page's blocks"
+    run "${a[@]}" "$cmd"
 }
 
 cleanup() {
@@ -254,9 +356,6 @@ cleanup() {
     if [ "$rc" -eq 0 ]; then say "E2E: ALL STEPS PASSED"; else say "E2E: FAILED (exit $rc)"; fi
 }
 trap cleanup EXIT
-
-# ------------------------------------------------------------ preparation
-
 section "0. host: tools, rootfs, container"
 [ "$(id -u)" -eq 0 ] || fail "run as root"
 host "df -h / $(dirname "$ROOTFS")"
@@ -280,24 +379,26 @@ if [ ${#missing[@]} -gt 0 ]; then
     host "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${missing[*]}"
 fi
 
-if [ "$FROM" = packages ]; then
-    # DEB[p]: the newest file of package p (cargo-deb names NAME_VERSION_ARCH.deb),
-    # by its name in /mnt/pkg, where the commands of docs/INSTALL.md run.
-    declare -A DEB
-    for p in relayd agentd tunnelctl; do
-        f=$(ls -t "$PKGDIR"/"${p}"_*_*.deb 2>/dev/null | head -n1 || true)
-        [ -n "$f" ] || fail "no ${p}_*.deb in $PKGDIR (build the packages first, or E2E_FROM=build to rehearse)"
-        DEB[$p]=$(basename "$f")
-    done
-    host "ls -l $PKGDIR"
-elif [ "$FROM" = build ]; then
-    for b in relayd agentd tunnelctl; do
-        [ -x "$BUILD_DIR/$b" ] || fail "E2E_FROM=build: no $BUILD_DIR/$b"
-    done
-    say "REHEARSAL (E2E_FROM=build): binaries from $BUILD_DIR, files from the repository, placed by hand"
-else
-    fail "E2E_FROM must be packages or build, not $FROM"
-fi
+# DEB[p]: the newest file of package p (cargo-deb names NAME_VERSION_ARCH.deb).
+declare -A DEB
+for p in relayd agentd tunnelctl; do
+    f=$(ls -t "$PKGDIR"/"${p}"_*_*.deb 2>/dev/null | head -n1 || true)
+    [ -n "$f" ] || fail "no ${p}_*.deb in $PKGDIR (build the packages first: bash packaging/build.sh)"
+    DEB[$p]=$(basename "$f")
+done
+host "ls -l $PKGDIR"
+# The page names the files of this version: they must be what was built.
+VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
+for p in relayd agentd tunnelctl; do
+    [ "${DEB[$p]}" = "${p}_${VERSION}-1_amd64.deb" ] || fail "${DEB[$p]}: the page installs ${p}_${VERSION}-1_amd64.deb"
+done
+
+# Every ```sh block of the page is marked: a name the test runs, or not run.
+blocks=$(page_blocks)
+if grep -qx '?' <<<"$blocks"; then fail "docs/INSTALL.md: a \`\`\`sh block without an <!-- e2e: ... --> marker"; fi
+dups=$(grep -vx -- - <<<"$blocks" | sort | uniq -d)
+[ -z "$dups" ] || fail "docs/INSTALL.md: block names used twice: $dups"
+say "docs/INSTALL.md: $(grep -vcx -- - <<<"$blocks") blocks to run ($(grep -vx -- - <<<"$blocks" | tr '\n' ' ')), $(grep -cx -- - <<<"$blocks") marked not run"
 
 STANDIN=${E2E_STANDIN:-$(ls -t target/release/stand-in-ollama target/debug/stand-in-ollama 2>/dev/null | head -n1 || true)}
 [ -n "$STANDIN" ] && [ -x "$STANDIN" ] || fail "no stand-in-ollama binary (set E2E_STANDIN)"
@@ -326,19 +427,13 @@ else
     mv "$ROOTFS.partial" "$ROOTFS"
     say "debootstrap took $(($(date +%s) - t)) s; $(du -sh "$ROOTFS" | cut -f1)"
 fi
-for f in usr/bin/curl usr/bin/openssl usr/bin/systemctl usr/sbin/useradd usr/bin/pgrep usr/bin/loginctl; do
+for f in usr/bin/curl usr/bin/openssl usr/bin/systemctl usr/sbin/useradd usr/bin/pgrep usr/bin/loginctl usr/bin/sudo; do
     [ -e "$ROOTFS/$f" ] || fail "$ROOTFS lacks /$f: delete it to have it made again with --include=$INCLUDE"
 done
 
 EPHEMERAL_BEFORE=$(echo "$(dirname "$ROOTFS")"/.#machine."$(basename "$ROOTFS")"*)
 NSPAWN_LOG=$(mktemp /tmp/e2e-nspawn.XXXXXX)
-BINDS=(--bind-ro="$STANDIN":/usr/local/bin/stand-in-ollama)
-if [ "$FROM" = packages ]; then
-    BINDS+=(--bind-ro="$PKGDIR":/mnt/pkg)
-else
-    BINDS+=(--bind-ro="$BUILD_DIR":/mnt/build --bind-ro="$REPO/systemd":/mnt/src/systemd
-            --bind-ro="$REPO/packaging":/mnt/src/packaging)
-fi
+BINDS=(--bind-ro="$STANDIN":/usr/local/bin/stand-in-ollama --bind-ro="$PKGDIR":/mnt/pkg)
 say "\$ systemd-nspawn -D $ROOTFS --ephemeral --register=no --keep-unit --private-network ${BINDS[*]} --boot --console=pipe &"
 systemd-nspawn -D "$ROOTFS" --ephemeral --register=no --keep-unit --private-network \
     --machine=tunnel-e2e "${BINDS[@]}" --boot --console=pipe >"$NSPAWN_LOG" 2>&1 &
@@ -356,513 +451,383 @@ say "container PID 1 is host pid $LEADER"
 wait_until "the container booted" 60 \
     'state=$(systemctl is-system-running 2>/dev/null); echo "$state"; [ "$state" = running ] || [ "$state" = degraded ]'
 if [ "$OUT" = degraded ]; then run 'systemctl --no-pager --failed'; fi
-# debootstrap leaves no /etc/hosts: name localhost (the relay's certificate
-# name) for every resolver, not only curl's built-in one.
-run 'printf "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n" > /etc/hosts; getent hosts localhost'
 
 # ------------------------------------------------------------------ steps
 
-section "1. install the packages; agentd enabled and started (not enrolled), relayd not"
-if [ "$FROM" = packages ]; then
-    # docs/INSTALL.md: the relay host's line, then the desktop's (one machine here).
-    run "cd /mnt/pkg && dpkg -i ${DEB[tunnelctl]} ${DEB[relayd]}"
-    run "cd /mnt/pkg && dpkg -i ${DEB[tunnelctl]} ${DEB[agentd]}"
-    run 'dpkg-query -W -f='"'"'${Package} ${Version} ${Status}\n'"'"' relayd agentd tunnelctl'
-    expect "three packages installed" '^relayd .* install ok installed'
-    expect "agentd installed" '^agentd .* install ok installed'
-    expect "tunnelctl installed" '^tunnelctl .* install ok installed'
-    run 'dpkg-query -W -f='"'"'${Package} conffiles:${Conffiles}\n'"'"' relayd agentd'
-    expect "relayd.toml is a conffile" '/etc/relayd/relayd.toml'
-    expect "agentd.toml is a conffile" '/etc/agentd/agentd.toml'
-else
-    say "REHEARSAL: placing the files by hand where the packages put them"
-    run 'set -e
-for b in relayd agentd tunnelctl; do ln -s /mnt/build/$b /usr/bin/$b; done
-install -m 0644 /mnt/src/systemd/relayd.service /mnt/src/systemd/relayd.socket /mnt/src/systemd/agentd.service /usr/lib/systemd/system/
-install -D -m 0644 /mnt/src/systemd/user/agentd.service /usr/lib/systemd/user/agentd.service
-install -d /usr/lib/sysusers.d /usr/lib/tmpfiles.d /etc/relayd /etc/agentd
-install -m 0644 /mnt/src/packaging/sysusers.d/agentd.conf /mnt/src/packaging/sysusers.d/relayd.conf /usr/lib/sysusers.d/
-install -m 0644 /mnt/src/packaging/tmpfiles.d/agentd.conf /mnt/src/packaging/tmpfiles.d/relayd.conf /usr/lib/tmpfiles.d/
-install -m 0644 /mnt/src/packaging/relayd.toml /etc/relayd/relayd.toml
-install -m 0644 /mnt/src/packaging/agentd.toml /etc/agentd/agentd.toml
-systemd-sysusers agentd.conf relayd.conf
-systemd-tmpfiles --create agentd.conf relayd.conf
-systemctl daemon-reload'
-fi
-run 'ls -l /usr/bin/relayd /usr/bin/agentd /usr/bin/tunnelctl /usr/lib/systemd/system/relayd.service /usr/lib/systemd/system/relayd.socket /usr/lib/systemd/system/agentd.service /usr/lib/sysusers.d/agentd.conf /usr/lib/sysusers.d/relayd.conf /usr/lib/tmpfiles.d/agentd.conf /usr/lib/tmpfiles.d/relayd.conf /etc/relayd/relayd.toml /etc/agentd/agentd.toml'
-run 'relayd --version; agentd --version; tunnelctl --version'
-run 'getent passwd relayd agentd; getent group relayd agentd'
-expect "sysusers created user relayd" '^relayd:x:[0-9]+:[0-9]+:'
-expect "sysusers created user agentd" '^agentd:x:[0-9]+:[0-9]+:'
-run 'stat -c "%A %U:%G %n" /etc/relayd /etc/agentd'
-expect "/etc/relayd is 0750 root:relayd (tmpfiles.d)" '^drwxr-x--- root:relayd /etc/relayd$'
-expect "/etc/agentd is 0750 root:agentd (tmpfiles.d)" '^drwxr-x--- root:agentd /etc/agentd$'
-if [ "$FROM" = packages ]; then
-    # Debian's convention (dh_installsystemd): agentd enabled and started on
-    # install; not enrolled, it waits and says how to enroll. relayd not:
-    # it would listen on 443 before it has a certificate.
-    run 'systemctl is-active relayd.socket relayd.service agentd.service || true'
-    expect "relayd.socket, relayd inactive, agentd active after install" '^inactive
-inactive
-active$'
-    run 'systemctl is-enabled relayd.socket relayd.service agentd.service || true'
-    expect "relayd.socket, relayd disabled, agentd enabled after install" '^disabled
-disabled
-enabled$'
-    run 'pgrep -a -x "relayd|agentd" || echo "no relayd or agentd process"'
-    expect_not "no relayd process after install" ' /usr/bin/relayd'
-    run 'systemctl status agentd'
-    expect "agentd says how to enroll in its Status line" 'Status: "not enrolled: run tunnelctl enroll wss://RELAY \(credential on stdin\)"'
-    run 'tunnelctl status'
-    expect "tunnelctl status: a running agent, not enrolled" '^agentd [0-9.]+: not enrolled$'
-else
-    run 'systemctl start agentd'
-fi
-run 'ss -Hltn "sport = :443" | wc -l'
-expect "nothing listens on 443 after install" '^0$'
-# The shipped agentd.toml works as is (it is about to be replaced).
-run 'runuser -u agentd -- agentd --config /etc/agentd/agentd.toml --check-config >/dev/null && echo "shipped agentd.toml: valid"'
-# The shipped relayd.toml works as is too (replaced in step 2).
-run 'runuser -u relayd -- relayd --config /etc/relayd/relayd.toml --check-config >/dev/null && echo "shipped relayd.toml: valid"'
-expect "the shipped relayd.toml loads" 'shipped relayd.toml: valid'
-
-section "2. private CA, relay certificate, configuration; the relay, then the desktop: enable --now; agentd \"not enrolled\""
-run 'set -e; mkdir -p /root/pki; cd /root/pki
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -keyout ca.key -out ca.pem -subj "/CN=tunnel e2e test CA" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-printf "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n" > leaf.ext
+section "1. the world the page assumes (fixtures)"
+fixture "relay.example.com is this machine (its DNS name)" \
+    "printf '127.0.0.1\tlocalhost $RELAY\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n' \"\$(hostname)\" > /etc/hosts; getent hosts $RELAY"
+fixture "a certificate for relay.example.com from a CA this machine trusts, as a public CA's would be (and its renewal, for later)" \
+    "set -e; mkdir -p /root/pki; cd /root/pki
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \\
+    -keyout ca.key -out ca.pem -subj '/CN=tunnel e2e test CA' \\
+    -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign' 2>/dev/null
+printf 'subjectAltName=DNS:$RELAY\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' > leaf.ext
 for n in 1 2; do
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout leaf$n.key -subj /CN=localhost -out leaf$n.csr 2>/dev/null
-    openssl x509 -req -in leaf$n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile leaf.ext -out leaf$n.pem 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout leaf\$n.key -subj /CN=$RELAY -out leaf\$n.csr 2>/dev/null
+    openssl x509 -req -in leaf\$n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile leaf.ext -out leaf\$n.pem 2>/dev/null
 done
-openssl verify -CAfile ca.pem leaf1.pem leaf2.pem
-openssl x509 -in leaf1.pem -noout -subject -ext subjectAltName'
-expect "leaf certificates verify against the CA" 'leaf2.pem: OK'
-run 'set -e
-install -d -m 0750 -o root -g relayd /etc/relayd/tls
-install -m 0640 -o root -g relayd /root/pki/leaf1.pem /etc/relayd/tls/fullchain.pem
-install -m 0600 -o relayd -g relayd /root/pki/leaf1.key /etc/relayd/tls/privkey.pem
-relayd key generate --out /etc/relayd/signing.pem
-chown relayd:relayd /etc/relayd/signing.pem
-cat > /etc/relayd/relayd.toml <<EOF
-# written by tests/systemd/e2e.sh; the listener is relayd.socket (port 443)
-state_dir = "/var/lib/relayd"
-
-[[users]]
-id = "alice"
-public = true
-
-[[users]]
-id = "dave"
-public = true
-
-[identity]
-signing_key_file = "/etc/relayd/signing.pem"
-
-[tls]
-cert_file = "/etc/relayd/tls/fullchain.pem"
-key_file = "/etc/relayd/tls/privkey.pem"
-EOF
-chown root:relayd /etc/relayd/relayd.toml; chmod 0640 /etc/relayd/relayd.toml
-install -m 0640 -o root -g agentd /root/pki/ca.pem /etc/agentd/relay-ca.pem
-cat > /etc/agentd/agentd.toml <<EOF
-# written by tests/systemd/e2e.sh: no relay, no token (tunnelctl enroll gives them)
-[tls]
-ca_file = "/etc/agentd/relay-ca.pem"
-EOF
-chown root:agentd /etc/agentd/agentd.toml; chmod 0640 /etc/agentd/agentd.toml
-ls -lR /etc/relayd /etc/agentd; cat /etc/relayd/relayd.toml /etc/agentd/agentd.toml'
-run 'runuser -u relayd -- relayd --config /etc/relayd/relayd.toml --check-config | grep -E "\"(cert_file|key_file|state_dir|signing_key_file)\"|alice"'
-run 'runuser -u agentd -- agentd --config /etc/agentd/agentd.toml --check-config | grep -E "\"(ca_file|target)\""'
-# The model server first, so agentd's first health check finds it.
-run 'systemd-run --unit=ollama /usr/local/bin/stand-in-ollama --listen 127.0.0.1:11434'
+install -m 0644 ca.pem /usr/local/share/ca-certificates/tunnel-e2e-test-ca.crt
+update-ca-certificates 2>&1 | tail -n 1
+openssl verify leaf1.pem leaf2.pem"
+expect "the certificates verify against the system's trusted roots" 'leaf2.pem: OK'
+fixture "admin: the administrator, who may use sudo and read the system journal (group adm); the package files and the certificate in his home" \
+    "set -e
+useradd -m -s /bin/bash -G adm admin
+useradd -m -s /bin/bash dave
+useradd -m -s /bin/bash carol
+printf 'admin ALL=(ALL) NOPASSWD: ALL\ndave ALL=(ALL) NOPASSWD: ALL\n' > /etc/sudoers.d/e2e; chmod 0440 /etc/sudoers.d/e2e
+cd /home/admin
+cp /mnt/pkg/${DEB[relayd]} /mnt/pkg/${DEB[agentd]} /mnt/pkg/${DEB[tunnelctl]} .
+install -m 0644 /root/pki/leaf1.pem fullchain.pem
+install -m 0600 /root/pki/leaf1.key privkey.pem
+chown admin:admin *.deb fullchain.pem privkey.pem
+ls -l /home/admin; id admin; id dave; id carol"
+fixture "Ollama on the desktop (a stand-in), on 127.0.0.1:11434" \
+    'systemd-run --unit=ollama /usr/local/bin/stand-in-ollama --listen 127.0.0.1:11434'
 wait_until "the stand-in Ollama answers" 15 'curl -sS --max-time 2 http://127.0.0.1:11434/api/version'
-# docs/INSTALL.md, "The relay".
-run 'systemctl enable --now relayd.socket relayd'
-run 'systemctl is-active relayd.socket relayd'
-expect "relayd.socket and relayd active" '^active
-active$'
-run 'systemctl status relayd.socket'
-expect "the socket unit listens on 443" 'Listen: .*:443'
-run 'systemctl status relayd'
-expect "relayd reports its status over sd_notify" 'Status: "serving 0 tunnels, 0 streams in flight"'
-run 'ss -Hltnp "sport = :443"'
-run 'tunnelctl --daemon relayd status'
+
+section "2. docs/INSTALL.md, The relay: install, certificate, start, tokens"
+page relay-install
+check 'dpkg-query -W -f='"'"'${Package} ${Version} ${Status} conffiles:${Conffiles}\n'"'"' relayd tunnelctl'
+expect "relayd installed" '^relayd .* install ok installed'
+expect "tunnelctl installed" '^tunnelctl .* install ok installed'
+expect "relayd.toml is a conffile" '/etc/relayd/relayd.toml'
+check 'getent passwd relayd; stat -c "%A %U:%G %n" /etc/relayd'
+expect "sysusers created user relayd" '^relayd:x:[0-9]+:[0-9]+:'
+expect "/etc/relayd is 0750 root:relayd (tmpfiles.d)" '^drwxr-x--- root:relayd /etc/relayd$'
+check 'systemctl is-active relayd.socket relayd || true; systemctl is-enabled relayd.socket relayd || true'
+expect "relayd.socket and relayd neither active nor enabled after install" '^inactive
+inactive
+disabled
+disabled$'
+check 'ss -Hltn "sport = :443" | wc -l'
+expect "nothing listens on 443 yet" '^0$'
+page relay-tls
+expect "relayd's check of the configuration, as user relayd" '^relayd.toml: ok$'
+check 'grep -E "^(cert_file|key_file) = " /etc/relayd/relayd.toml; stat -c "%a %U:%G %n" /etc/relayd/tls /etc/relayd/tls/*'
+expect "the [tls] lines are in force" '^key_file = "/etc/relayd/tls/privkey.pem"$'
+expect "the key is relayd's, 0600" '^600 relayd:relayd /etc/relayd/tls/privkey.pem$'
+page relay-start
+expect "systemctl status relayd: relayd's own status line" 'Status: "serving 0 tunnels, 0 streams in flight"'
 expect "tunnelctl --daemon relayd status: serving" '^relayd [0-9.]+: serving$'
 expect "relayd serves TLS on the inherited socket" 'tls +/etc/relayd/tls/fullchain.pem'
-# docs/INSTALL.md, "The desktop": the package started agentd; a private
-# CA in agentd.toml takes a restart.
-run 'systemctl restart agentd'
-run 'systemctl is-active agentd'
-expect "agentd active" '^active$'
-run 'systemctl status agentd'
-expect "agentd says \"not enrolled\" in its Status line" 'Status: "not enrolled: run tunnelctl enroll wss://RELAY \(credential on stdin\)"'
-run 'tunnelctl status'
-expect "tunnelctl status (no --daemon) now finds agentd: not enrolled" '^agentd [0-9.]+: not enrolled$'
-
-section "3. enroll: a credential from relayd, tunnelctl enroll, agentd connected"
-# docs/INSTALL.md: the relay issues the credential, the desktop enrolls
-# with it on stdin (one machine here, both in /root).
-run 'umask 077    # the credential file is a secret: yours only
-tunnelctl --daemon relayd token issue --user alice --role agent > alice.credential'
-expect "relayd issued an agent credential" 'agent credential c_[0-9a-f]+ for alice'
-run 'stat -c "%a %s bytes %n" alice.credential; cut -c1-8 alice.credential'
-expect "the credential file is 0600" '^600 '
+check 'systemctl status relayd.socket'
+expect "the socket unit listens on 443" 'Listen: .*:443'
+check 'stat -c "%a %U:%G %n" /var/lib/relayd/signing.key'
+expect "relayd made its signing key in its state directory on its first start" '^600 relayd:relayd /var/lib/relayd/signing.key$'
+page relay-tokens
+expect "an agent credential for alice" 'tunnelctl: agent credential c_[0-9a-f]+ for alice$'
+expect "a client token for alice" 'tunnelctl: client token t_[0-9a-f]+ for alice, valid until '
+check 'stat -c "%a %U %s bytes %n" /home/admin/alice.credential /home/admin/alice.token; cut -c1-8 /home/admin/alice.credential'
+expect "the credential file is the admin's only" '^600 admin [0-9]+ bytes /home/admin/alice.credential$'
+expect "the token file too" '^600 admin [0-9]+ bytes /home/admin/alice.token$'
 expect "the credential has the tcred_ shape" '^tcred_c_'
-run 'tunnelctl enroll wss://localhost < alice.credential'
-expect "enrolled and connected" '^enrolled with wss://localhost/ws/tunnel \(stored in /var/lib/agentd\); connected$'
-wait_until "agentd's STATUS says connected" 20 \
-    'systemctl show -p StatusText agentd; systemctl show -p StatusText --value agentd | grep -q "^connected to localhost"'
-run 'systemctl status agentd'
-expect "systemctl status shows \"connected to localhost, 0 streams\"" 'Status: "connected to localhost, 0 streams'
-run 'tunnelctl status'
-expect "tunnelctl status: connected" '^agentd .*: connected'
-run 'ls -l /var/lib/agentd; cat /var/lib/agentd/enrollment.toml'
-expect "the enrollment is stored" 'relay = "wss://localhost/ws/tunnel"'
-run 'tunnelctl --daemon relayd tunnels'
+
+section "3. docs/INSTALL.md, The desktop: install (agentd starts, not enrolled), enroll"
+page desktop-install
+expect "systemctl status agentd: it says how to enroll" 'Status: "not enrolled: run tunnelctl enroll wss://RELAY \(credential on stdin\)"'
+expect "sudo tunnelctl status: a running agent, not enrolled" '^agentd [0-9.]+: not enrolled$'
+check 'dpkg-query -W -f='"'"'${Package} ${Status} conffiles:${Conffiles}\n'"'"' agentd; getent passwd agentd; stat -c "%A %U:%G %n" /etc/agentd'
+expect "agentd installed, agentd.toml a conffile" '^agentd install ok installed conffiles:.*/etc/agentd/agentd.toml'
+expect "/etc/agentd is 0750 root:agentd (tmpfiles.d)" '^drwxr-x--- root:agentd /etc/agentd$'
+check 'systemctl is-active agentd; systemctl is-enabled agentd'
+expect "the package enabled and started agentd (Debian's convention)" '^active
+enabled$'
+page desktop-enroll
+expect "enrolled and connected" '^enrolled with wss://relay.example.com/ws/tunnel \(stored in /var/lib/agentd\); connected$'
+wait_until "agentd's Status line says connected" 20 \
+    'systemctl show -p StatusText --value agentd | grep "^connected to relay.example.com"'
+check 'systemctl status agentd'
+expect "systemctl status agentd: connected" 'Status: "connected to relay.example.com, 0 streams'
+check 'cat /var/lib/agentd/enrollment.toml; tunnelctl tunnels'
+expect "the enrollment is stored" 'relay = "wss://relay.example.com/ws/tunnel"'
 expect "relayd lists alice's tunnel" '^alice +s_[0-9a-f]+ '
 
-section "4. a streamed request through the tunnel"
-run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem -D /root/chat.headers https://localhost/api/tunnel/alice/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":8}}'"
+section "4. docs/INSTALL.md, The first answer: a streamed chat with the client token, through the relay"
+page first-answer
+OUT=$(page_out first-answer 1)
 lines=$(grep -c '^{' <<<"$OUT" || true)
-[ "$lines" -eq 9 ] || fail "expected 9 NDJSON lines (8 tokens + done), got $lines"
-ok "9 NDJSON lines (8 tokens, then done)"
-[ "$(grep -c '"done":false' <<<"$OUT")" -eq 8 ] || fail "expected 8 token lines"
+[ "$lines" -ge 3 ] || fail "expected a streamed NDJSON answer (several lines), got $lines"
+[ "$(grep -c '"done":false' <<<"$OUT")" -eq $((lines - 1)) ] || fail "expected every line but the last to be a token line"
 tail -n1 <<<"$OUT" | grep -q '"done":true' || fail "the last line is not the done line"
-ok "the stream ends with \"done\":true"
-run 'cat /root/chat.headers'
+ok "the answer: $lines NDJSON lines, tokens then done"
+OUT=$(page_out first-answer 2)
+expect "the health answer: alice's agent is connected" '"connected":true'
+check "curl -sS -N -o /dev/null -D - https://$RELAY/api/tunnel/alice/api/chat -H \"Authorization: Bearer \$(cat /home/admin/alice.token)\" -d '$CHAT_BODY}'"
 expect "HTTP 200" '^HTTP/1.1 200'
-expect "NDJSON content type" '^content-type: application/x-ndjson'
+expect "NDJSON, streamed" '^content-type: application/x-ndjson'
+check "curl -sS -o /dev/null -w '%{http_code}\n' https://$RELAY/api/tunnel/alice/api/chat -d '$CHAT_BODY}'; curl -sS -o /dev/null -w '%{http_code}\n' https://$RELAY/api/tunnel/alice/health"
+expect "without the token: 401, both" '^401
+401$'
 
-section "5. who may use the control socket"
-run 'tunnelctl --daemon agentd status'
-expect "root: status works" 'connected'
-run 'useradd -m bob && useradd -m carol'
-# docs/INSTALL.md: "sudo usermod -aG agentd $USER" (runuser starts with the
-# groups as they are now, like a new login).
-run 'usermod -aG agentd bob'
-run 'id bob; id carol'
-expect "bob is in group agentd" '^uid=[0-9]+\(bob\).*[0-9]+\(agentd\)'
-run 'runuser -u bob -- tunnelctl --daemon agentd status'
-expect "bob (group agentd): status works" '^agentd .*: connected'
-run 'runuser -u bob -- tunnelctl status'
-expect "bob: status without --daemon finds agentd" '^agentd .*: connected'
-run -e 77 'runuser -u bob -- tunnelctl --daemon agentd reconnect'
-expect "bob may not change agentd" 'permission denied'
-run -e 77 'runuser -u carol -- tunnelctl --daemon agentd status'
+section "5. who may use the control socket: the page's group, and others"
+page desktop-group
+page desktop-status
+expect "admin, in group agentd after a new login: tunnelctl status without sudo" '^agentd [0-9.]+: connected$'
+check 'id admin'
+expect "admin is in group agentd" '^uid=[0-9]+\(admin\).*[0-9]+\(agentd\)'
+check -e 77 'runuser -u admin -- tunnelctl reconnect'
+expect "a member may not change agentd" 'permission denied'
+check -e 77 'runuser -u carol -- tunnelctl --daemon agentd status'
 expect "carol (not in group agentd) is refused" 'permission denied.*group agentd'
-run -e 77 'runuser -u carol -- tunnelctl status'
+check -e 77 'runuser -u carol -- tunnelctl status'
 expect "carol without --daemon: refused too (not \"not running\")" 'permission denied'
 
-section "6. an agent of your own: the user unit (dave, lingering)"
-# docs/INSTALL.md, "An agent of your own": dave is in group agentd (he copies
-# /etc/agentd/agentd.toml, 0640 root:agentd); lingering starts his user
-# manager without a login session.
-run 'useradd -m dave && usermod -aG agentd dave && id dave'
-DAVE_UID=$(ct 'id -u dave')
-run 'loginctl enable-linger dave'
-wait_until "dave's user manager (user@$DAVE_UID.service) runs" 30 \
-    "systemctl is-active user@$DAVE_UID.service && ls /run/user/$DAVE_UID/bus /run/user/$DAVE_UID/systemd/private"
-say "# dave\$ CMD below is: $(as_user dave CMD)"
-run_as dave 'mkdir -p ~/.config/agentd && cp /etc/agentd/agentd.toml ~/.config/agentd/'
-run_as dave 'systemctl --user enable --now agentd'
-run_as dave 'systemctl --user is-active agentd'
-expect "dave's agentd (user unit) active" '^active$'
-run_as dave 'systemctl --user status agentd'
-expect "dave's agentd says \"not enrolled\"" 'Status: "not enrolled'
-run_as dave 'tunnelctl status'
-expect "dave: tunnelctl status finds his own agentd (\$XDG_RUNTIME_DIR), not enrolled" '^agentd [0-9.]+: not enrolled$'
-run "stat -c '%A %U:%G %n' /run/user/$DAVE_UID/agentd /run/user/$DAVE_UID/agentd/control.sock"
-expect "his control socket is his only" "^drwx------ dave:dave /run/user/$DAVE_UID/agentd\$"
-run -e 77 "runuser -u bob -- tunnelctl --socket /run/user/$DAVE_UID/agentd/control.sock status"
-expect "bob (group agentd) cannot reach dave's agent" 'permission denied'
-# His credential (relayd knows user dave), handed over as my.credential (0600).
-run 'umask 077; tunnelctl --daemon relayd token issue --user dave --role agent > dave.credential
-install -o dave -g dave -m 0600 dave.credential /home/dave/my.credential'
-expect "relayd issued dave's credential" 'agent credential c_[0-9a-f]+ for dave'
+section "6. docs/INSTALL.md, An agent of your own: dave's user unit"
+page dave-credential
+expect "relayd issued dave's credential" 'tunnelctl: agent credential c_[0-9a-f]+ for dave$'
 DAVE_CRED=$(grep -o 'credential c_[0-9a-f]*' <<<"$OUT" | cut -d' ' -f2)
-run_as dave 'tunnelctl enroll wss://localhost < my.credential'
-expect "dave enrolled and connected" '^enrolled with wss://localhost/ws/tunnel \(stored in /home/dave/.config/agentd\); connected$'
-wait_until "dave's agentd STATUS says connected" 20 \
-    "$(as_user dave 'systemctl --user show -p StatusText --value agentd | grep "^connected to localhost"')"
-run_as dave 'tunnelctl status'
-expect "dave: tunnelctl status: connected" '^agentd [0-9.]+: connected$'
-run_as dave 'ls -la ~/.config/agentd ~/.local/state/agentd 2>&1 || true'
-expect "systemd 252: the user unit's state (StateDirectory=) is ~/.config/agentd" 'enrollment.toml'
-run 'tunnelctl --daemon relayd tunnels'
+fixture "dave gets his credential over a channel the admin trusts" \
+    'install -o dave -g dave -m 0600 /home/admin/dave.credential /home/dave/dave.credential'
+DAVE_UID=$(ct 'id -u dave')
+page -u dave dave-group
+page -u dave dave-agent
+expect "dave's agentd (user unit), not enrolled" '^agentd [0-9.]+: not enrolled$'
+expect "dave enrolled and connected" '^enrolled with wss://relay.example.com/ws/tunnel \(stored in /home/dave/.config/agentd\); connected$'
+wait_until "dave's agentd Status line says connected" 20 \
+    "$(as_user dave 'systemctl --user show -p StatusText --value agentd | grep "^connected to relay.example.com"')"
+check "stat -c '%A %U:%G %n' /run/user/$DAVE_UID/agentd /run/user/$DAVE_UID/agentd/control.sock; ls -A /home/dave/.config/agentd"
+expect "his control socket is his only" "^drwx------ dave:dave /run/user/$DAVE_UID/agentd\$"
+expect "systemd 252: the user unit's state (StateDirectory=) is ~/.config/agentd" '^enrollment.toml$'
+check -e 77 "runuser -u admin -- tunnelctl --socket /run/user/$DAVE_UID/agentd/control.sock status"
+expect "admin (group agentd) cannot reach dave's agent" 'permission denied'
+check 'tunnelctl tunnels'
 expect "relayd lists dave's tunnel" '^dave +s_[0-9a-f]+ '
 expect "and alice's" '^alice +s_[0-9a-f]+ '
-run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/dave/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":3}}'"
-expect "a request through dave's tunnel (his user unit) streams to the end" '"done":true'
 
-section "7. rotate-token while a slow stream runs"
-run 'tunnelctl --daemon relayd tunnels'
+section "7. docs/INSTALL.md, Rotating credentials: rotate-token while a slow stream runs"
+check 'tunnelctl tunnels'
 SESSION=$(awk '$1 == "alice" {print $2}' <<<"$OUT")
 AUTH_BEFORE=$(grep '^alice ' <<<"$OUT" | grep -o 'c_[0-9a-f]\{16\}' | head -n1)
 [ -n "$SESSION" ] && [ -n "$AUTH_BEFORE" ] || fail "no session or credential id in the answer above"
 say "session $SESSION, credential $AUTH_BEFORE"
 slow_start 20 250
-run 'tunnelctl rotate-token'
+page rotate
 expect "credential rotated" '^credential rotated: now c_[0-9a-f]+, stored in /var/lib/agentd/credential; the old one is revoked$'
 AUTH_NEW=$(grep -o 'now c_[0-9a-f]*' <<<"$OUT" | cut -d' ' -f2)
-run 'tunnelctl --daemon agentd status | grep -E "in flight|session"; tunnelctl --daemon relayd tunnels'
+check 'tunnelctl --daemon agentd status | grep -E "in flight|session"; tunnelctl tunnels'
 expect "agentd counts the stream in flight" 'in flight +1$'
 expect "relayd counts the stream in flight" "^alice +$SESSION +.* 1 +"
 slow_finish 20 "the rotation"
-run 'tunnelctl --daemon relayd tunnels'
+check 'tunnelctl tunnels'
 expect "the same session $SESSION is up" "^alice +$SESSION "
 expect "now authorized by the new credential $AUTH_NEW" "$AUTH_NEW"
-run 'tunnelctl --daemon agentd status'
-expect "agentd: same session, no reconnect" "session +$SESSION"
+check 'tunnelctl --daemon agentd status'
+expect "agentd: same session" "session +$SESSION"
 expect "no reconnect" 'sessions +1 \(0 reconnects\)'
-run 'cut -c1-24 /var/lib/agentd/credential'
+check 'cut -c1-24 /var/lib/agentd/credential'
 expect "the new credential is stored" "^tcred_$AUTH_NEW"
-# The old credential is revoked: a WebSocket handshake with it gets 401.
-run 'curl -sS -o /dev/null -w "%{http_code}\n" --cacert /root/pki/ca.pem -H "Authorization: Bearer $(cat /root/alice.credential)" -H "Connection: Upgrade" -H "Upgrade: websocket" -H "Sec-WebSocket-Version: 13" -H "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==" https://localhost/ws/tunnel'
+check 'curl -sS -o /dev/null -w "%{http_code}\n" -H "Authorization: Bearer $(cat /home/admin/alice.credential)" -H "Connection: Upgrade" -H "Upgrade: websocket" -H "Sec-WebSocket-Version: 13" -H "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==" https://relay.example.com/ws/tunnel'
 expect "the old credential is refused (401)" '^401$'
 
-section "8. logs: the journal (access lines and their fields), tunnelctl log-level"
-# docs/INSTALL.md, "Logs", in its order; the log level first, so that the
-# last line of agentd's journal is the access line of the request below.
-run -t 12 'journalctl -u agentd'
-expect "journalctl -u agentd: the agent's life" 'connected to the relay'
-expect "and one line per request, saying what it was" '^[A-Z][a-z]{2} [0-9 :]+ [^ ]+ agentd\[[0-9]+\]: (GET|POST) /[^ ]* [0-9]{3} [0-9]+ ms [a-z_]+$'
-run 'tunnelctl log-level debug'
-expect "log-level debug: agentd's filter is debug now" '^log filter: debug \(was info; until the next restart\)$'
-run 'tunnelctl log-level'
-expect "agentd reports the debug filter" '^log filter: debug '
-run 'tunnelctl log-level info'
-expect "log-level info: back to info" '^log filter: info \(was debug; until the next restart\)$'
-run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/alice/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":2}}' | tail -n1"
+section "8. docs/INSTALL.md, Logs: the journal's access lines and fields, tunnelctl log-level"
+check "curl -sS -N https://$RELAY/api/tunnel/alice/api/chat -H \"Authorization: Bearer \$(cat /home/admin/alice.token)\" -d '$CHAT_BODY,\"options\":{\"num_predict\":2}}' | tail -n1"
 expect "a request" '"done":true'
 wait_until "the last line of agentd's journal is its access line" 10 \
-    'out=$(journalctl -u agentd -o json-pretty -n 1); echo "$out"; grep -q "\"REQUEST_ID\"" <<<"$out"'
+    'out=$(journalctl -u agentd -o json -n 1); echo "$out"; grep -q "\"REQUEST_ID\"" <<<"$out"'
+REQ=$(sed -n 's/.*"REQUEST_ID":"\([^"]*\)".*/\1/p' <<<"$OUT")
+SES=$(sed -n 's/.*"SESSION":"\([^"]*\)".*/\1/p' <<<"$OUT")
+[ -n "$REQ" ] && [ -n "$SES" ] || fail "no REQUEST_ID or SESSION in the access line"
+page logs "req_2=$REQ"
+OUT=$(page_out logs 1)
+expect "journalctl -u agentd: the agent's life" 'agentd\[[0-9]+\]: .*connected'
+OUT=$(page_out logs 2)
+expect "journalctl -u agentd REQUEST_ID=$REQ finds its access line" 'agentd\[[0-9]+\]: '
+OUT=$(page_out logs 3)
 for f in SESSION REQUEST_ID METHOD PATH STATUS DURATION_MS OUTCOME; do
     expect "journalctl -u agentd -o json-pretty -n 1: field $f" "\"$f\" : \"[^\"]+\""
 done
-REQ=$(sed -n 's/.*"REQUEST_ID" : "\([^"]*\)".*/\1/p' <<<"$OUT")
-run "journalctl -u agentd REQUEST_ID=$REQ"
-expect "journalctl -u agentd REQUEST_ID=$REQ finds the access line" 'agentd\[[0-9]+\]: POST /api/chat 200 [0-9]+ ms ok$'
-# The streamed chat of the rotation step, field by field.
-run 'journalctl -u agentd -o json --no-pager TARGET=access PATH=/api/chat | tail -n1'
-for f in SESSION REQUEST_ID METHOD PATH STATUS DURATION_MS OUTCOME; do
-    expect "journal field $f" "\"$f\":\"[^\"]+\""
-done
-expect "PATH is /api/chat" '"PATH":"/api/chat"'
-expect "STATUS is 200" '"STATUS":"200"'
-REQ=$(sed -n 's/.*"REQUEST_ID":"\([^"]*\)".*/\1/p' <<<"$OUT")
-SES=$(sed -n 's/.*"SESSION":"\([^"]*\)".*/\1/p' <<<"$OUT")
-# Stream ids restart with each session (req_1, req_2, ...): SESSION and
-# REQUEST_ID together name one request.
-run "journalctl -u agentd -o verbose SESSION=$SES REQUEST_ID=$REQ"
-expect "journalctl REQUEST_ID=$REQ finds the access line" 'MESSAGE=POST /api/chat 200 [0-9]+ ms ok'
-expect "with OUTCOME=ok" '^ *OUTCOME=ok$'
-run "journalctl -u relayd --no-pager -o cat --output-fields=REQUEST_ID,USER_HASH,METHOD,PATH,STATUS,DURATION_MS,OUTCOME SESSION=$SES REQUEST_ID=$REQ | tail -n 7"
+OUT=$(page_out logs 4)
+expect "log-level debug: agentd's filter is debug now" '^log filter: debug \(was info; until the next restart\)$'
+OUT=$(page_out logs 5)
+expect "log-level info: back to info" '^log filter: info \(was debug; until the next restart\)$'
+# Stream ids restart with each session: SESSION and REQUEST_ID together name one request.
+check "journalctl -u relayd --no-pager -o cat --output-fields=REQUEST_ID,USER_HASH,OUTCOME SESSION=$SES REQUEST_ID=$REQ | tail -n 3"
 expect "relayd logged the same request" "^$REQ\$"
 expect "relayd names the user by its keyed hash only" '^u_[0-9a-f]{12}$'
 
-section "9. watchdog: a stopped agentd is killed and restarted"
+section "9. docs/INSTALL.md, When a daemon hangs: the watchdog kills and restarts agentd"
+experiment "WatchdogSec=4s for agentd (a drop-in), then agentd stopped with SIGSTOP"
 run 'mkdir -p /etc/systemd/system/agentd.service.d && printf "[Service]\nWatchdogSec=4s\n" > /etc/systemd/system/agentd.service.d/50-e2e-watchdog.conf && systemctl daemon-reload && systemctl restart agentd && systemctl show -p WatchdogUSec agentd'
 expect "WatchdogSec=4s in force" '^WatchdogUSec=4s$'
-wait_until "agentd connected again" 20 'systemctl show -p StatusText --value agentd | grep "^connected to localhost"'
-run 'systemctl show -p MainPID agentd'
-BEFORE_PID=$(sed -n 's/^MainPID=//p' <<<"$OUT")
-run 'systemctl show -p NRestarts agentd'
+wait_until "agentd connected again" 20 'systemctl show -p StatusText --value agentd | grep "^connected to relay.example.com"'
+page watchdog
 BEFORE_N=$(sed -n 's/^NRestarts=//p' <<<"$OUT")
+check 'systemctl show -p MainPID agentd'
+BEFORE_PID=$(sed -n 's/^MainPID=//p' <<<"$OUT")
 run "kill -STOP $BEFORE_PID; date +%T"
 wait_until "systemd killed and restarted agentd" 30 \
     "[ \"\$(systemctl show -p NRestarts --value agentd)\" -gt $BEFORE_N ] && [ \"\$(systemctl show -p ActiveState --value agentd)\" = active ] && date +%T"
-run 'systemctl show -p MainPID agentd'
-AFTER_PID=$(sed -n 's/^MainPID=//p' <<<"$OUT")
-run 'systemctl show -p NRestarts agentd'
+page watchdog
 AFTER_N=$(sed -n 's/^NRestarts=//p' <<<"$OUT")
+check 'systemctl show -p MainPID agentd'
+AFTER_PID=$(sed -n 's/^MainPID=//p' <<<"$OUT")
 [ "$AFTER_N" -eq $((BEFORE_N + 1)) ] || fail "NRestarts $BEFORE_N -> $AFTER_N, expected +1"
 [ "$AFTER_PID" != "$BEFORE_PID" ] && [ "$AFTER_PID" != 0 ] || fail "MainPID $BEFORE_PID -> $AFTER_PID"
 ok "NRestarts $BEFORE_N -> $AFTER_N, MainPID $BEFORE_PID -> $AFTER_PID"
-run "journalctl -u agentd -o short-precise | grep -E 'Watchdog timeout|status=6/ABRT|result .watchdog.|Scheduled restart'"
+check "journalctl -u agentd -o short-precise | grep -E 'Watchdog timeout|status=6/ABRT|result .watchdog.|Scheduled restart'"
 expect "the journal says watchdog timeout" 'agentd.service: Watchdog timeout \(limit 4s\)!'
 wait_until "agentd connected again with the stored (rotated) credential" 20 \
-    'systemctl show -p StatusText --value agentd | grep "^connected to localhost"'
+    'systemctl show -p StatusText --value agentd | grep "^connected to relay.example.com"'
+run 'rm -r /etc/systemd/system/agentd.service.d && systemctl daemon-reload'
 
-section "10. reload: relayd with a new certificate (tunnel stays, new handshakes see it); agentd"
+section "10. docs/INSTALL.md, Reloading: relayd with a renewed certificate (tunnel and stream stay), agentd"
 wait_until "relayd lists exactly one tunnel for alice" 20 \
-    'out=$(tunnelctl --daemon relayd tunnels); echo "$out"; [ "$(grep -c "^alice " <<<"$out")" = 1 ]'
-run 'tunnelctl --daemon relayd tunnels'
+    'out=$(tunnelctl tunnels); echo "$out"; [ "$(grep -c "^alice " <<<"$out")" = 1 ]'
+check 'tunnelctl tunnels'
 SESSION=$(awk '$1 == "alice" {print $2}' <<<"$OUT")
 [ -n "$SESSION" ] || fail "no session id"
-run 'systemctl show -p MainPID,NRestarts relayd'
+check 'systemctl show -p MainPID,NRestarts relayd'
 RELAYD_BEFORE=$OUT
-FP='openssl s_client -connect localhost:443 -servername localhost -CAfile /root/pki/ca.pem </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256'
-run "$FP"
+FP="openssl s_client -connect $RELAY:443 -servername $RELAY </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+check "$FP"
 FP_OLD=$OUT
-run 'openssl x509 -in /root/pki/leaf2.pem -noout -fingerprint -sha256'
+check 'openssl x509 -in /root/pki/leaf2.pem -noout -fingerprint -sha256'
 FP_NEW=$OUT
-[ "$FP_OLD" != "$FP_NEW" ] || fail "the new certificate has the old fingerprint"
+[ "$FP_OLD" != "$FP_NEW" ] || fail "the renewed certificate has the old fingerprint"
+fixture "the CA renewed the certificate: the new files in admin's home" \
+    'install -o admin -g admin -m 0644 /root/pki/leaf2.pem /home/admin/fullchain.pem && install -o admin -g admin -m 0600 /root/pki/leaf2.key /home/admin/privkey.pem'
 slow_start 12 250
-run 'set -e
-install -m 0640 -o root -g relayd /root/pki/leaf2.pem /etc/relayd/tls/fullchain.pem.new
-install -m 0600 -o relayd -g relayd /root/pki/leaf2.key /etc/relayd/tls/privkey.pem.new
-mv /etc/relayd/tls/fullchain.pem.new /etc/relayd/tls/fullchain.pem
-mv /etc/relayd/tls/privkey.pem.new /etc/relayd/tls/privkey.pem
-systemctl reload relayd
-systemctl show -p ActiveState,SubState,StatusText relayd'
+page reload-relay
+check 'systemctl show -p ActiveState,SubState,StatusText relayd; journalctl -u relayd --no-pager -o cat | tail -n 3'
 expect "relayd active after the reload" '^ActiveState=active$'
-run 'journalctl -u relayd --no-pager -o cat | tail -n 3'
 expect "relayd logged the reload" 'TLS certificate and key reloaded'
 slow_finish 12 "the reload"
-run "$FP"
-[ "$OUT" = "$FP_NEW" ] || fail "a fresh TLS connection does not see the new certificate"
-ok "a fresh TLS connection sees the new certificate (fingerprint changed)"
-run 'systemctl show -p MainPID,NRestarts relayd'
+check "$FP"
+[ "$OUT" = "$FP_NEW" ] || fail "a fresh TLS connection does not see the renewed certificate"
+ok "a fresh TLS connection sees the renewed certificate (fingerprint changed)"
+check 'systemctl show -p MainPID,NRestarts relayd'
 [ "$OUT" = "$RELAYD_BEFORE" ] || fail "relayd restarted instead of reloading"
 ok "relayd was not restarted"
-run 'tunnelctl --daemon relayd tunnels'
+check 'tunnelctl tunnels'
 expect "the same session $SESSION is still up" "^alice +$SESSION "
-run 'tunnelctl --daemon agentd status'
-expect "agentd still on session $SESSION" "session +$SESSION"
-run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/alice/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":3}}'"
-expect "a request over the new certificate and the old tunnel works" '"done":true'
-
-# docs/INSTALL.md, "Reloading": agentd reads its token file again; it keeps
-# its process, its session and the streams in flight.
-run 'systemctl show -p MainPID agentd'
+check 'systemctl show -p MainPID agentd'
 AGENTD_PID=$OUT
 slow_start 8 250
-run 'systemctl reload agentd'
-run 'systemctl show -p MainPID agentd; systemctl is-active agentd'
+page reload-agent
+check 'systemctl show -p MainPID agentd; systemctl is-active agentd'
 [ "$(head -n1 <<<"$OUT")" = "$AGENTD_PID" ] || fail "agentd restarted instead of reloading"
 expect "agentd active after the reload, same MainPID" '^active$'
 slow_finish 8 "agentd's reload"
-run 'tunnelctl status'
+check 'tunnelctl --daemon agentd status'
 expect "agentd still on session $SESSION after its reload" "session +$SESSION"
 expect "no reconnect" 'sessions +1 \(0 reconnects\)'
 
-section "11. upgrade: dpkg -i over the installed packages; the edited configuration, the enrollment and the running agents stay"
-# The watchdog drop-in is this test's (an administrator's file), not the package's.
-run 'rm -r /etc/systemd/system/agentd.service.d && systemctl daemon-reload'
-if [ "$FROM" = packages ]; then
-    say "# No newer version exists here: the same files go in again, which runs the same"
-    say "# maintainer-script paths as an upgrade (postinst configure with the installed version)."
-    run 'echo "# edited by the administrator before the upgrade" >> /etc/agentd/agentd.toml; cat /etc/agentd/agentd.toml'
-    run 'md5sum /etc/agentd/agentd.toml /etc/relayd/relayd.toml /var/lib/agentd/enrollment.toml /var/lib/agentd/credential'
-    SUMS_BEFORE=$OUT
-    run 'systemctl show -p MainPID relayd; systemctl show -p MainPID agentd'
-    PIDS_BEFORE=$OUT
-    run_as dave 'systemctl --user show -p MainPID agentd'
-    DAVE_PID_BEFORE=$OUT
-    # docs/INSTALL.md, "Upgrading": the relay host's line, then the desktop's.
-    run "cd /mnt/pkg && dpkg -i ${DEB[tunnelctl]} ${DEB[relayd]}"
-    run "cd /mnt/pkg && dpkg -i ${DEB[tunnelctl]} ${DEB[agentd]}"
-    run 'dpkg-query -W -f='"'"'${Package} ${Version} ${Status}\n'"'"' relayd agentd tunnelctl'
-    expect_not "all three installed" ' (deinstall|half|unpacked|config-files)'
-    run 'md5sum /etc/agentd/agentd.toml /etc/relayd/relayd.toml /var/lib/agentd/enrollment.toml /var/lib/agentd/credential'
-    [ "$OUT" = "$SUMS_BEFORE" ] || fail "a configuration file or the enrollment changed in the upgrade"
-    ok "the edited agentd.toml, relayd.toml, the enrollment and the credential are unchanged"
-    run 'tail -n1 /etc/agentd/agentd.toml'
-    expect "the administrator's edit is there" '^# edited by the administrator before the upgrade$'
-    run 'systemctl is-active relayd.socket relayd agentd'
-    expect "relayd.socket, relayd, agentd active after the upgrade" '^active
+section "11. docs/INSTALL.md, When relayd cannot start: an unreadable key; the socket stays, the journal says why, one restart brings it back"
+experiment "relayd's TLS key made unreadable for relayd (owner root, as when copied by root), relayd restarted, agents and clients knocking meanwhile"
+run 'chown root:root /etc/relayd/tls/privkey.pem; stat -c "%a %U:%G %n" /etc/relayd/tls/privkey.pem'
+run 'systemctl restart relayd; echo "systemctl restart relayd: exit $?"'
+# Agents reconnect on their own (alice's system agent, dave's); web clients
+# keep coming: each connection to the socket may start relayd again.
+run 'for i in $(seq 1 8); do curl -sS -o /dev/null -w "%{http_code} " --max-time 3 https://relay.example.com/healthz || true; sleep 0.5; done; echo'
+run 'sleep 8'
+check 'systemctl show -p ActiveState,SubState,Result relayd.socket; systemctl show -p ActiveState,Result,NRestarts relayd'
+expect "relayd.socket is still active (not failed)" '^ActiveState=active$'
+check 'ss -Hltn "sport = :443" | wc -l'
+expect "something still listens on 443 (the socket unit)" '^[1-9]'
+check 'journalctl -u relayd -n 30 --no-pager -o cat'
+expect "the journal names the key file" '/etc/relayd/tls/privkey.pem'
+expect "and says what to do" 'systemctl restart relayd'
+check 'systemctl show -p StatusText relayd'
+expect "relayd's Status line names the key file too" 'privkey.pem'
+run 'chown relayd:relayd /etc/relayd/tls/privkey.pem; stat -c "%a %U:%G %n" /etc/relayd/tls/privkey.pem'
+say "# the file is fixed: the page's way back"
+page relay-fix
+check 'systemctl is-active relayd.socket relayd'
+expect "relayd.socket and relayd active after one restart" '^active
+active$'
+wait_until "agentd connected again" 30 'systemctl show -p StatusText --value agentd | grep "^connected to relay.example.com"'
+check "curl -sS -N https://$RELAY/api/tunnel/alice/api/chat -H \"Authorization: Bearer \$(cat /home/admin/alice.token)\" -d '$CHAT_BODY,\"options\":{\"num_predict\":3}}' | tail -n1"
+expect "a chat through the relay works again" '"done":true'
+
+section "12. docs/INSTALL.md, Upgrading: the same packages again; the edited configuration, the enrollment and the agents stay"
+experiment "the administrator edits /etc/agentd/agentd.toml before the upgrade"
+run 'echo "# edited by the administrator before the upgrade" >> /etc/agentd/agentd.toml; tail -n1 /etc/agentd/agentd.toml'
+check 'md5sum /etc/agentd/agentd.toml /etc/relayd/relayd.toml /var/lib/agentd/enrollment.toml /var/lib/agentd/credential'
+SUMS_BEFORE=$OUT
+check 'systemctl show -p MainPID relayd; systemctl show -p MainPID agentd'
+PIDS_BEFORE=$OUT
+DAVE_PID_BEFORE=$(ct "$(as_user dave 'systemctl --user show -p MainPID agentd')")
+say "# No newer version exists here: the same files go in again, which runs the same"
+say "# maintainer-script paths as an upgrade (postinst configure with the installed version)."
+page upgrade "0.1.1-1=$VERSION-1"
+check 'dpkg-query -W -f='"'"'${Package} ${Version} ${Status}\n'"'"' relayd agentd tunnelctl'
+expect_not "all three installed" ' (deinstall|half|unpacked|config-files)'
+check 'md5sum /etc/agentd/agentd.toml /etc/relayd/relayd.toml /var/lib/agentd/enrollment.toml /var/lib/agentd/credential'
+[ "$OUT" = "$SUMS_BEFORE" ] || fail "a configuration file or the enrollment changed in the upgrade"
+ok "the edited agentd.toml, relayd.toml, the enrollment and the credential are unchanged"
+check 'systemctl is-active relayd.socket relayd agentd'
+expect "relayd.socket, relayd, agentd active after the upgrade" '^active
 active
 active$'
-    run 'systemctl show -p MainPID relayd; systemctl show -p MainPID agentd'
-    PIDS_AFTER=$OUT
-    [ "$(head -n1 <<<"$PIDS_AFTER")" != "$(head -n1 <<<"$PIDS_BEFORE")" ] || fail "relayd was not restarted by the upgrade"
-    [ "$(tail -n1 <<<"$PIDS_AFTER")" != "$(tail -n1 <<<"$PIDS_BEFORE")" ] || fail "agentd was not restarted by the upgrade"
-    ok "the packages restarted the running relayd and agentd (new MainPIDs: $(echo $PIDS_BEFORE) -> $(echo $PIDS_AFTER))"
-    wait_until "agentd connected again, with the stored enrollment" 30 \
-        'systemctl show -p StatusText --value agentd | grep "^connected to localhost"'
-    run 'tunnelctl status'
-    expect "tunnelctl status: connected" '^agentd [0-9.]+: connected$'
-    run "curl -sS -N --fail-with-body --cacert /root/pki/ca.pem https://localhost/api/tunnel/alice/api/chat -d '$CHAT_BODY,\"options\":{\"num_predict\":3}}' | tail -n1"
-    expect "a request through alice's tunnel after the upgrade" '"done":true'
-    # A user unit is not the package's to restart.
-    run_as dave 'systemctl --user show -p MainPID agentd'
-    [ "$OUT" = "$DAVE_PID_BEFORE" ] || fail "dave's agentd (user unit) was restarted by the package"
-    ok "dave's agentd (user unit) kept running: $OUT"
-    run_as dave 'systemctl --user restart agentd'
-    wait_until "dave's agentd connected again" 30 \
-        "$(as_user dave 'systemctl --user show -p StatusText --value agentd | grep "^connected to localhost"')"
-else
-    say "REHEARSAL: no package to upgrade"
-fi
+check 'systemctl show -p MainPID relayd; systemctl show -p MainPID agentd'
+PIDS_AFTER=$OUT
+[ "$(head -n1 <<<"$PIDS_AFTER")" != "$(head -n1 <<<"$PIDS_BEFORE")" ] || fail "relayd was not restarted by the upgrade"
+[ "$(tail -n1 <<<"$PIDS_AFTER")" != "$(tail -n1 <<<"$PIDS_BEFORE")" ] || fail "agentd was not restarted by the upgrade"
+ok "the packages restarted relayd and agentd (MainPIDs: $(echo $PIDS_BEFORE) -> $(echo $PIDS_AFTER))"
+wait_until "agentd connected again, with the stored enrollment" 30 \
+    'systemctl show -p StatusText --value agentd | grep "^connected to relay.example.com"'
+check "curl -sS -N https://$RELAY/api/tunnel/alice/api/chat -H \"Authorization: Bearer \$(cat /home/admin/alice.token)\" -d '$CHAT_BODY,\"options\":{\"num_predict\":3}}' | tail -n1"
+expect "a chat through alice's tunnel after the upgrade" '"done":true'
+# A user unit is not the package's to restart.
+OUT=$(ct "$(as_user dave 'systemctl --user show -p MainPID agentd')")
+[ "$OUT" = "$DAVE_PID_BEFORE" ] || fail "dave's agentd (user unit) was restarted by the package"
+ok "dave's agentd (user unit) kept running: $OUT"
+page -u dave upgrade-user
+wait_until "dave's agentd connected again" 30 \
+    "$(as_user dave 'systemctl --user show -p StatusText --value agentd | grep "^connected to relay.example.com"')"
 
-section "12. remove, then purge: nothing of the packages remains"
-CHECK_PATHS='/usr/bin/relayd /usr/bin/agentd /usr/bin/tunnelctl /usr/lib/systemd/system/relayd.service /usr/lib/systemd/system/relayd.socket /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service /usr/lib/sysusers.d/agentd.conf /usr/lib/sysusers.d/relayd.conf /usr/lib/tmpfiles.d/agentd.conf /usr/lib/tmpfiles.d/relayd.conf /etc/agentd /etc/relayd /var/lib/agentd /var/lib/relayd /run/agentd /run/relayd'
-if [ "$FROM" = packages ]; then
-    run 'dpkg-query -L relayd agentd tunnelctl | sort -u | while read -r f; do [ -z "$f" ] || [ -d "$f" ] || echo "$f"; done > /root/package-files; wc -l < /root/package-files; cat /root/package-files'
-fi
-# docs/INSTALL.md, "Rotating credentials": a revoked credential's tunnel closes at once.
-run "tunnelctl --daemon relayd token revoke $DAVE_CRED"
+section "13. docs/INSTALL.md, Rotating credentials (revoke) and Removing: nothing of the packages remains"
+check 'dpkg-query -L relayd agentd tunnelctl | sort -u | while read -r f; do [ -z "$f" ] || [ -d "$f" ] || echo "$f"; done > /root/package-files; wc -l < /root/package-files'
+page revoke "c_ID=$DAVE_CRED"
+expect "relayd lists dave's tunnel with its credential" "^dave +s_[0-9a-f]+ .*$DAVE_CRED"
 expect "dave's credential revoked, his session ended" "^$DAVE_CRED revoked; 1 live session\\(s\\) ended$"
 wait_until "relayd no longer lists dave's tunnel" 10 \
-    'out=$(tunnelctl --daemon relayd tunnels); echo "$out"; ! grep -q "^dave " <<<"$out"'
+    'out=$(tunnelctl tunnels); echo "$out"; ! grep -q "^dave " <<<"$out"'
 wait_until "dave's agent says why it is not connected" 10 \
-    "$(as_user dave 'out=$(tunnelctl status); echo "$out"; grep -q "last error .*credential was revoked" <<<"$out"')"
+    "$(as_user dave 'out=$(tunnelctl status); echo "$out"; grep -q "credential was revoked" <<<"$out"')"
 expect_not "dave's agent is not connected any more" ': connected$'
-# docs/INSTALL.md, "Removing": an agent of your own first, then the desktop.
-run_as dave 'systemctl --user disable --now agentd'
-run_as -e 3 dave 'systemctl --user is-active agentd'
-expect "dave's agentd stopped" '^inactive$'
-run 'systemctl disable --now agentd'
-run -e 3 'systemctl is-active agentd'
-expect "agentd stopped" '^inactive$'
-if [ "$FROM" = packages ]; then
-    run 'dpkg --remove agentd'
-    run 'dpkg-query -W -f='"'"'${Package} ${Status}\n'"'"' agentd'
-    expect "agentd: removed, its configuration kept" '^agentd deinstall ok config-files$'
-    run 'ls -l /etc/agentd /var/lib/agentd; tail -n1 /etc/agentd/agentd.toml'
-    expect "/etc/agentd/agentd.toml stays" 'agentd.toml$'
-    expect "with the administrator's edit" '^# edited by the administrator before the upgrade$'
-    expect "/var/lib/agentd stays (the enrollment)" 'enrollment.toml$'
-    run 'for f in /usr/bin/agentd /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service; do [ -e "$f" ] && echo "LEFT: $f" || echo "gone: $f"; done'
-    expect_not "the binary and the units are gone" 'LEFT:'
-    # Purge removes the package's files and agentd's state; files the
-    # administrator added under /etc/agentd stay, and the purge names them.
-    run 'dpkg --purge agentd'
-    expect "the purge says what it kept" '^agentd: purge kept /etc/agentd: it holds files the package did not install:$'
-    expect "the administrator's relay CA, by name" '^  /etc/agentd/relay-ca.pem$'
-    run 'ls -A /etc/agentd; ls -d /var/lib/agentd 2>&1 || true'
-    expect "/etc/agentd holds only the administrator's file (agentd.toml gone)" '^relay-ca.pem$'
-    expect_not "agentd.toml gone with the purge" 'agentd.toml'
-    expect "/var/lib/agentd gone with the purge" "cannot access '/var/lib/agentd'"
-    # The relay host, then tunnelctl (agentd and relayd depend on it).
-    run 'systemctl disable --now relayd.socket relayd'
-    run 'dpkg --purge relayd'
-    expect "the purge says what it kept" '^relayd: purge kept /etc/relayd: it holds files the package did not install:$'
-    expect "the certificate, by name" '^  /etc/relayd/tls/fullchain.pem$'
-    run 'find /etc/relayd; ls -d /var/lib/relayd 2>&1 || true'
-    expect_not "relayd.toml gone with the purge" 'relayd.toml'
-    expect "/var/lib/relayd gone with the purge" "cannot access '/var/lib/relayd'"
-    # docs/INSTALL.md, "Removing": what you added yourself is yours to remove.
-    run 'rm -r /etc/agentd /etc/relayd'
-    run 'dpkg --purge tunnelctl'
-    run 'dpkg-query -W -f='"'"'${Package} ${Status}\n'"'"' relayd agentd tunnelctl 2>&1 || true'
-    expect_not "dpkg knows none of the three any more (not even config-files)" ' (install|deinstall|purge) ok '
-    expect "dpkg: no packages found" 'no packages found matching'
-    run 'left=0; while read -r f; do if [ -e "$f" ] || [ -L "$f" ]; then echo "LEFT: $f"; left=1; fi; done < /root/package-files; echo "checked $(wc -l < /root/package-files) packaged files"; exit $left'
-else
-    say "REHEARSAL: removing by hand what step 1 placed"
-    run 'systemctl disable --now relayd.socket relayd agentd
-rm -f /usr/bin/relayd /usr/bin/agentd /usr/bin/tunnelctl /usr/lib/systemd/system/relayd.service /usr/lib/systemd/system/relayd.socket /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service /usr/lib/sysusers.d/agentd.conf /usr/lib/sysusers.d/relayd.conf /usr/lib/tmpfiles.d/agentd.conf /usr/lib/tmpfiles.d/relayd.conf
-rm -rf /etc/agentd /etc/relayd /var/lib/agentd /var/lib/relayd
-systemctl daemon-reload'
-fi
-run 'left=0; for f in '"$CHECK_PATHS"'; do if [ -e "$f" ] || [ -L "$f" ]; then echo "LEFT: $f"; left=1; else echo "gone: $f"; fi; done; exit $left'
+page -u dave remove-user
+OUT=$(ct "$(as_user dave 'systemctl --user is-active agentd')" 2>&1 || true)
+[ "$OUT" = inactive ] || fail "dave's agentd: $OUT, expected inactive"
+ok "dave's agentd stopped"
+page remove-agentd
+check 'dpkg-query -W -f='"'"'${Package} ${Status}\n'"'"' agentd; ls /etc/agentd /var/lib/agentd; tail -n1 /etc/agentd/agentd.toml'
+expect "agentd: removed, its configuration kept" '^agentd deinstall ok config-files$'
+expect "with the administrator's edit" '^# edited by the administrator before the upgrade$'
+expect "/var/lib/agentd stays (the enrollment)" '^enrollment.toml$'
+check 'ls /usr/bin/agentd /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service 2>&1 || true'
+expect_not "the binary and the units are gone" '^/usr/'
+page purge-agentd
+check 'ls -d /etc/agentd /var/lib/agentd 2>&1 || true'
+expect "/etc/agentd gone (nothing was added there)" "cannot access '/etc/agentd'"
+expect "/var/lib/agentd gone" "cannot access '/var/lib/agentd'"
+page purge-relayd
+OUT=$(page_out purge-relayd 2)
+expect "the purge says what it kept" '^relayd: purge kept /etc/relayd: it holds files the package did not install:$'
+expect "the certificate, by name" '^  /etc/relayd/tls/fullchain.pem$'
+expect "the key, by name" '^  /etc/relayd/tls/privkey.pem$'
+expect_not "not relayd.toml (the package's conffile, purged)" 'relayd.toml'
+check 'dpkg-query -W -f='"'"'${Package} ${Status}\n'"'"' relayd agentd tunnelctl 2>&1 || true'
+expect_not "dpkg knows none of the three any more (not even config-files)" ' (install|deinstall|purge) ok '
+check 'left=0; while read -r f; do if [ -e "$f" ] || [ -L "$f" ]; then echo "LEFT: $f"; left=1; fi; done < /root/package-files; echo "checked $(wc -l < /root/package-files) packaged files"; exit $left'
+CHECK_PATHS='/usr/bin/relayd /usr/bin/agentd /usr/bin/tunnelctl /usr/lib/systemd/system/relayd.service /usr/lib/systemd/system/relayd.socket /usr/lib/systemd/system/agentd.service /usr/lib/systemd/user/agentd.service /usr/lib/sysusers.d/agentd.conf /usr/lib/sysusers.d/relayd.conf /usr/lib/tmpfiles.d/agentd.conf /usr/lib/tmpfiles.d/relayd.conf /etc/agentd /etc/relayd /var/lib/agentd /var/lib/relayd /run/agentd /run/relayd'
+check 'left=0; for f in '"$CHECK_PATHS"'; do if [ -e "$f" ] || [ -L "$f" ]; then echo "LEFT: $f"; left=1; else echo "gone: $f"; fi; done; exit $left'
 ok "binaries, units, sysusers/tmpfiles entries, configuration, state and runtime directories are gone"
-run 'find /etc/systemd /usr/lib/systemd /var/lib/systemd /usr/share/man /usr/share/doc /usr/share/bash-completion /usr/share/zsh /usr/share/fish \( -name "*relayd*" -o -name "*agentd*" -o -name "*tunnelctl*" \) 2>/dev/null | sed "s/^/LEFT: /"; echo "searched /etc/systemd /usr/lib/systemd /var/lib/systemd (deb-systemd-helper state) /usr/share/{man,doc,bash-completion,zsh,fish}"'
+check 'find /etc/systemd /usr/lib/systemd /var/lib/systemd /usr/share/man /usr/share/doc /usr/share/bash-completion /usr/share/zsh /usr/share/fish \( -name "*relayd*" -o -name "*agentd*" -o -name "*tunnelctl*" \) 2>/dev/null | sed "s/^/LEFT: /"; echo "searched /etc/systemd /usr/lib/systemd /var/lib/systemd (deb-systemd-helper state) /usr/share/{man,doc,bash-completion,zsh,fish}"'
 expect_not "no unit, enablement symlink, mask, helper state, man page, doc or completion left" 'LEFT:'
-run 'systemctl is-active relayd.socket relayd agentd || true; pgrep -a -x "relayd|agentd" || echo "no relayd or agentd process"; ss -Hltn "sport = :443" | wc -l'
+check 'systemctl is-active relayd.socket relayd agentd || true; pgrep -a -x "relayd|agentd" || echo "no relayd or agentd process"; ss -Hltn "sport = :443" | wc -l'
 expect_not "no unit active" '^(active|activating)$'
 expect "no daemon process" 'no relayd or agentd process'
-run 'systemctl list-units --all --no-legend "relayd*" "agentd*" | grep -v "not-found" || true'
+check 'systemctl list-units --all --no-legend "relayd*" "agentd*" | grep -v "not-found" || true'
 expect_not "systemd knows no relayd/agentd unit" '(relayd|agentd)\.(service|socket) +loaded'
-run 'getent passwd relayd agentd || true'
+check 'getent passwd relayd agentd || true'
 say "(the system users stay after a purge, as Debian does for system users)"
-run 'ls /home/dave/.config/agentd'
+check 'ls /home/dave/.config/agentd'
 expect "dave's own configuration and enrollment stay (no package touches them)" '^enrollment.toml$'
 
-section "13. .rpm: inspection on the host, not an install"
+section "14. .rpm: inspection on the host, not an install"
 shopt -s nullglob
 RPMS=("$PKGDIR"/*.rpm)
 shopt -u nullglob
@@ -881,4 +846,12 @@ else
         rm -rf "$db"
     done
 fi
+
+section "15. docs/INSTALL.md: every block run"
+missing=()
+for b in $(page_blocks | grep -vx -- -); do
+    [ -n "${PAGE_RAN[$b]:-}" ] || missing+=("$b")
+done
+[ ${#missing[@]} -eq 0 ] || fail "blocks of docs/INSTALL.md the test did not run: ${missing[*]}"
+ok "all $(page_blocks | grep -vcx -- -) marked blocks of docs/INSTALL.md ran; $(page_blocks | grep -cx -- -) are marked not run, each with its reason"
 section "done"

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod control;
+mod credential;
 pub mod enroll;
 pub mod enrollment;
 mod metrics;
@@ -24,6 +25,7 @@ pub mod policy;
 pub mod renew;
 pub mod service;
 mod session;
+mod state;
 mod stream;
 pub mod supervisor;
 pub mod tls;
@@ -161,10 +163,8 @@ pub enum InstallError {
 impl Agent {
     pub fn new(config: Config) -> Self {
         let (commands, inbox) = mpsc::channel(supervisor::COMMAND_QUEUE);
-        let token = config.token.clone().unwrap_or_default();
         let target = config.target.clone();
-        let fallback = config.fallback.clone();
-        let file_token = config.configured_token.clone();
+        let credential = credential::Credential::new(&config);
         let observer = daemon::observe::Observer::new(config.control.trace_bodies);
         let upstream = Arc::new(supervisor::Upstream::new(
             config.upstream.clone(),
@@ -176,9 +176,7 @@ impl Agent {
             shared: Arc::new(supervisor::Shared {
                 config,
                 target: Mutex::new(target),
-                token: Mutex::new(token),
-                fallback: Mutex::new(fallback),
-                file_token: Mutex::new(file_token),
+                credential,
                 state: watch::channel(AgentState::default()).0,
                 gauge: Arc::new(BufferGauge::default()),
                 current: Mutex::new(None),

@@ -24,6 +24,8 @@ use crate::backoff::Backoff;
 use crate::connect::{self, ConnectError};
 use crate::renew;
 use crate::session::{DRAIN_DEADLINE, Session, SessionEnd, SessionParams};
+use crate::state::describe;
+pub use crate::state::{AgentError, AgentState, Phase};
 pub(crate) use crate::upstream::Upstream;
 
 /// How often the local service's health is checked.
@@ -74,128 +76,13 @@ pub enum Command {
     Probe(tokio::sync::oneshot::Sender<()>),
 }
 
-/// What the agent is doing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Phase {
-    /// Not started yet.
-    #[default]
-    Idle,
-    /// No relay or no credential yet: waiting for `tunnelctl enroll`.
-    NotEnrolled,
-    /// Dialling the relay.
-    Connecting,
-    /// A session is up.
-    Connected { session_id: String, since: SystemTime },
-    /// Waiting before the next attempt.
-    BackingOff { until: SystemTime },
-    /// The relay revoked the credential: no more attempts until a new one
-    /// is installed (`tunnelctl rotate-token`, `tunnelctl enroll`, or a
-    /// changed token file and SIGHUP).
-    Revoked,
-    /// Stopped for good.
-    Stopped,
-}
-
-/// Why the agent is not connected, as a status tells it apart.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AgentError {
-    /// The relay refused the agent token (401/403): fix the credential.
-    #[error(
-        "the relay refused the agent's credential ({0}): install a valid one with `tunnelctl rotate-token` (on stdin) or `tunnelctl enroll`"
-    )]
-    Unauthorized(u16),
-    /// The relay revoked the credential: the agent waits for a new one.
-    #[error(
-        "the agent's credential was revoked: install a new one with `tunnelctl rotate-token` (on stdin) or `tunnelctl enroll`; no more attempts until then"
-    )]
-    Revoked,
-    /// No TCP connection to the relay (DNS, refused, unreachable).
-    #[error("cannot reach the relay: {0}")]
-    Unreachable(String),
-    /// TLS with the relay failed (untrusted or wrong-name certificate).
-    #[error("TLS with the relay failed: {0}")]
-    Tls(String),
-    /// The relay's public key is none of the `[tls] pins`.
-    #[error("the relay's public key {seen} matches none of the configured pins")]
-    PinMismatch { seen: String },
-    /// The relay is busy or draining (503, 429, `goaway`).
-    #[error("the relay is busy or draining")]
-    RelayBusy,
-    /// The relay answered something other than tunnel protocol v1.
-    #[error("the relay does not speak tunnel protocol v1: {0}")]
-    Protocol(String),
-    /// The WebSocket upgrade failed for another reason.
-    #[error("WebSocket handshake failed: {0}")]
-    Handshake(String),
-    /// Connecting took longer than its deadline.
-    #[error("timed out connecting to the relay")]
-    Timeout,
-    /// A session that was up ended.
-    #[error("relay session lost: {0}")]
-    SessionLost(String),
-}
-
-impl From<ConnectError> for AgentError {
-    fn from(e: ConnectError) -> Self {
-        match e {
-            ConnectError::Unauthorized(code) => AgentError::Unauthorized(code),
-            ConnectError::Revoked => AgentError::Revoked,
-            ConnectError::Busy => AgentError::RelayBusy,
-            ConnectError::Unreachable(why) => AgentError::Unreachable(why),
-            ConnectError::Handshake(why) => AgentError::Handshake(why),
-            ConnectError::Protocol(why) => AgentError::Protocol(why),
-            ConnectError::Timeout => AgentError::Timeout,
-            ConnectError::Tls(why) => AgentError::Tls(why),
-            ConnectError::PinMismatch(m) => AgentError::PinMismatch { seen: m.seen },
-        }
-    }
-}
-
-/// Why a link ended, in words for the status.
-fn describe(end: &End) -> String {
-    match end {
-        End::PeerClosed(Some((code, reason))) => {
-            format!("the relay closed the session: {reason} ({code})")
-        }
-        End::PeerClosed(None) => "the relay closed the connection".into(),
-        End::Failed { error, .. } => format!("socket error: {error}"),
-        End::Flooded(f) => format!("the relay flooded the session: {f}"),
-        End::NotReading => "the relay stopped reading".into(),
-        End::Unresponsive(silent) => {
-            format!("the relay stopped answering pings (silent for {silent:.1?})")
-        }
-        End::Closed => "session closed".into(),
-    }
-}
-
-/// The agent's state, as `tunnelctl status` and tests see it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AgentState {
-    pub phase: Phase,
-    /// Sessions established since start.
-    pub sessions: u64,
-    /// Why the last attempt or session failed; cleared by a new session.
-    pub last_error: Option<AgentError>,
-}
-
-impl AgentState {
-    pub fn is_connected(&self) -> bool {
-        matches!(self.phase, Phase::Connected { .. })
-    }
-}
-
 /// What the supervisor shares with the agent's handle.
 pub(crate) struct Shared {
     pub config: Config,
     /// The relay connections go to; `None` until enrolled.
     pub target: Mutex<Option<crate::config::Target>>,
-    /// The token the next connection presents.
-    pub token: Mutex<String>,
-    /// The configured token, while a stored credential shadows it: tried
-    /// once if the relay refuses the stored one.
-    pub fallback: Mutex<Option<String>>,
-    /// The token file's content when last read.
-    pub file_token: Mutex<Option<String>>,
+    /// The agent's credential (its one owner).
+    pub credential: crate::credential::Credential,
     pub state: watch::Sender<AgentState>,
     pub gauge: Arc<BufferGauge>,
     /// The live session, for its stream count and commands.
@@ -227,52 +114,28 @@ impl Shared {
     }
 
     pub fn token(&self) -> String {
-        self.token.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.credential.token()
     }
 
     /// Uses `token` from now on; the configured one no longer backs it up.
     pub fn set_token(&self, token: String) {
-        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = token;
-        self.fallback.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.credential.set(token);
     }
 
     /// The token file's content, when it changed since it was last read.
     pub fn fresh_file_token(&self) -> Option<String> {
-        let fresh = match self.config.reread_token()? {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(error = %e, "cannot read the token file again: {e}; keeping the token in use");
-                return None;
-            }
-        };
-        let mut seen = self.file_token.lock().unwrap_or_else(PoisonError::into_inner);
-        if seen.as_ref() == Some(&fresh) {
-            return None;
-        }
-        *seen = Some(fresh.clone());
-        Some(fresh)
+        self.credential.fresh_from_file(&self.config)
     }
 
     /// Uses the token file's content when it changed since last read.
     fn adopt_fresh_file_token(&self) -> bool {
-        match self.fresh_file_token() {
-            Some(t) => {
-                self.set_token(t);
-                true
-            }
-            None => false,
-        }
+        self.credential.adopt_from_file(&self.config)
     }
 
     /// Falls back to the configured token after the relay refused the
-    /// stored credential; `false` when there is none to fall back to.
+    /// stored credential.
     fn fall_back(&self) -> bool {
-        let Some(configured) = self.fallback.lock().unwrap_or_else(PoisonError::into_inner).take()
-        else {
-            return false;
-        };
-        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = configured;
-        true
+        self.credential.fall_back()
     }
 }
 

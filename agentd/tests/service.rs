@@ -282,3 +282,18 @@ fn help_names_the_configuration_file_read_by_default() {
     assert!(text.contains("/etc/agentd/agentd.toml"), "{text}");
     assert!(!text.contains("NAME"), "{text}");
 }
+
+/// The man page describes its commands itself: it points at no
+/// `agentd-pin(8)` or `agentd-help(8)`, which no package ships.
+#[test]
+fn the_man_page_names_no_page_that_is_not_shipped() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .arg("man")
+        .output()
+        .expect("agentd man");
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(page.contains(".SH COMMANDS") && page.contains("\\fBpin\\fR"), "{page}");
+    assert!(!page.contains("agentd\\-pin") && !page.contains("agentd-pin"), "{page}");
+    assert!(!page.contains("agentd\\-help") && !page.contains("agentd-help"), "{page}");
+}

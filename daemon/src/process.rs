@@ -323,6 +323,36 @@ async fn watch_signals(
 
 /// `NAME man`: the daemon's man page (section 8, roff) from its command
 /// line definition, on stdout.
+/// The man page of `command`, section 8: one page, its commands described
+/// on it (clap_mangen would point at a page per command, which nobody
+/// ships).
+fn render_man(command: clap::Command, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use clap_mangen::roff::{Roff, bold, roman};
+    let command = command.disable_help_subcommand(true);
+    let commands: Vec<(String, String)> = command
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| {
+            (c.get_name().to_owned(), c.get_about().map(ToString::to_string).unwrap_or_default())
+        })
+        .collect();
+    let man = clap_mangen::Man::new(command).section("8");
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    if !commands.is_empty() {
+        let mut roff = Roff::default();
+        roff.control("SH", ["COMMANDS"]);
+        for (name, about) in commands {
+            roff.control("TP", []).text([bold(name)]).text([roman(about)]);
+        }
+        roff.to_writer(out)?;
+    }
+    man.render_version_section(out)
+}
+
 /// A daemon's command line: its arguments, and the commands `C` that run
 /// instead of it (an administrative command, `man`).
 #[derive(clap::Parser, Debug)]
@@ -356,7 +386,7 @@ pub fn parse<D: Daemon, C: clap::Subcommand>() -> Cli<C> {
 pub fn print_man(command: clap::Command) -> ExitCode {
     let name = command.get_name().to_owned();
     let mut out = Vec::new();
-    if let Err(e) = clap_mangen::Man::new(command).section("8").render(&mut out) {
+    if let Err(e) = render_man(command, &mut out) {
         eprintln!("{name}: {e}");
         return ExitStatus::Failure.into();
     }

@@ -122,3 +122,6 @@ impl Limits {
         self.max_chunk_bytes.min(peer.max_chunk_bytes) as usize
     }
 }
+
+/// Longest token or credential a message may carry.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;

@@ -16,24 +16,23 @@ pub mod claims;
 mod issue;
 mod jwks;
 pub mod keys;
+mod settings;
 pub mod store;
+mod verify;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::Validation;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tracing::warn;
 
 use issue::{hex, sha256};
-use keys::{Signer, VerifyKey};
 use store::{CredentialRecord, CredentialStore, MemoryStore, Revocation, StoreError};
 
 pub use issue::{IssuedCredential, MintOptions, Minted, issue_into, mint_with, parse_credential};
 pub use jwks::JwksUrl;
+pub use settings::IdentityConfig;
 
 /// Longest token accepted (a bigger one is refused unread).
 pub const MAX_TOKEN_LEN: usize = tunnel_proto::message::MAX_TOKEN_LEN;
@@ -191,71 +190,6 @@ pub enum IdentityError {
     Sign(String),
     #[error("{0}")]
     Invalid(String),
-}
-
-/// The resolved `[identity]` settings.
-#[derive(Debug, Clone, Serialize)]
-pub struct IdentityConfig {
-    /// The claim holding the user id.
-    pub user_claim: String,
-    /// The claim holding the role, and the values meaning agent and client.
-    pub role_claim: String,
-    pub agent_role: String,
-    pub client_role: String,
-    /// Checked when set (and written into tokens relayd mints).
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
-    #[serde(serialize_with = "daemon::config::duration::show")]
-    pub leeway: Duration,
-    /// Lifetime of access tokens relayd mints for agent credentials.
-    #[serde(serialize_with = "daemon::config::duration::show")]
-    pub access_token_ttl: Duration,
-    /// Users whose tunnels need no client token.
-    pub public_users: Vec<String>,
-    pub signing_key_file: Option<PathBuf>,
-    /// The verification keys, described (the keys themselves are below).
-    pub key_summary: Vec<String>,
-    #[serde(skip)]
-    pub signer: Option<Arc<Signer>>,
-    #[serde(skip)]
-    pub keys: Vec<VerifyKey>,
-    #[serde(serialize_with = "show_opt_uri")]
-    pub jwks_url: Option<http::Uri>,
-    #[serde(serialize_with = "daemon::config::duration::show")]
-    pub jwks_min_interval: Duration,
-    /// How the JWKS URL is fetched over HTTPS (the system's roots).
-    #[serde(skip)]
-    pub jwks_tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-fn show_opt_uri<S: serde::Serializer>(u: &Option<http::Uri>, s: S) -> Result<S::Ok, S::Error> {
-    match u {
-        Some(u) => s.collect_str(u),
-        None => s.serialize_none(),
-    }
-}
-
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        Self {
-            user_claim: "sub".into(),
-            role_claim: "role".into(),
-            agent_role: "agent".into(),
-            client_role: "client".into(),
-            issuer: None,
-            audience: None,
-            leeway: Duration::from_secs(30),
-            access_token_ttl: Duration::from_secs(3600),
-            public_users: Vec::new(),
-            signing_key_file: None,
-            key_summary: Vec::new(),
-            signer: None,
-            keys: Vec::new(),
-            jwks_url: None,
-            jwks_min_interval: Duration::from_secs(60),
-            jwks_tls: None,
-        }
-    }
 }
 
 /// A static token from `[[users]]`.
@@ -456,106 +390,6 @@ impl Identity {
             expires: None,
             via: Via::Credential,
         })
-    }
-
-    /// The keys a token with `header` may be verified with.
-    async fn candidates(&self, header: &jsonwebtoken::Header) -> Result<Vec<VerifyKey>, AuthError> {
-        let pick = |keys: Vec<VerifyKey>| -> Vec<VerifyKey> {
-            match &header.kid {
-                Some(kid) => {
-                    keys.into_iter().filter(|k| k.kid.as_deref() == Some(kid.as_str())).collect()
-                }
-                None => keys.into_iter().filter(|k| k.alg == header.alg).collect(),
-            }
-        };
-        let all = |this: &Self| {
-            let mut keys = this.config.keys.clone();
-            if let Some(s) = &this.config.signer {
-                keys.push(s.verify_key());
-            }
-            if let Some(j) = &this.jwks {
-                keys.extend(j.keys());
-            }
-            keys
-        };
-        let found = pick(all(self));
-        if !found.is_empty() {
-            return Ok(found);
-        }
-        // An unknown kid may be a provider's new key: look again, at most
-        // once per interval. A fetch already under way (the one at start)
-        // is waited for, and its keys count.
-        if header.kid.is_some()
-            && let Some(j) = &self.jwks
-        {
-            j.refresh().await;
-            let found = pick(all(self));
-            if !found.is_empty() {
-                return Ok(found);
-            }
-        }
-        Err(if header.kid.is_some() { AuthError::UnknownKey } else { AuthError::Algorithm })
-    }
-
-    async fn jwt(&self, token: &str) -> Result<Principal, AuthError> {
-        // `alg: none` (and any algorithm the library does not implement)
-        // fails here: no such key exists.
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Unknown)?;
-        if header.crit.is_some() {
-            return Err(AuthError::Claims("critical header parameters are not supported".into()));
-        }
-        let mut last = AuthError::Algorithm;
-        for key in self.candidates(&header).await? {
-            if key.alg != header.alg {
-                last = AuthError::Algorithm;
-                continue;
-            }
-            let mut v = Validation::new(key.alg);
-            v.leeway = self.config.leeway.as_secs();
-            v.validate_nbf = true;
-            v.validate_exp = true;
-            // A configured issuer or audience must be present, not just
-            // right when present.
-            let mut required = vec!["exp"];
-            if let Some(iss) = &self.config.issuer {
-                v.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            match &self.config.audience {
-                Some(aud) => {
-                    v.set_audience(&[aud]);
-                    required.push("aud");
-                }
-                None => v.validate_aud = false,
-            }
-            v.set_required_spec_claims(&required);
-            match jsonwebtoken::decode::<Value>(token, &key.key, &v) {
-                Ok(data) => {
-                    return claims::principal_of(&self.config, &data.claims, SystemTime::now());
-                }
-                Err(e) => {
-                    use jsonwebtoken::errors::ErrorKind as K;
-                    last = match e.kind() {
-                        K::InvalidSignature => AuthError::BadSignature,
-                        K::ExpiredSignature => AuthError::Expired,
-                        K::ImmatureSignature => AuthError::NotYetValid,
-                        K::InvalidIssuer => AuthError::Issuer,
-                        K::InvalidAudience => AuthError::Audience,
-                        K::InvalidAlgorithm => AuthError::Algorithm,
-                        K::MissingRequiredClaim(c) => AuthError::Claims(format!("no {c} claim")),
-                        K::InvalidClaimFormat(c) => {
-                            AuthError::Claims(format!("the {c} claim is malformed"))
-                        }
-                        _ => AuthError::Unknown,
-                    };
-                    // Another key with the same kid may still match.
-                    if last != AuthError::BadSignature {
-                        return Err(last);
-                    }
-                }
-            }
-        }
-        Err(last)
     }
 
     /// Mints a JWT for `user` with `role`, valid for `ttl`; `scope` makes it

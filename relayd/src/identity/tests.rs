@@ -5,8 +5,9 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde_json::json;
+use serde_json::{Value, json};
 
+use super::keys::Signer;
 use super::*;
 
 fn identity() -> (Identity, Arc<Signer>) {

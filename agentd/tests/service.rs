@@ -297,3 +297,44 @@ fn the_man_page_names_no_page_that_is_not_shipped() {
     assert!(!page.contains("agentd\\-pin") && !page.contains("agentd-pin"), "{page}");
     assert!(!page.contains("agentd\\-help") && !page.contains("agentd-help"), "{page}");
 }
+
+/// What the journal shows by default is the message text: it says what
+/// happened, why, and what comes next (the fields stay for queries).
+#[tokio::test]
+async fn a_warning_says_its_cause_in_its_message_text() {
+    let dir = TempDir::new("agentd-messages");
+    let notify = NotifySocket::bind(&dir);
+    let relay_port = closed_port();
+    let config = dir.path("agentd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "relay = \"ws://127.0.0.1:{relay_port}\"\ntoken = \"{}\"\n[control]\nsocket = \"off\"\n",
+            tunnel_tests::agent_token("alice"),
+        ),
+    )
+    .expect("write the config");
+    let mut child = agentd(&config, &notify)
+        .env("AGENTD_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agentd");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let message = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+            let text = v["fields"]["message"].as_str().unwrap_or_default().to_owned();
+            if text.starts_with("cannot connect") {
+                return text;
+            }
+        }
+        panic!("agentd ended its log without the warning");
+    })
+    .await
+    .expect("the warning in time");
+    assert!(message.contains(&format!("127.0.0.1:{relay_port}")), "{message}");
+    assert!(message.contains("Connection refused"), "the cause: {message}");
+    assert!(message.contains("retrying in"), "what comes next: {message}");
+    let _ = child.kill().await;
+}

@@ -164,15 +164,21 @@ pub fn open(control: &Control) -> Result<Option<(UnixListener, Bound)>, BindErro
     }
 }
 
-/// Binds daemon `name`'s control socket as [`open`] does and serves
-/// `service` on it; the socket serves until the returned [`Bound`] is
-/// dropped (a daemon keeps it through its drain). `None`: no socket.
-pub fn start<S>(
-    control: &Control,
-    name: &'static str,
-    service: S,
-) -> Result<Option<Bound>, BindError>
-where
+/// A daemon's gRPC service, as tonic serves it.
+pub trait Service:
+    tonic::codegen::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+    > + tonic::server::NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Service for S where
     S: tonic::codegen::Service<
             http::Request<tonic::body::Body>,
             Response = http::Response<tonic::body::Body>,
@@ -181,7 +187,19 @@ where
         + Clone
         + Send
         + Sync
-        + 'static,
+        + 'static
+{
+}
+
+/// Binds daemon `name`'s control socket as [`open`] does and serves
+/// `service` on it; the socket serves until the returned [`Bound`] is
+/// dropped (a daemon keeps it through its drain). `None`: no socket.
+pub fn start<S: Service>(
+    control: &Control,
+    name: &'static str,
+    service: S,
+) -> Result<Option<Bound>, BindError>
+where
     S::Future: Send + 'static,
 {
     let Some((listener, bound)) = open(control)? else { return Ok(None) };
@@ -199,21 +217,12 @@ where
 
 /// Serves a daemon's gRPC `service` on `listener` until `stop` (the
 /// server both daemons run, written once).
-pub async fn serve<S>(
+pub async fn serve<S: Service>(
     service: S,
     listener: UnixListener,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error>
 where
-    S: tonic::codegen::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
     S::Future: Send + 'static,
 {
     let incoming =

@@ -11,6 +11,25 @@ use nix::unistd::Pid;
 use tunnel_tests::notify::NotifySocket;
 use tunnel_tests::{TempDir, WAIT};
 
+/// relayd on `config` as systemd starts it with a socket unit: the
+/// socket at fd 3, LISTEN_FDS=1, LISTEN_PID its pid (the shell moves its
+/// stdin to fd 3 and execs, so its pid is relayd's), NOTIFY_SOCKET set.
+fn activated_relayd(
+    config: &std::path::Path,
+    activated: std::net::TcpListener,
+    notify: &NotifySocket,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --config \"$1\" 3<&0 0</dev/null")
+        .arg(env!("CARGO_BIN_EXE_relayd"))
+        .arg(config)
+        .stdin(Stdio::from(OwnedFd::from(activated)))
+        .stdout(Stdio::null())
+        .env("NOTIFY_SOCKET", notify.path());
+    cmd
+}
+
 #[tokio::test]
 async fn relayd_serves_on_the_socket_systemd_passes_and_reports_its_state() {
     let dir = TempDir::new("relayd-notify");
@@ -31,17 +50,7 @@ async fn relayd_serves_on_the_socket_systemd_passes_and_reports_its_state() {
         ),
     )
     .expect("write the config");
-    // systemd's convention: the socket at fd 3, LISTEN_FDS=1, LISTEN_PID
-    // the daemon's pid. The shell moves its stdin to fd 3 and execs, so
-    // its pid is relayd's.
-    let mut child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --config \"$1\" 3<&0 0</dev/null")
-        .arg(env!("CARGO_BIN_EXE_relayd"))
-        .arg(&config)
-        .stdin(Stdio::from(OwnedFd::from(activated)))
-        .stdout(Stdio::null())
-        .env("NOTIFY_SOCKET", notify.path())
+    let mut child = activated_relayd(&config, activated, &notify)
         .env("WATCHDOG_USEC", "400000")
         .env("RELAYD_LOG", "warn")
         .kill_on_drop(true)
@@ -99,15 +108,8 @@ async fn a_relayd_that_cannot_start_holds_its_activated_socket_and_says_why() {
         ),
     )
     .expect("write the config");
-    let child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --config \"$1\" 3<&0 0</dev/null")
-        .arg(env!("CARGO_BIN_EXE_relayd"))
-        .arg(&config)
-        .stdin(Stdio::from(OwnedFd::from(activated)))
-        .stdout(Stdio::null())
+    let child = activated_relayd(&config, activated, &notify)
         .stderr(Stdio::piped())
-        .env("NOTIFY_SOCKET", notify.path())
         .env("RELAYD_LOG", "info")
         .kill_on_drop(true)
         .spawn()

@@ -41,6 +41,19 @@ fn claims(user: &str, role: &str, exp: Value) -> Value {
             "exp": exp, "jti": format!("t_{:016x}", rand::random::<u64>()) })
 }
 
+/// A relay over `state` with `identity` settings, and alice's agent
+/// (connected with a credential) in front of a stand-in Ollama.
+async fn served(state: &TempDir, identity: &str) -> (TestRelay, StandIn, TestAgent) {
+    let relay = TestRelay::with_state(config(state, identity)).await;
+    let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
+    let secret = relay.relay.issue_credential("alice").expect("credential").secret;
+    let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
+        c.token = Some(secret);
+    })
+    .await;
+    (relay, upstream, agent)
+}
+
 /// Signs `claims` with the relay's own key (the one it made in its state
 /// directory).
 fn sign(relay: &TestRelay, claims: &Value) -> String {
@@ -142,14 +155,7 @@ async fn a_rotated_out_credentials_access_tokens_stop_working_with_it() {
 async fn a_token_whose_exp_has_a_fraction_expires_like_any_other() {
     init_logging();
     let state = TempDir::new("trust-float");
-    let relay = TestRelay::with_state(config(&state, "leeway = \"0s\"")).await;
-    let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let credential = relay.relay.issue_credential("alice").expect("credential");
-    let secret = credential.secret.clone();
-    let _agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = Some(secret);
-    })
-    .await;
+    let (relay, _upstream, _agent) = served(&state, "leeway = \"0s\"").await;
     let exp = now() + 1.5;
     let client = sign(&relay, &claims("alice", "client", json!(exp)));
     let http = reqwest::Client::new();
@@ -238,14 +244,7 @@ async fn a_share_claim_with_a_member_the_relay_does_not_know_is_refused() {
 async fn a_share_token_for_one_model_cannot_name_another_in_a_key_go_would_read() {
     init_logging();
     let state = TempDir::new("trust-model");
-    let relay = TestRelay::with_state(config(&state, "")).await;
-    let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let credential = relay.relay.issue_credential("alice").expect("credential");
-    let secret = credential.secret.clone();
-    let _agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = Some(secret);
-    })
-    .await;
+    let (relay, upstream, _agent) = served(&state, "").await;
     let scope = Scope { paths: vec![], models: vec!["llama3.2".into()] };
     let token = relay
         .relay

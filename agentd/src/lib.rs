@@ -22,6 +22,7 @@ pub mod enrollment;
 mod metrics;
 pub mod pin;
 pub mod policy;
+mod reconnect;
 pub mod renew;
 pub mod service;
 mod session;
@@ -474,6 +475,6 @@ impl Agent {
             tracing::warn!("Agent::run called twice");
             return;
         };
-        supervisor::run(self.shared.clone(), inbox, shutdown).await
+        reconnect::run(self.shared.clone(), inbox, shutdown).await
     }
 }

@@ -205,7 +205,7 @@ fn rotate_status(e: crate::RotateError) -> Status {
         E::NotConnected => Status::unavailable(e.to_string()),
         // The relay said no: not this caller's permission on the socket.
         E::Refused { .. } => Status::failed_precondition(e.to_string()),
-        E::Exchange(_) | E::Unexpected(_) => Status::unavailable(e.to_string()),
+        E::Exchange(_) | E::Unexpected { .. } => Status::unavailable(e.to_string()),
         E::Store { .. } => Status::internal(e.to_string()),
     }
 }

@@ -133,8 +133,8 @@ pub enum RotateError {
     Refused { step: &'static str, code: u16, message: String },
     #[error("cannot store the new credential in {}: {why}; the old one stays valid", path.display())]
     Store { path: std::path::PathBuf, why: String },
-    #[error("unexpected answer from the relay: {0}")]
-    Unexpected(String),
+    #[error("the relay answered {step} with {got}")]
+    Unexpected { step: &'static str, got: &'static str },
 }
 
 /// A token installed.
@@ -158,7 +158,7 @@ pub enum InstallError {
     #[error("cannot store the token in {}: {why}", path.display())]
     Store { path: std::path::PathBuf, why: String },
     #[error("unexpected answer from the relay: {0}")]
-    Unexpected(String),
+    Unexpected(&'static str),
 }
 
 impl Agent {
@@ -282,7 +282,7 @@ impl Agent {
         let session = self.shared.current().ok_or(RotateError::NotConnected)?;
         let refused = |step, r: renew::Reply| match r {
             renew::Reply::Refused { code, message } => RotateError::Refused { step, code, message },
-            other => RotateError::Unexpected(format!("{step}: {other:?}")),
+            other => RotateError::Unexpected { step, got: other.kind() },
         };
         let credential = match session.exchange(Message::Rotate(tunnel_proto::Empty {})).await? {
             renew::Reply::Credential(c) => c,
@@ -326,7 +326,7 @@ impl Agent {
                     Ok(renew::Reply::Refused { code, message }) => {
                         return Err(InstallError::Refused { code, message });
                     }
-                    Ok(other) => return Err(InstallError::Unexpected(format!("{other:?}"))),
+                    Ok(other) => return Err(InstallError::Unexpected(other.kind())),
                     // An old relay: used from the next connection.
                     Err(renew::ExchangeError::Unsupported) => false,
                     Err(e) => return Err(InstallError::Exchange(e)),

@@ -42,6 +42,18 @@ pub enum Reply {
     },
 }
 
+impl Reply {
+    /// The message the relay answered with, for an error that did not
+    /// expect it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Authorized(_) => "authorized",
+            Reply::Credential(_) => "credential",
+            Reply::Refused { .. } => "error",
+        }
+    }
+}
+
 /// Why an exchange got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExchangeError {

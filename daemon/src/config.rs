@@ -119,6 +119,12 @@ pub fn private_file(path: &Path) -> Result<(), ConfigError> {
 /// the directory synced. A crash leaves the old file or the new one, never
 /// half of either.
 pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    write_secret_bytes(path, format!("{secret}\n").as_bytes())
+}
+
+/// [`write_secret`] for bytes that are not text (a random key), written
+/// as they are.
+pub fn write_secret_bytes(path: &Path, secret: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -128,8 +134,7 @@ pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     let result = (|| {
         let mut f =
             std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(secret.as_bytes())?;
-        f.write_all(b"\n")?;
+        f.write_all(secret)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(dir)?.sync_all()

@@ -188,7 +188,7 @@ async fn run(shared: Arc<Shared>, mut socket: AgentSocket, principal: Principal,
                 let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
                     code:
                         tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Protocol,
-                    reason: why.into(),
+                    reason: why.to_string().into(),
                 };
                 let _ = socket.close(Some(frame)).await;
                 return;
@@ -232,28 +232,47 @@ async fn run(shared: Arc<Shared>, mut socket: AgentSocket, principal: Principal,
     shared.hub.remove(&session);
 }
 
+/// Why an agent's `hello` was not accepted (the session closes with 1002
+/// and this reason).
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("no hello from the agent in time")]
+    Timeout,
+    #[error("first message must be hello")]
+    NotHello,
+    #[error("socket error before hello: {0}")]
+    Socket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("agent closed before hello")]
+    Closed,
+    #[error("hello lacks the required capability {0}")]
+    MissingCapability(String),
+    #[error("unsupported protocol version {0}")]
+    Version(u32),
+    #[error("{0}")]
+    Invalid(#[from] tunnel_proto::ProtocolError),
+}
+
 /// Reads the agent's `hello` within the configured time.
 async fn handshake(
     shared: &Shared,
     socket: &mut AgentSocket,
-) -> Result<tunnel_proto::Hello, String> {
+) -> Result<tunnel_proto::Hello, HandshakeError> {
     let first = tokio::time::timeout(shared.config.hello_timeout, socket.next())
         .await
-        .map_err(|_| "no hello from the agent in time".to_owned())?;
+        .map_err(|_| HandshakeError::Timeout)?;
     let text = match first {
         Some(Ok(Ws::Text(t))) => t,
-        Some(Ok(_)) => return Err("first message must be hello".into()),
-        Some(Err(e)) => return Err(format!("socket error before hello: {e}")),
-        None => return Err("agent closed before hello".into()),
+        Some(Ok(_)) => return Err(HandshakeError::NotHello),
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(HandshakeError::Closed),
     };
-    match Message::decode(&text, &shared.config.limits) {
-        Ok(Message::Hello(h)) if h.version >= 1 => match capability::missing(&h.capabilities) {
-            Some(c) => Err(format!("hello lacks the required capability {c}")),
+    match Message::decode(&text, &shared.config.limits)? {
+        Message::Hello(h) if h.version >= 1 => match capability::missing(&h.capabilities) {
+            Some(c) => Err(HandshakeError::MissingCapability(c.to_string())),
             None => Ok(h),
         },
-        Ok(Message::Hello(h)) => Err(format!("unsupported protocol version {}", h.version)),
-        Ok(_) => Err("first message must be hello".into()),
-        Err(e) => Err(e.to_string()),
+        Message::Hello(h) => Err(HandshakeError::Version(h.version)),
+        _ => Err(HandshakeError::NotHello),
     }
 }
 

@@ -98,7 +98,7 @@ pub fn open_state(config: &Config) -> Result<State, StateError> {
         Ok(k) if k.len() >= 32 => k,
         _ => {
             let key = random_key();
-            write_private(&key_path, &key).map_err(io)?;
+            daemon::config::write_secret_bytes(&key_path, &key).map_err(io)?;
             key
         }
     };
@@ -109,22 +109,6 @@ fn random_key() -> Vec<u8> {
     let mut key = vec![0u8; 32];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key);
     key
-}
-
-/// Writes `data` to `path` readable by its owner only, atomically.
-fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// What a revocation did.

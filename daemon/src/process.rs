@@ -101,16 +101,6 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context that no signal reaches (tests, embedding).
-    pub fn detached(shutdown: CancellationToken) -> Self {
-        Self {
-            shutdown,
-            reloads: tokio::sync::watch::channel(0).1,
-            activated: Default::default(),
-            args: CommonArgs::default(),
-        }
-    }
-
     /// The configuration file read and resolved again (a SIGHUP reload), as
     /// at start; a context without a file (tests) reads the default path.
     pub fn load_again<D: Daemon>(&self) -> Result<ConfigOf<D>, crate::ConfigError> {

@@ -244,11 +244,6 @@ impl Admission {
             Some(w) => Verdict::SourceBlocked { retry_after: w },
         }
     }
-
-    /// Sources with refused attempts remembered (for tests and metrics).
-    pub fn tracked_sources(&self) -> usize {
-        self.refused.tracked()
-    }
 }
 
 #[cfg(test)]

@@ -172,13 +172,6 @@ pub enum AuthError {
     Claims(String),
 }
 
-impl AuthError {
-    /// Whether the client's token simply ran out (a fresh one will do).
-    pub fn is_expiry(&self) -> bool {
-        matches!(self, AuthError::Expired)
-    }
-}
-
 /// Something identity could not do (minting, issuing, revoking).
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -441,11 +434,6 @@ impl Identity {
     /// The credentials issued so far.
     pub fn credentials(&self) -> Result<Vec<CredentialRecord>, IdentityError> {
         Ok(self.store.list()?)
-    }
-
-    /// The record of credential `id`.
-    pub fn credential_record(&self, id: &str) -> Result<Option<CredentialRecord>, IdentityError> {
-        Ok(self.store.get(id)?)
     }
 }
 

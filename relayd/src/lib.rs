@@ -71,10 +71,11 @@ pub enum StateError {
 /// Opens the credential store and the log key in `config.state_dir`
 /// (creating them on first start); in memory without a state directory.
 pub fn open_state(config: &Config) -> Result<State, StateError> {
+    let configured_key = config.identity.user_hash_key.clone();
     let Some(dir) = &config.state_dir else {
         return Ok(State {
             identity: Identity::in_memory(config.identity_config(), config.static_tokens()),
-            log_key: random_key(),
+            log_key: configured_key.unwrap_or_else(random_key),
         });
     };
     let io = |source| StateError::Io { path: dir.clone(), source };
@@ -94,8 +95,9 @@ pub fn open_state(config: &Config) -> Result<State, StateError> {
     }
     let identity = Identity::open(identity_config, config.static_tokens(), Arc::new(store))?;
     let key_path = dir.join("log.key");
-    let log_key = match std::fs::read(&key_path) {
-        Ok(k) if k.len() >= 32 => k,
+    let log_key = match (configured_key, std::fs::read(&key_path)) {
+        (Some(k), _) => k,
+        (None, Ok(k)) if k.len() >= 32 => k,
         _ => {
             let key = random_key();
             daemon::config::write_secret_bytes(&key_path, &key).map_err(io)?;
@@ -130,7 +132,8 @@ impl Relay {
     /// A relay with its credentials in memory (see [`Relay::with_state`]).
     pub fn new(config: Config) -> Self {
         let identity = Identity::in_memory(config.identity_config(), config.static_tokens());
-        Self::with_state(config, State { identity, log_key: random_key() })
+        let log_key = config.identity.user_hash_key.clone().unwrap_or_else(random_key);
+        Self::with_state(config, State { identity, log_key })
     }
 
     /// A relay over a state opened with [`open_state`].

@@ -317,3 +317,32 @@ async fn a_ping_flood_ends_with_a_close_frame_and_a_clean_closing_handshake() {
         "the relay dropped the connection (unread input: a reset) instead of finishing the closing handshake"
     );
 }
+
+/// Relays that share `[identity] user_hash_key_file` hash a user alike (so
+/// their access lines join); relays with their own `log.key` do not.
+#[tokio::test]
+async fn relays_sharing_a_user_hash_key_hash_a_user_alike() {
+    init_logging();
+    let keys = TempDir::new("trust-hash-key");
+    let key = keys.path("user-hash.key");
+    daemon::config::write_secret_bytes(&key, &[7u8; 32]).expect("key");
+    let shared = format!("user_hash_key_file = \"{}\"", key.display());
+    let (a, b) = (TempDir::new("trust-hash-a"), TempDir::new("trust-hash-b"));
+    let one = TestRelay::with_state(config(&a, &shared)).await;
+    let two = TestRelay::with_state(config(&b, &shared)).await;
+    assert_eq!(one.relay.user_hash("alice"), two.relay.user_hash("alice"));
+    let (c, d) = (TempDir::new("trust-hash-c"), TempDir::new("trust-hash-d"));
+    let three = TestRelay::with_state(config(&c, "")).await;
+    let four = TestRelay::with_state(config(&d, "")).await;
+    assert_ne!(three.relay.user_hash("alice"), four.relay.user_hash("alice"));
+    // A short key is refused at start.
+    let short = keys.path("short.key");
+    daemon::config::write_secret_bytes(&short, &[7u8; 8]).expect("key");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[identity]\nuser_hash_key_file = \"{}\"\n",
+        short.display()
+    );
+    use daemon::Resolve as _;
+    let err = toml::from_str::<relayd::ConfigFile>(&text).expect("parses").resolve();
+    assert!(err.expect_err("too short").to_string().contains("at least 32 bytes"));
+}

@@ -38,6 +38,11 @@ pub struct IdentityFile {
     pub signing_key_file: Option<PathBuf>,
     /// An HS256 shared secret (mode 0600, at least 32 bytes).
     pub hs256_secret_file: Option<PathBuf>,
+    /// The key user ids are hashed with in logs (HMAC-SHA256; mode 0600, at
+    /// least 32 bytes). Relays that share one hash a user alike, so their
+    /// access lines join. Default: `log.key` in `state_dir`, made at first
+    /// start.
+    pub user_hash_key_file: Option<PathBuf>,
     /// Public keys of other issuers, each pinned to one algorithm.
     #[serde(default)]
     pub keys: Vec<KeyFile>,
@@ -82,6 +87,21 @@ impl IdentityFile {
                     path.display()
                 ));
                 Some(Arc::new(signer))
+            }
+            None => None,
+        };
+        let user_hash_key = match &self.user_hash_key_file {
+            Some(path) => {
+                private_file(path)?;
+                let key = std::fs::read(path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                if key.len() < 32 {
+                    return Err(invalid(format!(
+                        "user_hash_key_file {}: at least 32 bytes (head -c 32 /dev/urandom > FILE)",
+                        path.display()
+                    )));
+                }
+                Some(key)
             }
             None => None,
         };
@@ -163,6 +183,8 @@ impl IdentityFile {
             )?,
             public_users,
             signing_key_file: self.signing_key_file,
+            user_hash_key_file: self.user_hash_key_file,
+            user_hash_key,
             key_summary: summary,
             signer,
             keys: verify,

@@ -28,6 +28,11 @@ pub struct IdentityConfig {
     /// Users whose tunnels need no client token.
     pub public_users: Vec<String>,
     pub signing_key_file: Option<PathBuf>,
+    /// The key user ids are hashed with in logs, when configured (else the
+    /// state directory's `log.key`).
+    pub user_hash_key_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub user_hash_key: Option<Vec<u8>>,
     /// The verification keys, described (the keys themselves are below).
     pub key_summary: Vec<String>,
     #[serde(skip)]
@@ -63,6 +68,8 @@ impl Default for IdentityConfig {
             access_token_ttl: Duration::from_secs(3600),
             public_users: Vec::new(),
             signing_key_file: None,
+            user_hash_key_file: None,
+            user_hash_key: None,
             key_summary: Vec::new(),
             signer: None,
             keys: Vec::new(),

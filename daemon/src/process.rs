@@ -313,10 +313,10 @@ async fn watch_signals(
 
 /// `NAME man`: the daemon's man page (section 8, roff) from its command
 /// line definition, on stdout.
-/// The man page of `command`, section 8: one page, its commands described
-/// on it (clap_mangen would point at a page per command, which nobody
-/// ships).
-fn render_man(command: clap::Command, out: &mut Vec<u8>) -> std::io::Result<()> {
+/// The man page of `command` in `section`: one page, its commands
+/// described on it (clap_mangen would point at a page per command, which
+/// nobody ships). tunnelctl's page (section 1) is made the same way.
+pub fn render_man(command: clap::Command, section: &str, out: &mut Vec<u8>) -> std::io::Result<()> {
     use clap_mangen::roff::{Roff, bold, roman};
     let command = command.disable_help_subcommand(true);
     let commands: Vec<(String, String)> = command
@@ -326,7 +326,7 @@ fn render_man(command: clap::Command, out: &mut Vec<u8>) -> std::io::Result<()> 
             (c.get_name().to_owned(), c.get_about().map(ToString::to_string).unwrap_or_default())
         })
         .collect();
-    let man = clap_mangen::Man::new(command).section("8");
+    let man = clap_mangen::Man::new(command).section(section);
     man.render_title(out)?;
     man.render_name_section(out)?;
     man.render_synopsis_section(out)?;
@@ -376,7 +376,7 @@ pub fn parse<D: Daemon, C: clap::Subcommand>() -> Cli<C> {
 pub fn print_man(command: clap::Command) -> ExitCode {
     let name = command.get_name().to_owned();
     let mut out = Vec::new();
-    if let Err(e) = render_man(command, &mut out) {
+    if let Err(e) = render_man(command, "8", &mut out) {
         eprintln!("{name}: {e}");
         return ExitStatus::Failure.into();
     }

@@ -571,3 +571,14 @@ async fn with_both_daemons_here_tunnelctl_says_which_one_answers() {
     assert!(stdout.starts_with("relayd "), "{stdout}");
     assert!(stderr.is_empty(), "asked for by name: no note ({stderr})");
 }
+
+/// tunnelctl's man page describes its commands on the page: it points at
+/// no `tunnelctl-status(1)`, which no package ships.
+#[test]
+fn the_man_page_names_no_page_that_is_not_shipped() {
+    let out = Command::new(BIN).arg("man").output().expect("tunnelctl man");
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(page.contains(".SH COMMANDS") && page.contains("\\fBstatus\\fR"), "{page}");
+    assert!(!page.contains("tunnelctl\\-status") && !page.contains("tunnelctl-status"), "{page}");
+}

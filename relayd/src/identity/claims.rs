@@ -23,7 +23,7 @@ pub const MAX_NUMERIC_DATE: u64 = 253_402_300_799;
 pub const CREDENTIAL_CLAIM: &str = "cred";
 
 /// The instant `secs` seconds after 1970, when it is one a token may name.
-pub fn instant(secs: f64) -> Option<SystemTime> {
+fn instant(secs: f64) -> Option<SystemTime> {
     (secs.is_finite() && (0.0..=MAX_NUMERIC_DATE as f64).contains(&secs))
         .then(|| UNIX_EPOCH + Duration::from_secs_f64(secs))
 }

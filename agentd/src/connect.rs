@@ -13,7 +13,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use rustls::pki_types::ServerName;
 
-use tunnel_proto::{Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
+use tunnel_proto::{Frame, Hello, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, capability};
 
 use crate::Config;
 use crate::config::Target;
@@ -166,7 +166,7 @@ async fn try_connect(
         limits: *limits,
     });
     socket
-        .send(Ws::text(hello.encode()))
+        .send(link::ws(Frame::message(&hello)))
         .await
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let reply = match socket.next().await {

@@ -26,7 +26,7 @@ use tunnel_proto::flow::{
     BufferGauge, Inbox, InboxSender, PushError, SendWindow, StreamAbort, inbox,
 };
 use tunnel_proto::frame::DataFrame;
-use tunnel_proto::{Limits, Message, ProtocolError, RequestBody, StreamId, Violation};
+use tunnel_proto::{Encoder, Limits, Message, ProtocolError, RequestBody, StreamId, Violation};
 
 use crate::renew::{Renewal, Reply};
 use crate::stream::{StreamHandle, StreamTable};
@@ -92,7 +92,8 @@ pub struct SessionParams {
 pub struct Session {
     pub id: String,
     me: Weak<Session>,
-    peer: Limits,
+    /// Heads for the relay, under the limits it announced in `welcome`.
+    encoder: Encoder,
     local: Limits,
     link: Arc<Link>,
     streams: Mutex<HashMap<String, StreamEntry>>,
@@ -120,7 +121,7 @@ impl Session {
         let session = Arc::new_cyclic(|me| Self {
             id: p.id,
             me: me.clone(),
-            peer: p.peer,
+            encoder: Encoder::new(p.peer),
             local: p.local,
             link,
             streams: Mutex::new(HashMap::new()),
@@ -276,7 +277,7 @@ impl Session {
             RequestBody::Inline(_) => (None, None),
         };
         let cancel = CancellationToken::new();
-        let window = Arc::new(SendWindow::new(self.peer.initial_window));
+        let window = Arc::new(SendWindow::new(self.encoder.peer().initial_window));
         let refused = {
             let mut streams = self.lock_streams();
             if self.draining.load(Ordering::Relaxed) {
@@ -297,8 +298,16 @@ impl Session {
             self.link.push_urgent(Message::error(id.as_str(), code, why));
             return;
         }
-        let chunk = self.local.chunk_towards(&self.peer);
-        let handle = StreamHandle::new(id, self.link.clone(), me, window, chunk, self.acks);
+        let chunk = self.local.chunk_towards(self.encoder.peer());
+        let handle = StreamHandle {
+            id,
+            link: self.link.clone(),
+            table: me,
+            window,
+            chunk,
+            acks: self.acks,
+            encoder: self.encoder.clone(),
+        };
         let session = self.id.clone();
         self.tasks.spawn(upstream::serve(
             session,

@@ -10,8 +10,9 @@ use link::body::Credit;
 use link::chunks::SendError;
 use link::{Closed, Link, Outbound};
 
+use http::StatusCode;
 use tunnel_proto::flow::SendWindow;
-use tunnel_proto::{Message, StreamId};
+use tunnel_proto::{Encoder, Headers, Message, StreamId};
 
 /// The session's side of a stream: its table entry.
 pub trait StreamTable: Send + Sync {
@@ -23,24 +24,28 @@ pub trait StreamTable: Send + Sync {
 
 /// A stream's task's handle on its session.
 pub struct StreamHandle {
-    id: StreamId,
-    link: Arc<Link>,
-    table: Arc<dyn StreamTable>,
-    window: Arc<SendWindow>,
-    chunk: usize,
-    acks: bool,
+    pub(crate) id: StreamId,
+    pub(crate) link: Arc<Link>,
+    pub(crate) table: Arc<dyn StreamTable>,
+    pub(crate) window: Arc<SendWindow>,
+    /// The largest body frame's payload.
+    pub(crate) chunk: usize,
+    /// Whether the relay wants requests acknowledged.
+    pub(crate) acks: bool,
+    pub(crate) encoder: Encoder,
 }
 
 impl StreamHandle {
-    pub(crate) fn new(
-        id: StreamId,
-        link: Arc<Link>,
-        table: Arc<dyn StreamTable>,
-        window: Arc<SendWindow>,
-        chunk: usize,
-        acks: bool,
-    ) -> Self {
-        Self { id, link, table, window, chunk, acks }
+    /// Answers the request with a head; body frames follow when
+    /// `body_follows`.
+    pub async fn send_head(
+        &self,
+        status: StatusCode,
+        headers: Headers,
+        body_follows: bool,
+    ) -> Result<(), Closed> {
+        let head = self.encoder.response_head(&self.id, status, headers, body_follows);
+        self.link.send(Outbound::of(&self.id, head)).await
     }
 
     pub async fn send_msg(&self, msg: &Message) -> Result<(), Closed> {

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use tunnel_proto::flow::Inbox;
-use tunnel_proto::{Headers, Message, RequestBody, ResponseHeadMsg, TunnelRequest};
+use tunnel_proto::{Headers, Message, RequestBody, TunnelRequest};
 
 use daemon::observe::{CancelReason, Observer, Outcome as Ended, Span};
 
@@ -346,11 +346,9 @@ async fn exchange(
         parts.status.as_u16(),
         parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
     );
-    let head =
-        Message::ResponseHead(ResponseHeadMsg::new(&id, parts.status, headers, body_follows));
     // A full writer queue (a congested tunnel) must not hold the head past
     // the acknowledgement: the ack overtakes it.
-    let queued = stream.send_msg(&head);
+    let queued = stream.send_head(parts.status, headers, body_follows);
     tokio::pin!(queued);
     let queued = tokio::select! {
         r = &mut queued => r,

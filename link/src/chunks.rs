@@ -7,10 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio_tungstenite::tungstenite::Message as Ws;
 
 use tunnel_proto::flow::SendWindow;
-use tunnel_proto::{StreamId, frame};
+use tunnel_proto::{Frame, StreamId};
 
 use crate::{Link, Outbound};
 
@@ -79,7 +78,7 @@ pub async fn send(
         let piece = data.split_to(n);
         let end = last && data.is_empty();
         if want > 0 || end {
-            let f = Ws::Binary(frame::encode(id.as_str(), end, &piece));
+            let f = Frame::data(id, end, &piece);
             link.send(Outbound::of(id, f)).await.map_err(|_| SendError::Closed)?;
         }
         if data.is_empty() {

@@ -39,7 +39,7 @@ use tunnel_proto::error::Rejected;
 use tunnel_proto::flow::ControlQueue;
 use tunnel_proto::frame::DataFrame;
 use tunnel_proto::liveness::Heartbeat;
-use tunnel_proto::{Limits, Message, ProtocolError, StreamId};
+use tunnel_proto::{Frame, Limits, Message, ProtocolError, StreamId};
 
 /// Frames queued for the writer. Small: a full queue makes senders wait
 /// (backpressure), while cancels and credit bypass it.
@@ -68,21 +68,30 @@ pub fn ws_config(max_message: usize) -> WebSocketConfig {
 /// reaches the peer before the frame that opened its stream.
 pub struct Outbound {
     pub stream: Option<StreamId>,
-    pub frame: Ws,
+    pub frame: Frame,
     /// A frame that must follow `frame` in the same write (a small request
     /// body behind its request).
-    pub then: Option<Ws>,
+    pub then: Option<Frame>,
 }
 
 impl Outbound {
     /// A frame of stream `id`.
-    pub fn of(id: &StreamId, frame: Ws) -> Self {
+    pub fn of(id: &StreamId, frame: Frame) -> Self {
         Self { stream: Some(id.clone()), frame, then: None }
     }
 
     /// A control message in order with the stream's other frames.
     pub fn message(id: &StreamId, msg: &Message) -> Self {
-        Self::of(id, Ws::text(msg.encode()))
+        Self::of(id, Frame::message(msg))
+    }
+}
+
+/// The WebSocket frame that carries `frame`: the one place a protocol frame
+/// becomes a WebSocket message (the handshakes use it too).
+pub fn ws(frame: Frame) -> Ws {
+    match frame {
+        Frame::Text(text) => Ws::text(text),
+        Frame::Binary(data) => Ws::Binary(data),
     }
 }
 

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Error, Message as Ws};
 use tracing::debug;
+use tunnel_proto::Frame;
 
 use crate::{CLOSE_DEADLINE, End, Handler, Link, Outbound, WRITE_BATCH};
 
@@ -38,7 +39,7 @@ pub(crate) async fn run<S, H>(
             }
             loop {
                 for msg in link.urgent.take() {
-                    sink.feed(Ws::text(msg.encode())).await?;
+                    sink.feed(crate::ws(Frame::message(&msg))).await?;
                 }
                 let mut fed = 0;
                 while fed < WRITE_BATCH {
@@ -84,9 +85,9 @@ where
     {
         return Ok(());
     }
-    sink.feed(out.frame).await?;
+    sink.feed(crate::ws(out.frame)).await?;
     match out.then {
-        Some(then) => sink.feed(then).await,
+        Some(then) => sink.feed(crate::ws(then)).await,
         None => Ok(()),
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod budget;
 pub mod control;
+pub mod encode;
 pub mod error;
 pub mod exchange;
 pub mod flow;
@@ -24,6 +25,7 @@ pub mod liveness;
 pub mod message;
 pub mod path;
 
+pub use encode::{Encoder, Frame, OutBody, RequestOut};
 pub use error::{ProtocolError, Violation};
 pub use exchange::{RequestBody, ResponseHead, StreamId, TunnelRequest};
 pub use headers::Headers;

@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tracing::{info, warn};
 
-use tunnel_proto::{Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
+use tunnel_proto::{Frame, Limits, Message, PROTOCOL_VERSION, SUBPROTOCOL, Welcome, capability};
 
 use crate::admission::Verdict;
 use crate::auth;
@@ -222,7 +222,7 @@ async fn run(shared: Arc<Shared>, mut socket: AgentSocket, principal: Principal,
             expires_at: expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             token,
         });
-        if socket.send(Ws::text(welcome.encode())).await.is_err() {
+        if socket.send(link::ws(Frame::message(&welcome))).await.is_err() {
             return;
         }
     }

@@ -15,10 +15,9 @@ use hyper::body::Incoming;
 use link::body::InboxBody;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message as Ws;
 
 use tunnel_proto::flow::StreamAbort;
-use tunnel_proto::{Headers, HttpRequestMsg, Message, Violation, frame};
+use tunnel_proto::{Frame, Headers, OutBody, ProtocolError, RequestOut, Violation};
 
 use daemon::observe::{Outcome, Span};
 
@@ -166,21 +165,23 @@ async fn exchange(
 
     let mut body = Some(body);
     let parts = parts;
-    let msg = if session.is_legacy() {
+    let out_body = if session.is_legacy() {
         let whole = body.take().expect("the body is taken once");
-        let text = upload::read_legacy(whole, config.legacy_max_body).await?;
-        HttpRequestMsg::new(&id, &parts.method, target, headers, Some(text), false)
+        OutBody::Inline(upload::read_legacy(whole, config.legacy_max_body).await?)
+    } else if has_body {
+        OutBody::Follows
     } else {
-        HttpRequestMsg::new(&id, &parts.method, target, headers, None, has_body)
+        OutBody::None
     };
+    let req = RequestOut { id: &id, method: &parts.method, target, headers, body: out_body };
     // Refuse here what the agent would refuse, so the web client gets a
     // precise answer at once instead of a timeout. Nothing was sent: there
     // is nothing to cancel.
-    let text = match checked(&session, msg, target) {
-        Ok(t) => t,
-        Err(f) => {
+    let request = match session.encoder().request(req) {
+        Ok(frame) => frame,
+        Err(e) => {
             guard.complete();
-            return Err(f);
+            return Err(refused(e, target));
         }
     };
     let timeouts = config.timeouts_for(target.split('?').next().unwrap_or(target));
@@ -223,16 +224,14 @@ async fn exchange(
         if let Some(s) = span.as_mut() {
             s.uploaded(data.len() as u64);
         }
-        inline = Some(Ws::Binary(frame::encode(id.as_str(), true, &data)));
+        inline = Some(Frame::data(&id, true, &data));
     }
 
     // Until the agent acknowledges, the acknowledgement timer bounds the
     // wait too: it is what tells a stuck agent from a slow model.
     let ack_timeout = ack.as_ref().map(|_| config.ack_timeout);
     let send_deadline = clock.sending(Instant::now(), ack_timeout);
-    match tokio::time::timeout_at(send_deadline, session.send_then(&id, Ws::text(text), inline))
-        .await
-    {
+    match tokio::time::timeout_at(send_deadline, session.send_then(&id, request, inline)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Err(Failure::AgentGone),
         Err(_) => {
@@ -269,28 +268,18 @@ async fn exchange(
     Ok(answer(head, &parts, guard, inbox, timeouts.idle, clock.total(), span))
 }
 
-/// The `http_request` text, or why the agent would refuse it.
-fn checked(session: &Session, msg: HttpRequestMsg, target: &str) -> Result<String, Failure> {
-    if let Err(e) = msg.check(session.peer_limits()) {
-        let status = match e.kind {
-            Violation::InvalidPath if target.len() > tunnel_proto::limits::MAX_PATH_LEN => {
-                StatusCode::URI_TOO_LONG
-            }
-            Violation::TooManyHeaders | Violation::HeadersTooLarge => {
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-            }
-            _ => StatusCode::BAD_REQUEST,
-        };
-        return Err(Failure::refused(status, e.detail));
-    }
-    let text = Message::HttpRequest(msg).encode();
-    if !session.is_legacy() && text.len() > session.peer_limits().max_control_bytes as usize {
-        return Err(Failure::refused(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request head too large for the agent",
-        ));
-    }
-    Ok(text)
+/// The answer for a request the agent would refuse.
+fn refused(e: ProtocolError, target: &str) -> Failure {
+    let status = match e.kind {
+        Violation::InvalidPath if target.len() > tunnel_proto::limits::MAX_PATH_LEN => {
+            StatusCode::URI_TOO_LONG
+        }
+        Violation::TooManyHeaders | Violation::HeadersTooLarge => {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        }
+        _ => StatusCode::BAD_REQUEST,
+    };
+    Failure::refused(status, e.detail)
 }
 
 /// Waits for the response head while the clock runs: the acknowledgement

@@ -18,12 +18,11 @@ use hyper_util::rt::TokioIo;
 use link::{Link, LinkConfig, Outbound};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message as Ws;
 use tracing::{debug, info};
 
 use tunnel_proto::error::Rejected;
 use tunnel_proto::flow::{BufferGauge, Inbox, InboxSender, SendWindow, StreamAbort, inbox};
-use tunnel_proto::{Limits, Message, ProtocolError, StreamId, Violation};
+use tunnel_proto::{Encoder, Frame, Limits, Message, ProtocolError, StreamId, Violation};
 
 pub type AgentSocket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -89,8 +88,9 @@ pub struct Session {
     pub version: u32,
     pub connected_at: SystemTime,
     pub agent: String,
-    /// What the agent announced in `hello` (defaults for original agents).
-    peer: Limits,
+    /// Heads for the agent, under the limits it announced in `hello`
+    /// (defaults for original agents).
+    encoder: Encoder,
     /// What this relay announced in `welcome`.
     local: Limits,
     max_streams: usize,
@@ -176,7 +176,7 @@ impl Session {
             version: p.version,
             connected_at: SystemTime::now(),
             agent: p.agent,
-            peer: p.peer,
+            encoder: Encoder::new(p.peer),
             local: p.local,
             max_streams,
             link,
@@ -200,7 +200,7 @@ impl Session {
 
     /// Largest body chunk this relay sends to the agent.
     pub fn chunk_size(&self) -> usize {
-        self.local.chunk_towards(&self.peer)
+        self.local.chunk_towards(self.encoder.peer())
     }
 
     pub fn in_flight(&self) -> usize {
@@ -239,7 +239,7 @@ impl Session {
         let id = StreamId::new(format!("req_{n:x}")).expect("req_ + hex digits is a valid id");
         let (head_tx, head_rx) = oneshot::channel();
         let (body_tx, body_rx) = inbox(self.local.initial_window as usize, self.gauge.clone());
-        let window = Arc::new(SendWindow::new(self.peer.initial_window));
+        let window = Arc::new(SendWindow::new(self.encoder.peer().initial_window));
         let (ack_tx, ack_rx) = if self.acks {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -271,15 +271,15 @@ impl Session {
     pub async fn send_then(
         &self,
         id: &StreamId,
-        frame: Ws,
-        then: Option<Ws>,
+        frame: Frame,
+        then: Option<Frame>,
     ) -> Result<(), SessionClosed> {
         self.link.send(Outbound { stream: Some(id.clone()), frame, then }).await
     }
 
-    /// The limits the agent announced in `hello` (defaults for original agents).
-    pub fn peer_limits(&self) -> &Limits {
-        &self.peer
+    /// Encodes heads for this session's agent.
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
     }
 
     /// Tells the agent the relay is draining: finish in-flight streams, then

@@ -97,7 +97,9 @@ pub async fn accept(
             wait,
         );
     }
-    if shared.hub.len() >= shared.config.max_tunnels && shared.hub.get(&principal.user).is_none() {
+    if shared.router.local().len() >= shared.config.max_tunnels
+        && shared.router.local().get(&principal.user).is_none()
+    {
         return retry_after(
             err(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -227,9 +229,9 @@ async fn run(shared: Arc<Shared>, mut socket: AgentSocket, principal: Principal,
         }
     }
     info!(session = %session.id, user = %user_hash, version, "agent connected");
-    shared.hub.register(session.clone());
+    shared.router.local().register(session.clone());
     session.clone().run(socket, rx).await;
-    shared.hub.remove(&session);
+    shared.router.local().remove(&session);
 }
 
 /// Why an agent's `hello` was not accepted (the session closes with 1002

@@ -1,170 +1,97 @@
-//! One web request -> one stream on its user's session, in phases: what
-//! the relay keeps of the request, the `http_request` (with a small body in
-//! the same write), the upload, the wait for the head under the deadlines of
-//! [`crate::deadline`], and the answer the web client gets. Every way a
-//! request can fail is a [`Failure`], mapped to HTTP in one place
-//! ([`Failure::answer`]).
+//! Delivery over a local route: one admitted request -> one stream on an
+//! agent's session, in phases: the `http_request` (with a small body in the
+//! same write), the upload, the wait for the head under the deadlines of
+//! [`crate::deadline`], and the answer the web client gets. What may cross
+//! was decided at the edge ([`crate::edge`]), which session serves it by
+//! the router ([`crate::route`]). Every way a request can fail is a
+//! [`Failure`], mapped to HTTP in one place ([`Failure::answer`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
-use http::request::Parts;
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{Method, Response, StatusCode};
 use link::body::InboxBody;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use tunnel_proto::flow::StreamAbort;
-use tunnel_proto::{Frame, Headers, OutBody, ProtocolError, RequestOut, Violation};
+use tunnel_proto::flow::{Inbox, StreamAbort};
+use tunnel_proto::{Frame, OutBody, ProtocolError, RequestOut, Violation};
 
 use daemon::observe::{Outcome, Span};
 
 use crate::body::RelayBody;
 use crate::deadline::{Clock, Expired};
-use crate::identity::Scope;
+use crate::edge;
 use crate::response::{self, Failure, Shape};
-use crate::session::{Head, OpenError, OpenStream, Session};
+use crate::session::{Head, OpenError, OpenStream, Session, StreamGuard};
 use crate::shape::Trailer;
 use crate::state::{Conn, Shared};
-use crate::upload::{self, ClientBody, Pump};
+use crate::upload::{self, Pump};
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
-/// Whether a web client's header field stays at the relay: the relay's own
-/// credential and cookies (unless `forward_cookies`), the client's view of
-/// the relay's host (the agent sets `Host` for the local service), `Expect`
-/// (the relay already answered it), and forwarding fields a client could
-/// forge (unless they come from a trusted proxy).
-fn not_forwarded(name: &HeaderName, forward_cookies: bool, trusted_peer: bool) -> bool {
-    use http::header::{AUTHORIZATION, COOKIE, EXPECT, FORWARDED, HOST};
-    name == AUTHORIZATION
-        || name == HOST
-        || name == EXPECT
-        || (name == COOKIE && !forward_cookies)
-        || (!trusted_peer
-            && (name == FORWARDED
-                || name.as_str().starts_with("x-forwarded-")
-                || name.as_str() == "x-real-ip"))
-}
-
-/// Forwards `req` to `session`'s agent as a request for `target` (path and
-/// query at the local service) and returns the streamed answer.
-pub async fn forward(
+/// Delivers `req` to `session`'s agent and returns the streamed answer.
+/// The request's [`Span`] starts once its stream is open; every failure
+/// after that ends it with the answer the web client got.
+pub async fn deliver(
     shared: &Shared,
     conn: &Conn,
     session: Arc<Session>,
-    req: Request<Incoming>,
-    target: String,
-    scope: Option<Scope>,
+    req: edge::Request,
 ) -> Response<RelayBody> {
-    let shape = Shape::of(&target);
-    let mut span = None;
-    match exchange(shared, conn, session, req, &target, scope, &mut span).await {
-        Ok(resp) => resp,
+    let shape = Shape::of(req.path());
+    let stream = match session.open() {
+        Ok(stream) => stream,
+        Err(OpenError::TooManyStreams(n)) => return Failure::TooManyStreams(n).answer(shape),
+        Err(OpenError::Closed) => return Failure::AgentOffline(session.user.clone()).answer(shape),
+    };
+    let mut span = shared.observer.start(
+        &session.id,
+        stream.id.as_str(),
+        &session.user,
+        &session.user_hash,
+        req.parts.method.as_str(),
+        &req.target,
+    );
+    let method = req.parts.method.clone();
+    match exchange(shared, conn, &session, req, stream, &mut span).await {
+        Ok(reply) => answer(reply, &method, span),
         Err(f) => {
             let (outcome, cancel, reason) = f.outcome();
             let resp = f.answer(shape);
-            if let Some(mut span) = span {
-                span.head(resp.status().as_u16(), None);
-                span.end(outcome, cancel, &reason);
-            }
+            span.head(resp.status().as_u16(), None);
+            span.end(outcome, cancel, &reason);
             resp
         }
     }
 }
 
-/// Reads the whole body of a request made with a share token limited to
-/// some models, and checks the model it names.
-async fn models_checked(
-    body: Incoming,
-    scope: &Scope,
-    max: usize,
-    idle: Option<std::time::Duration>,
-) -> Result<Bytes, Failure> {
-    let bytes = upload::read_whole(
-        ClientBody::Left(body),
-        max,
-        idle,
-        "a share token limited to models takes request bodies of at most 16 MiB",
-    )
-    .await?;
-    // What is checked is what is forwarded: these very bytes, read the way
-    // the desktop's server will read them.
-    let models = crate::model::named_models(&bytes)
-        .map_err(|e| Failure::refused(StatusCode::BAD_REQUEST, e.to_string()))?;
-    if models.is_empty() {
-        return Err(Failure::Forbidden(
-            "this share token only allows requests that name one of its models".into(),
-        ));
-    }
-    match models.iter().find(|m| !scope.allows_model(m)) {
-        Some(m) => {
-            Err(Failure::Forbidden(format!("this share token does not cover the model {m:?}")))
-        }
-        None => Ok(bytes),
-    }
+/// What the agent answered, and what the answer's body still needs.
+struct Reply {
+    head: Head,
+    guard: StreamGuard,
+    inbox: Inbox,
+    idle: Option<Duration>,
+    total: Option<Instant>,
 }
 
+/// Sends the request on its open stream (a small body in the same write),
+/// starts the upload, and waits for the head under the deadlines.
 async fn exchange(
     shared: &Shared,
     conn: &Conn,
-    session: Arc<Session>,
-    req: Request<Incoming>,
-    target: &str,
-    scope: Option<Scope>,
-    span: &mut Option<Span>,
-) -> Result<Response<RelayBody>, Failure> {
+    session: &Arc<Session>,
+    req: edge::Request,
+    stream: OpenStream,
+    span: &mut Span,
+) -> Result<Reply, Failure> {
     let config = &shared.config;
-    let (mut parts, body) = req.into_parts();
-    let body = match scope.filter(Scope::limits_models) {
-        Some(scope) => {
-            let idle = config.timeouts_for(target).idle;
-            let bytes = models_checked(body, &scope, config.legacy_max_body, idle).await?;
-            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            parts.headers.remove(http::header::TRANSFER_ENCODING);
-            ClientBody::Right(http_body_util::Full::new(bytes))
-        }
-        None => ClientBody::Left(body),
-    };
-    let trusted_peer = config.trusted_proxies.trusts(conn.peer.ip());
-    let headers = Headers::from_map_without(&parts.headers, |n| {
-        not_forwarded(n, config.forward_cookies, trusted_peer)
-    })
-    .map_err(|e| Failure::refused(StatusCode::BAD_REQUEST, e.detail))?;
-    if let Err(e) = headers.check_size(&config.limits) {
-        return Err(Failure::refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, e.detail));
-    }
-    let declared = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > config.max_request_body) {
-        return Err(Failure::refused(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request body is larger than this relay accepts",
-        ));
-    }
+    let OpenStream { id, head, inbox, window, mut guard, ack } = stream;
+    let edge::Request { target, parts, headers, body, declared, .. } = req;
+    let target = target.as_str();
     let has_body = !http_body::Body::is_end_stream(&body);
-    let open = session.open().map_err(|e| match e {
-        OpenError::TooManyStreams(n) => Failure::TooManyStreams(n),
-        OpenError::Closed => Failure::AgentOffline(session.user.clone()),
-    })?;
-    let OpenStream { id, head, inbox, window, mut guard, ack } = open;
-    let started = shared.observer.start(
-        &session.id,
-        id.as_str(),
-        &session.user,
-        &session.user_hash,
-        parts.method.as_str(),
-        target,
-    );
-    *span = Some(started);
-
     let mut body = Some(body);
-    let parts = parts;
     let out_body = if session.is_legacy() {
         let whole = body.take().expect("the body is taken once");
         OutBody::Inline(upload::read_legacy(whole, config.legacy_max_body).await?)
@@ -221,9 +148,7 @@ async fn exchange(
         if window.reserve(data.len()).await != Ok(data.len()) {
             return Err(Failure::AgentGone);
         }
-        if let Some(s) = span.as_mut() {
-            s.uploaded(data.len() as u64);
-        }
+        span.uploaded(data.len() as u64);
         inline = Some(Frame::data(&id, true, &data));
     }
 
@@ -249,7 +174,7 @@ async fn exchange(
                 window: window.clone(),
                 max: config.max_request_body,
                 idle: timeouts.idle,
-                counted: span.as_ref().map(Span::upload_counter).unwrap_or_default(),
+                counted: span.upload_counter(),
             };
             tokio::spawn(pump.run(body, uploaded_tx));
         }
@@ -264,8 +189,7 @@ async fn exchange(
         }
         Err(f) => return Err(f),
     };
-    let span = span.take().expect("the span was started above");
-    Ok(answer(head, &parts, guard, inbox, timeouts.idle, clock.total(), span))
+    Ok(Reply { head, guard, inbox, idle: timeouts.idle, total: clock.total() })
 }
 
 /// The answer for a request the agent would refuse.
@@ -327,15 +251,8 @@ async fn await_head(
 
 /// The web client's answer for `head`: the tunnelled headers under the
 /// relay's origin rules, and the body streamed as it arrives.
-fn answer(
-    head: Head,
-    parts: &Parts,
-    mut guard: crate::session::StreamGuard,
-    inbox: tunnel_proto::flow::Inbox,
-    idle: Option<std::time::Duration>,
-    total: Option<Instant>,
-    mut span: Span,
-) -> Response<RelayBody> {
+fn answer(reply: Reply, method: &Method, mut span: Span) -> Response<RelayBody> {
+    let Reply { head, mut guard, inbox, idle, total } = reply;
     let mut resp = Response::new(RelayBody::empty());
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
@@ -357,7 +274,7 @@ fn answer(
     // length (an appended error line would break the framing), so token
     // streams go out chunked; the agent's length is a promise the relay
     // cannot keep for them anyway.
-    if trailer != Trailer::None && parts.method != Method::HEAD {
+    if trailer != Trailer::None && method != Method::HEAD {
         resp.headers_mut().remove(CONTENT_LENGTH);
     }
     *resp.body_mut() = match head.body {
@@ -366,14 +283,14 @@ fn answer(
             span.chunk(&full);
             span.end(Outcome::Ok, None, "");
             // The length is the body's, not whatever the agent claimed.
-            if parts.method != Method::HEAD {
+            if method != Method::HEAD {
                 resp.headers_mut().remove(CONTENT_LENGTH);
             }
             RelayBody::full(full)
         }
         // hyper never polls a HEAD body. Dropping the guard cancels the
         // stream only if the agent announced a body it should not have.
-        None if parts.method == Method::HEAD => {
+        None if method == Method::HEAD => {
             drop(guard);
             span.end(Outcome::Ok, None, "");
             RelayBody::empty()

@@ -1,7 +1,6 @@
-//! The hub: which agent session serves which user.
-//!
-//! All relay state that would have to be shared between relay replicas lives
-//! behind this type, so it can later move to a shared presence registry.
+//! The hub: the agent sessions this relay holds, by user. Sessions
+//! register and leave here; requests never look here directly but ask the
+//! [`crate::route::Router`], which answers local routes from it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};

@@ -20,6 +20,7 @@ pub mod config;
 pub mod control;
 mod cors;
 mod deadline;
+mod edge;
 mod forward;
 mod hub;
 pub mod identity;
@@ -27,6 +28,7 @@ mod listener;
 mod metrics;
 mod model;
 mod response;
+mod route;
 mod server;
 pub mod service;
 mod session;
@@ -169,7 +171,7 @@ impl Relay {
     pub fn revoke(&self, id: &str) -> Result<Revoked, IdentityError> {
         let newly = self.shared.identity.revoke(id, None)?;
         let mut sessions_ended = 0;
-        for session in self.shared.hub.sessions() {
+        for session in self.shared.router.local().sessions() {
             if session.authorized_by(id) {
                 session.close(CloseReason::Revoked);
                 sessions_ended += 1;
@@ -247,7 +249,7 @@ impl Relay {
 
     /// `serving 3 tunnels, 5 streams in flight`, or `draining: ...`.
     pub fn status_line(&self) -> String {
-        let sessions = self.shared.hub.sessions();
+        let sessions = self.shared.router.local().sessions();
         let streams: usize = sessions.iter().map(|s| s.in_flight()).sum();
         let what = format!(
             "{} tunnel{}, {streams} stream{} in flight",
@@ -288,17 +290,17 @@ impl Relay {
 
     /// The tunnel of `user`, if its agent is connected.
     pub fn tunnel(&self, user: &str) -> Option<Tunnel> {
-        self.shared.hub.get(user).map(Tunnel)
+        self.shared.router.local().get(user).map(Tunnel)
     }
 
     /// Every connected tunnel.
     pub fn tunnels(&self) -> Vec<Tunnel> {
-        self.shared.hub.sessions().into_iter().map(Tunnel).collect()
+        self.shared.router.local().sessions().into_iter().map(Tunnel).collect()
     }
 
     /// Agents connected.
     pub fn tunnel_count(&self) -> usize {
-        self.shared.hub.len()
+        self.shared.router.local().len()
     }
 
     /// Ends `user`'s session (its streams fail with 502); its agent
@@ -309,7 +311,7 @@ impl Relay {
 
     /// Waits until `pred` holds; re-checked whenever a tunnel comes or goes.
     pub async fn wait_until(&self, mut pred: impl FnMut(&Relay) -> bool) {
-        self.shared.hub.wait_until(|_| pred(self)).await
+        self.shared.router.local().wait_until(|_| pred(self)).await
     }
 
     /// Bytes of response bodies buffered in the relay right now and at peak.

@@ -98,7 +98,7 @@ async fn recv<T>(probes: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<
 async fn drain(shared: &Shared, listener: TcpListener) {
     shared.start_draining();
     drop(listener);
-    let sessions = shared.hub.sessions();
+    let sessions = shared.router.local().sessions();
     info!(agents = sessions.len(), deadline = ?shared.config.drain_timeout, "draining {} agent sessions (at most {:?})", sessions.len(), shared.config.drain_timeout);
     for session in &sessions {
         session.goaway("relay shutting down", GOAWAY_RETRY);
@@ -107,7 +107,7 @@ async fn drain(shared: &Shared, listener: TcpListener) {
     if tokio::time::timeout(shared.config.drain_timeout, shared.conns.wait()).await.is_err() {
         warn!("drain deadline passed; ending the remaining streams");
     }
-    for session in shared.hub.sessions() {
+    for session in shared.router.local().sessions() {
         session.close(CloseReason::Shutdown);
     }
     shared.sessions.close();

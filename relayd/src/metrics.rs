@@ -9,7 +9,7 @@ use crate::state::Shared;
 
 /// The metrics text of `shared` at this moment.
 pub fn render(shared: &Shared) -> String {
-    let sessions = shared.hub.sessions();
+    let sessions = shared.router.local().sessions();
     let streams: usize = sessions.iter().map(|s| s.in_flight()).sum();
     let mut out = Exposition::new();
     out.gauge("relayd_agents_connected", "Agent sessions connected.", sessions.len() as u64)

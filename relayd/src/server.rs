@@ -9,11 +9,11 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::RelayBody;
-use crate::config::valid_user_id;
-use crate::forward::forward;
-use crate::response::{self, Shape, retry_after};
+use crate::edge::{self, Admitted};
+use crate::response::{self, Shape};
+use crate::route::{AgentStatus, Route};
 use crate::state::{Conn, Shared};
-use crate::{agents, auth, cors};
+use crate::{agents, cors, forward};
 
 /// Methods the tunnel carries without being told.
 const STANDARD_METHODS: [Method; 7] = [
@@ -140,95 +140,41 @@ fn allowed_methods(shared: &Shared) -> String {
     allow.join(", ")
 }
 
+/// A request to a tunnel: the edge admits it, the router answers where it
+/// goes, delivery takes it there.
 async fn tunnel(
     shared: &Shared,
     conn: &Conn,
     req: Request<Incoming>,
     user: String,
-    target: String,
+    path: String,
 ) -> Response<RelayBody> {
-    let shape = Shape::of(&target);
-    if !valid_user_id(&user) {
-        return response::error(
-            shape,
-            StatusCode::BAD_REQUEST,
-            "bad_user",
-            "invalid user id in the path",
-        );
-    }
-    // Checked with the query, which is only appended below.
-    let full = match req.uri().query() {
-        Some(q) => format!("{target}?{q}"),
-        None => target.clone(),
+    let shape = Shape::of(&path);
+    let req = match edge::admit(shared, conn, req, user, path).await {
+        Ok(Admitted::Tunnel(req)) => req,
+        Ok(Admitted::Health { user }) => return health(shared.router.status(&user), &user),
+        Err(refusal) => return refusal,
     };
-    if let Err(e) = tunnel_proto::path::check(&full) {
-        return response::error(shape, StatusCode::BAD_REQUEST, "bad_path", &e.to_string());
+    match shared.router.route(req.ask()) {
+        Route::Local(session) => forward::deliver(shared, conn, session, req).await,
+        Route::Offline => response::agent_offline(shape, &req.user),
     }
-    // Whether the user exists is nobody's business before they proved who
-    // they are: every user without a public tunnel needs a token.
-    let principal = match auth::client(&shared.identity, req.headers(), &user).await {
-        Ok(p) => p,
-        Err(denied) => return response::denied(shape, denied),
-    };
-    if target == "/health" && req.method() == Method::GET {
-        return health(shared, &user);
-    }
-    let scope = principal.as_ref().and_then(|p| p.scope.clone());
-    if let Some(scope) = &scope
-        && !scope.allows_path(&target)
-    {
-        return response::error(
-            shape,
-            StatusCode::FORBIDDEN,
-            "out_of_scope",
-            &format!("this share token does not cover {target}"),
-        );
-    }
-    if let Some(wait) = shared.request_allowance(&user) {
-        return retry_after(
-            response::error(
-                shape,
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "this tunnel takes no more requests per minute; retry later",
-            ),
-            wait,
-        );
-    }
-    if shared.is_draining() {
-        let mut r = retry_after(
-            response::error(
-                shape,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "relay_draining",
-                "the relay is shutting down",
-            ),
-            1,
-        );
-        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-        return r;
-    }
-    let Some(session) = shared.hub.get(&user) else {
-        return response::agent_offline(shape, &user);
-    };
-    forward(shared, conn, session, req, full, scope).await
 }
 
-/// `GET /api/tunnel/{user}/health`, answered by the relay itself.
-fn health(shared: &Shared, user: &str) -> Response<RelayBody> {
-    let body = match shared.hub.get(user) {
-        Some(s) => serde_json::json!({
+/// `GET /api/tunnel/{user}/health`, answered by the relay itself from what
+/// the router knows of the user's agent.
+fn health(agent: Option<AgentStatus>, user: &str) -> Response<RelayBody> {
+    let body = match agent {
+        Some(a) => serde_json::json!({
             "user": user,
             "connected": true,
-            "session_id": s.id,
-            "since": humantime::format_rfc3339_seconds(s.connected_at).to_string(),
-            "protocol_version": s.version,
-            "agent": s.agent,
-            "in_flight": s.in_flight(),
-            "rtt_ms": s.rtt().map(|d| d.as_secs_f64() * 1e3),
-            // The agent's own view of its local service (agents that list
-            // the `service` capability report it every 30 s).
-            "service": s.service().map(|v| serde_json::json!({
+            "session_id": a.session_id,
+            "since": humantime::format_rfc3339_seconds(a.since).to_string(),
+            "protocol_version": a.protocol_version,
+            "agent": a.agent,
+            "in_flight": a.in_flight,
+            "rtt_ms": a.rtt.map(|d| d.as_secs_f64() * 1e3),
+            "service": a.service.map(|v| serde_json::json!({
                 "reachable": v.reachable,
                 "version": v.version,
                 "models_loaded": v.models,

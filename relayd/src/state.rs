@@ -1,6 +1,6 @@
 //! Relay state that is not routing: whether the relay drains, who may
 //! handshake, the tasks to wait for, the buffers and counters metrics read.
-//! Routing (which session serves which user) is the [`Hub`]'s alone.
+//! Routing (which session serves which user) is the [`Router`]'s alone.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,14 +12,15 @@ use tunnel_proto::flow::BufferGauge;
 
 use crate::admission::{Admission, Buckets};
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::identity::Identity;
+use crate::route::Router;
 use crate::stall::StallLimit;
 
 /// State shared by every connection of one relay.
 pub struct Shared {
     pub config: Config,
-    pub hub: Hub,
+    /// Where requests go; this relay's sessions register with it.
+    pub router: Router,
     /// Response bytes buffered for web clients, across all streams.
     pub gauge: Arc<BufferGauge>,
     /// HTTP connections (web clients; agents until their upgrade).
@@ -65,7 +66,7 @@ impl Shared {
         let (probes, probe_inbox) = tokio::sync::mpsc::channel(1);
         Self {
             config,
-            hub: Hub::default(),
+            router: Router::default(),
             gauge: Arc::new(BufferGauge::default()),
             conns: TaskTracker::new(),
             sessions: TaskTracker::new(),

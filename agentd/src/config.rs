@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use tunnel_proto::Limits;
 
+use crate::credential::Starting;
+
 pub use daemon::ConfigError;
 
 /// The TOML file as written by the owner. Unknown keys are errors.
@@ -149,18 +151,10 @@ impl Target {
 pub struct Config {
     /// The relay, from the file or an enrollment; `None` until enrolled.
     pub target: Option<Target>,
-    /// The token the agent starts with: the stored credential when
-    /// `state_dir` holds one, else the configured token; `None` until
-    /// enrolled.
+    /// The tokens the agent starts with (a stored credential before the
+    /// configured token).
     #[serde(skip)]
-    pub token: Option<String>,
-    /// The configured token, when the stored credential shadows a
-    /// different one: tried if the relay refuses the stored one.
-    #[serde(skip)]
-    pub fallback: Option<String>,
-    /// The configured token (inline, token file or systemd credential).
-    #[serde(skip)]
-    pub configured_token: Option<String>,
+    pub credential: Starting,
     /// Where the configured token is read again (a refreshed JWT, SIGHUP).
     pub token_file: Option<PathBuf>,
     /// Where rotated and installed credentials are stored.
@@ -236,30 +230,14 @@ impl Resolve for ConfigFile {
                     .map_err(|e| ConfigError::Invalid(format!("[tls] {e}")))?;
             }
         }
-        let stored = match &state_dir {
-            Some(dir) if credential_path(dir).exists() => Some(read_secret(&credential_path(dir))?),
-            _ => None,
-        };
-        let configured_token = configured.clone();
-        // Neither: not enrolled yet; agentd waits for `tunnelctl enroll`.
-        let (token, fallback) = match (stored, configured) {
-            (Some(s), Some(c)) if s != c => (Some(s), Some(c)),
-            (Some(s), _) => (Some(s), None),
-            (None, Some(c)) => (Some(c), None),
-            (None, None) => (None, None),
-        };
-        for t in token.iter().chain(&fallback) {
-            check_token(t)?;
-        }
+        let credential = Starting::load(state_dir.as_deref(), configured)?;
         let policy =
             self.policy.resolve().map_err(|e| ConfigError::Invalid(format!("[policy] {e}")))?;
         let upstream = upstream_url(self.upstream.as_deref().unwrap_or(DEFAULT_UPSTREAM))?;
         let limits = self.limits.resolve()?;
         Ok(Config {
             target,
-            token,
-            fallback,
-            configured_token,
+            credential,
             token_file,
             state_dir,
             policy,
@@ -282,33 +260,6 @@ impl Resolve for ConfigFile {
 
 /// The name of the systemd credential agentd reads its token from.
 pub const SYSTEMD_CREDENTIAL: &str = "agent-token";
-
-/// Where a rotated or installed credential is kept.
-pub fn credential_path(state_dir: &std::path::Path) -> PathBuf {
-    state_dir.join("credential")
-}
-
-/// A token fit for an `Authorization` header and the protocol.
-pub fn check_token(token: &str) -> Result<(), ConfigError> {
-    if token.is_empty()
-        || token.len() > tunnel_proto::message::MAX_TOKEN_LEN
-        || token.bytes().any(|b| !(0x21..0x7f).contains(&b))
-    {
-        return Err(ConfigError::Invalid(
-            "the agent token must be 1 to 8192 printable ASCII characters without spaces".into(),
-        ));
-    }
-    Ok(())
-}
-
-impl Config {
-    /// The configured token as its file holds it now (a JWT an identity
-    /// provider's tooling renewed); `None` without a token file.
-    pub fn reread_token(&self) -> Option<Result<String, ConfigError>> {
-        let file = self.token_file.as_ref()?;
-        Some(read_secret(file).and_then(|t| check_token(&t).map(|()| t)))
-    }
-}
 
 fn show_policy<S: serde::Serializer>(p: &crate::policy::Policy, s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap as _;
@@ -394,7 +345,7 @@ mod tests {
         // As shipped (the package's conffile), agentd starts and waits to
         // be enrolled.
         let shipped = shipped.resolve().expect("the shipped agentd.toml resolves");
-        assert!(shipped.target.is_none() && shipped.token.is_none());
+        assert!(shipped.target.is_none() && shipped.credential.token.is_none());
         let uncommented = daemon::config::uncomment_example(text, &["token"]);
         let file: ConfigFile =
             toml::from_str(&uncommented).expect("every documented knob is accepted");
@@ -416,9 +367,9 @@ mod tests {
                 .and_then(|f| f.resolve().map_err(|e| e.to_string()))
         };
         let bare = parse("relay = \"ws://127.0.0.1:1\"").expect("no token: not enrolled");
-        assert!(bare.token.is_none() && bare.target.is_some());
+        assert!(bare.credential.token.is_none() && bare.target.is_some());
         let empty = parse("").expect("an empty file: not enrolled");
-        assert!(empty.token.is_none() && empty.target.is_none());
+        assert!(empty.credential.token.is_none() && empty.target.is_none());
         assert!(parse("relay = \"ws://127.0.0.1:1\"\ntoken = \"abc\"\nextra = 1").is_err());
         let c = parse("relay = \"ws://127.0.0.1:1\"\ntoken = \"abc\"").unwrap();
         assert_eq!(c.upstream.to_string(), "http://127.0.0.1:11434/");

@@ -1,12 +1,89 @@
-//! The one owner of the agent's credential: the token the next connection
-//! presents, the configured token kept behind a stored credential, and the
-//! token file as last read. Every change of the live token goes through
-//! here: an enrollment, a rotation, an install, a token file renewed by an
-//! identity provider's tooling, the fall-back after a refusal.
+//! The one owner of the agent's credential: where it is kept and what a
+//! token must look like, which token the agent starts with (a stored
+//! credential before the configured token), the token the next connection
+//! presents, the configured token kept behind a stored credential, the
+//! token file as last read, and writing a new credential to `state_dir`
+//! (mode 0600). Every change of the live token goes through here: an
+//! enrollment, a rotation, an install, a token file renewed by an identity
+//! provider's tooling, the fall-back after a refusal.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::Config;
+use daemon::ConfigError;
+use daemon::config::read_secret;
+
+/// Where a rotated, installed or enrolled credential is kept.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("credential")
+}
+
+/// A token fit for an `Authorization` header and the protocol.
+pub fn check(token: &str) -> Result<(), ConfigError> {
+    if token.is_empty()
+        || token.len() > tunnel_proto::message::MAX_TOKEN_LEN
+        || token.bytes().any(|b| !(0x21..0x7f).contains(&b))
+    {
+        return Err(ConfigError::Invalid(
+            "the agent token must be 1 to 8192 printable ASCII characters without spaces".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The tokens the agent starts with.
+#[derive(Debug, Clone, Default)]
+pub struct Starting {
+    /// The stored credential when `state_dir` holds one, else the
+    /// configured token; `None` until enrolled.
+    pub token: Option<String>,
+    /// The configured token, when the stored credential shadows a different
+    /// one: tried if the relay refuses the stored one.
+    pub fallback: Option<String>,
+    /// The configured token (inline, token file or systemd credential).
+    pub configured: Option<String>,
+}
+
+impl Starting {
+    /// Prefers the credential stored in `state_dir` over the `configured`
+    /// token; both are checked.
+    pub fn load(state_dir: Option<&Path>, configured: Option<String>) -> Result<Self, ConfigError> {
+        let stored = match state_dir.map(path) {
+            Some(file) if file.exists() => Some(read_secret(&file)?),
+            _ => None,
+        };
+        // Neither: not enrolled yet; agentd waits for `tunnelctl enroll`.
+        let (token, fallback) = match (stored, configured.clone()) {
+            (Some(s), Some(c)) if s != c => (Some(s), Some(c)),
+            (Some(s), _) => (Some(s), None),
+            (None, Some(c)) => (Some(c), None),
+            (None, None) => (None, None),
+        };
+        for t in token.iter().chain(&fallback) {
+            check(t)?;
+        }
+        Ok(Self { token, fallback, configured })
+    }
+}
+
+/// The token `file` holds now (a JWT an identity provider's tooling
+/// renewed), checked.
+pub fn reread(file: &Path) -> Result<String, ConfigError> {
+    read_secret(file).and_then(|t| check(&t).map(|()| t))
+}
+
+/// Writes `secret` as the credential in `state_dir` (atomically, mode
+/// 0600) off the async threads; returns the file, or why it failed.
+pub async fn persist(state_dir: &Path, secret: &str) -> Result<PathBuf, (PathBuf, String)> {
+    let file = path(state_dir);
+    let (to, secret) = (file.clone(), secret.to_owned());
+    tokio::task::spawn_blocking(move || daemon::config::write_secret(&to, &secret))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map(|()| file.clone())
+        .map_err(|why| (file, why))
+}
 
 /// The agent's credential and where it came from.
 #[derive(Debug)]
@@ -26,14 +103,13 @@ struct Inner {
 }
 
 impl Credential {
-    /// What `config` starts with: the stored credential, else the configured
-    /// token (see `Config::token`).
-    pub fn new(config: &Config) -> Self {
+    /// Starts with `start`'s tokens.
+    pub fn new(start: &Starting) -> Self {
         Self {
             inner: Mutex::new(Inner {
-                token: config.token.clone().unwrap_or_default(),
-                fallback: config.fallback.clone(),
-                file_token: config.configured_token.clone(),
+                token: start.token.clone().unwrap_or_default(),
+                fallback: start.fallback.clone(),
+                file_token: start.configured.clone(),
             }),
         }
     }
@@ -54,10 +130,9 @@ impl Credential {
         c.fallback = None;
     }
 
-    /// The token file's content, when it changed since it was last read
-    /// (`config` names the file).
-    pub fn fresh_from_file(&self, config: &Config) -> Option<String> {
-        let fresh = match config.reread_token()? {
+    /// The token file's content, when it changed since it was last read.
+    pub fn fresh_from_file(&self, token_file: Option<&Path>) -> Option<String> {
+        let fresh = match reread(token_file?) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the token file again: {e}; keeping the token in use");
@@ -73,8 +148,8 @@ impl Credential {
     }
 
     /// Uses the token file's content when it changed since last read.
-    pub fn adopt_from_file(&self, config: &Config) -> bool {
-        match self.fresh_from_file(config) {
+    pub fn adopt_from_file(&self, token_file: Option<&Path>) -> bool {
+        match self.fresh_from_file(token_file) {
             Some(t) => {
                 self.set(t);
                 true

@@ -74,7 +74,7 @@ impl Agent {
             }
         };
         if let Some(t) = &token {
-            config::check_token(t).map_err(invalid)?;
+            crate::credential::check(t).map_err(invalid)?;
         } else if self.shared.token().is_empty() {
             return Err(EnrollError::NoToken);
         }
@@ -82,7 +82,7 @@ impl Agent {
         let (store_dir, secret, record) = (dir.clone(), token.clone(), configured.is_none());
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if let Some(secret) = secret {
-                daemon::config::write_secret(&config::credential_path(&store_dir), &secret)?;
+                daemon::config::write_secret(&crate::credential::path(&store_dir), &secret)?;
             }
             if record {
                 write(&store_dir, &enrollment)?;

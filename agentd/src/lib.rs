@@ -16,7 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod control;
-mod credential;
+pub mod credential;
 pub mod enroll;
 pub mod enrollment;
 mod metrics;
@@ -165,7 +165,7 @@ impl Agent {
     pub fn new(config: Config) -> Self {
         let (commands, inbox) = mpsc::channel(supervisor::COMMAND_QUEUE);
         let target = config.target.clone();
-        let credential = credential::Credential::new(&config);
+        let credential = credential::Credential::new(&config.credential);
         let observer = daemon::observe::Observer::new(config.control.trace_bodies);
         let upstream = Arc::new(supervisor::Upstream::new(
             config.upstream.clone(),
@@ -288,14 +288,9 @@ impl Agent {
             renew::Reply::Credential(c) => c,
             other => return Err(refused("rotate", other)),
         };
-        let path = config::credential_path(&dir);
-        let secret = credential.secret.clone();
-        let stored = path.clone();
-        tokio::task::spawn_blocking(move || daemon::config::write_secret(&stored, &secret))
+        let path = credential::persist(&dir, &credential.secret)
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .map_err(|why| RotateError::Store { path: path.clone(), why })?;
+            .map_err(|(path, why)| RotateError::Store { path, why })?;
         self.shared.set_token(credential.secret);
         tracing::info!(credential = %credential.id, file = %path.display(), "new agent credential {} stored in {}", credential.id, path.display());
         let confirm = Message::Rotated(tunnel_proto::Rotated { id: credential.id.clone() });
@@ -317,7 +312,7 @@ impl Agent {
     }
 
     async fn install(&self, token: String, persist: bool) -> Result<Installed, InstallError> {
-        config::check_token(&token).map_err(|e| InstallError::Invalid(e.to_string()))?;
+        credential::check(&token).map_err(|e| InstallError::Invalid(e.to_string()))?;
         let session = self.shared.current();
         let in_band = match &session {
             Some(s) => {
@@ -335,16 +330,11 @@ impl Agent {
             None => false,
         };
         let stored = match self.config().state_dir.clone().filter(|_| persist) {
-            Some(dir) => {
-                let path = config::credential_path(&dir);
-                let (file, secret) = (path.clone(), token.clone());
-                tokio::task::spawn_blocking(move || daemon::config::write_secret(&file, &secret))
+            Some(dir) => Some(
+                credential::persist(&dir, &token)
                     .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                    .map_err(|why| InstallError::Store { path: path.clone(), why })?;
-                Some(path)
-            }
+                    .map_err(|(path, why)| InstallError::Store { path, why })?,
+            ),
             None => None,
         };
         self.shared.set_token(token);

@@ -123,12 +123,12 @@ impl Shared {
 
     /// The token file's content, when it changed since it was last read.
     pub fn fresh_file_token(&self) -> Option<String> {
-        self.credential.fresh_from_file(&self.config)
+        self.credential.fresh_from_file(self.config.token_file.as_deref())
     }
 
     /// Uses the token file's content when it changed since last read.
     pub(crate) fn adopt_fresh_file_token(&self) -> bool {
-        self.credential.adopt_from_file(&self.config)
+        self.credential.adopt_from_file(self.config.token_file.as_deref())
     }
 
     /// Falls back to the configured token after the relay refused the

@@ -113,7 +113,7 @@ async fn side(relay: &TestRelay, user: &'static str) -> Side {
     let credential = relay.relay.issue_credential(user).expect("issue a credential");
     let secret = credential.secret.clone();
     let agent = TestAgent::start_with(relay, user, &upstream.url(), move |c| {
-        c.token = Some(secret);
+        c.credential.token = Some(secret);
         c.policy = agentd::policy::Policy::default();
     })
     .await;
@@ -643,7 +643,7 @@ async fn rotation_refresh_and_install_during_a_stream_lose_no_token() {
     let state_dir = state.0.clone();
     let secret = first.secret.clone();
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = Some(secret);
+        c.credential.token = Some(secret);
         c.state_dir = Some(state_dir);
     })
     .await;
@@ -670,7 +670,7 @@ async fn rotation_refresh_and_install_during_a_stream_lose_no_token() {
     eventually("3 lines arrived", || count() >= 3).await;
     // Rotation on the live session.
     let rotation = agent.agent.rotate().await.expect("rotation");
-    let stored = agentd::config::credential_path(&state.0);
+    let stored = agentd::credential::path(&state.0);
     assert_eq!(rotation.stored, stored);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&stored).expect("stored").permissions(),
@@ -729,7 +729,7 @@ async fn an_expired_unrefreshed_session_is_closed_and_a_renewed_one_lives_on() {
     // A JWT that lives 3 s, with nothing to renew it from.
     let short = relay.relay.mint("alice", Role::Agent, Duration::from_secs(3), None).expect("mint");
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = Some(short.token);
+        c.credential.token = Some(short.token);
         c.reconnect_max_delay = Duration::from_secs(1);
     })
     .await;
@@ -748,8 +748,8 @@ async fn an_expired_unrefreshed_session_is_closed_and_a_renewed_one_lives_on() {
     daemon::config::write_secret(&file, &first.token).expect("write");
     let (token, path) = (first.token.clone(), file.clone());
     let agent = TestAgent::start_with(&relay, "bob", &upstream.url(), move |c| {
-        c.token = Some(token.clone());
-        c.configured_token = Some(token);
+        c.credential.token = Some(token.clone());
+        c.credential.configured = Some(token);
         c.token_file = Some(path);
     })
     .await;
@@ -774,7 +774,7 @@ async fn revoking_a_credential_ends_its_session_at_once() {
     let credential = relay.relay.issue_credential("alice").expect("credential");
     let secret = credential.secret.clone();
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = Some(secret);
+        c.credential.token = Some(secret);
         c.reconnect_max_delay = Duration::from_secs(1);
     })
     .await;
@@ -853,7 +853,7 @@ async fn a_relay_behind_an_identity_provider_serves_a_user_it_was_never_told_of(
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
     let agent_token = idp_token("agent");
     let _agent = TestAgent::start_with(&relay, "zed", &upstream.url(), move |c| {
-        c.token = Some(agent_token);
+        c.credential.token = Some(agent_token);
     })
     .await;
     let resp = reqwest::Client::new()
@@ -889,9 +889,10 @@ async fn per_user_limits_and_cors_preflights() {
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
     let credential = relay.relay.issue_credential("alice").expect("credential");
     let secret = credential.secret.clone();
-    let _agent =
-        TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| c.token = Some(secret))
-            .await;
+    let _agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
+        c.credential.token = Some(secret)
+    })
+    .await;
     let http = reqwest::Client::new();
     let token = |u: &str| {
         relay.relay.mint(u, Role::Client, Duration::from_secs(600), None).expect("mint").token

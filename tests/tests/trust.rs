@@ -48,7 +48,7 @@ async fn served(state: &TempDir, identity: &str) -> (TestRelay, StandIn, TestAge
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
     let secret = relay.relay.issue_credential("alice").expect("credential").secret;
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
-        c.token = Some(secret);
+        c.credential.token = Some(secret);
     })
     .await;
     (relay, upstream, agent)

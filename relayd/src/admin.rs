@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::identity::keys::Signer;
-use crate::identity::store::{CredentialStore, RedbStore, Revocation};
-use crate::identity::{IssuedCredential, MintOptions, Minted, Role, Scope, issue_into, mint_with};
+use crate::identity::store;
+use crate::identity::{Identity, IssuedCredential, MintOptions, Minted, Role, Scope, mint_with};
 
 /// An administrative action that failed, with what to do.
 #[derive(Debug, thiserror::Error)]
@@ -71,42 +71,41 @@ pub fn mint_client(
     Ok(mint_with(&signer, &config.identity, user, Role::Client, ttl, options)?)
 }
 
-fn store(config: &Config) -> Result<Arc<dyn CredentialStore>, AdminError> {
+/// The relay's identity over the credential store of `config`'s state
+/// directory, opened the way relayd opens it, and a runtime to drive it
+/// (these commands run without relayd's).
+fn identity(config: &Config) -> Result<(Identity, tokio::runtime::Runtime), AdminError> {
     let dir = config.state_dir.as_ref().ok_or_else(|| {
         AdminError::Invalid("agent credentials live in the state directory: set state_dir".into())
     })?;
     std::fs::create_dir_all(dir)?;
-    let store = RedbStore::open(&dir.join("credentials.redb")).map_err(|e| {
+    let store = store::open(dir).map_err(|e| {
         AdminError::Invalid(format!(
             "{e} (a running relayd holds the store: stop it, or use tunnelctl on its control socket)"
         ))
     })?;
-    Ok(Arc::new(store))
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let opening = Identity::open(config.identity_config(), config.static_tokens(), store);
+    Ok((runtime.block_on(opening)?, runtime))
 }
 
 /// Issues a long-lived agent credential into the state directory's store.
 pub fn issue_credential(config: &Config, user: &str) -> Result<IssuedCredential, AdminError> {
-    Ok(issue_into(&*store(config)?, user, None)?)
+    let (identity, runtime) = identity(config)?;
+    Ok(runtime.block_on(identity.issue_credential(user, None))?)
 }
 
 /// Revokes a credential id or a token's `jti` in the state directory's
 /// store.
 pub fn revoke(config: &Config, id: &str) -> Result<bool, AdminError> {
-    Ok(store(config)?.revoke(&Revocation { id: id.to_owned(), until: None })?)
+    let (identity, runtime) = identity(config)?;
+    Ok(runtime.block_on(identity.revoke(id, None))?)
 }
 
 /// The credentials issued, with whether each is revoked.
 pub fn credentials(
     config: &Config,
 ) -> Result<Vec<(crate::identity::store::CredentialRecord, bool)>, AdminError> {
-    let store = store(config)?;
-    let revoked: Vec<String> = store.revocations()?.into_iter().map(|r| r.id).collect();
-    Ok(store
-        .list()?
-        .into_iter()
-        .map(|c| {
-            let r = revoked.contains(&c.id);
-            (c, r)
-        })
-        .collect())
+    let (identity, runtime) = identity(config)?;
+    Ok(runtime.block_on(identity.credentials())?)
 }

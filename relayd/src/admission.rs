@@ -192,6 +192,22 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
     }
 }
 
+/// Each user's budget of tunnel requests (`requests_per_minute`). Behind a
+/// trait so that relays sharing users can split or share it; a lookup
+/// happens on every request, so it answers without waiting.
+pub trait RequestBudget: Send + Sync {
+    /// Spends one of `user`'s requests; `Some(seconds to wait)` when the
+    /// user has none left.
+    fn take(&self, user: &str, now: Instant) -> Option<u64>;
+}
+
+/// The embedded budget: a token bucket per user in this relay's memory.
+impl RequestBudget for Buckets<String> {
+    fn take(&self, user: &str, now: Instant) -> Option<u64> {
+        Buckets::take(self, &user.to_owned(), now)
+    }
+}
+
 /// Handshake admission state of one relay.
 #[derive(Debug)]
 pub struct Admission {

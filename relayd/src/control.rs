@@ -118,7 +118,7 @@ impl relay_server::Relay for Control {
                         "agent credentials take no lifetime or scope (they are revoked, not expired)",
                     ));
                 }
-                let c = self.relay.issue_credential(&req.user).map_err(identity_status)?;
+                let c = self.relay.issue_credential(&req.user).await.map_err(identity_status)?;
                 pb::IssueTokenReply { id: c.id, token: c.secret, expires_unix_ms: 0 }
             }
             Ok(pb::TokenRole::Client) => {
@@ -150,7 +150,7 @@ impl relay_server::Relay for Control {
     ) -> Result<Response<pb::RevokeTokenReply>, Status> {
         self.common.guard().check(&req, Access::Change)?;
         let id = req.into_inner().id;
-        let r = self.relay.revoke(&id).map_err(identity_status)?;
+        let r = self.relay.revoke(&id).await.map_err(identity_status)?;
         tracing::info!(%id, sessions = r.sessions_ended, "{id} revoked through the control socket; {} sessions ended", r.sessions_ended);
         Ok(Response::new(pb::RevokeTokenReply {
             revoked: r.newly,

@@ -220,31 +220,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl Identity {
     /// An identity over `store`, whose revocations are read now.
-    pub fn open(
+    pub async fn open(
         config: IdentityConfig,
         statics: Vec<StaticToken>,
         store: Arc<dyn CredentialStore>,
     ) -> Result<Self, StoreError> {
-        let now = unix(SystemTime::now());
-        let revoked = store
-            .revocations()?
-            .into_iter()
-            .filter(|r| r.until.is_none_or(|u| u > now))
-            .map(|r| (r.id, r.until))
-            .collect();
-        Ok(Self::build(config, statics, store, revoked))
+        let identity = Self::build(config, statics, store);
+        identity.reload_revocations().await?;
+        Ok(identity)
     }
 
     /// An identity over a new store in memory (nothing revoked yet).
     pub fn in_memory(config: IdentityConfig, statics: Vec<StaticToken>) -> Self {
-        Self::build(config, statics, Arc::new(MemoryStore::default()), HashMap::new())
+        Self::build(config, statics, Arc::new(MemoryStore::default()))
     }
 
     fn build(
         config: IdentityConfig,
         statics: Vec<StaticToken>,
         store: Arc<dyn CredentialStore>,
-        revoked: HashMap<String, Option<u64>>,
     ) -> Self {
         let jwks = config
             .jwks_url
@@ -255,7 +249,7 @@ impl Identity {
             statics,
             jwks,
             store,
-            revoked: RwLock::new(revoked),
+            revoked: RwLock::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -288,7 +282,7 @@ impl Identity {
             Some(p) => p,
             None => {
                 let p = if token.starts_with(CREDENTIAL_PREFIX) {
-                    self.credential(token)?
+                    self.credential(token).await?
                 } else if token.bytes().filter(|b| *b == b'.').count() == 2 {
                     self.jwt(token).await?
                 } else {
@@ -358,9 +352,9 @@ impl Identity {
         })
     }
 
-    fn credential(&self, token: &str) -> Result<Principal, AuthError> {
+    async fn credential(&self, token: &str) -> Result<Principal, AuthError> {
         let (id, secret) = parse_credential(token).ok_or(AuthError::Unknown)?;
-        let record = match self.store.get(id) {
+        let record = match self.store.get(id).await {
             Ok(Some(r)) => r,
             Ok(None) => return Err(AuthError::Unknown),
             Err(e) => {
@@ -414,26 +408,55 @@ impl Identity {
 
     /// Issues a long-lived agent credential for `user` (recorded by id and
     /// the hash of its secret).
-    pub fn issue_credential(
+    pub async fn issue_credential(
         &self,
         user: &str,
         replaces: Option<&str>,
     ) -> Result<IssuedCredential, IdentityError> {
-        issue_into(&*self.store, user, replaces)
+        issue_into(&*self.store, user, replaces).await
     }
 
-    /// Revokes a credential id or a token's `jti`. True when it was not
-    /// revoked yet.
-    pub fn revoke(&self, id: &str, until: Option<SystemTime>) -> Result<bool, IdentityError> {
-        let until = until.map(unix);
-        let fresh = self.store.revoke(&Revocation { id: id.to_owned(), until })?;
-        self.revoked.write().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), until);
+    /// Revokes a credential id or a token's `jti` in the store, which tells
+    /// every relay sharing it ([`Identity::subscribe`]); this relay knows at
+    /// once. True when it was not revoked yet.
+    pub async fn revoke(&self, id: &str, until: Option<SystemTime>) -> Result<bool, IdentityError> {
+        let revocation = Revocation { id: id.to_owned(), until: until.map(unix) };
+        let fresh = self.store.revoke(&revocation).await?;
+        self.note_revoked(revocation);
         Ok(fresh)
     }
 
-    /// The credentials issued so far.
-    pub fn credentials(&self) -> Result<Vec<CredentialRecord>, IdentityError> {
-        Ok(self.store.list()?)
+    /// Takes a revocation told by the store into account.
+    pub fn note_revoked(&self, r: Revocation) {
+        self.revoked.write().unwrap_or_else(PoisonError::into_inner).insert(r.id, r.until);
+    }
+
+    /// Revocations recorded from now on, by this relay or any other that
+    /// shares the store.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        self.store.subscribe()
+    }
+
+    /// Reads every revocation from the store again (at start, and when this
+    /// relay fell behind the store's events); returns them.
+    pub async fn reload_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        let now = unix(SystemTime::now());
+        let live: Vec<Revocation> = self
+            .store
+            .revocations()
+            .await?
+            .into_iter()
+            .filter(|r| r.until.is_none_or(|u| u > now))
+            .collect();
+        let map = live.iter().map(|r| (r.id.clone(), r.until)).collect();
+        *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = map;
+        Ok(live)
+    }
+
+    /// The credentials issued so far, with whether each is revoked.
+    pub async fn credentials(&self) -> Result<Vec<(CredentialRecord, bool)>, IdentityError> {
+        let list = self.store.list().await?;
+        Ok(list.into_iter().map(|c| (self.is_revoked(&c.id), c)).map(|(r, c)| (c, r)).collect())
     }
 }
 

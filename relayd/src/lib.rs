@@ -28,6 +28,7 @@ mod listener;
 mod metrics;
 mod model;
 mod response;
+mod revocations;
 mod route;
 mod server;
 pub mod service;
@@ -72,7 +73,7 @@ pub enum StateError {
 
 /// Opens the credential store and the log key in `config.state_dir`
 /// (creating them on first start); in memory without a state directory.
-pub fn open_state(config: &Config) -> Result<State, StateError> {
+pub async fn open_state(config: &Config) -> Result<State, StateError> {
     let configured_key = config.identity.user_hash_key.clone();
     let Some(dir) = &config.state_dir else {
         return Ok(State {
@@ -82,7 +83,7 @@ pub fn open_state(config: &Config) -> Result<State, StateError> {
     };
     let io = |source| StateError::Io { path: dir.clone(), source };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let store = identity::store::RedbStore::open(&dir.join("credentials.redb"))?;
+    let store = identity::store::open(dir)?;
     let mut identity_config = config.identity_config();
     if identity_config.signing_key_file.is_none() {
         // Like an SSH host key: made on first start, kept from then on.
@@ -95,7 +96,7 @@ pub fn open_state(config: &Config) -> Result<State, StateError> {
         identity_config.signer = Some(Arc::new(signer));
         identity_config.signing_key_file = Some(path);
     }
-    let identity = Identity::open(identity_config, config.static_tokens(), Arc::new(store))?;
+    let identity = Identity::open(identity_config, config.static_tokens(), store).await?;
     let key_path = dir.join("log.key");
     let log_key = match (configured_key, std::fs::read(&key_path)) {
         (Some(k), _) => k,
@@ -162,21 +163,16 @@ impl Relay {
     }
 
     /// Issues a long-lived agent credential for `user`.
-    pub fn issue_credential(&self, user: &str) -> Result<IssuedCredential, IdentityError> {
-        self.shared.identity.issue_credential(user, None)
+    pub async fn issue_credential(&self, user: &str) -> Result<IssuedCredential, IdentityError> {
+        self.shared.identity.issue_credential(user, None).await
     }
 
     /// Revokes a credential id or a token's `jti` and ends the sessions it
-    /// authorizes (close code 4004).
-    pub fn revoke(&self, id: &str) -> Result<Revoked, IdentityError> {
-        let newly = self.shared.identity.revoke(id, None)?;
-        let mut sessions_ended = 0;
-        for session in self.shared.router.local().sessions() {
-            if session.authorized_by(id) {
-                session.close(CloseReason::Revoked);
-                sessions_ended += 1;
-            }
-        }
+    /// authorizes (close code 4004): here at once, and on every relay
+    /// sharing the credential store when the store tells it.
+    pub async fn revoke(&self, id: &str) -> Result<Revoked, IdentityError> {
+        let newly = self.shared.identity.revoke(id, None).await?;
+        let sessions_ended = revocations::end_sessions(&self.shared, id);
         Ok(Revoked { newly, sessions_ended })
     }
 
@@ -285,7 +281,17 @@ impl Relay {
     ) -> std::io::Result<()> {
         let identity = self.shared.identity.clone();
         tokio::spawn(async move { identity.load_jwks().await });
-        listener::serve(self.shared.clone(), listener, shutdown).await
+        // Revocations made by any relay sharing the store end sessions
+        // here, for as long as the relay serves (in this task: a relay
+        // that stopped leaves nothing behind).
+        let served = CancellationToken::new();
+        let serving = async {
+            let result = listener::serve(self.shared.clone(), listener, shutdown).await;
+            served.cancel();
+            result
+        };
+        let following = revocations::follow(self.shared.clone(), served.clone());
+        tokio::join!(serving, following).0
     }
 
     /// The tunnel of `user`, if its agent is connected.

@@ -32,7 +32,7 @@ impl Daemon for Relayd {
         };
         let listen = listener.local_addr()?;
         let control = config.control.clone();
-        let state = crate::open_state(&config)?;
+        let state = crate::open_state(&config).await?;
         let metrics_listen = config.metrics_listen;
         let running = serde_json::to_value(&config).unwrap_or_default();
         let relay = crate::Relay::with_state(config, state);

@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use tunnel_proto::flow::BufferGauge;
 
-use crate::admission::{Admission, Buckets};
+use crate::admission::{Admission, Buckets, RequestBudget};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::route::Router;
@@ -38,7 +38,7 @@ pub struct Shared {
     /// Who tokens speak for.
     pub identity: Arc<Identity>,
     /// Each user's requests per minute (when limited).
-    requests: Option<Buckets<String>>,
+    requests: Option<Box<dyn RequestBudget>>,
     /// The key user ids are hashed with in logs.
     log_key: ring::hmac::Key,
     /// Trace subscribers and request metrics.
@@ -56,7 +56,9 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config, identity: Arc<Identity>, log_key: ring::hmac::Key) -> Self {
-        let requests = config.requests_per_minute.map(|n| Buckets::per_minute(n, n));
+        let requests = config
+            .requests_per_minute
+            .map(|n| Box::new(Buckets::<String>::per_minute(n, n)) as Box<dyn RequestBudget>);
         let config_trace_bodies = config.control.trace_bodies;
         let admission = Admission::new(
             config.handshakes_per_second,
@@ -87,7 +89,7 @@ impl Shared {
     /// Spends one of `user`'s requests; `Some(seconds to wait)` when the
     /// user has none left this minute.
     pub fn request_allowance(&self, user: &str) -> Option<u64> {
-        let wait = self.requests.as_ref()?.take(&user.to_owned(), std::time::Instant::now());
+        let wait = self.requests.as_ref()?.take(user, std::time::Instant::now());
         if wait.is_some() {
             self.rate_limited.fetch_add(1, Ordering::Relaxed);
         }

@@ -97,7 +97,7 @@ impl TestRelay {
     /// A relay over the state in `config`'s `state_dir` (its credential
     /// store, signing key and log key), as the daemon opens it.
     pub async fn with_state(config: relayd::Config) -> Self {
-        let state = relayd::open_state(&config).expect("open the state directory");
+        let state = relayd::open_state(&config).await.expect("open the state directory");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the relay listener");
         Self::serve(listener, relayd::Relay::with_state(config, state))
     }

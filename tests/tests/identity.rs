@@ -110,7 +110,7 @@ struct Rig {
 
 async fn side(relay: &TestRelay, user: &'static str) -> Side {
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let credential = relay.relay.issue_credential(user).expect("issue a credential");
+    let credential = relay.relay.issue_credential(user).await.expect("issue a credential");
     let secret = credential.secret.clone();
     let agent = TestAgent::start_with(relay, user, &upstream.url(), move |c| {
         c.credential.token = Some(secret);
@@ -323,9 +323,9 @@ async fn adversarial_suite() {
     let agent_jwt = sign(&claims("alice", "agent", 600));
     let revoked_client =
         rig.relay.relay.mint("alice", Role::Client, Duration::from_secs(600), None).expect("mint");
-    rig.relay.relay.revoke(&revoked_client.id).expect("revoke");
-    let revoked_credential = rig.relay.relay.issue_credential("alice").expect("issue");
-    rig.relay.relay.revoke(&revoked_credential.id).expect("revoke");
+    rig.relay.relay.revoke(&revoked_client.id).await.expect("revoke");
+    let revoked_credential = rig.relay.relay.issue_credential("alice").await.expect("issue");
+    rig.relay.relay.revoke(&revoked_credential.id).await.expect("revoke");
     let share = |paths: &[&str], models: &[&str]| {
         let scope = Scope {
             paths: paths.iter().map(|p| (*p).to_owned()).collect(),
@@ -638,7 +638,7 @@ async fn rotation_refresh_and_install_during_a_stream_lose_no_token() {
     let relay = TestRelay::start_with(&[], move |c| *c = config).await;
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
     let gate = upstream.gate();
-    let first = relay.relay.issue_credential("alice").expect("credential");
+    let first = relay.relay.issue_credential("alice").await.expect("credential");
     let state = TempDir::new("agent-state");
     let state_dir = state.0.clone();
     let secret = first.secret.clone();
@@ -692,7 +692,7 @@ async fn rotation_refresh_and_install_during_a_stream_lose_no_token() {
     .await;
 
     // Installing a credential given by the operator, in-band.
-    let third = relay.relay.issue_credential("alice").expect("credential");
+    let third = relay.relay.issue_credential("alice").await.expect("credential");
     let installed = agent.agent.install_token(third.secret.clone()).await.expect("install");
     assert!(installed.in_band);
     assert_eq!(installed.stored.as_deref(), Some(stored.as_path()));
@@ -771,7 +771,7 @@ async fn revoking_a_credential_ends_its_session_at_once() {
     let config = relay_config(&keys, "", "", "");
     let relay = TestRelay::start_with(&[], move |c| *c = config).await;
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let credential = relay.relay.issue_credential("alice").expect("credential");
+    let credential = relay.relay.issue_credential("alice").await.expect("credential");
     let secret = credential.secret.clone();
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
         c.credential.token = Some(secret);
@@ -780,7 +780,7 @@ async fn revoking_a_credential_ends_its_session_at_once() {
     .await;
     let tunnel = relay.relay.tunnel("alice").expect("tunnel");
     let start = Instant::now();
-    let revoked = relay.relay.revoke(&credential.id).expect("revoke");
+    let revoked = relay.relay.revoke(&credential.id).await.expect("revoke");
     assert_eq!(revoked, relayd::Revoked { newly: true, sessions_ended: 1 });
     tokio::time::timeout(WAIT, tunnel.closed()).await.expect("the session ends");
     println!("revoked credential's session ended after {:?}", start.elapsed());
@@ -796,7 +796,7 @@ async fn revoking_a_credential_ends_its_session_at_once() {
     assert!(agent.agent.status_line().contains("revoked"), "{}", agent.agent.status_line());
     assert!(relay.relay.tunnel("alice").is_none());
     // A new credential brings it back.
-    let fresh = relay.relay.issue_credential("alice").expect("credential");
+    let fresh = relay.relay.issue_credential("alice").await.expect("credential");
     agent.agent.install_token(fresh.secret).await.expect("install");
     relay.wait_for_agent("alice").await;
 }
@@ -887,7 +887,7 @@ async fn per_user_limits_and_cors_preflights() {
     );
     let relay = TestRelay::start_with(&[], move |c| *c = config).await;
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let credential = relay.relay.issue_credential("alice").expect("credential");
+    let credential = relay.relay.issue_credential("alice").await.expect("credential");
     let secret = credential.secret.clone();
     let _agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
         c.credential.token = Some(secret)

@@ -46,7 +46,7 @@ fn claims(user: &str, role: &str, exp: Value) -> Value {
 async fn served(state: &TempDir, identity: &str) -> (TestRelay, StandIn, TestAgent) {
     let relay = TestRelay::with_state(config(state, identity)).await;
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let secret = relay.relay.issue_credential("alice").expect("credential").secret;
+    let secret = relay.relay.issue_credential("alice").await.expect("credential").secret;
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
         c.credential.token = Some(secret);
     })
@@ -94,7 +94,7 @@ async fn revoking_a_credential_revokes_the_access_tokens_minted_for_it_even_afte
     init_logging();
     let state = TempDir::new("trust-revoke");
     let relay = TestRelay::with_state(config(&state, "")).await;
-    let credential = relay.relay.issue_credential("alice").expect("credential");
+    let credential = relay.relay.issue_credential("alice").await.expect("credential");
     let agent = RawAgent::connect(&relay.ws_url(), &credential.secret, Limits::default())
         .await
         .expect("the credential opens a session");
@@ -104,7 +104,7 @@ async fn revoking_a_credential_revokes_the_access_tokens_minted_for_it_even_afte
         .await
         .expect("the access token opens a session before the revocation");
 
-    let revoked = relay.relay.revoke(&credential.id).expect("revoke");
+    let revoked = relay.relay.revoke(&credential.id).await.expect("revoke");
     // The thief's session replaced the agent's (one per user): it is the
     // one the revocation must end.
     assert_eq!(revoked.sessions_ended, 1, "the session opened with the access token ends");
@@ -118,12 +118,59 @@ async fn revoking_a_credential_revokes_the_access_tokens_minted_for_it_even_afte
     assert_eq!(handshake(&relay, &access).await, (401, Some("revoked_token".into())));
 }
 
+/// Two relays over one credential store (a store in memory standing for
+/// the database replicas share), with one signing key.
+async fn replicas(state: &TempDir) -> (TestRelay, TestRelay) {
+    let key = state.path("signing.pem");
+    relayd::admin::generate_key(&key).expect("a signing key");
+    let cfg = config(state, &format!("signing_key_file = \"{}\"", key.display()));
+    let store: std::sync::Arc<dyn relayd::identity::store::CredentialStore> =
+        std::sync::Arc::new(relayd::identity::store::MemoryStore::default());
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        let identity =
+            relayd::identity::Identity::open(cfg.identity_config(), vec![], store.clone())
+                .await
+                .expect("the identity opens over the shared store");
+        let state = relayd::State { identity, log_key: vec![7; 32] };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        relays.push(TestRelay::serve(listener, relayd::Relay::with_state(cfg.clone(), state)));
+    }
+    let b = relays.pop().expect("two relays");
+    (relays.pop().expect("two relays"), b)
+}
+
+#[tokio::test]
+async fn a_revocation_made_on_one_relay_ends_sessions_and_tokens_on_another_sharing_the_store() {
+    init_logging();
+    let state = TempDir::new("trust-replicas");
+    let (a, b) = replicas(&state).await;
+    let credential = a.relay.issue_credential("alice").await.expect("credential");
+    let mut agent = RawAgent::connect(&b.ws_url(), &credential.secret, Limits::default())
+        .await
+        .expect("relay b admits a credential relay a issued");
+    let client = a.relay.mint("alice", Role::Client, Duration::from_secs(600), None).expect("mint");
+    let http = reqwest::Client::new();
+    let health = b.tunnel_url("alice", "/health");
+    let status = http.get(&health).bearer_auth(&client.token).send().await.expect("GET");
+    assert_eq!(status.status(), 200, "relay b takes a client token relay a minted");
+
+    // Revoked on relay a, which holds no session: relay b is told.
+    assert_eq!(a.relay.revoke(&client.id).await.expect("revoke").sessions_ended, 0);
+    assert_eq!(a.relay.revoke(&credential.id).await.expect("revoke").sessions_ended, 0);
+    assert_eq!(agent.closed(WAIT).await, Some(tunnel_proto::CLOSE_REVOKED));
+    // The client token's revocation was told before the credential's.
+    let status = http.get(&health).bearer_auth(&client.token).send().await.expect("GET");
+    assert_eq!(status.status(), 401, "relay b refuses the token relay a revoked");
+    assert_eq!(handshake(&b, &credential.secret).await, (401, Some("revoked_token".into())));
+}
+
 #[tokio::test]
 async fn a_rotated_out_credentials_access_tokens_stop_working_with_it() {
     init_logging();
     let state = TempDir::new("trust-rotate");
     let relay = TestRelay::with_state(config(&state, "")).await;
-    let credential = relay.relay.issue_credential("alice").expect("credential");
+    let credential = relay.relay.issue_credential("alice").await.expect("credential");
     let mut agent = RawAgent::connect(&relay.ws_url(), &credential.secret, Limits::default())
         .await
         .expect("connect");

@@ -107,7 +107,7 @@ pub fn mint_with(
 }
 
 /// Issues a credential into `store`.
-pub fn issue_into(
+pub async fn issue_into(
     store: &dyn CredentialStore,
     user: &str,
     replaces: Option<&str>,
@@ -120,13 +120,15 @@ pub fn issue_into(
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
         .map_err(|_| IdentityError::Sign("no randomness".into()))?;
     let secret = URL_SAFE_NO_PAD.encode(raw);
-    store.insert(&CredentialRecord {
-        id: id.clone(),
-        user: user.to_owned(),
-        secret_sha256: hex(&sha256(secret.as_bytes())),
-        created: unix(SystemTime::now()),
-        replaces: replaces.map(str::to_owned),
-    })?;
+    store
+        .insert(&CredentialRecord {
+            id: id.clone(),
+            user: user.to_owned(),
+            secret_sha256: hex(&sha256(secret.as_bytes())),
+            created: unix(SystemTime::now()),
+            replaces: replaces.map(str::to_owned),
+        })
+        .await?;
     Ok(IssuedCredential {
         secret: format!("{CREDENTIAL_PREFIX}{id}_{secret}"),
         id,

@@ -11,10 +11,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
 /// An issued agent credential.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,14 +49,33 @@ impl StoreError {
     }
 }
 
-/// Issued credentials and revocations.
+/// The store relayd and its admin commands use for the state directory
+/// `dir`: the one place that decides which store a relay opens.
+pub fn open(dir: &Path) -> Result<Arc<dyn CredentialStore>, StoreError> {
+    Ok(Arc::new(RedbStore::open(&dir.join("credentials.redb"))?))
+}
+
+/// How many revocations a relay may fall behind on before it reads them
+/// all again.
+pub const EVENTS: usize = 256;
+
+/// Issued credentials and revocations: what every relay sharing a store
+/// sees alike. Lookups are async so that a database over the network can
+/// implement it; the embedded store does its file work off the async
+/// threads.
+#[async_trait::async_trait]
 pub trait CredentialStore: Send + Sync {
-    fn insert(&self, record: &CredentialRecord) -> Result<(), StoreError>;
-    fn get(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError>;
-    fn list(&self) -> Result<Vec<CredentialRecord>, StoreError>;
-    /// Records `id` as revoked; false when it already was.
-    fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError>;
-    fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    async fn insert(&self, record: &CredentialRecord) -> Result<(), StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError>;
+    async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError>;
+    /// Records `id` as revoked and tells every subscriber; false when it
+    /// already was.
+    async fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError>;
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    /// Revocations recorded from now on, by any relay sharing the store. A
+    /// subscriber that lags behind (`RecvError::Lagged`) reads
+    /// [`CredentialStore::revocations`] again.
+    fn subscribe(&self) -> broadcast::Receiver<Revocation>;
 }
 
 const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
@@ -64,7 +84,8 @@ const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 
 /// The embedded store: one redb file.
 pub struct RedbStore {
-    db: Database,
+    db: Arc<Database>,
+    events: broadcast::Sender<Revocation>,
 }
 
 impl RedbStore {
@@ -77,83 +98,134 @@ impl RedbStore {
         txn.open_table(CREDENTIALS).map_err(StoreError::of)?;
         txn.open_table(REVOKED).map_err(StoreError::of)?;
         txn.commit().map_err(StoreError::of)?;
-        Ok(Self { db })
+        Ok(Self { db: Arc::new(db), events: broadcast::channel(EVENTS).0 })
+    }
+
+    /// Runs `f` on the database off the async threads (redb's commits wait
+    /// for the disk).
+    async fn with_db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(StoreError::of)?
     }
 }
 
+#[async_trait::async_trait]
 impl CredentialStore for RedbStore {
-    fn insert(&self, record: &CredentialRecord) -> Result<(), StoreError> {
+    async fn insert(&self, record: &CredentialRecord) -> Result<(), StoreError> {
         let value = serde_json::to_vec(record).map_err(StoreError::of)?;
-        let txn = self.db.begin_write().map_err(StoreError::of)?;
-        {
-            let mut table = txn.open_table(CREDENTIALS).map_err(StoreError::of)?;
-            table.insert(record.id.as_str(), value.as_slice()).map_err(StoreError::of)?;
-        }
-        txn.commit().map_err(StoreError::of)
+        let id = record.id.clone();
+        self.with_db(move |db| {
+            let txn = db.begin_write().map_err(StoreError::of)?;
+            {
+                let mut table = txn.open_table(CREDENTIALS).map_err(StoreError::of)?;
+                table.insert(id.as_str(), value.as_slice()).map_err(StoreError::of)?;
+            }
+            txn.commit().map_err(StoreError::of)
+        })
+        .await
     }
 
-    fn get(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::of)?;
-        let table = txn.open_table(CREDENTIALS).map_err(StoreError::of)?;
-        let Some(value) = table.get(id).map_err(StoreError::of)? else { return Ok(None) };
-        serde_json::from_slice(value.value()).map(Some).map_err(StoreError::of)
+    async fn get(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+        let id = id.to_owned();
+        self.with_db(move |db| {
+            let txn = db.begin_read().map_err(StoreError::of)?;
+            let table = txn.open_table(CREDENTIALS).map_err(StoreError::of)?;
+            let Some(value) = table.get(id.as_str()).map_err(StoreError::of)? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(value.value()).map(Some).map_err(StoreError::of)
+        })
+        .await
     }
 
-    fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::of)?;
-        let table = txn.open_table(CREDENTIALS).map_err(StoreError::of)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(StoreError::of)? {
-            let (_, value) = entry.map_err(StoreError::of)?;
-            out.push(serde_json::from_slice(value.value()).map_err(StoreError::of)?);
-        }
-        Ok(out)
+    async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(StoreError::of)?;
+            let table = txn.open_table(CREDENTIALS).map_err(StoreError::of)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(StoreError::of)? {
+                let (_, value) = entry.map_err(StoreError::of)?;
+                out.push(serde_json::from_slice(value.value()).map_err(StoreError::of)?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
-    fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(StoreError::of)?;
-        let fresh = {
-            let mut table = txn.open_table(REVOKED).map_err(StoreError::of)?;
-            let until = revocation.until.unwrap_or(u64::MAX);
-            table.insert(revocation.id.as_str(), until).map_err(StoreError::of)?.is_none()
-        };
-        txn.commit().map_err(StoreError::of)?;
+    async fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError> {
+        let r = revocation.clone();
+        let fresh = self
+            .with_db(move |db| {
+                let txn = db.begin_write().map_err(StoreError::of)?;
+                let fresh = {
+                    let mut table = txn.open_table(REVOKED).map_err(StoreError::of)?;
+                    let until = r.until.unwrap_or(u64::MAX);
+                    table.insert(r.id.as_str(), until).map_err(StoreError::of)?.is_none()
+                };
+                txn.commit().map_err(StoreError::of)?;
+                Ok(fresh)
+            })
+            .await?;
+        // Nobody listening is fine: a relay reads them all when it starts.
+        let _ = self.events.send(revocation.clone());
         Ok(fresh)
     }
 
-    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::of)?;
-        let table = txn.open_table(REVOKED).map_err(StoreError::of)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(StoreError::of)? {
-            let (id, until) = entry.map_err(StoreError::of)?;
-            let until = Some(until.value()).filter(|u| *u != u64::MAX);
-            out.push(Revocation { id: id.value().to_owned(), until });
-        }
-        Ok(out)
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(StoreError::of)?;
+            let table = txn.open_table(REVOKED).map_err(StoreError::of)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(StoreError::of)? {
+                let (id, until) = entry.map_err(StoreError::of)?;
+                let until = Some(until.value()).filter(|u| *u != u64::MAX);
+                out.push(Revocation { id: id.value().to_owned(), until });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+        self.events.subscribe()
     }
 }
 
 /// A store in memory: for a relay without a state directory (credentials
-/// then last until it restarts) and for tests.
-#[derive(Default)]
+/// then last until it restarts) and for tests, where relays sharing one
+/// stand for replicas sharing a database.
 pub struct MemoryStore {
     credentials: Mutex<HashMap<String, CredentialRecord>>,
     revoked: Mutex<HashMap<String, Option<u64>>>,
+    events: broadcast::Sender<Revocation>,
 }
 
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            credentials: Mutex::default(),
+            revoked: Mutex::default(),
+            events: broadcast::channel(EVENTS).0,
+        }
+    }
+}
+
+#[async_trait::async_trait]
 impl CredentialStore for MemoryStore {
-    fn insert(&self, record: &CredentialRecord) -> Result<(), StoreError> {
+    async fn insert(&self, record: &CredentialRecord) -> Result<(), StoreError> {
         let mut map = self.credentials.lock().unwrap_or_else(PoisonError::into_inner);
         map.insert(record.id.clone(), record.clone());
         Ok(())
     }
 
-    fn get(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+    async fn get(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
         Ok(self.credentials.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned())
     }
 
-    fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+    async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
         Ok(self
             .credentials
             .lock()
@@ -163,14 +235,22 @@ impl CredentialStore for MemoryStore {
             .collect())
     }
 
-    fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError> {
-        let mut map = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(map.insert(revocation.id.clone(), revocation.until).is_none())
+    async fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError> {
+        let fresh = {
+            let mut map = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
+            map.insert(revocation.id.clone(), revocation.until).is_none()
+        };
+        let _ = self.events.send(revocation.clone());
+        Ok(fresh)
     }
 
-    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
         let map = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(map.iter().map(|(id, until)| Revocation { id: id.clone(), until: *until }).collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+        self.events.subscribe()
     }
 }
 
@@ -188,14 +268,17 @@ mod tests {
         }
     }
 
-    fn exercise(store: &dyn CredentialStore) {
-        store.insert(&record("c_1")).expect("insert");
-        assert_eq!(store.get("c_1").expect("get"), Some(record("c_1")));
-        assert_eq!(store.get("c_2").expect("get"), None);
-        assert!(store.revoke(&Revocation { id: "c_1".into(), until: None }).expect("revoke"));
-        assert!(!store.revoke(&Revocation { id: "c_1".into(), until: None }).expect("again"));
-        assert!(store.revoke(&Revocation { id: "jti_9".into(), until: Some(99) }).expect("jti"));
-        let mut revoked = store.revocations().expect("list");
+    async fn exercise(store: &dyn CredentialStore) {
+        let mut events = store.subscribe();
+        store.insert(&record("c_1")).await.expect("insert");
+        assert_eq!(store.get("c_1").await.expect("get"), Some(record("c_1")));
+        assert_eq!(store.get("c_2").await.expect("get"), None);
+        assert!(store.revoke(&Revocation { id: "c_1".into(), until: None }).await.expect("revoke"));
+        assert!(!store.revoke(&Revocation { id: "c_1".into(), until: None }).await.expect("again"));
+        assert!(
+            store.revoke(&Revocation { id: "jti_9".into(), until: Some(99) }).await.expect("jti")
+        );
+        let mut revoked = store.revocations().await.expect("list");
         revoked.sort_by(|a, b| a.id.cmp(&b.id));
         assert_eq!(
             revoked,
@@ -204,31 +287,35 @@ mod tests {
                 Revocation { id: "jti_9".into(), until: Some(99) }
             ]
         );
-        assert_eq!(store.list().expect("list").len(), 1);
+        assert_eq!(store.list().await.expect("list").len(), 1);
+        // Every revocation was told, the repeated one too.
+        let told: Vec<String> =
+            std::iter::from_fn(|| events.try_recv().ok()).map(|r| r.id).collect();
+        assert_eq!(told, ["c_1", "c_1", "jti_9"]);
     }
 
-    #[test]
-    fn both_stores_keep_credentials_and_revocations() {
-        exercise(&MemoryStore::default());
+    #[tokio::test]
+    async fn both_stores_keep_credentials_and_revocations_and_tell_of_revocations() {
+        exercise(&MemoryStore::default()).await;
         let dir = std::env::temp_dir().join(format!("relayd-store-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("credentials.redb");
-        exercise(&RedbStore::open(&path).expect("open"));
+        exercise(&RedbStore::open(&path).expect("open")).await;
     }
 
-    #[test]
-    fn the_embedded_store_survives_a_restart() {
+    #[tokio::test]
+    async fn the_embedded_store_survives_a_restart() {
         let dir = std::env::temp_dir().join(format!("relayd-store-restart-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("credentials.redb");
         {
             let store = RedbStore::open(&path).expect("open");
-            store.insert(&record("c_7")).expect("insert");
-            store.revoke(&Revocation { id: "c_7".into(), until: None }).expect("revoke");
+            store.insert(&record("c_7")).await.expect("insert");
+            store.revoke(&Revocation { id: "c_7".into(), until: None }).await.expect("revoke");
         }
         let store = RedbStore::open(&path).expect("reopen");
-        assert_eq!(store.get("c_7").expect("get"), Some(record("c_7")));
-        assert_eq!(store.revocations().expect("list").len(), 1);
+        assert_eq!(store.get("c_7").await.expect("get"), Some(record("c_7")));
+        assert_eq!(store.revocations().await.expect("list").len(), 1);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

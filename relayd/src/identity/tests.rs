@@ -36,9 +36,7 @@ fn claims(user: &str, role: &str) -> Value {
             "iat": now(), "exp": now() + 600, "jti": "t_0000000000000001" })
 }
 
-fn block(
-    on: impl std::future::Future<Output = Result<Principal, AuthError>>,
-) -> Result<Principal, AuthError> {
+fn block<T>(on: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -155,7 +153,7 @@ fn unknown_kids_and_oversized_tokens_are_refused() {
 #[test]
 fn credentials_verify_until_revoked_and_the_cache_does_not_hide_a_revocation() {
     let (id, _) = identity();
-    let issued = id.issue_credential("alice", None).expect("issue");
+    let issued = block(id.issue_credential("alice", None)).expect("issue");
     assert!(issued.secret.starts_with("tcred_c_"));
     let p = block(id.verify(&issued.secret)).expect("valid");
     assert_eq!((p.user.as_str(), p.role, p.via), ("alice", Role::Agent, Via::Credential));
@@ -164,11 +162,11 @@ fn credentials_verify_until_revoked_and_the_cache_does_not_hide_a_revocation() {
     let last = wrong.pop();
     wrong.push(if last == Some('A') { 'B' } else { 'A' });
     assert_eq!(block(id.verify(&wrong)), Err(AuthError::Unknown));
-    assert!(id.revoke(&issued.id, None).expect("revoke"));
+    assert!(block(id.revoke(&issued.id, None)).expect("revoke"));
     assert_eq!(block(id.verify(&issued.secret)), Err(AuthError::Revoked));
     let minted = id.mint("alice", Role::Client, Duration::from_secs(60), None).expect("mint");
     assert!(block(id.verify(&minted.token)).is_ok());
-    id.revoke(&minted.id, Some(minted.expires)).expect("revoke");
+    block(id.revoke(&minted.id, Some(minted.expires))).expect("revoke");
     assert_eq!(block(id.verify(&minted.token)), Err(AuthError::Revoked));
 }
 

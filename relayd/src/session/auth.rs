@@ -73,6 +73,13 @@ impl Session {
         a.id.as_deref() == Some(id) || a.parent.as_deref() == Some(id)
     }
 
+    /// Whether `identity` knows the token or credential this session is
+    /// authorized by as revoked.
+    pub fn revoked_in(&self, identity: &crate::identity::Identity) -> bool {
+        let a = self.lock_auth();
+        [&a.id, &a.parent].into_iter().flatten().any(|id| identity.is_revoked(id))
+    }
+
     fn refuse_auth(&self, code: u16, why: impl Into<String>) {
         self.link.push_urgent(Message::error("", code, why));
     }
@@ -194,24 +201,20 @@ impl Session {
         tokio::spawn(async move {
             let identity = me.identity.clone();
             let user = me.user.clone();
-            let issued = tokio::task::spawn_blocking(move || {
-                identity.issue_credential(&user, current.as_deref())
-            })
-            .await;
+            let issued = identity.issue_credential(&user, current.as_deref()).await;
             let mut a = me.lock_auth();
             a.issuing = false;
-            if let Ok(Ok(c)) = &issued {
+            if let Ok(c) = &issued {
                 a.pending_rotation = Some(c.id.clone());
             }
             drop(a);
             match issued {
-                Ok(Ok(c)) => {
+                Ok(c) => {
                     me.link.push_urgent(Message::Credential(Credential {
                         id: c.id,
                         secret: c.secret,
                     }));
                 }
-                Ok(Err(e)) => me.refuse_auth(500, format!("cannot issue a credential: {e}")),
                 Err(e) => me.refuse_auth(500, format!("cannot issue a credential: {e}")),
             }
         });
@@ -246,11 +249,8 @@ impl Session {
         let Some(me) = self.me.upgrade() else { return };
         tokio::spawn(async move {
             if let Some(old) = old {
-                let (identity, old_id) = (me.identity.clone(), old.clone());
-                let revoked =
-                    tokio::task::spawn_blocking(move || identity.revoke(&old, None)).await;
-                if !matches!(revoked, Ok(Ok(_))) {
-                    warn!(session = %me.id, "cannot revoke the rotated-out credential {old_id}: revoke it by hand with `tunnelctl token revoke {old_id}`");
+                if let Err(e) = me.identity.revoke(&old, None).await {
+                    warn!(session = %me.id, error = %e, "cannot revoke the rotated-out credential {old}: {e}; revoke it by hand with `tunnelctl token revoke {old}`");
                 }
             }
             info!(session = %me.id, credential = %id, "agent credential rotated to {id}");

@@ -1,0 +1,71 @@
+//! Revocations as events. A revocation is recorded in the credential store,
+//! which tells every relay sharing it; each relay then refuses the token
+//! and ends the agent sessions it authorized (close code 4004). Whichever
+//! relay revoked, and whether the store is the embedded one or a database
+//! shared by replicas, the sessions end where they are.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::session::CloseReason;
+use crate::state::Shared;
+
+/// Follows the store's revocations until `stop`: first everything the store
+/// holds (what was revoked since this relay opened it), then each event; a
+/// relay that fell behind reads them all again.
+pub async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut events = shared.identity.subscribe();
+    resync(&shared).await;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(revocation) => {
+                let id = revocation.id.clone();
+                shared.identity.note_revoked(revocation);
+                let ended = end_sessions(&shared, &id);
+                if ended > 0 {
+                    info!(id = %id, sessions = ended, "{id} was revoked: {ended} agent session(s) ended");
+                }
+            }
+            Err(RecvError::Lagged(missed)) => {
+                warn!(
+                    missed,
+                    "fell {missed} revocations behind the credential store; reading them all again"
+                );
+                resync(&shared).await;
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Reads every revocation again and ends the sessions they cover.
+async fn resync(shared: &Shared) {
+    if let Err(e) = shared.identity.reload_revocations().await {
+        return warn!(error = %e, "cannot read the revocations from the credential store: {e}; keeping those known");
+    }
+    for session in shared.router.local().sessions() {
+        if session.revoked_in(&shared.identity) {
+            session.close(CloseReason::Revoked);
+        }
+    }
+}
+
+/// Ends this relay's agent sessions that `id` (a credential or a token's
+/// `jti`) authorized; returns how many.
+pub fn end_sessions(shared: &Shared, id: &str) -> usize {
+    let mut ended = 0;
+    for session in shared.router.local().sessions() {
+        if session.authorized_by(id) {
+            session.close(CloseReason::Revoked);
+            ended += 1;
+        }
+    }
+    ended
+}

@@ -27,17 +27,16 @@ use tunnel_proto::budget::TokenBucket;
 /// allowance).
 const MAX_SOURCES: usize = 16 * 1024;
 
-/// A network in CIDR form (`10.0.0.0/8`, `::1/128`, or a bare address).
+/// A network in CIDR form (`10.0.0.0/8`, `::1/128`, or a bare address):
+/// `ipnet`'s, with a bare address read as one host and IPv4-mapped IPv6
+/// peers (a dual-stack listener) matched as IPv4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(into = "String")]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(ipnet::IpNet);
 
 impl From<Cidr> for String {
     fn from(c: Cidr) -> String {
-        format!("{}/{}", c.addr, c.prefix)
+        c.0.to_string()
     }
 }
 
@@ -45,39 +44,23 @@ impl std::str::FromStr for Cidr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.trim().parse().map_err(|_| format!("{s:?} is not an address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
-        };
-        Ok(Cidr { addr, prefix })
+        let text = s.trim();
+        if let Ok(addr) = text.parse::<IpAddr>() {
+            return Ok(Cidr(addr.into()));
+        }
+        text.parse::<ipnet::IpNet>().map(Cidr).map_err(|_| match text.split_once('/') {
+            Some((a, _)) if a.trim().parse::<IpAddr>().is_ok() => {
+                let max = if a.contains(':') { 128 } else { 32 };
+                format!("{s:?}: prefix length must be 0..={max}")
+            }
+            _ => format!("{s:?} is not an address"),
+        })
     }
 }
 
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&canonical(ip))
     }
 }
 

@@ -149,23 +149,36 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
     }
 
     /// Seconds until `key` has a token again (0: it has one now).
-    pub fn wait(&self, key: &K, now: Instant) -> u64 {
+    pub fn wait<Q>(&self, key: &Q, now: Instant) -> u64
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         map.get_mut(key).map_or(0, |b| b.wait_secs(now).ceil() as u64)
     }
 
     /// Spends one of `key`'s tokens; `Some(seconds to wait)` when it had
-    /// none.
-    pub fn take(&self, key: &K, now: Instant) -> Option<u64> {
+    /// none. A key already tracked is looked up without being copied.
+    pub fn take<Q>(&self, key: &Q, now: Instant) -> Option<u64>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if !map.contains_key(key) && map.len() >= MAX_SOURCES {
-            map.retain(|_, b| !b.is_full(now));
-            if map.len() >= MAX_SOURCES {
-                return None;
+        let bucket = match map.get_mut(key) {
+            Some(b) => b,
+            None => {
+                if map.len() >= MAX_SOURCES {
+                    map.retain(|_, b| !b.is_full(now));
+                    if map.len() >= MAX_SOURCES {
+                        return None;
+                    }
+                }
+                let fresh = TokenBucket::new(self.rate, self.burst, now);
+                map.entry(key.to_owned()).or_insert(fresh)
             }
-        }
-        let (rate, burst) = (self.rate, self.burst);
-        let bucket = map.entry(key.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now));
+        };
         if bucket.take(now) { None } else { Some(bucket.wait_secs(now).ceil().max(1.0) as u64) }
     }
 
@@ -187,7 +200,7 @@ pub trait RequestBudget: Send + Sync {
 /// The embedded budget: a token bucket per user in this relay's memory.
 impl RequestBudget for Buckets<String> {
     fn take(&self, user: &str, now: Instant) -> Option<u64> {
-        Buckets::take(self, &user.to_owned(), now)
+        Buckets::take(self, user, now)
     }
 }
 
@@ -238,7 +251,7 @@ impl Admission {
     /// One more valid handshake of `user` (an agent in a reconnect loop, or
     /// two fighting over one credential, are held back).
     pub fn admit_user(&self, user: &str, now: Instant) -> Verdict {
-        match self.users.take(&user.to_owned(), now) {
+        match self.users.take(user, now) {
             None => Verdict::Admit,
             Some(w) => Verdict::SourceBlocked { retry_after: w },
         }

@@ -73,7 +73,7 @@ pub(crate) async fn fan_in_pass(bin: &Path, args: &Args, tls: bool) -> Result<Va
     let rig = Rig::start(
         bin,
         args,
-        RigOpts { users: total, agents: 0, handshakes_per_second: 100_000, tls },
+        RigOpts { users: total, agents: 0, handshakes_per_second: 100_000, tls, callgrind: false },
     )
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;

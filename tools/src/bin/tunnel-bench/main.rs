@@ -23,6 +23,7 @@ use serde_json::json;
 use tools::procs::{bin_dir, machine};
 
 mod bulk;
+mod cost;
 mod fan_in;
 mod rig;
 mod slow_reader;
@@ -34,6 +35,7 @@ mod streams;
 mod trace;
 
 pub(crate) use bulk::*;
+pub(crate) use cost::*;
 pub(crate) use fan_in::*;
 pub(crate) use rig::*;
 pub(crate) use slow_reader::*;
@@ -93,7 +95,11 @@ pub(crate) enum Scenario {
     Storm,
     /// Small requests with and without a trace subscriber that never reads.
     Trace,
-    /// Every scenario above, in order.
+    /// Instructions relayd and agentd spend per request and per streamed
+    /// token, under valgrind (what `.ci/cost` holds to its baseline; not
+    /// part of `all`).
+    Cost,
+    /// Every scenario above but `cost`, in order.
     All,
 }
 
@@ -119,6 +125,7 @@ impl Scenario {
             Scenario::Streams => "streams",
             Scenario::Storm => "storm",
             Scenario::Trace => "trace",
+            Scenario::Cost => "cost",
             Scenario::All => "all",
         }
     }
@@ -160,6 +167,7 @@ async fn main() -> Result<()> {
             Scenario::Streams => streams(&bin, &args).await,
             Scenario::Storm => storm(&bin, &args).await,
             Scenario::Trace => trace(&bin, &args).await,
+            Scenario::Cost => cost(&bin, &args).await,
             Scenario::All => unreachable!("expanded above"),
         }
         .with_context(|| format!("scenario {}", s.name()))?;

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::process::Child;
 
 use crate::*;
-use tools::procs::{cpu_time, free_port, path, scrape, spawn};
+use tools::procs::{cpu_time, free_port, path, scrape, spawn, spawn_program};
 use tunnel_tests::tls::TestCert;
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
@@ -73,11 +73,14 @@ pub(crate) struct RigOpts {
     /// relayd terminates TLS (a throwaway self-signed certificate); agents
     /// dial `wss://`.
     pub(crate) tls: bool,
+    /// relayd and agentd run under valgrind's callgrind, which writes
+    /// `<dir>/<log>.callgrind` when they exit (scenario `cost`).
+    pub(crate) callgrind: bool,
 }
 
 /// One user with one agentd: most scenarios.
 pub(crate) const ONE_AGENT: RigOpts =
-    RigOpts { users: 1, agents: 1, handshakes_per_second: 1000, tls: false };
+    RigOpts { users: 1, agents: 1, handshakes_per_second: 1000, tls: false, callgrind: false };
 
 /// The stand-in, relayd and agentd processes of one scenario.
 pub(crate) struct Rig {
@@ -174,7 +177,14 @@ impl Rig {
         std::fs::write(dir.join("relayd.toml"), conf)?;
         let mut rig = Rig {
             bin: bin.to_owned(),
-            relay: Self::spawn_relay(bin, &dir)?,
+            relay: daemon(
+                bin,
+                "relayd",
+                &["--config".into(), path(&dir.join("relayd.toml"))],
+                &dir,
+                "relayd",
+                o.callgrind,
+            )?,
             dir,
             _standin: standin,
             agents: Vec::new(),
@@ -204,12 +214,13 @@ impl Rig {
                     )),
                 ),
             )?;
-            rig.agents.push(spawn(
+            rig.agents.push(daemon(
                 bin,
                 "agentd",
                 &["--config".into(), path(&file)],
                 &rig.dir,
                 &format!("agentd-{i}"),
+                o.callgrind,
             )?);
         }
         rig.wait_agents(o.agents, Duration::from_secs(120)).await?;
@@ -218,6 +229,23 @@ impl Rig {
 
     pub(crate) fn spawn_relay(bin: &Path, dir: &Path) -> Result<Child> {
         spawn(bin, "relayd", &["--config".into(), path(&dir.join("relayd.toml"))], dir, "relayd")
+    }
+
+    /// Stops relayd and every agentd as their service manager would
+    /// (SIGTERM) and waits at most `limit` for each to exit.
+    pub(crate) async fn stop_daemons(&mut self, limit: Duration) -> Result<()> {
+        for child in self.agents.iter_mut().chain([&mut self.relay]) {
+            if let Some(pid) = child.id() {
+                let pid = nix::unistd::Pid::from_raw(pid as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            }
+            match tokio::time::timeout(limit, child.wait()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("waiting for a daemon to exit: {e}"),
+                Err(_) => bail!("a daemon did not exit within {limit:?} of SIGTERM"),
+            }
+        }
+        Ok(())
     }
 
     /// Waits until the relay counts `n` agents.
@@ -278,6 +306,29 @@ impl Drop for Rig {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Starts daemon `name`, under callgrind when asked.
+fn daemon(
+    bin: &Path,
+    name: &str,
+    args: &[String],
+    dir: &Path,
+    log: &str,
+    callgrind: bool,
+) -> Result<Child> {
+    if !callgrind {
+        return spawn(bin, name, args, dir, log);
+    }
+    let mut all = vec![
+        "--tool=callgrind".to_owned(),
+        format!("--callgrind-out-file={}", path(&dir.join(format!("{log}.callgrind")))),
+        "--dump-instr=no".to_owned(),
+        "--dump-line=no".to_owned(),
+        path(&bin.join(name)),
+    ];
+    all.extend_from_slice(args);
+    spawn_program(Path::new("valgrind"), &all, dir, log)
 }
 
 pub(crate) async fn wait_port(port: u16) -> Result<()> {

@@ -18,7 +18,7 @@ pub(crate) async fn storm(bin: &Path, args: &Args) -> Result<Value> {
     let mut rig = Rig::start(
         bin,
         args,
-        RigOpts { users: n, agents: 0, handshakes_per_second: rate, tls: false },
+        RigOpts { users: n, agents: 0, handshakes_per_second: rate, tls: false, callgrind: false },
     )
     .await?;
     // In-process agents: the agentd library, with its default backoff

@@ -16,7 +16,13 @@ pub(crate) async fn streams(bin: &Path, args: &Args) -> Result<Value> {
     let rig = Rig::start(
         bin,
         args,
-        RigOpts { users: agents, agents, handshakes_per_second: 1000, tls: false },
+        RigOpts {
+            users: agents,
+            agents,
+            handshakes_per_second: 1000,
+            tls: false,
+            callgrind: false,
+        },
     )
     .await?;
     let http = client(agents * per_agent);

@@ -24,6 +24,7 @@
 //!   (status classes, outcomes, cancels, per-model time to first token and
 //!   tokens per second, read by [`usage`] from the stream's final line).
 
+pub mod access;
 pub mod config;
 pub mod control;
 pub mod logging;

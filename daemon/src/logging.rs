@@ -41,6 +41,8 @@ struct Live {
     handle: reload::Handle<EnvFilter, Registry>,
     text: Mutex<String>,
     output: Output,
+    /// Text lines are coloured (stderr is a terminal).
+    ansi: bool,
 }
 
 static LIVE: OnceLock<Live> = OnceLock::new();
@@ -86,6 +88,7 @@ pub fn init(name: &str) -> Output {
     } else {
         None
     };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let output = match (journal, json) {
         (Some(journal), _) => {
             registry.with(journal).init();
@@ -98,15 +101,25 @@ pub fn init(name: &str) -> Output {
             Output::Json
         }
         (None, false) => {
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
             registry
                 .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
                 .init();
             Output::Text
         }
     };
-    let _ = LIVE.set(Live { handle, text: Mutex::new(text), output });
+    let _ = LIVE.set(Live { handle, text: Mutex::new(text), output, ansi });
     output
+}
+
+/// Where lines go; `None` before [`init`].
+pub fn output() -> Option<Output> {
+    LIVE.get().map(|live| live.output)
+}
+
+/// Lines go to stderr as plain text: no journal, no JSON, no colours (a
+/// file, a pipe, launchd's log file).
+pub fn plain_text() -> bool {
+    LIVE.get().is_some_and(|live| live.output == Output::Text && !live.ansi)
 }
 
 /// The filter in force and where lines go; `None` before [`init`].

@@ -393,9 +393,7 @@ impl Span {
 }
 
 impl Span {
-    /// The access line: one per request, at info, target `access` (turn it
-    /// down with `access=warn` in the filter). In the journal every field
-    /// is a field of its own (`journalctl REQUEST_ID=...`).
+    /// The request's access line ([`crate::access`]).
     fn log(
         &self,
         outcome: Outcome,
@@ -403,29 +401,22 @@ impl Span {
         duration: Duration,
         report: &crate::usage::Report,
     ) {
-        let duration_ms = duration.as_secs_f64() * 1000.0;
-        let bytes_in = self.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
-        let model = report.model.as_deref().unwrap_or_default();
-        let tokens = report.tokens.unwrap_or_default();
-        let outcome = outcome.as_str();
-        if self.user_hash.is_empty() {
-            tracing::info!(
-                target: "access",
-                session = %self.session, request_id = %self.id, method = %self.method,
-                path = %self.path,
-                status = self.status, duration_ms, outcome, reason, bytes_in,
-                bytes_out = self.bytes_out, model, tokens,
-                "{} {} {} {duration_ms} ms {outcome}", self.method, self.path, self.status
-            );
-        } else {
-            tracing::info!(
-                target: "access",
-                session = %self.session, request_id = %self.id, user_hash = %self.user_hash,
-                method = %self.method, path = %self.path, status = self.status, duration_ms, outcome, reason, bytes_in,
-                bytes_out = self.bytes_out, model, tokens,
-                "{} {} {} {duration_ms} ms {outcome}", self.method, self.path, self.status
-            );
+        crate::access::Line {
+            session: &self.session,
+            request_id: &self.id,
+            user_hash: &self.user_hash,
+            method: &self.method,
+            path: &self.path,
+            status: self.status,
+            duration,
+            outcome: outcome.as_str(),
+            reason,
+            bytes_in: self.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_out: self.bytes_out,
+            model: report.model.as_deref().unwrap_or_default(),
+            tokens: report.tokens.unwrap_or_default(),
         }
+        .write();
     }
 }
 

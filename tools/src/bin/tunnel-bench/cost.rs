@@ -6,7 +6,9 @@
 //! Each operation is measured with two runs of the daemons under callgrind
 //! that differ only in how many operations follow the same warm-up; the
 //! difference over the extra operations is the cost of one, start-up and
-//! shut-down cancelling out. Requests go one at a time.
+//! shut-down cancelling out. Requests go one at a time. The profiles of the
+//! last run of each operation are kept in the output directory
+//! (`cost-<operation>-<daemon>.callgrind`, for `callgrind_annotate`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -118,7 +120,14 @@ async fn run(bin: &Path, args: &Args, op: Op, n: usize) -> Result<(u64, u64)> {
     }
     drop(http);
     rig.stop_daemons(Duration::from_secs(60)).await?;
-    Ok((totals(&rig.dir.join("relayd.callgrind"))?, totals(&rig.dir.join("agentd-0.callgrind"))?))
+    let (relayd, agentd) = (rig.dir.join("relayd.callgrind"), rig.dir.join("agentd-0.callgrind"));
+    // The profiles of the longer run stay with the results, for
+    // `callgrind_annotate <out>/cost-get_request-relayd.callgrind`.
+    for (file, daemon) in [(&relayd, "relayd"), (&agentd, "agentd")] {
+        let kept = args.out.join(format!("cost-{}-{daemon}.callgrind", op.name()));
+        std::fs::copy(file, kept).with_context(|| format!("keeping {}", file.display()))?;
+    }
+    Ok((totals(&relayd)?, totals(&agentd)?))
 }
 
 async fn drain(resp: http::Response<hyper::body::Incoming>) -> Result<()> {

@@ -7,7 +7,8 @@
 //! carries `model` in every chunk and, when asked for
 //! (`stream_options.include_usage`) or in a whole answer,
 //! `usage.completion_tokens`. [`Usage`] keeps only the last few KiB of the
-//! body it is shown and reads those fields at the end.
+//! body it is shown and reads those fields at the end, parsing JSON only
+//! when the tail names a count.
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -29,13 +30,14 @@ pub enum Format {
 impl Format {
     /// The format of a body with this `Content-Type`, if it is one to read.
     pub fn of(content_type: Option<&str>) -> Option<Format> {
-        let mime = content_type?.split(';').next()?.trim().to_ascii_lowercase();
-        match mime.as_str() {
-            "application/x-ndjson" => Some(Format::Ndjson),
-            "text/event-stream" => Some(Format::Sse),
-            "application/json" => Some(Format::Json),
-            _ => None,
-        }
+        let mime = content_type?.split(';').next()?.trim();
+        [
+            ("application/x-ndjson", Format::Ndjson),
+            ("text/event-stream", Format::Sse),
+            ("application/json", Format::Json),
+        ]
+        .into_iter()
+        .find_map(|(name, format)| mime.eq_ignore_ascii_case(name).then_some(format))
     }
 }
 
@@ -64,25 +66,28 @@ impl Usage {
         Self { format, tail: Vec::new(), model: None, first_line_seen: false }
     }
 
-    /// Shows the scanner the next chunk (a copy of at most [`TAIL`] bytes).
+    /// Shows the scanner the next chunk. The tail may grow to twice
+    /// [`TAIL`] before its front is dropped, so that a stream of small
+    /// chunks (a token each) moves its bytes once, not once per chunk.
     pub fn feed(&mut self, chunk: &Bytes) {
         if chunk.len() >= TAIL {
             self.tail.clear();
             self.tail.extend_from_slice(&chunk[chunk.len() - TAIL..]);
         } else {
-            let overflow = (self.tail.len() + chunk.len()).saturating_sub(TAIL);
-            self.tail.drain(..overflow);
+            if self.tail.len() + chunk.len() > 2 * TAIL {
+                self.tail.drain(..self.tail.len() + chunk.len() - TAIL);
+            }
             self.tail.extend_from_slice(chunk);
         }
         // The model from the first complete line, for streams whose last
-        // line does not name it.
-        if !self.first_line_seen
-            && let Some(end) = self.tail.iter().position(|&b| b == b'\n')
-        {
-            self.first_line_seen = true;
-            let line = self.tail[..end].to_vec();
-            if let Some(v) = self.parse(&line) {
-                self.model = v.get("model").and_then(Value::as_str).map(str::to_owned);
+        // line does not name it (only the new bytes can end it).
+        if !self.first_line_seen {
+            let new = self.tail.len() - chunk.len().min(TAIL);
+            if let Some(at) = memchr::memchr(b'\n', &self.tail[new..]) {
+                self.first_line_seen = true;
+                if let Some(v) = self.parse(&self.tail[..new + at]) {
+                    self.model = v.get("model").and_then(Value::as_str).map(str::to_owned);
+                }
             }
         }
     }
@@ -99,12 +104,13 @@ impl Usage {
     /// Reads the fields from what the body ended with.
     pub fn finish(&self) -> Report {
         let mut report = Report { model: self.model.clone(), ..Report::default() };
+        let tail = &self.tail[self.tail.len().saturating_sub(TAIL)..];
         // Most answers carry no counts (lists, errors): no JSON to parse.
-        let has = |needle: &[u8]| self.tail.windows(needle.len()).any(|w| w == needle);
+        let has = |needle: &[u8]| memchr::memmem::find(tail, needle).is_some();
         if !has(b"\"eval_count\"") && !has(b"\"completion_tokens\"") {
             return report;
         }
-        let text = String::from_utf8_lossy(&self.tail);
+        let text = String::from_utf8_lossy(tail);
         let lines: Vec<&str> = match self.format {
             Format::Json => vec![text.trim()],
             _ => text.lines().collect(),
@@ -173,7 +179,7 @@ mod tests {
         for _ in 0..100 {
             u.feed(&filler);
         }
-        assert!(u.tail.len() <= TAIL);
+        assert!(u.tail.len() <= 2 * TAIL);
         u.feed(&Bytes::from_static(b"{\"done\":true,\"eval_count\":3}\n"));
         assert_eq!(u.finish().tokens, Some(3));
         assert_eq!(u.finish().model.as_deref(), Some("m"));

@@ -28,8 +28,13 @@ enum Op {
     /// A non-streaming `POST /api/chat` with a small body and an 8-token
     /// answer.
     Chat,
-    /// One streamed token: runs differ in the length of their streams.
+    /// One streamed token, [`TOKEN_MS`] after the last (as a model makes
+    /// them: each crosses the tunnel alone): runs differ in the length of
+    /// their streams.
     Token,
+    /// One token of an answer sent without pauses (a burst: the daemons
+    /// join and batch what is ready together).
+    Burst,
 }
 
 impl Op {
@@ -38,17 +43,18 @@ impl Op {
             Op::Get => "get_request",
             Op::Chat => "chat_request",
             Op::Token => "stream_token",
+            Op::Burst => "burst_token",
         }
     }
 }
 
-/// Streams per `Token` run, and their lengths in the short and the long run.
+/// Streams per `Token` or `Burst` run, and their lengths in the short and
+/// the long run.
 const STREAMS: usize = 4;
 const SHORT: usize = 20;
-/// The pause between tokens, as a model makes them: each token then crosses
-/// the tunnel alone (a burst would coalesce by timing, and the count would
-/// vary from run to run).
-const TOKEN_MS: u64 = 2;
+/// The pause between paced tokens: long enough that under callgrind, which
+/// slows the daemons some fifty times, each token still crosses alone.
+const TOKEN_MS: u64 = 10;
 
 #[allow(clippy::print_stdout)]
 pub(crate) async fn cost(bin: &Path, args: &Args) -> Result<Value> {
@@ -56,15 +62,15 @@ pub(crate) async fn cost(bin: &Path, args: &Args) -> Result<Value> {
     // (warm-up and base count, extra operations)
     let (base, extra) = if args.smoke { (5, 10) } else { (20, 300) };
     let mut out = serde_json::Map::new();
-    for op in [Op::Get, Op::Chat, Op::Token] {
+    for op in [Op::Get, Op::Chat, Op::Token, Op::Burst] {
         let (short, long) = match op {
-            Op::Token => (SHORT, SHORT + extra),
+            Op::Token | Op::Burst => (SHORT, SHORT + extra),
             _ => (base, base + extra),
         };
         let a = run(bin, args, op, short).await.with_context(|| format!("{} short", op.name()))?;
         let b = run(bin, args, op, long).await.with_context(|| format!("{} long", op.name()))?;
         let units = match op {
-            Op::Token => (STREAMS * extra) as f64,
+            Op::Token | Op::Burst => (STREAMS * extra) as f64,
             _ => extra as f64,
         };
         let per = |x: u64, y: u64| (y.saturating_sub(x)) as f64 / units;
@@ -110,12 +116,13 @@ async fn run(bin: &Path, args: &Args, op: Op, n: usize) -> Result<(u64, u64)> {
                     .body(full(body))?;
                 drain(http.request(req).await?).await?;
             }
-            Op::Token => break,
+            Op::Token | Op::Burst => break,
         }
     }
-    if let Op::Token = op {
+    if let Op::Token | Op::Burst = op {
+        let pause = if let Op::Token = op { TOKEN_MS } else { 0 };
         for _ in 0..STREAMS {
-            chat_stream(&http, &url("/api/chat"), n, TOKEN_MS).await?;
+            chat_stream(&http, &url("/api/chat"), n, pause).await?;
         }
     }
     drop(http);

@@ -363,8 +363,9 @@ async fn exchange(
     if !body_follows {
         return Outcome::Done;
     }
+    let mut joiner = link::chunks::Joiner::new(stream.chunk);
     loop {
-        let (data, last) = match link::chunks::next_chunk(&mut body).await {
+        let (data, last) = match joiner.next(&mut body).await {
             Ok(next) => next,
             Err(e) => {
                 warn!(stream = %id, error = %source_text(&e), "the local service failed mid-response: {}", source_text(&e));

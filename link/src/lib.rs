@@ -46,8 +46,28 @@ use tunnel_proto::{Frame, Limits, Message, ProtocolError, StreamId};
 pub const OUT_QUEUE: usize = 64;
 /// Frames the writer feeds before it looks at urgent control frames again.
 const WRITE_BATCH: usize = 32;
+/// Frames queued, or body chunks read, within this of the last are part of
+/// a burst: written together, joined ([`writer`], [`chunks::Joiner`]).
+const BURST_GAP: std::time::Duration = std::time::Duration::from_micros(100);
 /// How long the close frame may take to go out once a session ended.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Lets the tasks that are ready now run before the caller goes on: the
+/// caller wakes itself and the scheduler queues it behind them. tokio's
+/// `yield_now` instead waits until the runtime has polled for I/O, a
+/// syscall (`epoll_wait`) per call, which in a burst is one per chunk.
+pub(crate) async fn pass() {
+    let mut woken = false;
+    std::future::poll_fn(|cx| {
+        if woken {
+            return std::task::Poll::Ready(());
+        }
+        woken = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await;
+}
 
 /// The WebSocket settings of a session whose peer may receive messages of
 /// up to `max_message` bytes (see [`Limits::max_message_bytes`]).

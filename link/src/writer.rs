@@ -15,7 +15,7 @@
 //! milliseconds after the last) is flushed at once and costs nothing more.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
@@ -26,12 +26,10 @@ use tokio_tungstenite::tungstenite::{Error, Message as Ws};
 use tracing::debug;
 use tunnel_proto::Frame;
 
-use crate::{CLOSE_DEADLINE, End, Handler, Link, Outbound, WRITE_BATCH};
+use crate::{BURST_GAP, CLOSE_DEADLINE, End, Handler, Link, Outbound, WRITE_BATCH};
 
 /// Passes the writer gives the runnable tasks before one flush.
 const MAX_YIELDS: usize = 16;
-/// Frames queued within this of the last flush are part of a burst.
-const BURST_GAP: Duration = Duration::from_micros(100);
 
 type Sink<S> = SplitSink<WebSocketStream<S>, Ws>;
 
@@ -72,7 +70,7 @@ pub(crate) async fn run<S, H>(
                 }
                 if burst && yields < MAX_YIELDS && (fed > 0 || yields == 0) {
                     yields += 1;
-                    tokio::task::yield_now().await;
+                    crate::pass().await;
                     continue;
                 }
                 break;

@@ -72,11 +72,18 @@ impl Line<'_> {
     /// tokens when there are any.
     fn text(&self, out: &mut String) {
         let micros = self.duration.as_micros();
+        let _ = write!(out, "{} ", self.method);
+        // The path is checked for ASCII control characters, but not for
+        // the C1 controls (U+0080..U+009F) a terminal may act on when the
+        // log is read: a path that is not ASCII is written escaped.
+        if self.path.is_ascii() {
+            out.push_str(self.path);
+        } else {
+            let _ = write!(out, "{}", self.path.escape_debug());
+        }
         let _ = write!(
             out,
-            "{} {} {} {}.{:03} ms {} session={} request_id={}",
-            self.method,
-            self.path,
+            " {} {}.{:03} ms {} session={} request_id={}",
             self.status,
             micros / 1000,
             micros % 1000,
@@ -92,7 +99,10 @@ impl Line<'_> {
             let _ = write!(out, " reason={:?}", self.reason);
         }
         if !self.model.is_empty() {
-            let _ = write!(out, " model={:?} tokens={}", self.model, self.tokens);
+            let _ = write!(out, " model={:?}", self.model);
+        }
+        if !self.model.is_empty() || self.tokens > 0 {
+            let _ = write!(out, " tokens={}", self.tokens);
         }
     }
 
@@ -188,6 +198,18 @@ mod tests {
     }
 
     #[test]
+    fn a_path_that_is_not_ascii_is_written_escaped_and_tokens_without_a_model_are_kept() {
+        let mut l = line("", "", "");
+        l.path = "/api/caf\u{e9}\u{9b}31m";
+        l.tokens = 5;
+        let mut out = String::new();
+        l.text(&mut out);
+        assert!(out.starts_with("POST /api/café\\u{9b}31m 200 "), "{out}");
+        assert!(!out.contains('\u{9b}'));
+        assert!(out.ends_with(" bytes_out=1234 tokens=5"), "{out}");
+    }
+
+    #[test]
     fn timestamps_are_rfc3339_utc_with_microseconds() {
         let at = |secs: u64, micros: u64| {
             let mut out = String::new();
@@ -210,7 +232,7 @@ mod tests {
     #[test]
     fn a_text_line_says_the_request_once_and_only_the_fields_it_has() {
         let mut out = String::new();
-        line("", "", "").text(&mut out);
+        Line { tokens: 0, ..line("", "", "") }.text(&mut out);
         assert_eq!(
             out,
             "POST /api/chat 200 812.045 ms ok session=s_1 request_id=req_3 bytes_in=42 bytes_out=1234"

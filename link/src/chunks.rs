@@ -69,7 +69,9 @@ pub struct Joiner<E> {
 
 impl<E> Joiner<E> {
     pub fn new(max: usize) -> Self {
-        Self { max, gap: BURST_GAP, last_at: None, failed: None }
+        // No joining where a pass proves nothing (a multi-threaded runtime).
+        let gap = if crate::passes_help() { BURST_GAP } else { Duration::ZERO };
+        Self { max, gap, last_at: None, failed: None }
     }
 
     /// The next data of `body` and whether the body ended with it, as
@@ -98,7 +100,8 @@ impl<E> Joiner<E> {
                 }
                 Some(Ok((more, end))) => {
                     let buf = joined.get_or_insert_with(|| {
-                        let mut buf = BytesMut::with_capacity(self.max.max(first.len()));
+                        let size = (first.len() + more.len()) * 8;
+                        let mut buf = BytesMut::with_capacity(size.min(self.max));
                         buf.extend_from_slice(&first);
                         buf
                     });

@@ -52,6 +52,16 @@ const BURST_GAP: std::time::Duration = std::time::Duration::from_micros(100);
 /// How long the close frame may take to go out once a session ended.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Whether a [`pass`] means what the burst handling needs: on a
+/// current-thread runtime (agentd; relayd with one worker) every task that
+/// is ready runs before the caller resumes. On a multi-threaded one a pass
+/// may wake an idle worker instead (a futex call) and proves nothing, so
+/// there a burst is written and sent as it comes.
+pub(crate) fn passes_help() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
 /// Lets the tasks that are ready now run before the caller goes on: the
 /// caller wakes itself and the scheduler queues it behind them. tokio's
 /// `yield_now` instead waits until the runtime has polled for I/O, a

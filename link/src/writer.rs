@@ -13,6 +13,8 @@
 //! again while that brought more frames (at most [`MAX_YIELDS`] times): no
 //! timer, a pass of the scheduler. A lone frame (a model's next token,
 //! milliseconds after the last) is flushed at once and costs nothing more.
+//! Only on a current-thread runtime (agentd, and relayd with one worker):
+//! see [`crate::passes_help`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,6 +46,7 @@ pub(crate) async fn run<S, H>(
 {
     let pump = async {
         let mut flushed: Option<Instant> = None;
+        let passes = crate::passes_help();
         loop {
             tokio::select! {
                 biased;
@@ -53,7 +56,7 @@ pub(crate) async fn run<S, H>(
                     None => break,
                 },
             }
-            let burst = flushed.is_some_and(|at| at.elapsed() < BURST_GAP);
+            let burst = passes && flushed.is_some_and(|at| at.elapsed() < BURST_GAP);
             let mut yields = 0;
             loop {
                 for msg in link.urgent.take() {

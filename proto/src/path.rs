@@ -179,7 +179,9 @@ mod tests {
             ("/api/tags\r\n", PathError::ControlCharacter),
             ("/api/%zz", PathError::BadEncoding),
             ("/api/%2", PathError::BadEncoding),
-            // from_str_radix would take a sign: "%+f" is not an encoding.
+            // from_str_radix would take a sign: "%+f" is not an encoding
+            // (before, it decoded to 0x0f and was refused as a control
+            // character).
             ("/api/%+f", PathError::BadEncoding),
             ("/api/%-1/x", PathError::BadEncoding),
         ] {

@@ -56,7 +56,7 @@ pub(crate) async fn run<S, H>(
                     None => break,
                 },
             }
-            let burst = passes && flushed.is_some_and(|at| at.elapsed() < BURST_GAP);
+            let burst = flushed.is_some_and(|at| at.elapsed() < BURST_GAP);
             let mut yields = 0;
             loop {
                 for msg in link.urgent.take() {
@@ -79,7 +79,9 @@ pub(crate) async fn run<S, H>(
                 break;
             }
             sink.flush().await?;
-            flushed = Some(Instant::now());
+            if passes {
+                flushed = Some(Instant::now());
+            }
         }
         Ok::<(), Error>(())
     };

@@ -61,21 +61,16 @@ pub(crate) async fn bulk(bin: &Path, args: &Args) -> Result<Value> {
     let sizes: Vec<u64> = if args.smoke { vec![4 << 20] } else { vec![50 << 20, 1 << 30] };
     let rounds = if args.smoke { 1 } else { args.rounds.unwrap_or(3) };
     println!("bulk transfers ({rounds} rounds, medians; MB = 10^6 bytes)");
-    println!(
-        "{:<22} {:>11} {:>11} {:>6} {:>11} {:>6} {:>14} {:>14}",
-        "transfer",
-        "direct MB/s",
-        "tunnel MB/s",
-        "ratio",
-        "raw MB/s",
-        "ratio",
-        "relayd peak",
-        "agentd peak"
-    );
+    let paths = routes();
+    let mut head = format!("{:<22} {:>11}", "transfer", "direct MB/s");
+    for p in &paths[1..] {
+        head.push_str(&format!(" {:>12} {:>6}", format!("{} MB/s", short(*p)), "ratio"));
+    }
+    println!("{head} {:>14} {:>14}", "relayd peak", "agentd peak");
     let mut rows = Vec::new();
     for &size in &sizes {
         for dir in ["download", "upload"] {
-            let mut mbps = [Vec::new(), Vec::new(), Vec::new()];
+            let mut mbps: [Vec<f64>; PATHS] = per_path();
             let mut peak = (0u64, 0u64);
             for r in 0..rounds {
                 for p in order(r) {
@@ -95,22 +90,27 @@ pub(crate) async fn bulk(bin: &Path, args: &Args) -> Result<Value> {
                     }
                 }
             }
-            let (d, t, w) = (median(&mbps[0]), median(&mbps[1]), median(&mbps[2]));
+            let d = median(&mbps[0]);
             let label = format!("{dir} {} MiB", size >> 20);
+            let mut line = format!("{label:<22} {d:>11.0}");
+            let mut row = json!({
+                "transfer": dir, "bytes": size, "direct_mb_s": d,
+                "relayd_peak_rss_kib": peak.0, "agentd_peak_rss_kib": peak.1,
+            });
+            for &p in &paths[1..] {
+                let x = median(&mbps[p as usize]);
+                line.push_str(&format!(" {x:>12.0} {:>5.2}x", x / d));
+                row[format!("{}_mb_s", p.key())] = json!(x);
+                row[format!("{}_ratio", p.key())] = json!(x / d);
+            }
+            row["rounds_mb_s"] =
+                paths.iter().map(|p| (p.key().to_owned(), json!(mbps[*p as usize]))).collect();
             println!(
-                "{label:<22} {d:>11.0} {t:>11.0} {:>5.2}x {w:>11.0} {:>5.2}x {:>10.1} MiB {:>10.1} MiB",
-                t / d,
-                w / d,
+                "{line} {:>10.1} MiB {:>10.1} MiB",
                 peak.0 as f64 / 1024.0,
                 peak.1 as f64 / 1024.0
             );
-            rows.push(json!({
-                "transfer": dir, "bytes": size,
-                "direct_mb_s": d, "tunnel_mb_s": t, "ratio": t / d,
-                "raw_tcp_mb_s": w, "raw_tcp_ratio": w / d,
-                "relayd_peak_rss_kib": peak.0, "agentd_peak_rss_kib": peak.1,
-                "rounds_mb_s": { "direct": mbps[0], "tunnel": mbps[1], "raw_tcp": mbps[2] },
-            }));
+            rows.push(row);
         }
     }
     Ok(json!({ "rows": rows, "rounds": rounds }))

@@ -72,6 +72,10 @@ pub(crate) struct Args {
     /// Pause between tokens in the `streams` scenario, in milliseconds.
     #[arg(long, global = true, default_value_t = 100)]
     pub(crate) token_ms: u64,
+    /// The rathole binary to measure beside the tunnel (default: `rathole`
+    /// on PATH; without one the rathole path is left out).
+    #[arg(long, global = true)]
+    pub(crate) rathole: Option<PathBuf>,
 }
 
 /// `[limits]` lines both daemons get (from --stream-window, --max-chunk).
@@ -146,13 +150,16 @@ async fn main() -> Result<()> {
     let fds = tunnel_tests::raise_fd_limit()?;
     std::fs::create_dir_all(&args.out)?;
     let bin = bin_dir(&["relayd", "agentd", "stand-in-ollama", "tcp-forward"])?;
+    let rathole = args.rathole.clone().or_else(|| on_path("rathole"));
+    RATHOLE.get_or_init(|| rathole.clone());
     let list: Vec<Scenario> =
         if args.scenario == Scenario::All { ALL.to_vec() } else { vec![args.scenario] };
     let (load, cores) = machine();
     println!(
-        "machine: {cores} cores, load {load:.2}, {}; open-file limit {fds}; relayd workers {}{}",
+        "machine: {cores} cores, load {load:.2}, {}; open-file limit {fds}; relayd workers {}; rathole {}{}",
         cpu_model(),
         args.relay_workers,
+        rathole.as_deref().map_or("not found (left out)".into(), |p| p.display().to_string()),
         if args.smoke { "; SMOKE run: not a measurement" } else { "" }
     );
     for s in list {
@@ -183,6 +190,7 @@ async fn main() -> Result<()> {
             "load_after": load_after,
             "relay_workers": args.relay_workers,
             "limits": LIMITS.get().cloned().unwrap_or_default(),
+            "rathole": rathole.as_deref().map(|p| p.display().to_string()),
             "agent_workers": 1,
             "when": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         });
@@ -195,6 +203,11 @@ async fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `name` in a directory of `PATH`, if it is there.
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 pub(crate) fn cpu_model() -> String {

@@ -42,6 +42,25 @@ pub(crate) enum Route {
     /// Client -> tcp-forward -> tcp-forward -> stand-in: the raw-TCP
     /// baseline, two hops that only copy bytes.
     Raw,
+    /// Client -> rathole server -> rathole client -> stand-in: the L4
+    /// tunnel we hold ourselves to, when a `rathole` binary is at hand
+    /// (`--rathole`, or on `PATH`).
+    Rathole,
+}
+
+/// How many paths a scenario can measure; index arrays with `route as usize`.
+pub(crate) const PATHS: usize = 4;
+
+/// One `T` per path.
+pub(crate) fn per_path<T: Default>() -> [T; PATHS] {
+    std::array::from_fn(|_| T::default())
+}
+
+/// The `rathole` binary of this run, when there is one.
+pub(crate) static RATHOLE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+fn rathole() -> Option<&'static Path> {
+    RATHOLE.get().and_then(Option::as_deref)
 }
 
 impl Route {
@@ -50,18 +69,37 @@ impl Route {
             Route::Direct => "direct",
             Route::Tunnel => "tunnel",
             Route::Raw => "raw TCP",
+            Route::Rathole => "rathole",
+        }
+    }
+
+    /// The path's key in result files.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Tunnel => "tunnel",
+            Route::Raw => "raw_tcp",
+            Route::Rathole => "rathole",
         }
     }
 }
 
+/// The paths this run measures: rathole only when its binary is at hand.
+pub(crate) fn routes() -> Vec<Route> {
+    let mut all = vec![Route::Direct, Route::Tunnel, Route::Raw];
+    if rathole().is_some() {
+        all.push(Route::Rathole);
+    }
+    all
+}
+
 /// The order of the paths in round `r`: rotating, so none always runs on a
 /// warmer machine.
-pub(crate) fn order(r: usize) -> [Route; 3] {
-    match r % 3 {
-        0 => [Route::Direct, Route::Tunnel, Route::Raw],
-        1 => [Route::Tunnel, Route::Raw, Route::Direct],
-        _ => [Route::Raw, Route::Direct, Route::Tunnel],
-    }
+pub(crate) fn order(r: usize) -> Vec<Route> {
+    let mut all = routes();
+    let n = all.len();
+    all.rotate_left(r % n);
+    all
 }
 
 pub(crate) struct RigOpts {
@@ -99,6 +137,9 @@ pub(crate) struct Rig {
     /// the first.
     pub(crate) forwarders: Vec<Child>,
     pub(crate) raw_port: u16,
+    /// rathole's server and client, and the server's service port.
+    pub(crate) ratholes: Vec<Child>,
+    pub(crate) rathole_port: u16,
 }
 
 pub(crate) static RIGS: AtomicUsize = AtomicUsize::new(0);
@@ -147,6 +188,10 @@ impl Rig {
             )?);
             wait_port(listen).await?;
         }
+        let (ratholes, rathole_port) = match rathole() {
+            Some(program) => start_rathole(program, &dir, standin_port).await?,
+            None => (Vec::new(), 0),
+        };
         let relay_port = free_port()?;
         let relay_metrics = free_port()?;
         let mut conf = format!(
@@ -195,6 +240,8 @@ impl Rig {
             cert,
             forwarders,
             raw_port,
+            ratholes,
+            rathole_port,
         };
         wait_port(relay_metrics).await?;
         for i in 0..o.agents {
@@ -270,6 +317,7 @@ impl Rig {
                 format!("http://127.0.0.1:{}/api/tunnel/u{user}{target}", self.relay_port)
             }
             Route::Raw => format!("http://127.0.0.1:{}{target}", self.raw_port),
+            Route::Rathole => format!("http://127.0.0.1:{}{target}", self.rathole_port),
         }
     }
 
@@ -284,6 +332,7 @@ impl Rig {
             Route::Direct => Duration::ZERO,
             Route::Tunnel => self.daemons_cpu(),
             Route::Raw => self.forwarders_cpu(),
+            Route::Rathole => self.ratholes.iter().filter_map(Child::id).map(cpu_time).sum(),
         }
     }
 
@@ -306,6 +355,34 @@ impl Drop for Rig {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// rathole's server and client on loopback, one TCP service to the
+/// stand-in, as its README sets them up (TCP transport, `nodelay` on); ready
+/// once the server listens on the service port, which it binds only when
+/// the client's control channel is up.
+async fn start_rathole(program: &Path, dir: &Path, standin: u16) -> Result<(Vec<Child>, u16)> {
+    let (control, service) = (free_port()?, free_port()?);
+    let token = "bench-rathole-token";
+    std::fs::write(
+        dir.join("rathole-server.toml"),
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\ntype = \"tcp\"\n[server.transport.tcp]\nnodelay = true\n[server.services.s]\ntoken = \"{token}\"\nbind_addr = \"127.0.0.1:{service}\"\nnodelay = true\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("rathole-client.toml"),
+        format!(
+            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.transport]\ntype = \"tcp\"\n[client.transport.tcp]\nnodelay = true\n[client.services.s]\ntoken = \"{token}\"\nlocal_addr = \"127.0.0.1:{standin}\"\nnodelay = true\n"
+        ),
+    )?;
+    let server =
+        spawn_program(program, &[path(&dir.join("rathole-server.toml"))], dir, "rathole-server")?;
+    wait_port(control).await?;
+    let client =
+        spawn_program(program, &[path(&dir.join("rathole-client.toml"))], dir, "rathole-client")?;
+    wait_port(service).await?;
+    Ok((vec![server, client], service))
 }
 
 /// Starts daemon `name`, under callgrind when asked.

@@ -9,6 +9,7 @@ use http::{Method, Request};
 use serde_json::{Value, json};
 
 use crate::*;
+use tools::procs::proc_stats;
 use tools::svg::{COLORS, Series, cdf, chart};
 
 #[allow(clippy::print_stdout)]
@@ -27,24 +28,22 @@ pub(crate) async fn small(bin: &Path, args: &Args) -> Result<Value> {
         ("GET /api/tags", Method::GET, "/api/tags", None, 64),
         ("POST /api/chat", Method::POST, "/api/chat", Some(chat), 16),
     ];
+    let paths = routes();
     println!(
         "small requests ({rounds} rounds x {dur:?} per path, medians; raw = two plain TCP forwarders)"
     );
-    println!(
-        "{:<16} {:>4} {:>9} {:>9} {:>6} {:>9} {:>6} {:>13} {:>13} {:>13} {:>7} {:>7}",
-        "request",
-        "c",
-        "direct/s",
-        "tunnel/s",
-        "ratio",
-        "raw/s",
-        "ratio",
-        "direct p50/99",
-        "tunnel p50/99",
-        "raw p50/99",
-        "tun us",
-        "raw us"
-    );
+    let mut head = format!("{:<16} {:>4} {:>9}", "request", "c", "direct/s");
+    for p in &paths[1..] {
+        head.push_str(&format!(" {:>10} {:>6}", format!("{}/s", short(*p)), "ratio"));
+    }
+    head.push_str(&format!(" {:>13}", "direct p50/99"));
+    for p in &paths[1..] {
+        head.push_str(&format!(" {:>13}", format!("{} p50/99", short(*p))));
+    }
+    for p in &paths[1..] {
+        head.push_str(&format!(" {:>8}", format!("{} us", short(*p))));
+    }
+    println!("{head}");
     let mut rows = Vec::new();
     let mut plot = Vec::new();
     for (label, method, target, body, c) in cases {
@@ -64,12 +63,12 @@ pub(crate) async fn small(bin: &Path, args: &Args) -> Result<Value> {
         for p in order(0) {
             closed_loop(&http, make_for(p), c, Duration::from_millis(200)).await;
         }
-        let mut rps = [Vec::new(), Vec::new(), Vec::new()];
-        let mut p50 = [Vec::new(), Vec::new(), Vec::new()];
-        let mut p99 = [Vec::new(), Vec::new(), Vec::new()];
-        let mut lat = [Vec::new(), Vec::new(), Vec::new()];
-        let mut cpu_per_req = [Vec::new(), Vec::new(), Vec::new()];
-        let mut errors = [0u64; 3];
+        let mut rps: [Vec<f64>; PATHS] = per_path();
+        let mut p50: [Vec<f64>; PATHS] = per_path();
+        let mut p99: [Vec<f64>; PATHS] = per_path();
+        let mut lat: [Vec<f64>; PATHS] = per_path();
+        let mut cpu_per_req: [Vec<f64>; PATHS] = per_path();
+        let mut errors = [0u64; PATHS];
         for r in 0..rounds {
             for p in order(r) {
                 let k = p as usize;
@@ -86,59 +85,79 @@ pub(crate) async fn small(bin: &Path, args: &Args) -> Result<Value> {
                 lat[k].extend(l.latencies_ms);
             }
         }
-        let (d, t, w) = (median(&rps[0]), median(&rps[1]), median(&rps[2]));
-        let row = json!({
-            "request": label, "concurrency": c,
-            "direct_rps": d, "tunnel_rps": t, "ratio": t / d,
-            "raw_tcp_rps": w, "raw_tcp_ratio": w / d,
-            "direct_p50_ms": median(&p50[0]), "direct_p99_ms": median(&p99[0]),
-            "tunnel_p50_ms": median(&p50[1]), "tunnel_p99_ms": median(&p99[1]),
-            "raw_tcp_p50_ms": median(&p50[2]), "raw_tcp_p99_ms": median(&p99[2]),
-            "daemons_cpu_us_per_request": median(&cpu_per_req[1]),
-            "raw_tcp_forwarders_cpu_us_per_request": median(&cpu_per_req[2]),
-            "rounds_rps": { "direct": rps[0], "tunnel": rps[1], "raw_tcp": rps[2] },
-            "errors": { "direct": errors[0], "tunnel": errors[1], "raw_tcp": errors[2] },
-        });
-        println!(
-            "{:<16} {:>4} {:>9.0} {:>9.0} {:>5.2}x {:>9.0} {:>5.2}x {:>6.2}/{:<6.2} {:>6.2}/{:<6.2} {:>6.2}/{:<6.2} {:>7.1} {:>7.1}{}",
-            label,
-            c,
-            d,
-            t,
-            t / d,
-            w,
-            w / d,
-            median(&p50[0]),
-            median(&p99[0]),
-            median(&p50[1]),
-            median(&p99[1]),
-            median(&p50[2]),
-            median(&p99[2]),
-            median(&cpu_per_req[1]),
-            median(&cpu_per_req[2]),
-            if errors != [0; 3] {
-                format!("  (errors: direct {}, tunnel {}, raw {})", errors[0], errors[1], errors[2])
-            } else {
-                String::new()
+        let m = |v: &[Vec<f64>; PATHS], p: Route| median(&v[p as usize]);
+        let d = m(&rps, Route::Direct);
+        let mut row = json!({ "request": label, "concurrency": c, "direct_rps": d });
+        let mut line = format!("{label:<16} {c:>4} {d:>9.0}");
+        for &p in &paths {
+            let key = p.key();
+            row[format!("{key}_p50_ms")] = json!(m(&p50, p));
+            row[format!("{key}_p99_ms")] = json!(m(&p99, p));
+            if p == Route::Direct {
+                continue;
             }
-        );
+            let r = m(&rps, p);
+            row[format!("{key}_rps")] = json!(r);
+            row[format!("{key}_ratio")] = json!(r / d);
+            row[format!("{key}_cpu_us_per_request")] = json!(m(&cpu_per_req, p));
+            line.push_str(&format!(" {r:>10.0} {:>5.2}x", r / d));
+        }
+        for &p in &paths {
+            line.push_str(&format!(" {:>6.2}/{:<6.2}", m(&p50, p), m(&p99, p)));
+        }
+        for &p in &paths[1..] {
+            line.push_str(&format!(" {:>8.1}", m(&cpu_per_req, p)));
+        }
+        row["rounds_rps"] =
+            paths.iter().map(|p| (p.key().to_owned(), json!(rps[*p as usize]))).collect();
+        row["errors"] =
+            paths.iter().map(|p| (p.key().to_owned(), json!(errors[*p as usize]))).collect();
+        if errors.iter().any(|e| *e > 0) {
+            line.push_str(&format!("  (errors: {errors:?})"));
+        }
+        println!("{line}");
         if label.starts_with("GET") && c == 64 {
-            for (k, p) in [Route::Direct, Route::Tunnel, Route::Raw].iter().enumerate() {
+            for &p in &paths {
                 plot.push(Series {
                     name: format!("{} (c=64)", p.name()),
-                    color: COLORS[k],
-                    points: cdf(&lat[k]),
+                    color: COLORS[p as usize],
+                    points: cdf(&lat[p as usize]),
                 });
             }
         }
         rows.push(row);
     }
+    // What the carriers hold once the load is over.
+    let rss =
+        |pids: &[u32]| pids.iter().map(|p| proc_stats(*p).rss_kib).sum::<u64>() as f64 / 1024.0;
+    let daemons = rss(&[rig.relay_pid(), rig.agent_pid(0)]);
+    let forwarders = rss(&rig.forwarders.iter().filter_map(|c| c.id()).collect::<Vec<_>>());
+    let ratholes = rss(&rig.ratholes.iter().filter_map(|c| c.id()).collect::<Vec<_>>());
+    println!(
+        "RSS after the load: relayd + agentd {daemons:.1} MiB, raw forwarders {forwarders:.1} MiB{}",
+        if rig.ratholes.is_empty() {
+            String::new()
+        } else {
+            format!(", rathole server + client {ratholes:.1} MiB")
+        }
+    );
     write_plot(
         &args.out,
         "small-latency.svg",
         chart("GET /api/tags, concurrency 64: latency CDF", "latency (ms)", "% of requests", &plot),
     )?;
-    Ok(json!({ "rows": rows, "round_seconds": dur.as_secs_f64(), "rounds": rounds }))
+    Ok(json!({
+        "rows": rows, "round_seconds": dur.as_secs_f64(), "rounds": rounds,
+        "rss_after_mib": { "tunnel": daemons, "raw_tcp": forwarders, "rathole": (!rig.ratholes.is_empty()).then_some(ratholes) },
+    }))
+}
+
+/// A path's name in a narrow column.
+pub(crate) fn short(p: Route) -> &'static str {
+    match p {
+        Route::Raw => "raw",
+        p => p.name(),
+    }
 }
 
 // ---------------------------------------------------------------- streaming

@@ -84,10 +84,11 @@ pub(crate) async fn stream(bin: &Path, args: &Args) -> Result<Value> {
     for p in order(0) {
         chat_stream(&http, &rig.url(p, 0, "/api/chat"), 5, 0).await?;
     }
-    let mut ttft = [Vec::new(), Vec::new(), Vec::new()];
-    let mut gap = [Vec::new(), Vec::new(), Vec::new()];
-    let mut delivery = [Vec::new(), Vec::new(), Vec::new()];
-    let mut coalesced = [0usize; 3];
+    let paths = routes();
+    let mut ttft: [Vec<f64>; PATHS] = per_path();
+    let mut gap: [Vec<f64>; PATHS] = per_path();
+    let mut delivery: [Vec<f64>; PATHS] = per_path();
+    let mut coalesced = [0usize; PATHS];
     for r in 0..paced_rounds {
         for p in order(r) {
             let k = p as usize;
@@ -98,8 +99,8 @@ pub(crate) async fn stream(bin: &Path, args: &Args) -> Result<Value> {
             coalesced[k] += s.coalesced;
         }
     }
-    let mut burst = [Vec::new(), Vec::new(), Vec::new()];
-    let mut burst_coalesced = [0usize; 3];
+    let mut burst: [Vec<f64>; PATHS] = per_path();
+    let mut burst_coalesced = [0usize; PATHS];
     for r in 0..burst_rounds {
         for p in order(r) {
             let k = p as usize;
@@ -108,24 +109,38 @@ pub(crate) async fn stream(bin: &Path, args: &Args) -> Result<Value> {
             burst_coalesced[k] += s.coalesced;
         }
     }
+    // CPU per token of long answers sent without pauses: what a relay
+    // carrying many fast streams pays per token (ticks of 10 ms, so many
+    // tokens per round).
+    let (long, per_round, cpu_rounds) = if args.smoke { (200, 1, 1) } else { (2000, 10, 3) };
+    let mut cpu_ns: [Vec<f64>; PATHS] = per_path();
+    for r in 0..cpu_rounds {
+        for p in order(r) {
+            let before = rig.path_cpu(p);
+            for _ in 0..per_round {
+                chat_stream(&http, &rig.url(p, 0, "/api/chat"), long, 0).await?;
+            }
+            let used = rig.path_cpu(p).saturating_sub(before);
+            cpu_ns[p as usize].push(used.as_nanos() as f64 / (long * per_round) as f64);
+        }
+    }
     println!(
         "streaming: {tokens} tokens at 5 ms ({paced_rounds} rounds), burst at 0 ms ({burst_rounds} rounds)"
     );
-    println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "", "direct", "tunnel", "added", "raw TCP", "added"
-    );
-    let line = |name: &str, v: [f64; 3]| {
-        println!(
-            "{name:<34} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
-            v[0],
-            v[1],
-            v[1] - v[0],
-            v[2],
-            v[2] - v[0]
-        )
+    let mut head = format!("{:<34} {:>10}", "", "direct");
+    for p in &paths[1..] {
+        head.push_str(&format!(" {:>10} {:>8}", p.name(), "added"));
+    }
+    println!("{head}");
+    let line = |name: &str, v: [f64; PATHS]| {
+        let mut l = format!("{name:<34} {:>10.3}", v[0]);
+        for p in &paths[1..] {
+            let x = v[*p as usize];
+            l.push_str(&format!(" {x:>10.3} {:>8.3}", x - v[0]));
+        }
+        println!("{l}");
     };
-    let each = |f: &dyn Fn(usize) -> f64| [f(0), f(1), f(2)];
+    let each = |f: &dyn Fn(usize) -> f64| -> [f64; PATHS] { std::array::from_fn(f) };
     let ttft_m = each(&|k| median(&ttft[k]));
     let d50 = each(&|k| percentile(&delivery[k], 50.0));
     let d99 = each(&|k| percentile(&delivery[k], 99.0));
@@ -139,14 +154,18 @@ pub(crate) async fn stream(bin: &Path, args: &Args) -> Result<Value> {
     line("gap between lines p50 (ms)", g50);
     line("gap between lines p99 (ms)", g99);
     line("200-token burst, whole (ms)", burst_m);
-    println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10}",
-        "coalesced lines (paced / burst)",
-        format!("{}/{}", coalesced[0], burst_coalesced[0]),
-        format!("{}/{}", coalesced[1], burst_coalesced[1]),
-        "",
-        format!("{}/{}", coalesced[2], burst_coalesced[2])
-    );
+    let cpu_m = each(&|k| median(&cpu_ns[k]));
+    line(&format!("CPU per token, {long} in a burst (ns)"), cpu_m);
+    let mut l = format!("{:<34}", "coalesced lines (paced / burst)");
+    for p in &paths {
+        let k = *p as usize;
+        l.push_str(&format!(
+            " {:>10}{}",
+            format!("{}/{}", coalesced[k], burst_coalesced[k]),
+            if k == 0 { "" } else { "         " }
+        ));
+    }
+    println!("{l}");
     write_plot(
         &args.out,
         "stream-latency.svg",
@@ -154,24 +173,40 @@ pub(crate) async fn stream(bin: &Path, args: &Args) -> Result<Value> {
             "200 tokens at 5 ms: time from the model server writing a line to the client reading it",
             "delivery latency (ms)",
             "% of lines",
-            &[
-                Series { name: "direct".into(), color: COLORS[0], points: cdf(&delivery[0]) },
-                Series { name: "tunnel".into(), color: COLORS[1], points: cdf(&delivery[1]) },
-                Series { name: "raw TCP".into(), color: COLORS[2], points: cdf(&delivery[2]) },
-            ],
+            &paths
+                .iter()
+                .map(|p| Series {
+                    name: p.name().into(),
+                    color: COLORS[*p as usize],
+                    points: cdf(&delivery[*p as usize]),
+                })
+                .collect::<Vec<_>>(),
         ),
     )?;
-    let per_path = |v: [f64; 3]| json!({ "direct": v[0], "tunnel": v[1], "raw_tcp": v[2], "added": v[1] - v[0], "added_raw_tcp": v[2] - v[0] });
-    let pct = |k: usize| json!({ "p50": d50[k], "p99": d99[k] });
-    let gp = |k: usize| json!({ "p50": g50[k], "p99": g99[k], "max": gmax[k] });
+    // Per path, and what each adds to the direct path ("added_<path>").
+    let by_path = |v: [f64; PATHS]| -> Value {
+        let mut o = serde_json::Map::new();
+        for p in &paths {
+            o.insert(p.key().into(), json!(v[*p as usize]));
+            if *p != Route::Direct {
+                o.insert(format!("added_{}", p.key()), json!(v[*p as usize] - v[0]));
+            }
+        }
+        o.into()
+    };
+    let of_path = |f: &dyn Fn(usize) -> Value| -> Value {
+        paths.iter().map(|p| (p.key().to_owned(), f(*p as usize))).collect()
+    };
     Ok(json!({
         "tokens": tokens, "token_delay_ms": 5, "paced_rounds": paced_rounds, "burst_rounds": burst_rounds,
-        "ttft_ms": per_path(ttft_m),
-        "delivery_ms": { "direct": pct(0), "tunnel": pct(1), "raw_tcp": pct(2) },
-        "gap_ms": { "direct": gp(0), "tunnel": gp(1), "raw_tcp": gp(2) },
-        "coalesced_lines": { "direct": coalesced[0], "tunnel": coalesced[1], "raw_tcp": coalesced[2] },
-        "burst_ms": per_path(burst_m),
-        "burst_coalesced_lines": { "direct": burst_coalesced[0], "tunnel": burst_coalesced[1], "raw_tcp": burst_coalesced[2] },
+        "ttft_ms": by_path(ttft_m),
+        "delivery_ms": of_path(&|k| json!({ "p50": d50[k], "p99": d99[k] })),
+        "gap_ms": of_path(&|k| json!({ "p50": g50[k], "p99": g99[k], "max": gmax[k] })),
+        "coalesced_lines": of_path(&|k| json!(coalesced[k])),
+        "burst_ms": by_path(burst_m),
+        "burst_cpu_tokens": long, "burst_cpu_streams_per_round": per_round,
+        "burst_cpu_ns_per_token": by_path(cpu_m),
+        "burst_coalesced_lines": of_path(&|k| json!(burst_coalesced[k])),
     }))
 }
 

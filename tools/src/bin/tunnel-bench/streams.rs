@@ -30,8 +30,9 @@ pub(crate) async fn streams(bin: &Path, args: &Args) -> Result<Value> {
     println!(
         "{n} concurrent streams across {agents} agents: {tokens} tokens at {delay_ms} ms each ({rounds} rounds)"
     );
-    let mut delivery = [Vec::new(), Vec::new(), Vec::new()];
-    let mut failures = [0usize; 3];
+    let paths = routes();
+    let mut delivery: [Vec<f64>; PATHS] = per_path();
+    let mut failures = [0usize; PATHS];
     for r in 0..rounds {
         for p in order(r) {
             let mut tasks = Vec::with_capacity(n);
@@ -50,22 +51,27 @@ pub(crate) async fn streams(bin: &Path, args: &Args) -> Result<Value> {
             }
         }
     }
-    println!(
-        "{:<30} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "line delivery latency (ms)", "direct", "tunnel", "added", "raw TCP", "added"
-    );
+    let mut head = format!("{:<30} {:>10}", "line delivery latency (ms)", "direct");
+    for p in &paths[1..] {
+        head.push_str(&format!(" {:>10} {:>8}", p.name(), "added"));
+    }
+    println!("{head}");
     for q in [50.0, 99.0] {
-        let [d, t, w] = [0, 1, 2].map(|k| percentile(&delivery[k], q));
-        println!(
-            "{:<30} {d:>10.3} {t:>10.3} {:>10.3} {w:>10.3} {:>10.3}",
-            format!("p{q}"),
-            t - d,
-            w - d
-        );
+        let d = percentile(&delivery[0], q);
+        let mut l = format!("{:<30} {d:>10.3}", format!("p{q}"));
+        for p in &paths[1..] {
+            let x = percentile(&delivery[*p as usize], q);
+            l.push_str(&format!(" {x:>10.3} {:>8.3}", x - d));
+        }
+        println!("{l}");
     }
     println!(
-        "  failed streams: direct {}, tunnel {}, raw TCP {}",
-        failures[0], failures[1], failures[2]
+        "  failed streams: {}",
+        paths
+            .iter()
+            .map(|p| format!("{} {}", p.name(), failures[*p as usize]))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     write_plot(
         &args.out,
@@ -74,24 +80,34 @@ pub(crate) async fn streams(bin: &Path, args: &Args) -> Result<Value> {
             &format!("{n} concurrent streams, {agents} agents: line delivery latency"),
             "delivery latency (ms)",
             "% of lines",
-            &[
-                Series { name: "direct".into(), color: COLORS[0], points: cdf(&delivery[0]) },
-                Series { name: "tunnel".into(), color: COLORS[1], points: cdf(&delivery[1]) },
-                Series { name: "raw TCP".into(), color: COLORS[2], points: cdf(&delivery[2]) },
-            ],
+            &paths
+                .iter()
+                .map(|p| Series {
+                    name: p.name().into(),
+                    color: COLORS[*p as usize],
+                    points: cdf(&delivery[*p as usize]),
+                })
+                .collect::<Vec<_>>(),
         ),
     )?;
     let pct = |k: usize, q: f64| percentile(&delivery[k], q);
+    let mut by_path = serde_json::Map::new();
+    for p in &paths {
+        let k = *p as usize;
+        by_path.insert(p.key().into(), json!({ "p50": pct(k, 50.0), "p99": pct(k, 99.0) }));
+        if k != 0 {
+            by_path.insert(
+                format!("added_{}", p.key()),
+                json!({ "p50": pct(k, 50.0) - pct(0, 50.0), "p99": pct(k, 99.0) - pct(0, 99.0) }),
+            );
+        }
+    }
+    let failed: serde_json::Map<String, Value> =
+        paths.iter().map(|p| (p.key().to_owned(), json!(failures[*p as usize]))).collect();
     Ok(json!({
         "streams": n, "agents": agents, "tokens": tokens, "token_delay_ms": delay_ms, "rounds": rounds,
-        "delivery_ms": {
-            "direct": { "p50": pct(0, 50.0), "p99": pct(0, 99.0) },
-            "tunnel": { "p50": pct(1, 50.0), "p99": pct(1, 99.0) },
-            "raw_tcp": { "p50": pct(2, 50.0), "p99": pct(2, 99.0) },
-            "added": { "p50": pct(1, 50.0) - pct(0, 50.0), "p99": pct(1, 99.0) - pct(0, 99.0) },
-            "added_raw_tcp": { "p50": pct(2, 50.0) - pct(0, 50.0), "p99": pct(2, 99.0) - pct(0, 99.0) },
-        },
-        "failed_streams": { "direct": failures[0], "tunnel": failures[1], "raw_tcp": failures[2] },
+        "delivery_ms": by_path,
+        "failed_streams": failed,
     }))
 }
 

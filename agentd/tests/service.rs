@@ -338,3 +338,63 @@ async fn a_warning_says_its_cause_in_its_message_text() {
     assert!(message.contains("retrying in"), "what comes next: {message}");
     let _ = child.kill().await;
 }
+
+/// Access lines written as plain text are held while the daemon is busy and
+/// go out when it runs out of work: each request's line is in the log while
+/// agentd keeps running, and a later line of another kind comes after it.
+#[tokio::test]
+async fn an_idle_agentd_has_written_the_access_line_of_every_request() {
+    use tunnel_tests::{StandIn, StandInConfig, TestRelay};
+    let dir = TempDir::new("agentd-access");
+    let notify = NotifySocket::bind(&dir);
+    let relay = TestRelay::start(&["alice"]).await;
+    let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
+    let config = dir.path("agentd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "relay = \"{}\"\ntoken = \"{}\"\nupstream = \"{}\"\n[control]\nsocket = \"off\"\n",
+            relay.ws_url(),
+            tunnel_tests::agent_token("alice"),
+            upstream.url()
+        ),
+    )
+    .expect("write the config");
+    let log = dir.path("stderr.log");
+    let mut child = agentd(&config, &notify)
+        .env("AGENTD_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start agentd");
+    relay.wait_for_agent("alice").await;
+    let http = reqwest::Client::new();
+    for n in 1..=3 {
+        let answer = http
+            .get(relay.tunnel_url("alice", "/api/tags"))
+            .send()
+            .await
+            .expect("request")
+            .text()
+            .await
+            .expect("body");
+        assert!(answer.contains("models"), "{answer}");
+        // The daemon is idle once it answered: the line must be there,
+        // without a restart or a timer.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let lines = std::fs::read_to_string(&log).expect("log");
+            if lines.matches("access: GET /api/tags 200").count() == n {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "request {n}: no access line:\n{lines}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    kill(Pid::from_raw(child.id().expect("pid") as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(WAIT, child.wait()).await.expect("exits").expect("wait");
+    assert!(status.success(), "{status}");
+    let lines = std::fs::read_to_string(&log).expect("log");
+    let last_access = lines.rfind("access: GET").expect("an access line");
+    let stopping = lines.find("terminate signal").expect("the stop is logged");
+    assert!(last_access < stopping, "lines out of order:\n{lines}");
+}

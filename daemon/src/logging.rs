@@ -102,7 +102,11 @@ pub fn init(name: &str) -> Output {
         }
         (None, false) => {
             registry
-                .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+                .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(|| {
+                    // Access lines held back go first, in order.
+                    crate::access::flush();
+                    std::io::stderr()
+                }))
                 .init();
             Output::Text
         }

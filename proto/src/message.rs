@@ -269,7 +269,11 @@ impl Message {
                 format!("{} byte message, limit {}", text.len(), limits.max_control_bytes),
             ));
         }
-        let msg: Message = serde_json::from_str(text).map_err(|e| classify(text, e))?;
+        let msg = match decode_tagged_first(text) {
+            Some(parsed) => parsed,
+            None => serde_json::from_str(text),
+        }
+        .map_err(|e| classify(text, e))?;
         msg.validate(limits)?;
         Ok(msg)
     }
@@ -372,6 +376,31 @@ impl Peek {
     pub fn stream_id(&self) -> Option<&str> {
         self.id.as_deref().filter(|i| validate_id(i).is_ok())
     }
+}
+
+/// A message whose `type` comes first, as every encoder of this crate (and
+/// serde's) writes it, parsed straight into its variant's struct (which
+/// skips the `type` field as unknown). serde parses an internally tagged
+/// enum by first copying the whole message into a generic tree, one
+/// allocation per string, and then reading that: a third of what a small
+/// request cost the relay in parsing. `None`: anything else, left to that
+/// general path, which gives the same result more slowly.
+fn decode_tagged_first(text: &str) -> Option<serde_json::Result<Message>> {
+    use serde_json::from_str as parse;
+    let rest = text.strip_prefix("{\"type\":\"")?;
+    let kind = &rest[..rest.find('"')?];
+    Some(match kind {
+        "http_request" => parse(text).map(Message::HttpRequest),
+        "response_head" => parse(text).map(Message::ResponseHead),
+        "http_response" => parse(text).map(Message::HttpResponse),
+        "window_update" => parse(text).map(Message::WindowUpdate),
+        "cancel" => parse(text).map(Message::Cancel),
+        "ack" => parse(text).map(Message::Ack),
+        "error" => parse(text).map(Message::Error),
+        "ping" => parse(text).map(Message::Ping),
+        "pong" => parse(text).map(Message::Pong),
+        _ => return None,
+    })
 }
 
 /// Tells a frame with an unknown `type` (which a peer may answer and then

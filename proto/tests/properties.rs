@@ -79,6 +79,28 @@ proptest! {
     }
 
     #[test]
+    fn where_type_is_written_changes_nothing(msg in message()) {
+        // Encoders write `type` first, which the decoder reads straight
+        // into the variant; written last, it takes serde's general path.
+        let first = msg.encode();
+        let kind = msg.kind();
+        let prefix = format!("{{\"type\":\"{kind}\"");
+        prop_assert!(first.starts_with(&prefix), "{}", first);
+        let rest = &first[prefix.len()..first.len() - 1];
+        let last = match rest.strip_prefix(',') {
+            Some(fields) => format!("{{{fields},\"type\":\"{kind}\"}}"),
+            None => format!("{{\"type\":\"{kind}\"}}"),
+        };
+        let limits = Limits::default();
+        let (a, b) = (Message::decode(&first, &limits), Message::decode(&last, &limits));
+        match (a, b) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+            (Err(a), Err(b)) => prop_assert_eq!(a.kind, b.kind),
+            (a, b) => prop_assert!(false, "{:?} vs {:?} for {}", a, b, last),
+        }
+    }
+
+    #[test]
     fn text_decoder_never_panics(text in any::<String>()) {
         let _ = Message::decode(&text, &Limits::default());
     }

@@ -121,8 +121,11 @@ impl Line<'_> {
     /// bytes_in=0 bytes_out=188`, then the user hash, reason, model and
     /// tokens when there are any.
     fn text(&self, out: &mut String) {
-        let micros = self.duration.as_micros();
-        let _ = write!(out, "{} ", self.method);
+        // Pieces pushed, numbers by `digits`: `write!` goes through
+        // `core::fmt` for each, which was most of the line's cost.
+        let micros = u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX);
+        out.push_str(self.method);
+        out.push(' ');
         // The path is checked for ASCII control characters, but not for
         // the C1 controls (U+0080..U+009F) a terminal may act on when the
         // log is read: a path that is not ASCII is written escaped.
@@ -131,20 +134,26 @@ impl Line<'_> {
         } else {
             let _ = write!(out, "{}", self.path.escape_debug());
         }
-        let _ = write!(
-            out,
-            " {} {}.{:03} ms {} session={} request_id={}",
-            self.status,
-            micros / 1000,
-            micros % 1000,
-            self.outcome,
-            self.session,
-            self.request_id
-        );
-        if !self.user_hash.is_empty() {
-            let _ = write!(out, " user_hash={}", self.user_hash);
+        out.push(' ');
+        digits(out, u64::from(self.status), 1);
+        out.push(' ');
+        digits(out, micros / 1000, 1);
+        out.push('.');
+        digits(out, micros % 1000, 3);
+        out.push_str(" ms ");
+        out.push_str(self.outcome);
+        for (key, value) in [(" session=", self.session), (" request_id=", self.request_id)] {
+            out.push_str(key);
+            out.push_str(value);
         }
-        let _ = write!(out, " bytes_in={} bytes_out={}", self.bytes_in, self.bytes_out);
+        if !self.user_hash.is_empty() {
+            out.push_str(" user_hash=");
+            out.push_str(self.user_hash);
+        }
+        out.push_str(" bytes_in=");
+        digits(out, self.bytes_in, 1);
+        out.push_str(" bytes_out=");
+        digits(out, self.bytes_out, 1);
         if !self.reason.is_empty() {
             let _ = write!(out, " reason={:?}", self.reason);
         }
@@ -152,7 +161,8 @@ impl Line<'_> {
             let _ = write!(out, " model={:?}", self.model);
         }
         if !self.model.is_empty() || self.tokens > 0 {
-            let _ = write!(out, " tokens={}", self.tokens);
+            out.push_str(" tokens=");
+            digits(out, self.tokens, 1);
         }
     }
 

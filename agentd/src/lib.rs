@@ -22,6 +22,7 @@ pub mod enrollment;
 mod metrics;
 pub mod pin;
 pub mod policy;
+mod pool;
 mod reconnect;
 pub mod renew;
 pub mod service;

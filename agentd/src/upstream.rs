@@ -17,9 +17,6 @@ use bytes::Bytes;
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Request, Uri};
 use http_body_util::{Either, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use link::body::InboxBody;
 use link::chunks::SendError;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +28,7 @@ use tunnel_proto::{Headers, Message, RequestBody, TunnelRequest};
 use daemon::observe::{CancelReason, Observer, Outcome as Ended, Span};
 
 use crate::policy::Policy;
+use crate::pool::Pool;
 use crate::stream::StreamHandle;
 
 /// A request whose response head takes longer than this is acknowledged to
@@ -58,7 +56,7 @@ pub struct Upstream {
     /// Trace events and request metrics.
     observer: Arc<Observer>,
     host: HeaderValue,
-    client: Client<HttpConnector, UpstreamBody>,
+    pool: Arc<Pool<UpstreamBody>>,
     /// What the last health check found, and a wake-up for the next one
     /// when a tunnelled request finds otherwise (so `tunnelctl status` and
     /// the relay's health answer do not lag a service that came or went).
@@ -70,13 +68,9 @@ impl Upstream {
     /// A client of the local service at `base` that reads response heads of
     /// up to `max_headers` fields (the limit the tunnel carries).
     pub fn new(base: Uri, max_headers: usize, policy: Policy, observer: Arc<Observer>) -> Self {
-        let mut connector = HttpConnector::new();
-        // Nagle on the upstream connection made small POSTs 13x slower.
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .http1_max_headers(max_headers)
-            .build(connector);
+        let addr =
+            format!("{}:{}", base.host().unwrap_or("127.0.0.1"), base.port_u16().unwrap_or(80));
+        let pool = Arc::new(Pool::new(addr, max_headers, std::time::Duration::from_secs(60)));
         let authority = base.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1");
         let host =
             HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("127.0.0.1"));
@@ -86,7 +80,7 @@ impl Upstream {
             counters: Counters::default(),
             observer,
             host,
-            client,
+            pool,
             seen_reachable: std::sync::atomic::AtomicBool::new(false),
             recheck: tokio::sync::Notify::new(),
         }
@@ -167,7 +161,7 @@ impl Upstream {
             .unwrap_or(HeaderValue::from_static(crate::HEALTH_CHECK_AGENT)),
         );
         let answer = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            let resp = self.client.request(req).await.map_err(|e| source_text(&e))?;
+            let resp = self.pool.send(req).await.map_err(|e| source_text(&e))?;
             let status = resp.status();
             let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
                 resp.into_body(),
@@ -182,10 +176,10 @@ impl Upstream {
         answer.unwrap_or_else(|_| Err("no answer within 5 s".into()))
     }
 
+    /// The request target as the service gets it (origin form: the
+    /// connection is to `base`, and `Host` says its name).
     fn uri_for(&self, path: &http::uri::PathAndQuery) -> Result<Uri, http::Error> {
-        let mut parts = self.base.clone().into_parts();
-        parts.path_and_query = Some(path.clone());
-        Ok(Uri::from_parts(parts)?)
+        Ok(Uri::from(path.clone()))
     }
 }
 
@@ -296,7 +290,7 @@ async fn exchange(
     let ack_due = tokio::time::sleep(ACK_DELAY);
     tokio::pin!(ack_due);
     let mut acked = false;
-    let request = upstream.client.request(out);
+    let request = upstream.pool.send(out);
     tokio::pin!(request);
     let answered = tokio::select! {
         r = &mut request => r,

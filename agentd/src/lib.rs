@@ -170,7 +170,7 @@ impl Agent {
         let observer = daemon::observe::Observer::new(config.control.trace_bodies);
         let upstream = Arc::new(supervisor::Upstream::new(
             config.upstream.clone(),
-            config.limits.max_headers as usize,
+            config.limits.max_headers,
             config.policy.clone(),
             observer,
         ));

@@ -33,7 +33,7 @@ const MAX_IDLE: usize = 64;
 pub struct Pool<B> {
     /// `host:port` of the service.
     addr: String,
-    max_headers: usize,
+    max_headers: u32,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle<B>>>,
 }
@@ -84,7 +84,7 @@ where
     /// A pool for the service at `host:port` (`addr`), reading response
     /// heads of up to `max_headers` fields, closing connections idle for
     /// `idle_timeout`.
-    pub fn new(addr: String, max_headers: usize, idle_timeout: Duration) -> Self {
+    pub fn new(addr: String, max_headers: u32, idle_timeout: Duration) -> Self {
         Self { addr, max_headers, idle_timeout, idle: Mutex::new(Vec::new()) }
     }
 
@@ -138,11 +138,11 @@ where
             tokio::net::TcpStream::connect(self.addr.as_str()).await.map_err(Error::Connect)?;
         // Nagle on the upstream connection made small POSTs 13x slower.
         let _ = tcp.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .max_headers(self.max_headers)
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(Error::Http)?;
+        let mut http = http1::Builder::new();
+        if let Some(n) = tunnel_proto::limits::hyper_max_headers(self.max_headers) {
+            http.max_headers(n);
+        }
+        let (sender, conn) = http.handshake(TokioIo::new(tcp)).await.map_err(Error::Http)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "a connection to the local service ended: {e}");

@@ -67,7 +67,7 @@ pub struct Upstream {
 impl Upstream {
     /// A client of the local service at `base` that reads response heads of
     /// up to `max_headers` fields (the limit the tunnel carries).
-    pub fn new(base: Uri, max_headers: usize, policy: Policy, observer: Arc<Observer>) -> Self {
+    pub fn new(base: Uri, max_headers: u32, policy: Policy, observer: Arc<Observer>) -> Self {
         let addr =
             format!("{}:{}", base.host().unwrap_or("127.0.0.1"), base.port_u16().unwrap_or(80));
         let pool = Arc::new(Pool::new(addr, max_headers, std::time::Duration::from_secs(60)));

@@ -19,8 +19,18 @@ pub const DEFAULT_INITIAL_WINDOW: u32 = 256 * 1024;
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// Streams in flight on one session.
 pub const DEFAULT_MAX_STREAMS: u32 = 256;
-/// Header fields in one request or response head.
-pub const DEFAULT_MAX_HEADERS: u32 = 128;
+/// Header fields in one request or response head: hyper's own default.
+pub const DEFAULT_MAX_HEADERS: u32 = HYPER_MAX_HEADERS;
+/// The header fields hyper parses when told no limit, in tables on the
+/// stack. Told a limit, it allocates and fills two tables of that size for
+/// every head it parses (~3,000 instructions per request at 128).
+const HYPER_MAX_HEADERS: u32 = 100;
+
+/// What to tell hyper's HTTP/1 server or client of `max_headers`: nothing
+/// (`None`) when it is hyper's own default, which costs nothing per head.
+pub fn hyper_max_headers(max_headers: u32) -> Option<usize> {
+    (max_headers != HYPER_MAX_HEADERS).then_some(max_headers as usize)
+}
 /// Bytes of header names plus values in one head.
 pub const DEFAULT_MAX_HEADER_BYTES: u32 = 64 * 1024;
 /// Length of a stream id (`req_...`).

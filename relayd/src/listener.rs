@@ -127,20 +127,20 @@ async fn serve_connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let header_read = shared.config.header_read_timeout;
-    let max_headers = shared.config.limits.max_headers as usize;
+    let max_headers = tunnel_proto::limits::hyper_max_headers(shared.config.limits.max_headers);
     let stall = StallLimit::new(shared.config.idle_timeout);
     let conn = Arc::new(Conn { peer, stall: stall.clone() });
     let svc = service_fn(move |req| server::handle(shared.clone(), conn.clone(), req));
     // Without a timer hyper has no header timeout at all: a client that
     // connects (and finishes TLS) and then sends nothing would hold its
     // connection forever.
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read)
-        .max_headers(max_headers)
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(StallIo::new(stream, stall)), svc)
-        .with_upgrades();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_read).keep_alive(true);
+    if let Some(n) = max_headers {
+        http.max_headers(n);
+    }
+    let conn =
+        http.serve_connection(TokioIo::new(StallIo::new(stream, stall)), svc).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {

@@ -106,8 +106,16 @@ impl Usage {
         let mut report = Report { model: self.model.clone(), ..Report::default() };
         let tail = &self.tail[self.tail.len().saturating_sub(TAIL)..];
         // Most answers carry no counts (lists, errors): no JSON to parse.
-        let has = |needle: &[u8]| memchr::memmem::find(tail, needle).is_some();
-        if !has(b"\"eval_count\"") && !has(b"\"completion_tokens\"") {
+        // The searchers are built once (building one for each call cost
+        // ~900 instructions, more than searching a short answer).
+        static COUNTS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 2]> =
+            std::sync::LazyLock::new(|| {
+                [
+                    memchr::memmem::Finder::new(b"\"eval_count\""),
+                    memchr::memmem::Finder::new(b"\"completion_tokens\""),
+                ]
+            });
+        if COUNTS.iter().all(|f| f.find(tail).is_none()) {
             return report;
         }
         let text = String::from_utf8_lossy(tail);

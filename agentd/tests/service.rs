@@ -27,6 +27,19 @@ fn agentd(config: &std::path::Path, notify: &NotifySocket) -> tokio::process::Co
     cmd
 }
 
+/// agentd at `info`, its stderr to the file `log`.
+fn agentd_logging(
+    config: &std::path::Path,
+    notify: &NotifySocket,
+    log: &std::path::Path,
+) -> tokio::process::Child {
+    agentd(config, notify)
+        .env("AGENTD_LOG", "info")
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("start agentd")
+}
+
 /// Ready without the relay (an offline laptop boots), a live status line,
 /// watchdog pings, RELOADING/READY around SIGHUP, STOPPING on SIGTERM.
 #[tokio::test]
@@ -190,11 +203,7 @@ async fn sighup_applies_a_new_endpoint_policy_without_reconnecting() {
     );
     std::fs::write(&config, &base).expect("write the config");
     let log = dir.path("stderr.log");
-    let mut child = agentd(&config, &notify)
-        .env("AGENTD_LOG", "info")
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start agentd");
+    let mut child = agentd_logging(&config, &notify, &log);
     notify.until(|l| l == "READY=1").await;
     let session = relay.wait_for_agent("alice").await.session_id().to_owned();
     let http = reqwest::Client::new();
@@ -361,11 +370,7 @@ async fn an_idle_agentd_has_written_the_access_line_of_every_request() {
     )
     .expect("write the config");
     let log = dir.path("stderr.log");
-    let mut child = agentd(&config, &notify)
-        .env("AGENTD_LOG", "info")
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start agentd");
+    let mut child = agentd_logging(&config, &notify, &log);
     relay.wait_for_agent("alice").await;
     let http = reqwest::Client::new();
     for n in 1..=3 {

@@ -20,6 +20,8 @@
 //! - [`signals`]: terminate and hang-up as typed events.
 //! - [`trace`]: the registry of live trace subscribers (`tunnelctl trace`).
 //! - [`url`]: URLs read one way everywhere (ports checked, no secrets).
+//! - [`access`], [`held`]: the access line of each request; plain text
+//!   lines held while the daemon is busy and written together.
 //! - [`observe`]: a span per request: trace events and request metrics
 //!   (status classes, outcomes, cancels, per-model time to first token and
 //!   tokens per second, read by [`usage`] from the stream's final line).
@@ -27,6 +29,7 @@
 pub mod access;
 pub mod config;
 pub mod control;
+pub mod held;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

@@ -104,7 +104,7 @@ pub fn init(name: &str) -> Output {
             registry
                 .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(|| {
                     // Access lines held back go first, in order.
-                    crate::access::flush();
+                    crate::held::flush();
                     std::io::stderr()
                 }))
                 .init();

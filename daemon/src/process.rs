@@ -230,7 +230,7 @@ pub fn run<D: Daemon>(args: CommonArgs) -> ExitCode {
             .unwrap_or_else(|e| Err(anyhow::anyhow!("{} task failed: {e}", D::NAME)))
     });
     drop(rt);
-    crate::access::flush();
+    crate::held::flush();
     match (result, spare) {
         (Ok(()), _) => ExitStatus::Ok.into(),
         (Err(e), Some(l)) => hold_socket(D::NAME, &format!("{e:#}"), l, ExitStatus::Failure),
@@ -426,7 +426,7 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
         b
     };
     // Before a thread sleeps, the access lines of its busy moment go out.
-    builder.on_thread_park(crate::access::flush).enable_all().build()
+    builder.on_thread_park(crate::held::flush).enable_all().build()
 }
 
 /// Every agent (at the relay) and every stream holds a socket: take the

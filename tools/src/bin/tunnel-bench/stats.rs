@@ -9,6 +9,7 @@ use http::Request;
 use http_body_util::BodyExt;
 
 use crate::*;
+use tools::svg::{COLORS, Series, cdf};
 
 pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {
@@ -77,6 +78,18 @@ pub(crate) async fn closed_loop(
     }
     total.elapsed = started.elapsed();
     total
+}
+
+/// One CDF series per path of `values` (indexed by `route as usize`).
+pub(crate) fn cdf_per_path(paths: &[Route], values: &[Vec<f64>; PATHS]) -> Vec<Series> {
+    paths
+        .iter()
+        .map(|p| Series {
+            name: p.name().into(),
+            color: COLORS[*p as usize],
+            points: cdf(&values[*p as usize]),
+        })
+        .collect()
 }
 
 pub(crate) fn write_plot(out: &Path, name: &str, svg: String) -> Result<()> {

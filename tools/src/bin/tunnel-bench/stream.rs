@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
 use crate::*;
-use tools::svg::{COLORS, Series, cdf, chart};
+use tools::svg::chart;
 
 /// What a client saw of one streamed answer.
 #[derive(Default)]
@@ -173,14 +173,7 @@ pub(crate) async fn stream(bin: &Path, args: &Args) -> Result<Value> {
             "200 tokens at 5 ms: time from the model server writing a line to the client reading it",
             "delivery latency (ms)",
             "% of lines",
-            &paths
-                .iter()
-                .map(|p| Series {
-                    name: p.name().into(),
-                    color: COLORS[*p as usize],
-                    points: cdf(&delivery[*p as usize]),
-                })
-                .collect::<Vec<_>>(),
+            &cdf_per_path(&paths, &delivery),
         ),
     )?;
     // Per path, and what each adds to the direct path ("added_<path>").

@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::*;
-use tools::svg::{COLORS, Series, cdf, chart};
+use tools::svg::chart;
 
 #[allow(clippy::print_stdout)]
 pub(crate) async fn streams(bin: &Path, args: &Args) -> Result<Value> {
@@ -80,14 +80,7 @@ pub(crate) async fn streams(bin: &Path, args: &Args) -> Result<Value> {
             &format!("{n} concurrent streams, {agents} agents: line delivery latency"),
             "delivery latency (ms)",
             "% of lines",
-            &paths
-                .iter()
-                .map(|p| Series {
-                    name: p.name().into(),
-                    color: COLORS[*p as usize],
-                    points: cdf(&delivery[*p as usize]),
-                })
-                .collect::<Vec<_>>(),
+            &cdf_per_path(&paths, &delivery),
         ),
     )?;
     let pct = |k: usize, q: f64| percentile(&delivery[k], q);

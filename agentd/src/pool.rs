@@ -111,12 +111,16 @@ where
         }
     }
 
-    /// The most recently used idle connection still open and not idle for
-    /// too long.
+    /// The most recently used idle connection still open. Connections idle
+    /// for too long are closed first: the oldest are at the front, and a
+    /// busy agent that keeps taking the newest would not reach them.
     fn take_idle(&self) -> Option<SendRequest<B>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let stale = idle.iter().take_while(|i| now - i.since >= self.idle_timeout).count();
+        idle.drain(..stale);
         while let Some(i) = idle.pop() {
-            if !i.sender.is_closed() && i.since.elapsed() < self.idle_timeout {
+            if !i.sender.is_closed() {
                 return Some(i.sender);
             }
         }
@@ -293,6 +297,23 @@ mod tests {
         }
         assert_eq!(text(&pool).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_idle_past_the_timeout_are_closed_at_the_next_request() {
+        let (addr, accepted) = service(false).await;
+        // Every connection is past a zero idle time as soon as it is back.
+        let pool = Arc::new(Pool::new(addr, 64, Duration::ZERO));
+        // Two connections at once, both idle afterwards.
+        let (a, b) = tokio::join!(pool.send(get()), pool.send(get()));
+        for resp in [a, b] {
+            resp.expect("an answer").into_body().collect().await.expect("a body");
+        }
+        assert_eq!(pool.idle.lock().expect("lock").len(), 2);
+        assert_eq!(text(&pool).await, "ok");
+        // Both stale ones went; the request's own new one is back.
+        assert_eq!(pool.idle.lock().expect("lock").len(), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

@@ -68,9 +68,11 @@ impl Upstream {
     /// A client of the local service at `base` that reads response heads of
     /// up to `max_headers` fields (the limit the tunnel carries).
     pub fn new(base: Uri, max_headers: u32, policy: Policy, observer: Arc<Observer>) -> Self {
-        let addr =
-            format!("{}:{}", base.host().unwrap_or("127.0.0.1"), base.port_u16().unwrap_or(80));
-        let pool = Arc::new(Pool::new(addr, max_headers, std::time::Duration::from_secs(60)));
+        let pool = Arc::new(Pool::new(
+            service_addr(&base),
+            max_headers,
+            std::time::Duration::from_secs(60),
+        ));
         let authority = base.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1");
         let host =
             HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("127.0.0.1"));
@@ -147,9 +149,8 @@ impl Upstream {
         &self,
         path: http::uri::PathAndQuery,
     ) -> Result<(http::StatusCode, Option<serde_json::Value>), String> {
-        let uri = self.uri_for(&path).map_err(|e| e.to_string())?;
         let mut req = Request::new(Either::Left(Full::new(Bytes::new())));
-        *req.uri_mut() = uri;
+        *req.uri_mut() = origin_form(&path);
         req.headers_mut().insert(HOST, self.host.clone());
         req.headers_mut().insert(
             http::header::USER_AGENT,
@@ -175,12 +176,18 @@ impl Upstream {
         .await;
         answer.unwrap_or_else(|_| Err("no answer within 5 s".into()))
     }
+}
 
-    /// The request target as the service gets it (origin form: the
-    /// connection is to `base`, and `Host` says its name).
-    fn uri_for(&self, path: &http::uri::PathAndQuery) -> Result<Uri, http::Error> {
-        Ok(Uri::from(path.clone()))
-    }
+/// `host:port` of the service at `base` (an IPv6 host keeps its brackets;
+/// the configuration takes only `http://`, so 80 when no port is named).
+fn service_addr(base: &Uri) -> String {
+    format!("{}:{}", base.host().unwrap_or("127.0.0.1"), base.port_u16().unwrap_or(80))
+}
+
+/// The request target as the service gets it: origin form, since the
+/// connection is to the service and `Host` says its name.
+fn origin_form(path: &http::uri::PathAndQuery) -> Uri {
+    Uri::from(path.clone())
 }
 
 /// Runs one stream to completion or cancellation; dropping `stream` at the
@@ -257,16 +264,7 @@ async fn exchange(
             message: refusal.to_string(),
         };
     }
-    let uri = match upstream.uri_for(&req.path) {
-        Ok(u) => u,
-        Err(e) => {
-            return Outcome::Failed {
-                before_head: true,
-                code: 400,
-                message: format!("invalid path: {e}"),
-            };
-        }
-    };
+    let uri = origin_form(&req.path);
     let upstream_body = match (req.body, body) {
         (RequestBody::Streamed, Some(inbox)) => Either::Right(Counted::new(
             InboxBody::new(inbox, stream.credit()),
@@ -430,5 +428,20 @@ impl http_body::Body for Counted {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_address_keeps_an_ipv6_host_in_brackets_and_defaults_to_port_80() {
+        let addr = |url: &str| service_addr(&url.parse().expect("a URL"));
+        assert_eq!(addr("http://127.0.0.1:11434/"), "127.0.0.1:11434");
+        assert_eq!(addr("http://[::1]:11434/"), "[::1]:11434");
+        assert_eq!(addr("http://localhost/"), "localhost:80");
+        let target = origin_form(&"/api/chat?x=1".parse().expect("a path"));
+        assert_eq!(target.to_string(), "/api/chat?x=1");
     }
 }

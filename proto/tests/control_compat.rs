@@ -66,6 +66,7 @@ fn issue() -> pb::IssueTokenRequest {
         ttl_seconds: 3600,
         paths: vec!["/api/chat".into()],
         models: vec!["llama3.2".into()],
+        device: String::new(),
     }
 }
 

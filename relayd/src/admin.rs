@@ -67,7 +67,7 @@ pub fn mint_client(
             ));
         }
     };
-    let options = MintOptions { scope, credential: None };
+    let options = MintOptions { scope, ..MintOptions::default() };
     Ok(mint_with(&signer, &config.identity, user, Role::Client, ttl, options)?)
 }
 
@@ -90,9 +90,13 @@ fn identity(config: &Config) -> Result<(Identity, tokio::runtime::Runtime), Admi
 }
 
 /// Issues a long-lived agent credential into the state directory's store.
-pub fn issue_credential(config: &Config, user: &str) -> Result<IssuedCredential, AdminError> {
+pub fn issue_credential(
+    config: &Config,
+    user: &str,
+    device: Option<&str>,
+) -> Result<IssuedCredential, AdminError> {
     let (identity, runtime) = identity(config)?;
-    Ok(runtime.block_on(identity.issue_credential(user, None))?)
+    Ok(runtime.block_on(identity.issue_credential(user, device, None))?)
 }
 
 /// Revokes a credential id or a token's `jti` in the state directory's

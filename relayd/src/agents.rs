@@ -164,7 +164,8 @@ fn authorization(shared: &Shared, principal: &Principal) -> (Option<SystemTime>,
     match principal.via {
         Via::Credential => {
             let credential = principal.id.as_deref().unwrap_or_default();
-            match shared.identity.mint_access(&principal.user, credential) {
+            match shared.identity.mint_access(&principal.user, Some(principal.device()), credential)
+            {
                 Ok(Some(m)) => (Some(m.expires), Some(m.token)),
                 Ok(None) => (None, None),
                 Err(e) => {

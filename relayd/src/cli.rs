@@ -41,6 +41,10 @@ pub enum TokenCommand {
         /// agent or client.
         #[arg(long)]
         role: crate::identity::Role,
+        /// An agent credential's device under the user (default: the
+        /// user's one default device). Each device keeps its own session.
+        #[arg(long)]
+        device: Option<String>,
         /// Lifetime of a client token.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
@@ -80,13 +84,17 @@ pub fn admin(common: &CommonArgs, command: Command) -> ExitCode {
                 return ExitCode::from(daemon::process::exit::CONFIG);
             }
             Ok(config) => match cmd {
-                TokenCommand::Issue { user, role: crate::identity::Role::Agent, .. } => {
-                    admin::issue_credential(&config, &user).map(|c| {
-                        eprintln!("relayd: agent credential {} for {user}", c.id);
-                        println!("{}", c.secret);
-                    })
-                }
-                TokenCommand::Issue { user, ttl, paths, models, .. } => {
+                TokenCommand::Issue {
+                    user, role: crate::identity::Role::Agent, device, ..
+                } => admin::issue_credential(&config, &user, device.as_deref()).map(|c| {
+                    eprintln!(
+                        "relayd: agent credential {} for {user}, device {}",
+                        c.id,
+                        c.device.as_deref().unwrap_or(crate::identity::DEFAULT_DEVICE)
+                    );
+                    println!("{}", c.secret);
+                }),
+                TokenCommand::Issue { user, ttl, paths, models, device: None, .. } => {
                     let scope = (!paths.is_empty() || !models.is_empty())
                         .then_some(crate::identity::Scope { paths, models });
                     admin::mint_client(&config, &user, ttl, scope).map(|m| {
@@ -98,6 +106,11 @@ pub fn admin(common: &CommonArgs, command: Command) -> ExitCode {
                         println!("{}", m.token);
                     })
                 }
+                TokenCommand::Issue { device: Some(_), .. } => {
+                    Err(crate::admin::AdminError::Invalid(
+                        "a device names an agent's credential; client tokens take none".into(),
+                    ))
+                }
                 TokenCommand::Revoke { id } => admin::revoke(&config, &id).map(|fresh| {
                     eprintln!(
                         "relayd: {id} {}",
@@ -107,10 +120,11 @@ pub fn admin(common: &CommonArgs, command: Command) -> ExitCode {
                 TokenCommand::List => admin::credentials(&config).map(|list| {
                     for (c, revoked) in list {
                         println!(
-                            "{}\t{}\t{}",
+                            "{}\t{}\t{}\t{}",
                             c.id,
                             c.user,
-                            if revoked { "revoked" } else { "valid" }
+                            if revoked { "revoked" } else { "valid" },
+                            c.device.as_deref().unwrap_or(crate::identity::DEFAULT_DEVICE)
                         );
                     }
                 }),

@@ -87,9 +87,10 @@ impl relay_server::Relay for Control {
                 rtt_us: t.rtt().map_or(0, |d| d.as_micros() as u64),
                 auth_id: t.auth_id().unwrap_or_default(),
                 auth_expires_unix_ms: ms(t.auth_expires()),
+                device: t.device().to_owned(),
             })
             .collect();
-        tunnels.sort_by(|a, b| a.user.cmp(&b.user));
+        tunnels.sort_by(|a, b| (&a.user, &a.device).cmp(&(&b.user, &b.device)));
         Ok(Response::new(pb::ListTunnelsReply { tunnels }))
     }
 
@@ -118,10 +119,20 @@ impl relay_server::Relay for Control {
                         "agent credentials take no lifetime or scope (they are revoked, not expired)",
                     ));
                 }
-                let c = self.relay.issue_credential(&req.user).await.map_err(identity_status)?;
+                let device = (!req.device.is_empty()).then_some(req.device.as_str());
+                let c = self
+                    .relay
+                    .issue_credential(&req.user, device)
+                    .await
+                    .map_err(identity_status)?;
                 pb::IssueTokenReply { id: c.id, token: c.secret, expires_unix_ms: 0 }
             }
             Ok(pb::TokenRole::Client) => {
+                if !req.device.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "a device names an agent's credential; client tokens take none",
+                    ));
+                }
                 let ttl = match req.ttl_seconds {
                     0 => Duration::from_secs(3600),
                     s => Duration::from_secs(s),

@@ -41,7 +41,13 @@ const CACHE_ENTRIES: usize = 16 * 1024;
 /// What every agent credential starts with.
 pub const CREDENTIAL_PREFIX: &str = "tcred_";
 
-/// User ids appear in URLs: 1-64 characters from `[A-Za-z0-9._-]`.
+/// The device an agent without a device name serves as: what every
+/// credential issued without `--device`, a static token and a JWT without
+/// the device claim name.
+pub const DEFAULT_DEVICE: &str = "default";
+
+/// Whether `id` may name a user or a device (user ids appear in URLs):
+/// 1-64 characters from `[A-Za-z0-9._-]`, not `.` or `..`.
 pub fn valid_user_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -127,6 +133,9 @@ pub enum Via {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub user: String,
+    /// The agent's device under its user, from its credential or its
+    /// token's device claim; `None`: the user's default device.
+    pub device: Option<String>,
     pub role: Role,
     /// A share token's limits.
     pub scope: Option<Scope>,
@@ -138,6 +147,13 @@ pub struct Principal {
     /// When it stops being valid (`None`: static tokens and credentials).
     pub expires: Option<SystemTime>,
     pub via: Via,
+}
+
+impl Principal {
+    /// The device this principal's agent serves as.
+    pub fn device(&self) -> &str {
+        self.device.as_deref().unwrap_or(DEFAULT_DEVICE)
+    }
 }
 
 /// Why a token was refused: each says which, so a client can tell a
@@ -343,6 +359,7 @@ impl Identity {
         let s = found.ok_or(AuthError::Unknown)?;
         Ok(Principal {
             user: s.user.clone(),
+            device: None,
             role: s.role,
             scope: None,
             id: None,
@@ -370,6 +387,7 @@ impl Identity {
         }
         Ok(Principal {
             user: record.user,
+            device: record.device,
             role: Role::Agent,
             scope: None,
             id: Some(record.id),
@@ -389,7 +407,14 @@ impl Identity {
         scope: Option<Scope>,
     ) -> Result<Minted, IdentityError> {
         let signer = self.config.signer.as_ref().ok_or(IdentityError::NoSigningKey)?;
-        mint_with(signer, &self.config, user, role, ttl, MintOptions { scope, credential: None })
+        mint_with(
+            signer,
+            &self.config,
+            user,
+            role,
+            ttl,
+            MintOptions { scope, ..MintOptions::default() },
+        )
     }
 
     /// An access token for an agent session opened with credential
@@ -398,22 +423,28 @@ impl Identity {
     pub fn mint_access(
         &self,
         user: &str,
+        device: Option<&str>,
         credential: &str,
     ) -> Result<Option<Minted>, IdentityError> {
         let Some(signer) = &self.config.signer else { return Ok(None) };
-        let options = MintOptions { scope: None, credential: Some(credential.to_owned()) };
+        let options = MintOptions {
+            scope: None,
+            credential: Some(credential.to_owned()),
+            device: device.map(str::to_owned),
+        };
         mint_with(signer, &self.config, user, Role::Agent, self.config.access_token_ttl, options)
             .map(Some)
     }
 
-    /// Issues a long-lived agent credential for `user` (recorded by id and
-    /// the hash of its secret).
+    /// Issues a long-lived agent credential for `user`'s `device` (`None`:
+    /// the default device), recorded by id and the hash of its secret.
     pub async fn issue_credential(
         &self,
         user: &str,
+        device: Option<&str>,
         replaces: Option<&str>,
     ) -> Result<IssuedCredential, IdentityError> {
-        issue_into(&*self.store, user, replaces).await
+        issue_into(&*self.store, user, device, replaces).await
     }
 
     /// Revokes a credential id or a token's `jti` in the store, which tells

@@ -162,9 +162,14 @@ impl Relay {
         self.shared.identity.mint(user, role, ttl, scope)
     }
 
-    /// Issues a long-lived agent credential for `user`.
-    pub async fn issue_credential(&self, user: &str) -> Result<IssuedCredential, IdentityError> {
-        self.shared.identity.issue_credential(user, None).await
+    /// Issues a long-lived agent credential for `user`'s `device` (`None`:
+    /// the user's default device).
+    pub async fn issue_credential(
+        &self,
+        user: &str,
+        device: Option<&str>,
+    ) -> Result<IssuedCredential, IdentityError> {
+        self.shared.identity.issue_credential(user, device, None).await
     }
 
     /// Revokes a credential id or a token's `jti` and ends the sessions it
@@ -361,6 +366,11 @@ impl Tunnel {
     /// What the agent called itself in `hello` (`agentd/0.1.0`).
     pub fn agent(&self) -> &str {
         &self.0.agent
+    }
+
+    /// The device the agent serves as under its user.
+    pub fn device(&self) -> &str {
+        &self.0.device
     }
 
     /// 0 for an original agent, else the negotiated version.

@@ -81,6 +81,9 @@ pub struct Session {
     /// Itself, for the tasks its in-band messages start.
     me: std::sync::Weak<Session>,
     pub user: String,
+    /// The device it serves as under its user (from its credential or
+    /// token): a reconnecting device replaces its own session only.
+    pub device: String,
     /// The user as logs and traces name it (the relay's keyed hash),
     /// computed once per session.
     pub user_hash: String,
@@ -171,6 +174,7 @@ impl Session {
         let session = Arc::new_cyclic(|me| Self {
             id,
             me: me.clone(),
+            device: p.principal.device().to_owned(),
             user: p.principal.user,
             user_hash: p.user_hash,
             version: p.version,

@@ -110,7 +110,7 @@ struct Rig {
 
 async fn side(relay: &TestRelay, user: &'static str) -> Side {
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let credential = relay.relay.issue_credential(user).await.expect("issue a credential");
+    let credential = relay.relay.issue_credential(user, None).await.expect("issue a credential");
     let secret = credential.secret.clone();
     let agent = TestAgent::start_with(relay, user, &upstream.url(), move |c| {
         c.credential.token = Some(secret);
@@ -120,6 +120,34 @@ async fn side(relay: &TestRelay, user: &'static str) -> Side {
     let client =
         relay.relay.mint(user, Role::Client, Duration::from_secs(600), None).expect("mint").token;
     Side { upstream, agent, credential, client }
+}
+
+/// An agent serves as the device its credential names: the relay lists it
+/// under that device, and the access token minted for the session (what
+/// the agent reconnects with) names the same device.
+#[tokio::test]
+async fn an_agent_serves_as_the_device_its_credential_names() {
+    init_logging();
+    let keys = keys();
+    let config = relay_config(&keys, "", "", "");
+    let relay = TestRelay::start_with(&[], move |c| *c = config).await;
+    let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
+    let credential =
+        relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue a credential");
+    let secret = credential.secret.clone();
+    let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
+        c.credential.token = Some(secret);
+        c.policy = agentd::policy::Policy::default();
+    })
+    .await;
+    let listed: Vec<(String, String)> = relay
+        .relay
+        .tunnels()
+        .iter()
+        .map(|t| (t.user().to_owned(), t.device().to_owned()))
+        .collect();
+    assert_eq!(listed, [("alice".to_owned(), "gpu-box".to_owned())]);
+    drop(agent);
 }
 
 async fn rig() -> Rig {
@@ -324,7 +352,7 @@ async fn adversarial_suite() {
     let revoked_client =
         rig.relay.relay.mint("alice", Role::Client, Duration::from_secs(600), None).expect("mint");
     rig.relay.relay.revoke(&revoked_client.id).await.expect("revoke");
-    let revoked_credential = rig.relay.relay.issue_credential("alice").await.expect("issue");
+    let revoked_credential = rig.relay.relay.issue_credential("alice", None).await.expect("issue");
     rig.relay.relay.revoke(&revoked_credential.id).await.expect("revoke");
     let share = |paths: &[&str], models: &[&str]| {
         let scope = Scope {
@@ -638,7 +666,7 @@ async fn rotation_refresh_and_install_during_a_stream_lose_no_token() {
     let relay = TestRelay::start_with(&[], move |c| *c = config).await;
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
     let gate = upstream.gate();
-    let first = relay.relay.issue_credential("alice").await.expect("credential");
+    let first = relay.relay.issue_credential("alice", None).await.expect("credential");
     let state = TempDir::new("agent-state");
     let state_dir = state.0.clone();
     let secret = first.secret.clone();
@@ -692,7 +720,7 @@ async fn rotation_refresh_and_install_during_a_stream_lose_no_token() {
     .await;
 
     // Installing a credential given by the operator, in-band.
-    let third = relay.relay.issue_credential("alice").await.expect("credential");
+    let third = relay.relay.issue_credential("alice", None).await.expect("credential");
     let installed = agent.agent.install_token(third.secret.clone()).await.expect("install");
     assert!(installed.in_band);
     assert_eq!(installed.stored.as_deref(), Some(stored.as_path()));
@@ -771,7 +799,7 @@ async fn revoking_a_credential_ends_its_session_at_once() {
     let config = relay_config(&keys, "", "", "");
     let relay = TestRelay::start_with(&[], move |c| *c = config).await;
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let credential = relay.relay.issue_credential("alice").await.expect("credential");
+    let credential = relay.relay.issue_credential("alice", None).await.expect("credential");
     let secret = credential.secret.clone();
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
         c.credential.token = Some(secret);
@@ -796,7 +824,7 @@ async fn revoking_a_credential_ends_its_session_at_once() {
     assert!(agent.agent.status_line().contains("revoked"), "{}", agent.agent.status_line());
     assert!(relay.relay.tunnel("alice").is_none());
     // A new credential brings it back.
-    let fresh = relay.relay.issue_credential("alice").await.expect("credential");
+    let fresh = relay.relay.issue_credential("alice", None).await.expect("credential");
     agent.agent.install_token(fresh.secret).await.expect("install");
     relay.wait_for_agent("alice").await;
 }
@@ -887,7 +915,7 @@ async fn per_user_limits_and_cors_preflights() {
     );
     let relay = TestRelay::start_with(&[], move |c| *c = config).await;
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let credential = relay.relay.issue_credential("alice").await.expect("credential");
+    let credential = relay.relay.issue_credential("alice", None).await.expect("credential");
     let secret = credential.secret.clone();
     let _agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
         c.credential.token = Some(secret)

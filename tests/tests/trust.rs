@@ -46,7 +46,7 @@ fn claims(user: &str, role: &str, exp: Value) -> Value {
 async fn served(state: &TempDir, identity: &str) -> (TestRelay, StandIn, TestAgent) {
     let relay = TestRelay::with_state(config(state, identity)).await;
     let upstream = StandIn::start(StandInConfig::default()).await.expect("stand-in");
-    let secret = relay.relay.issue_credential("alice").await.expect("credential").secret;
+    let secret = relay.relay.issue_credential("alice", None).await.expect("credential").secret;
     let agent = TestAgent::start_with(&relay, "alice", &upstream.url(), move |c| {
         c.credential.token = Some(secret);
     })
@@ -94,7 +94,7 @@ async fn revoking_a_credential_revokes_the_access_tokens_minted_for_it_even_afte
     init_logging();
     let state = TempDir::new("trust-revoke");
     let relay = TestRelay::with_state(config(&state, "")).await;
-    let credential = relay.relay.issue_credential("alice").await.expect("credential");
+    let credential = relay.relay.issue_credential("alice", None).await.expect("credential");
     let agent = RawAgent::connect(&relay.ws_url(), &credential.secret, Limits::default())
         .await
         .expect("the credential opens a session");
@@ -145,7 +145,7 @@ async fn a_revocation_made_on_one_relay_ends_sessions_and_tokens_on_another_shar
     init_logging();
     let state = TempDir::new("trust-replicas");
     let (a, b) = replicas(&state).await;
-    let credential = a.relay.issue_credential("alice").await.expect("credential");
+    let credential = a.relay.issue_credential("alice", None).await.expect("credential");
     let mut agent = RawAgent::connect(&b.ws_url(), &credential.secret, Limits::default())
         .await
         .expect("relay b admits a credential relay a issued");
@@ -170,7 +170,7 @@ async fn a_rotated_out_credentials_access_tokens_stop_working_with_it() {
     init_logging();
     let state = TempDir::new("trust-rotate");
     let relay = TestRelay::with_state(config(&state, "")).await;
-    let credential = relay.relay.issue_credential("alice").await.expect("credential");
+    let credential = relay.relay.issue_credential("alice", None).await.expect("credential");
     let mut agent = RawAgent::connect(&relay.ws_url(), &credential.secret, Limits::default())
         .await
         .expect("connect");

@@ -161,6 +161,10 @@ pub enum Token {
         user: String,
         #[arg(long, value_enum)]
         role: Role,
+        /// An agent credential's device under the user (default: the
+        /// user's one default device). Each device keeps its own session.
+        #[arg(long)]
+        device: Option<String>,
         /// Lifetime of a client token (default 1h).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,

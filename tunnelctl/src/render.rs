@@ -255,6 +255,7 @@ pub fn tunnels(list: &pb::ListTunnelsReply, now: SystemTime) -> String {
         .map(|t| {
             vec![
                 t.user.clone(),
+                if t.device.is_empty() { "-".into() } else { t.device.clone() },
                 t.session_id.clone(),
                 relative(t.since_unix_ms, now).trim_end_matches(" ago").to_owned(),
                 t.agent.clone(),
@@ -274,7 +275,18 @@ pub fn tunnels(list: &pb::ListTunnelsReply, now: SystemTime) -> String {
         })
         .collect();
     table(
-        &["USER", "SESSION", "UP", "AGENT", "PROTOCOL", "IN FLIGHT", "RTT", "AUTH", "EXPIRES"],
+        &[
+            "USER",
+            "DEVICE",
+            "SESSION",
+            "UP",
+            "AGENT",
+            "PROTOCOL",
+            "IN FLIGHT",
+            "RTT",
+            "AUTH",
+            "EXPIRES",
+        ],
         &rows,
     )
 }
@@ -285,7 +297,8 @@ pub fn tunnels_json(list: &pb::ListTunnelsReply) -> Value {
             .iter()
             .map(|t| {
                 json!({
-                    "user": t.user, "user_hash": t.user_hash, "session_id": t.session_id,
+                    "user": t.user, "device": t.device, "user_hash": t.user_hash,
+                    "session_id": t.session_id,
                     "since_unix_ms": t.since_unix_ms, "agent": t.agent,
                     "protocol_version": t.protocol_version, "in_flight": t.in_flight,
                     "rtt_us": t.rtt_us, "auth_id": t.auth_id,
@@ -471,6 +484,7 @@ agentd 0.1.0: reconnecting
             tunnels: vec![
                 pb::Tunnel {
                     user: "alice".into(),
+                    device: "gpu-box".into(),
                     session_id: "s_1".into(),
                     since_unix_ms: NOW - 3_720_000,
                     agent: "agentd/0.1.0".into(),
@@ -494,9 +508,9 @@ agentd 0.1.0: reconnecting
         assert_eq!(
             tunnels(&list, now()),
             "\
-USER             SESSION  UP     AGENT               PROTOCOL  IN FLIGHT  RTT     AUTH                EXPIRES
-alice            s_1      1h 2m  agentd/0.1.0        v1        2          8.1 ms  c_00000000000000a1  in 10m 0s
-bob-the-builder  s_22     5s     desktop-client/1.0  original  0          -       -                   -
+USER             DEVICE   SESSION  UP     AGENT               PROTOCOL  IN FLIGHT  RTT     AUTH                EXPIRES
+alice            gpu-box  s_1      1h 2m  agentd/0.1.0        v1        2          8.1 ms  c_00000000000000a1  in 10m 0s
+bob-the-builder  -        s_22     5s     desktop-client/1.0  original  0          -       -                   -
 "
         );
         assert_eq!(tunnels(&pb::ListTunnelsReply::default(), now()), "no agent is connected\n");

@@ -18,6 +18,8 @@ use crate::identity::keys::{self, Signer};
 pub struct IdentityFile {
     /// The claim holding the user id (default `sub`).
     pub user_claim: Option<String>,
+    /// The claim an agent token names its device in (default `device`).
+    pub device_claim: Option<String>,
     /// The claim holding the role (default `role`), and the values that
     /// mean agent and client (default `agent`, `client`).
     pub role_claim: Option<String>,
@@ -170,6 +172,7 @@ impl IdentityFile {
         }
         Ok(IdentityConfig {
             user_claim: self.user_claim.unwrap_or(d.user_claim),
+            device_claim: self.device_claim.unwrap_or(d.device_claim),
             role_claim: self.role_claim.unwrap_or(d.role_claim),
             agent_role: self.agent_role.unwrap_or(d.agent_role),
             client_role: self.client_role.unwrap_or(d.client_role),

@@ -85,8 +85,25 @@ pub fn principal_of(
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(_) => Err(AuthError::Claims(format!("the {name} claim must be a string"))),
     };
+    let device = match claims.get(&c.device_claim) {
+        None => None,
+        Some(Value::String(d)) if super::valid_user_id(d) && role == Role::Agent => Some(d.clone()),
+        Some(_) if role != Role::Agent => {
+            return Err(AuthError::Claims(format!(
+                "only agent tokens name a device (the {} claim)",
+                c.device_claim
+            )));
+        }
+        Some(_) => {
+            return Err(AuthError::Claims(format!(
+                "the {} claim is not a valid device name (1-64 characters from [A-Za-z0-9._-])",
+                c.device_claim
+            )));
+        }
+    };
     Ok(Principal {
         user,
+        device,
         role,
         scope,
         id: text("jti")?,

@@ -26,6 +26,7 @@ pub struct Minted {
 pub struct IssuedCredential {
     pub id: String,
     pub user: String,
+    pub device: Option<String>,
     pub secret: String,
 }
 
@@ -52,6 +53,8 @@ pub struct MintOptions {
     /// The agent credential an access token is minted for: revoking it
     /// revokes the token.
     pub credential: Option<String>,
+    /// The device an agent's access token is for (from its credential).
+    pub device: Option<String>,
 }
 
 /// Mints a JWT with `signer` under `config`'s issuer, audience and claim
@@ -102,6 +105,9 @@ pub fn mint_with(
     if let Some(credential) = options.credential {
         claims[CREDENTIAL_CLAIM] = credential.into();
     }
+    if let Some(device) = options.device {
+        claims[config.device_claim.as_str()] = device.into();
+    }
     let token = signer.sign(&claims).map_err(IdentityError::Sign)?;
     Ok(Minted { token, id, expires })
 }
@@ -110,10 +116,16 @@ pub fn mint_with(
 pub async fn issue_into(
     store: &dyn CredentialStore,
     user: &str,
+    device: Option<&str>,
     replaces: Option<&str>,
 ) -> Result<IssuedCredential, IdentityError> {
     if !super::valid_user_id(user) {
         return Err(IdentityError::Invalid(format!("{user:?} is not a valid user id")));
+    }
+    if let Some(d) = device.filter(|d| !super::valid_user_id(d)) {
+        return Err(IdentityError::Invalid(format!(
+            "{d:?} is not a valid device name (1-64 characters from [A-Za-z0-9._-])"
+        )));
     }
     let id = random_id("c_");
     let mut raw = [0u8; 32];
@@ -124,6 +136,7 @@ pub async fn issue_into(
         .insert(&CredentialRecord {
             id: id.clone(),
             user: user.to_owned(),
+            device: device.map(str::to_owned),
             secret_sha256: hex(&sha256(secret.as_bytes())),
             created: unix(SystemTime::now()),
             replaces: replaces.map(str::to_owned),
@@ -133,6 +146,7 @@ pub async fn issue_into(
         secret: format!("{CREDENTIAL_PREFIX}{id}_{secret}"),
         id,
         user: user.to_owned(),
+        device: device.map(str::to_owned),
     })
 }
 

@@ -13,6 +13,8 @@ use super::keys::{Signer, VerifyKey};
 pub struct IdentityConfig {
     /// The claim holding the user id.
     pub user_claim: String,
+    /// The claim an agent token names its device in.
+    pub device_claim: String,
     /// The claim holding the role, and the values meaning agent and client.
     pub role_claim: String,
     pub agent_role: String,
@@ -59,6 +61,7 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
             user_claim: "sub".into(),
+            device_claim: "device".into(),
             role_claim: "role".into(),
             agent_role: "agent".into(),
             client_role: "client".into(),

@@ -22,6 +22,10 @@ use tokio::sync::broadcast;
 pub struct CredentialRecord {
     pub id: String,
     pub user: String,
+    /// The device it was issued for; `None`: the user's default device
+    /// (credentials issued before devices existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// SHA-256 of the secret, hex.
     pub secret_sha256: String,
     /// Seconds since the Unix epoch.
@@ -262,10 +266,23 @@ mod tests {
         CredentialRecord {
             id: id.into(),
             user: "alice".into(),
+            device: None,
             secret_sha256: "00".repeat(32),
             created: 1,
             replaces: None,
         }
+    }
+
+    #[test]
+    fn a_record_written_before_devices_reads_as_the_default_device() {
+        let old = r#"{"id":"c_0000000000000001","user":"alice","secret_sha256":"00","created":1}"#;
+        let r: CredentialRecord = serde_json::from_str(old).expect("an old record reads");
+        assert_eq!((r.user.as_str(), r.device), ("alice", None));
+        let mut new = record("c_0000000000000002");
+        new.device = Some("gpu-box".into());
+        let back: CredentialRecord =
+            serde_json::from_slice(&serde_json::to_vec(&new).expect("write")).expect("read");
+        assert_eq!(back, new);
     }
 
     async fn exercise(store: &dyn CredentialStore) {

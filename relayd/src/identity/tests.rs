@@ -153,7 +153,7 @@ fn unknown_kids_and_oversized_tokens_are_refused() {
 #[test]
 fn credentials_verify_until_revoked_and_the_cache_does_not_hide_a_revocation() {
     let (id, _) = identity();
-    let issued = block(id.issue_credential("alice", None)).expect("issue");
+    let issued = block(id.issue_credential("alice", None, None)).expect("issue");
     assert!(issued.secret.starts_with("tcred_c_"));
     let p = block(id.verify(&issued.secret)).expect("valid");
     assert_eq!((p.user.as_str(), p.role, p.via), ("alice", Role::Agent, Via::Credential));
@@ -188,4 +188,35 @@ fn credentials_parse_only_in_their_own_shape() {
     assert_eq!(parse_credential("tcred_x_0123456789abcdef_s"), None);
     assert_eq!(parse_credential("c_0123456789abcdef_s"), None);
     let _ = Path::new("");
+}
+
+#[test]
+fn an_agent_names_its_device_in_its_credential_or_its_token() {
+    let (id, signer) = identity();
+    let issued = block(id.issue_credential("alice", Some("gpu-box"), None)).expect("issue");
+    assert_eq!(issued.device.as_deref(), Some("gpu-box"));
+    let p = block(id.verify(&issued.secret)).expect("valid");
+    assert_eq!((p.user.as_str(), p.device()), ("alice", "gpu-box"));
+    // The access token minted for the credential keeps the device.
+    let access = id.mint_access("alice", Some(p.device()), &issued.id).expect("mint");
+    let token = access.expect("relayd signs").token;
+    assert_eq!(block(id.verify(&token)).expect("valid").device(), "gpu-box");
+    // Without a device: the user's default one.
+    let plain = block(id.issue_credential("alice", None, None)).expect("issue");
+    assert_eq!(block(id.verify(&plain.secret)).expect("valid").device(), DEFAULT_DEVICE);
+    assert!(matches!(
+        block(id.issue_credential("alice", Some("a/b"), None)),
+        Err(IdentityError::Invalid(_))
+    ));
+    let verify = |c: Value| block(id.verify(&signer.sign(&c).expect("sign")));
+    let mut jwt = claims("alice", "agent");
+    jwt["device"] = json!("laptop");
+    assert_eq!(verify(jwt).expect("ok").device(), "laptop");
+    assert_eq!(verify(claims("alice", "agent")).expect("ok").device(), DEFAULT_DEVICE);
+    let mut bad = claims("alice", "agent");
+    bad["device"] = json!("no spaces");
+    assert!(matches!(verify(bad), Err(AuthError::Claims(_))));
+    let mut client = claims("alice", "client");
+    client["device"] = json!("laptop");
+    assert!(matches!(verify(client), Err(AuthError::Claims(_))));
 }

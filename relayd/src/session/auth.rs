@@ -119,7 +119,7 @@ impl Session {
         credential: Option<&str>,
     ) -> Result<(Option<SystemTime>, Option<String>), IdentityError> {
         let Some(credential) = credential else { return Ok((None, None)) };
-        Ok(match self.identity.mint_access(&self.user, credential)? {
+        Ok(match self.identity.mint_access(&self.user, Some(&self.device), credential)? {
             Some(m) => (Some(m.expires), Some(m.token)),
             None => (None, None),
         })
@@ -140,14 +140,22 @@ impl Session {
             let verdict = me.identity.verify(&token).await;
             me.lock_auth().checking = false;
             match verdict {
-                Ok(p) if p.role == Role::Agent && p.user == me.user => {
+                Ok(p) if p.role == Role::Agent && p.user == me.user && p.device() == me.device => {
                     info!(session = %me.id, "agent re-authenticated");
                     me.renew(p);
                 }
                 Ok(p) if p.role != Role::Agent => {
                     me.refuse_auth(403, "a client token cannot authorize an agent session");
                 }
-                Ok(_) => me.refuse_auth(403, "the token is for another user"),
+                Ok(p) if p.user != me.user => me.refuse_auth(403, "the token is for another user"),
+                Ok(p) => me.refuse_auth(
+                    403,
+                    format!(
+                        "the token is for device {:?}, this session serves {:?}",
+                        p.device(),
+                        me.device
+                    ),
+                ),
                 Err(e @ (AuthError::Expired | AuthError::Revoked)) => {
                     me.refuse_auth(401, e.to_string())
                 }
@@ -201,7 +209,8 @@ impl Session {
         tokio::spawn(async move {
             let identity = me.identity.clone();
             let user = me.user.clone();
-            let issued = identity.issue_credential(&user, current.as_deref()).await;
+            let issued =
+                identity.issue_credential(&user, Some(&me.device), current.as_deref()).await;
             let mut a = me.lock_auth();
             a.issuing = false;
             if let Ok(c) = &issued {

@@ -12,7 +12,7 @@ pub async fn run(ch: Channel, cmd: Token, json: bool) -> Result<String, CtlError
     let mut client = RelayClient::new(ch);
     let status = |e| CtlError::from_status("relayd", e);
     match cmd {
-        Token::Issue { user, role, ttl, paths, models } => {
+        Token::Issue { user, role, device, ttl, paths, models } => {
             let r = client
                 .issue_token(pb::IssueTokenRequest {
                     user: user.clone(),
@@ -23,6 +23,7 @@ pub async fn run(ch: Channel, cmd: Token, json: bool) -> Result<String, CtlError
                     ttl_seconds: ttl.map_or(0, |d| d.as_secs().max(1)),
                     paths,
                     models,
+                    device: device.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(status)?
@@ -33,7 +34,12 @@ pub async fn run(ch: Channel, cmd: Token, json: bool) -> Result<String, CtlError
                 })));
             }
             match role {
-                Role::Agent => eprintln!("tunnelctl: agent credential {} for {user}", r.id),
+                Role::Agent => match &device {
+                    Some(d) => {
+                        eprintln!("tunnelctl: agent credential {} for {user}, device {d}", r.id)
+                    }
+                    None => eprintln!("tunnelctl: agent credential {} for {user}", r.id),
+                },
                 Role::Client => eprintln!(
                     "tunnelctl: client token {} for {user}, valid until {}",
                     r.id,

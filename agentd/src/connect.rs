@@ -54,6 +54,11 @@ pub enum ConnectError {
     Revoked,
     #[error("the relay is busy or draining (503); retrying")]
     Busy,
+    /// The user has as many other devices connected as the relay allows.
+    #[error(
+        "the relay holds as many devices of this user as it allows (409 too_many_devices): disconnect one, or ask its operator to raise [limits] max_devices_per_user; retrying"
+    )]
+    TooManyDevices,
     #[error("cannot reach the relay: {0}")]
     Unreachable(String),
     #[error("WebSocket handshake failed: {0}")]
@@ -152,6 +157,9 @@ async fn try_connect(
                     if resp.status() == 503 || resp.status() == 429 =>
                 {
                     ConnectError::Busy
+                }
+                tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 409 => {
+                    ConnectError::TooManyDevices
                 }
                 other => ConnectError::Handshake(other.to_string()),
             })?;

@@ -44,6 +44,7 @@ fn error_kind(e: &AgentError) -> pb::AgentErrorKind {
         AgentError::Tls(_) => K::Tls,
         AgentError::PinMismatch { .. } => K::PinMismatch,
         AgentError::RelayBusy => K::RelayBusy,
+        AgentError::TooManyDevices => K::TooManyDevices,
         AgentError::Protocol(_) => K::Protocol,
         AgentError::Handshake(_) => K::Handshake,
         AgentError::Timeout => K::Timeout,

@@ -54,6 +54,12 @@ pub enum AgentError {
     /// The relay is busy or draining (503, 429, `goaway`).
     #[error("the relay is busy or draining")]
     RelayBusy,
+    /// The user has as many other devices connected as the relay allows
+    /// (409 `too_many_devices`).
+    #[error(
+        "the relay holds as many devices of this user as it allows: disconnect one (`tunnelctl disconnect USER --device NAME` on the relay), or raise its [limits] max_devices_per_user"
+    )]
+    TooManyDevices,
     /// The relay answered something other than tunnel protocol v1.
     #[error("the relay does not speak tunnel protocol v1: {0}")]
     Protocol(String),
@@ -74,6 +80,7 @@ impl From<ConnectError> for AgentError {
             ConnectError::Unauthorized(code) => AgentError::Unauthorized(code),
             ConnectError::Revoked => AgentError::Revoked,
             ConnectError::Busy => AgentError::RelayBusy,
+            ConnectError::TooManyDevices => AgentError::TooManyDevices,
             ConnectError::Unreachable(why) => AgentError::Unreachable(why),
             ConnectError::Handshake(why) => AgentError::Handshake(why),
             ConnectError::Protocol(why) => AgentError::Protocol(why),

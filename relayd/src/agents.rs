@@ -32,7 +32,7 @@ use crate::auth;
 use crate::body::RelayBody;
 use crate::identity::{Principal, Via};
 use crate::response::{self, Shape, retry_after};
-use crate::session::{AgentSocket, Session, SessionParams};
+use crate::session::{AgentSocket, CloseReason, Session, SessionParams};
 use crate::state::{Conn, Shared};
 
 /// `GET /ws/tunnel`: authenticates the agent and upgrades to a WebSocket.
@@ -85,21 +85,31 @@ pub async fn accept(
             1,
         );
     }
+    let device = principal.device();
     if let Verdict::SourceBlocked { retry_after: wait } =
-        shared.admission.admit_user(&principal.user, now)
+        shared.admission.admit_user(&format!("{}/{device}", principal.user), now)
     {
         return retry_after(
             err(
                 StatusCode::TOO_MANY_REQUESTS,
                 "reconnecting_too_often",
-                "this user's agent reconnects too often (two agents with one credential?); retry later",
+                "this device's agent reconnects too often (two agents with one credential?); retry later",
             ),
             wait,
         );
     }
-    if shared.router.local().len() >= shared.config.max_tunnels
-        && shared.router.local().get(&principal.user).is_none()
-    {
+    let hub = shared.router.local();
+    if let Err(e) = hub.admits(&principal.user, device, shared.config.max_devices_per_user) {
+        return err(
+            StatusCode::CONFLICT,
+            "too_many_devices",
+            &format!(
+                "this user has {} devices connected, as many as the relay allows ([limits] max_devices_per_user); disconnect one or raise the limit",
+                e.limit
+            ),
+        );
+    }
+    if hub.len() >= shared.config.max_tunnels && hub.device(&principal.user, device).is_none() {
         return retry_after(
             err(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -229,10 +239,14 @@ async fn run(shared: Arc<Shared>, mut socket: AgentSocket, principal: Principal,
             return;
         }
     }
-    info!(session = %session.id, user = %user_hash, version, "agent connected");
-    shared.router.local().register(session.clone());
+    info!(session = %session.id, user = %user_hash, device = %session.device, version, "agent connected");
+    let hub = shared.router.local();
+    if hub.register(session.clone(), shared.config.max_devices_per_user).is_err() {
+        // Another device of the user came in since the handshake's check.
+        session.close(CloseReason::TooManyDevices);
+    }
     session.clone().run(socket, rx).await;
-    shared.router.local().remove(&session);
+    hub.remove(&session);
 }
 
 /// Why an agent's `hello` was not accepted (the session closes with 1002

@@ -90,6 +90,8 @@ pub struct Config {
     pub agent_handshakes_per_minute: u32,
     /// Agents connected at once (503 to more).
     pub max_tunnels: usize,
+    /// Devices one user may have connected at once (409 to more).
+    pub max_devices_per_user: usize,
     /// How tokens are verified and minted.
     pub identity: crate::identity::IdentityConfig,
     /// Issued credentials and revocations live here (`credentials.redb`).
@@ -158,6 +160,7 @@ impl Default for Config {
             requests_per_minute: None,
             agent_handshakes_per_minute: 30,
             max_tunnels: 100_000,
+            max_devices_per_user: 8,
             identity: crate::identity::IdentityConfig::default(),
             state_dir: None,
             ack_timeout: Duration::from_secs(30),
@@ -319,6 +322,15 @@ impl ConfigFile {
                 }
                 Some(n) => n,
                 None => d.max_tunnels,
+            },
+            max_devices_per_user: match self.limits.max_devices_per_user {
+                Some(0) => {
+                    return Err(ConfigError::invalid(
+                        "[limits] max_devices_per_user must be at least 1",
+                    ));
+                }
+                Some(n) => n,
+                None => d.max_devices_per_user,
             },
             identity: self.identity.resolve(public)?,
             state_dir: self.state_dir.or_else(daemon::config::state_directory),

@@ -99,8 +99,13 @@ impl relay_server::Relay for Control {
         req: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::DisconnectReply>, Status> {
         self.common.guard().check(&req, Access::Change)?;
-        let disconnected = self.relay.disconnect(&req.into_inner().user);
-        Ok(Response::new(pb::DisconnectReply { disconnected }))
+        let req = req.into_inner();
+        let device = (!req.device.is_empty()).then_some(req.device.as_str());
+        let sessions = self.relay.disconnect(&req.user, device);
+        Ok(Response::new(pb::DisconnectReply {
+            disconnected: sessions > 0,
+            sessions: sessions as u32,
+        }))
     }
 
     async fn issue_token(

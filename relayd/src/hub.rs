@@ -1,6 +1,11 @@
-//! The hub: the agent sessions this relay holds, by user. Sessions
-//! register and leave here; requests never look here directly but ask the
-//! [`crate::route::Router`], which answers local routes from it.
+//! The hub: the agent sessions this relay holds, by user and then by
+//! device. Sessions register and leave here; requests never look here
+//! directly but ask the [`crate::route::Router`], which answers local
+//! routes from it.
+//!
+//! A user may run agents on several devices (one session each); a device
+//! that connects again replaces its own older session, never another
+//! device's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -9,59 +14,114 @@ use tokio::sync::watch;
 
 use crate::session::{CloseReason, Session};
 
-/// Live sessions by user id. Only configured users can register, so the map
-/// is bounded by the configuration.
+/// Live sessions by user id, then device. Only configured or token-proven
+/// users can register, and each has at most the configured number of
+/// devices, so the map is bounded.
 #[derive(Debug)]
 pub struct Hub {
-    sessions: RwLock<HashMap<String, Arc<Session>>>,
+    /// Each user's sessions, oldest first (a handful per user: a vector
+    /// beats a map).
+    users: RwLock<HashMap<String, Vec<Arc<Session>>>>,
+    /// Sessions in all.
+    count: std::sync::atomic::AtomicUsize,
     /// Bumped on every registration and removal, so waiters can re-check.
     changed: watch::Sender<u64>,
 }
 
 impl Default for Hub {
     fn default() -> Self {
-        Self { sessions: RwLock::new(HashMap::new()), changed: watch::channel(0).0 }
+        Self {
+            users: RwLock::new(HashMap::new()),
+            count: std::sync::atomic::AtomicUsize::new(0),
+            changed: watch::channel(0).0,
+        }
     }
 }
 
+/// Why a session was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyDevices {
+    /// The limit it would have exceeded.
+    pub limit: usize,
+}
+
 impl Hub {
-    /// The session serving `user`, if one is connected.
-    pub fn get(&self, user: &str) -> Option<Arc<Session>> {
-        self.sessions.read().unwrap_or_else(PoisonError::into_inner).get(user).cloned()
+    /// The sessions serving `user`, oldest first (empty: none connected).
+    pub fn devices(&self, user: &str) -> Vec<Arc<Session>> {
+        self.read().get(user).cloned().unwrap_or_default()
     }
 
-    /// Makes `session` the one serving its user. A previous session of the
-    /// same user is closed: its streams end with a clean error.
-    pub fn register(&self, session: Arc<Session>) {
-        let old = self
-            .sessions
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(session.user.clone(), session);
-        if let Some(old) = old {
-            old.close(CloseReason::Replaced);
+    /// What `pick` makes of `user`'s sessions, oldest first (empty: none
+    /// connected), read in place: a route costs no copy of the list.
+    pub fn pick<R>(&self, user: &str, pick: impl FnOnce(&[Arc<Session>]) -> R) -> R {
+        pick(self.read().get(user).map_or(&[][..], Vec::as_slice))
+    }
+
+    /// The session serving `user`'s `device`, if it is connected.
+    pub fn device(&self, user: &str, device: &str) -> Option<Arc<Session>> {
+        self.read().get(user)?.iter().find(|s| s.device == device).cloned()
+    }
+
+    /// Whether `user`'s `device` may register now: it is connected
+    /// already (it will replace itself), or the user has fewer than
+    /// `limit` devices connected.
+    pub fn admits(&self, user: &str, device: &str, limit: usize) -> Result<(), TooManyDevices> {
+        let users = self.read();
+        let sessions = users.get(user).map_or(&[][..], Vec::as_slice);
+        if sessions.len() < limit || sessions.iter().any(|s| s.device == device) {
+            Ok(())
+        } else {
+            Err(TooManyDevices { limit })
         }
+    }
+
+    /// Makes `session` the one serving its user's device. A previous
+    /// session of the same device is closed: its streams end with a clean
+    /// error. Refused when the user has `limit` other devices connected.
+    pub fn register(&self, session: Arc<Session>, limit: usize) -> Result<(), TooManyDevices> {
+        let old = {
+            let mut users = self.write();
+            let sessions = users.entry(session.user.clone()).or_default();
+            let old = sessions.iter().position(|s| s.device == session.device);
+            if old.is_none() && sessions.len() >= limit {
+                return Err(TooManyDevices { limit });
+            }
+            let old = old.map(|i| sessions.remove(i));
+            sessions.push(session);
+            old
+        };
+        match old {
+            Some(old) => old.close(CloseReason::Replaced),
+            None => {
+                self.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Removes `session` if it is still the one registered for its device.
+    pub fn remove(&self, session: &Session) {
+        let mut users = self.write();
+        let Some(sessions) = users.get_mut(&session.user) else { return };
+        let Some(i) = sessions.iter().position(|s| s.id == session.id) else { return };
+        sessions.remove(i);
+        if sessions.is_empty() {
+            users.remove(&session.user);
+        }
+        drop(users);
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Removes `session` if it is still the one registered for its user.
-    pub fn remove(&self, session: &Session) {
-        let mut map = self.sessions.write().unwrap_or_else(PoisonError::into_inner);
-        if map.get(&session.user).is_some_and(|s| s.id == session.id) {
-            map.remove(&session.user);
-            drop(map);
-            self.changed.send_modify(|n| *n += 1);
-        }
-    }
-
-    /// Number of connected agents.
+    /// Number of connected agents (sessions of every device).
     pub fn len(&self) -> usize {
-        self.sessions.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// All sessions (for shutdown and status).
     pub fn sessions(&self) -> Vec<Arc<Session>> {
-        self.sessions.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+        self.read().values().flatten().cloned().collect()
     }
 
     /// Waits until `pred(hub)` holds; re-checked on every change.
@@ -75,5 +135,13 @@ impl Hub {
                 return;
             }
         }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<Arc<Session>>>> {
+        self.users.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<Arc<Session>>>> {
+        self.users.write().unwrap_or_else(PoisonError::into_inner)
     }
 }

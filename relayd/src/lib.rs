@@ -299,9 +299,14 @@ impl Relay {
         tokio::join!(serving, following).0
     }
 
-    /// The tunnel of `user`, if its agent is connected.
+    /// The tunnel of `user`'s newest connected device, if any.
     pub fn tunnel(&self, user: &str) -> Option<Tunnel> {
-        self.shared.router.local().get(user).map(Tunnel)
+        self.shared.router.local().pick(user, |s| s.last().cloned()).map(Tunnel)
+    }
+
+    /// The tunnel of `user`'s `device`, if it is connected.
+    pub fn device_tunnel(&self, user: &str, device: &str) -> Option<Tunnel> {
+        self.shared.router.local().device(user, device).map(Tunnel)
     }
 
     /// Every connected tunnel.
@@ -314,10 +319,13 @@ impl Relay {
         self.shared.router.local().len()
     }
 
-    /// Ends `user`'s session (its streams fail with 502); its agent
-    /// reconnects with backoff. False when no agent was connected.
-    pub fn disconnect(&self, user: &str) -> bool {
-        self.tunnel(user).map(|t| t.disconnect()).is_some()
+    /// Ends the sessions of `user`'s devices, or of its one `device` (their
+    /// streams fail with 502); their agents reconnect with backoff. The
+    /// number of sessions ended.
+    pub fn disconnect(&self, user: &str, device: Option<&str>) -> usize {
+        let sessions = self.shared.router.local().devices(user);
+        let ended = sessions.into_iter().filter(|s| device.is_none_or(|d| s.device == d));
+        ended.map(|s| Tunnel(s).disconnect()).count()
     }
 
     /// Waits until `pred` holds; re-checked whenever a tunnel comes or goes.

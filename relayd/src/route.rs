@@ -4,10 +4,10 @@
 //! The edge says what a request asks for (an [`Ask`]: the user, and the
 //! model when the body names one); the router answers with a [`Route`];
 //! delivery over that route is [`crate::forward`]'s. The registry of this
-//! relay's own sessions is the [`Hub`]. Today a route is the user's one
-//! session here or nothing; several agents per user, picked by model, and a
-//! peer relay that holds the agent are answers this type will learn to give
-//! without the edge or delivery changing.
+//! relay's own sessions is the [`Hub`]. Today a route is the newest of the
+//! user's devices connected here, or nothing; a device picked by the model
+//! it holds, and a peer relay that holds the agent, are answers this type
+//! will learn to give without the edge or delivery changing.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,8 +21,8 @@ use crate::session::Session;
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
     pub user: &'a str,
-    /// The model the request's body names, when the edge read it. A user
-    /// has one agent today, so no route depends on it yet.
+    /// The model the request's body names, when the edge read it. No
+    /// route depends on it yet.
     #[expect(dead_code, reason = "read once a user's agents are told apart by model")]
     pub model: Option<&'a str>,
 }
@@ -40,6 +40,7 @@ pub enum Route {
 /// peer relay could send as well.
 #[derive(Debug, Clone)]
 pub struct AgentStatus {
+    pub device: String,
     pub session_id: String,
     pub since: SystemTime,
     pub protocol_version: u32,
@@ -63,17 +64,19 @@ impl Router {
         &self.local
     }
 
-    /// The route for `ask`.
+    /// The route for `ask`: the newest of the user's connected devices.
     pub fn route(&self, ask: Ask<'_>) -> Route {
-        match self.local.get(ask.user) {
+        match self.local.pick(ask.user, |sessions| sessions.last().cloned()) {
             Some(session) => Route::Local(session),
             None => Route::Offline,
         }
     }
 
-    /// The user's connected agent, if any.
-    pub fn status(&self, user: &str) -> Option<AgentStatus> {
-        self.local.get(user).map(|s| AgentStatus {
+    /// The user's connected agents, the one a request naming no model
+    /// reaches first.
+    pub fn status(&self, user: &str) -> Vec<AgentStatus> {
+        let status = |s: &Arc<Session>| AgentStatus {
+            device: s.device.clone(),
             session_id: s.id.clone(),
             since: s.connected_at,
             protocol_version: s.version,
@@ -81,6 +84,7 @@ impl Router {
             in_flight: s.in_flight(),
             rtt: s.rtt(),
             service: s.service(),
-        })
+        };
+        self.local.pick(user, |sessions| sessions.iter().rev().map(status).collect())
     }
 }

@@ -163,28 +163,40 @@ async fn tunnel(
 
 /// `GET /api/tunnel/{user}/health`, answered by the relay itself from what
 /// the router knows of the user's agent.
-fn health(agent: Option<AgentStatus>, user: &str) -> Response<RelayBody> {
-    let body = match agent {
-        Some(a) => serde_json::json!({
-            "user": user,
-            "connected": true,
-            "session_id": a.session_id,
-            "since": humantime::format_rfc3339_seconds(a.since).to_string(),
-            "protocol_version": a.protocol_version,
-            "agent": a.agent,
-            "in_flight": a.in_flight,
-            "rtt_ms": a.rtt.map(|d| d.as_secs_f64() * 1e3),
-            "service": a.service.map(|v| serde_json::json!({
-                "reachable": v.reachable,
-                "version": v.version,
-                "models_loaded": v.models,
-                "checked_at": v.checked_at,
-            })),
-        }),
-        None => serde_json::json!({ "user": user, "connected": false }),
+/// The health answer: the agent a request naming no model reaches, at the
+/// top level as before devices, and every connected device under
+/// `devices`.
+fn health(agents: Vec<AgentStatus>, user: &str) -> Response<RelayBody> {
+    let body = match agents.first() {
+        Some(first) => {
+            let mut top = agent_json(first);
+            top["user"] = user.into();
+            top["connected"] = true.into();
+            top["devices"] = agents.iter().map(agent_json).collect();
+            top
+        }
+        None => serde_json::json!({ "user": user, "connected": false, "devices": [] }),
     };
     let mut r = Response::new(RelayBody::full(body.to_string()));
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
+}
+
+fn agent_json(a: &AgentStatus) -> serde_json::Value {
+    serde_json::json!({
+        "device": a.device,
+        "session_id": a.session_id,
+        "since": humantime::format_rfc3339_seconds(a.since).to_string(),
+        "protocol_version": a.protocol_version,
+        "agent": a.agent,
+        "in_flight": a.in_flight,
+        "rtt_ms": a.rtt.map(|d| d.as_secs_f64() * 1e3),
+        "service": a.service.as_ref().map(|v| serde_json::json!({
+            "reachable": v.reachable,
+            "version": v.version,
+            "models_loaded": v.models,
+            "checked_at": v.checked_at,
+        })),
+    })
 }

@@ -126,6 +126,22 @@ impl TestRelay {
         format!("ws://{}/ws/tunnel", self.addr)
     }
 
+    /// The WebSocket handshake an agent makes, with `token`: the status
+    /// the relay answers (101 when it took the agent in).
+    pub async fn agent_handshake(&self, token: &str) -> u16 {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut req = self.ws_url().into_client_request().expect("request");
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().expect("header value"));
+        req.headers_mut()
+            .insert("sec-websocket-protocol", tunnel_proto::SUBPROTOCOL.parse().expect("value"));
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((_, resp)) => resp.status().as_u16(),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+            Err(e) => panic!("handshake failed without an HTTP answer: {e}"),
+        }
+    }
+
     /// Waits until `user`'s agent is connected.
     pub async fn wait_for_agent(&self, user: &str) -> relayd::Tunnel {
         let mut found = None;
@@ -299,4 +315,27 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
     Ok(hard.max(soft))
+}
+
+/// An agent for `relay` with `token`, running until the token is
+/// cancelled, without waiting for it to connect (it may never).
+pub fn spawn_agent(
+    relay: &TestRelay,
+    token: &str,
+    upstream: &str,
+) -> (std::sync::Arc<agentd::Agent>, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>)
+{
+    let config = agentd::ConfigFile {
+        relay: Some(relay.ws_url()),
+        token: Some(token.to_owned()),
+        upstream: Some(upstream.to_owned()),
+        ..agentd::ConfigFile::default()
+    }
+    .resolve()
+    .expect("valid agent config");
+    let agent = std::sync::Arc::new(agentd::Agent::new(config));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (running, stop) = (agent.clone(), shutdown.clone());
+    let task = tokio::spawn(async move { running.run(stop).await });
+    (agent, shutdown, task)
 }

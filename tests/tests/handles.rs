@@ -8,31 +8,11 @@ use daemon::Resolve as _;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tunnel_tests::{StandIn, StandInConfig, TestAgent, TestRelay, WAIT, agent_token, init_logging};
+use tunnel_tests::{
+    StandIn, StandInConfig, TestAgent, TestRelay, WAIT, agent_token, init_logging, spawn_agent,
+};
 
 use agentd::{AgentError, Phase};
-
-/// An agent for `user` with `token`, running until the returned token is
-/// cancelled; not waited for.
-fn spawn_agent(
-    relay: &TestRelay,
-    token: &str,
-    upstream: &str,
-) -> (std::sync::Arc<agentd::Agent>, CancellationToken, tokio::task::JoinHandle<()>) {
-    let config = agentd::ConfigFile {
-        relay: Some(relay.ws_url()),
-        token: Some(token.to_owned()),
-        upstream: Some(upstream.to_owned()),
-        ..agentd::ConfigFile::default()
-    }
-    .resolve()
-    .expect("valid agent config");
-    let agent = std::sync::Arc::new(agentd::Agent::new(config));
-    let shutdown = CancellationToken::new();
-    let (running, stop) = (agent.clone(), shutdown.clone());
-    let task = tokio::spawn(async move { running.run(stop).await });
-    (agent, shutdown, task)
-}
 
 #[tokio::test]
 async fn reconnect_lets_in_flight_streams_finish_then_connects_again_at_once() {
@@ -136,7 +116,7 @@ async fn disconnecting_a_tunnel_fails_its_streams_and_the_agent_comes_back() {
     let agent = TestAgent::start(&relay, "alice", &standin.url()).await;
     let first = relay.wait_for_agent("alice").await;
     assert_eq!(relay.relay.tunnels().len(), 1);
-    assert!(!relay.relay.disconnect("bob"), "bob has no tunnel");
+    assert_eq!(relay.relay.disconnect("bob", None), 0, "bob has no tunnel");
     let resp = reqwest::Client::new()
         .post(relay.tunnel_url("alice", "/api/chat"))
         .json(&json!({ "model": "m", "messages": [] }))
@@ -146,7 +126,7 @@ async fn disconnecting_a_tunnel_fails_its_streams_and_the_agent_comes_back() {
     let mut body = resp.bytes_stream();
     body.next().await.expect("a first chunk").expect("chunk");
     assert_eq!(first.in_flight(), 1);
-    assert!(relay.relay.disconnect("alice"));
+    assert_eq!(relay.relay.disconnect("alice", None), 1);
     tokio::time::timeout(WAIT, first.closed()).await.expect("the session ended");
     let mut rest = Vec::new();
     while let Some(Ok(chunk)) = tokio::time::timeout(WAIT, body.next()).await.expect("ends") {

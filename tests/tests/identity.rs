@@ -200,21 +200,6 @@ async fn raw(relay: &TestRelay, method: &str, target: &str, token: &str) -> Answ
     Answer { status, www_authenticate: None, body }
 }
 
-/// The WebSocket handshake an agent makes, with `token`: the status.
-async fn agent_handshake(relay: &TestRelay, token: &str) -> u16 {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    let mut req = relay.ws_url().into_client_request().expect("request");
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().expect("header value"));
-    req.headers_mut()
-        .insert("sec-websocket-protocol", tunnel_proto::SUBPROTOCOL.parse().expect("value"));
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((_, resp)) => resp.status().as_u16(),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
-        Err(e) => panic!("handshake failed without an HTTP answer: {e}"),
-    }
-}
-
 /// Runs one case: the answer, how far it got, and that the other user
 /// was not affected. Returns the line to print, or the failure.
 async fn check(
@@ -418,17 +403,17 @@ async fn adversarial_suite() {
     );
     case!("agent JWT used as a client token", 403, Reach::Relay, get(agent_jwt.clone()));
     case!("client token at /ws/tunnel (register as alice's agent)", 403, Reach::Relay, async {
-        let status = agent_handshake(&rig.relay, &rig.alice.client).await;
+        let status = rig.relay.agent_handshake(&rig.alice.client).await;
         Answer { status, www_authenticate: None, body: String::new() }
     });
     case!("share token at /ws/tunnel", 403, Reach::Relay, async {
-        let status = agent_handshake(&rig.relay, &chat_only).await;
+        let status = rig.relay.agent_handshake(&chat_only).await;
         Answer { status, www_authenticate: None, body: String::new() }
     });
     case!("bob's client token on alice's tunnel", 403, Reach::Relay, get(rig.bob.client.clone()));
     case!("revoked client token", 401, Reach::Relay, get(revoked_client.token.clone()));
     case!("revoked agent credential at /ws/tunnel", 401, Reach::Relay, async {
-        let status = agent_handshake(&rig.relay, &revoked_credential.secret).await;
+        let status = rig.relay.agent_handshake(&revoked_credential.secret).await;
         Answer { status, www_authenticate: None, body: String::new() }
     });
     // Share tokens outside their scope.
@@ -742,7 +727,7 @@ async fn rotation_refresh_and_install_during_a_stream_lose_no_token() {
     assert_eq!(agent.agent.state().borrow().sessions, 1);
     assert_eq!(relay.relay.tunnel("alice").expect("tunnel").session_id(), tunnel.session_id());
     // The rotated-out credential no longer opens a tunnel.
-    assert_eq!(agent_handshake(&relay, &first.secret).await, 401);
+    assert_eq!(relay.agent_handshake(&first.secret).await, 401);
 }
 
 #[tokio::test]
@@ -947,8 +932,8 @@ async fn per_user_limits_and_cors_preflights() {
 
     // Agent handshakes per user: the agent's own connect was one; one more
     // passes, then 429.
-    assert_eq!(agent_handshake(&relay, &credential.secret).await, 101);
-    assert_eq!(agent_handshake(&relay, &credential.secret).await, 429);
+    assert_eq!(relay.agent_handshake(&credential.secret).await, 101);
+    assert_eq!(relay.agent_handshake(&credential.secret).await, 429);
     println!("3rd agent handshake in a minute   -> 429");
 
     // CORS: the relay answers an allowed origin's preflight without a

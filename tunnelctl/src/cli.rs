@@ -80,8 +80,11 @@ pub enum Command {
     Tunnels,
     /// relayd: close a user's tunnel (its agent reconnects unless revoked).
     Disconnect {
-        /// The user whose tunnel to close.
+        /// The user whose tunnels to close.
         user: String,
+        /// Only this device's tunnel (default: every device of the user).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// relayd: read the TLS certificate and key again (as SIGHUP does);
     /// says what was reloaded.

@@ -111,6 +111,7 @@ fn error_kind(k: i32) -> &'static str {
         K::Tls => "tls",
         K::PinMismatch => "pin_mismatch",
         K::RelayBusy => "relay_busy",
+        K::TooManyDevices => "too_many_devices",
         K::Protocol => "protocol",
         K::Handshake => "handshake",
         K::Timeout => "timeout",

@@ -170,8 +170,10 @@ async fn relay_rpcs_status_tunnels_tokens_disconnect_reload() {
 
     // Disconnect: the tunnel goes, the agent comes back.
     let tunnel = rig.relay.relay.tunnel("alice").expect("tunnel");
+    let out = relay(&["disconnect", "alice", "--device", "laptop"]).await.expect("disconnect");
+    assert_eq!(out, "alice's device laptop has no tunnel\n");
     let out = relay(&["disconnect", "alice"]).await.expect("disconnect");
-    assert!(out.contains("alice's tunnel closed"), "{out}");
+    assert!(out.starts_with("alice: 1 tunnel closed"), "{out}");
     tokio::time::timeout(WAIT, tunnel.closed()).await.expect("closed");
     let out = relay(&["disconnect", "nobody"]).await.expect("disconnect");
     assert!(out.contains("nobody has no tunnel"), "{out}");

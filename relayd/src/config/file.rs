@@ -118,6 +118,8 @@ pub struct LimitsFile {
     pub agent_handshakes_per_minute: Option<u32>,
     /// Agents connected at once.
     pub max_tunnels: Option<usize>,
+    /// Devices one user may have connected at once.
+    pub max_devices_per_user: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -13,7 +13,7 @@ pub const REVOKED: u16 = tunnel_proto::CLOSE_REVOKED;
 /// Why a session ended, as its streams and the close frame tell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// A newer session for the same user took over.
+    /// A newer session for the same device of the same user took over.
     Replaced,
     /// The agent closed the socket or it failed.
     Disconnected,
@@ -37,6 +37,8 @@ pub enum CloseReason {
     TokenExpired,
     /// The credential or token the session was opened with was revoked.
     Revoked,
+    /// Its user had as many other devices connected as the relay allows.
+    TooManyDevices,
 }
 
 impl CloseReason {
@@ -55,6 +57,9 @@ impl CloseReason {
             CloseReason::OperatorDisconnect => "tunnel disconnected by the relay's operator",
             CloseReason::TokenExpired => "the session's token expired",
             CloseReason::Revoked => "the agent's credential was revoked",
+            CloseReason::TooManyDevices => {
+                "the user has as many devices connected as the relay allows"
+            }
         }
     }
 
@@ -67,7 +72,9 @@ impl CloseReason {
             CloseReason::Unresponsive => CloseCode::Library(link::UNRESPONSIVE),
             CloseReason::InvalidData => CloseCode::Invalid,
             CloseReason::TooBig => CloseCode::Size,
-            CloseReason::Flooded(_) | CloseReason::NotReading => CloseCode::Policy,
+            CloseReason::Flooded(_) | CloseReason::NotReading | CloseReason::TooManyDevices => {
+                CloseCode::Policy
+            }
             CloseReason::Disconnected | CloseReason::OperatorDisconnect => CloseCode::Normal,
             CloseReason::TokenExpired => CloseCode::Library(TOKEN_EXPIRED),
             CloseReason::Revoked => CloseCode::Library(REVOKED),

@@ -32,7 +32,9 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CtlError>
         (Command::LogLevel { filter }, w) => log_level::run(channel, w, filter, g.json).await,
         (Command::Tunnels, _) => tunnels::run(channel, g.json).await,
         (Command::Reload, _) => reload::run(channel, g.json).await,
-        (Command::Disconnect { user }, _) => disconnect::run(channel, user, g.json).await,
+        (Command::Disconnect { user, device }, _) => {
+            disconnect::run(channel, user, device, g.json).await
+        }
         (Command::Token(t), _) => token::run(channel, t, g.json).await,
         (Command::Trace(args), w) => return trace::run(channel, w, args, g.json, out).await,
         (Command::Completions { .. } | Command::Man, _) => {

@@ -100,6 +100,8 @@ pub fn status(agent: &Agent) -> pb::AgentStatus {
             version: service.version.unwrap_or_default(),
             error: service.error.unwrap_or_default(),
             checked_unix_ms: ms(service.checked),
+            models_loaded: service.models,
+            models_available: service.available,
         }),
         requests: requests.received,
         refused: requests.refused,

@@ -19,6 +19,7 @@ pub mod control;
 pub mod credential;
 pub mod enroll;
 pub mod enrollment;
+pub mod inventory;
 mod metrics;
 pub mod pin;
 pub mod policy;
@@ -32,6 +33,8 @@ mod stream;
 pub mod supervisor;
 pub mod tls;
 mod upstream;
+
+pub use inventory::ServiceHealth;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -65,44 +68,6 @@ pub enum CommandError {
 /// How agentd's health checks of the local service name themselves
 /// (`User-Agent`), so logs and tests can tell them from tunnelled traffic.
 pub const HEALTH_CHECK_AGENT: &str = "agentd-health-check";
-
-/// The local service as the agent last saw it (`GET /api/version`, every
-/// [`supervisor::HEALTH_INTERVAL`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServiceHealth {
-    pub reachable: bool,
-    /// Ollama's version, when it answered.
-    pub version: Option<String>,
-    /// Why it is not reachable.
-    pub error: Option<String>,
-    /// Models loaded in memory (`GET /api/ps`).
-    pub models: Vec<String>,
-    pub checked: Option<std::time::SystemTime>,
-}
-
-impl ServiceHealth {
-    /// The `service` message the relay gets.
-    pub fn report(&self) -> tunnel_proto::ServiceState {
-        // What the protocol allows (at most 64 names of at most 256 bytes,
-        // no control characters); anything else is left out, not refused.
-        let fits = |t: &&String| t.len() <= 256 && !t.chars().any(char::is_control);
-        tunnel_proto::ServiceState {
-            reachable: self.reachable,
-            version: self.version.as_ref().filter(fits).cloned(),
-            models: self
-                .models
-                .iter()
-                .filter(fits)
-                .take(tunnel_proto::message::MAX_SERVICE_MODELS)
-                .cloned()
-                .collect(),
-            checked_at: humantime::format_rfc3339_seconds(
-                self.checked.unwrap_or_else(std::time::SystemTime::now),
-            )
-            .to_string(),
-        }
-    }
-}
 
 /// Requests the agent took from the relay, and those its policy refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -31,7 +31,7 @@ const RECHECK_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 /// Checks the local service every [`HEALTH_INTERVAL`] until `stop`.
 pub(crate) async fn watch_service(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let health = shared.upstream.health().await;
+        let health = crate::inventory::check(&shared.upstream).await;
         if let Some(session) = shared.current() {
             session.report_service(&health);
         }

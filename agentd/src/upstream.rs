@@ -102,52 +102,12 @@ impl Upstream {
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
     }
 
-    /// Asks the local service for its version (`GET /api/version`, 5 s).
-    pub async fn health(&self) -> crate::ServiceHealth {
-        let checked = Some(std::time::SystemTime::now());
-        let path = http::uri::PathAndQuery::from_static("/api/version");
-        let fail = |why: String| crate::ServiceHealth {
-            reachable: false,
-            version: None,
-            error: Some(why),
-            models: Vec::new(),
-            checked,
-        };
-        let (status, body) = match self.get_json(path).await {
-            Ok(answer) => answer,
-            Err(why) => return fail(why),
-        };
-        let version = body
-            .as_ref()
-            .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned));
-        // The models in memory, when the service is Ollama enough to say.
-        let models = match self.get_json(http::uri::PathAndQuery::from_static("/api/ps")).await {
-            Ok((s, Some(v))) if s.is_success() => v
-                .get("models")
-                .and_then(|m| m.as_array())
-                .map(|list| {
-                    list.iter()
-                        .filter_map(|m| m.get("name").and_then(|n| n.as_str()).map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        // Reachable, whatever it answered: a version only when it says one.
-        crate::ServiceHealth {
-            reachable: true,
-            version,
-            error: (!status.is_success()).then(|| format!("/api/version answered {status}")),
-            models,
-            checked,
-        }
-    }
-
-    /// `GET path` at the local service (5 s, 64 KiB): the status and the
-    /// body when it is JSON.
-    async fn get_json(
+    /// `GET path` at the local service (5 s, at most `limit` bytes read):
+    /// the status and the body when it is JSON.
+    pub(crate) async fn get_json(
         &self,
         path: http::uri::PathAndQuery,
+        limit: usize,
     ) -> Result<(http::StatusCode, Option<serde_json::Value>), String> {
         let mut req = Request::new(Either::Left(Full::new(Bytes::new())));
         *req.uri_mut() = origin_form(&path);
@@ -166,7 +126,7 @@ impl Upstream {
             let status = resp.status();
             let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
                 resp.into_body(),
-                64 * 1024,
+                limit,
             ))
             .await
             .map_err(|e| e.to_string())?
@@ -188,6 +148,13 @@ fn service_addr(base: &Uri) -> String {
 /// connection is to the service and `Host` says its name.
 fn origin_form(path: &http::uri::PathAndQuery) -> Uri {
     Uri::from(path.clone())
+}
+
+/// Whether a request to `path` changes the models the service has: the
+/// agent checks again once it completed.
+pub fn changes_models(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or(path);
+    matches!(path, "/api/pull" | "/api/delete" | "/api/create" | "/api/copy" | "/api/push")
 }
 
 /// Runs one stream to completion or cancellation; dropping `stream` at the
@@ -213,6 +180,11 @@ pub async fn serve(
         _ = cancel.cancelled() => Outcome::Cancelled,
         o = exchange(&stream, &upstream, req, body, &mut span) => o,
     };
+    if changes_models(path.as_str()) {
+        // A pull or a delete (done, failed or cut short) may have changed
+        // the models the relay routes by: look again soon.
+        upstream.recheck.notify_one();
+    }
     match &outcome {
         Outcome::Done => span.end(Ended::Ok, None, ""),
         Outcome::SessionGone => {
@@ -434,6 +406,14 @@ impl http_body::Body for Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pulls_and_deletes_change_the_models() {
+        assert!(changes_models("/api/pull"));
+        assert!(changes_models("/api/delete?x=1"));
+        assert!(!changes_models("/api/chat"));
+        assert!(!changes_models("/api/pull/more"));
+    }
 
     #[test]
     fn the_service_address_keeps_an_ipv6_host_in_brackets_and_defaults_to_port_80() {

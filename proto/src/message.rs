@@ -109,12 +109,18 @@ pub struct ServiceState {
     /// Models loaded in memory (Ollama's `GET /api/ps`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
+    /// Models the service has (Ollama's `GET /api/tags`, or `GET
+    /// /v1/models`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub available: Vec<String>,
     /// When it was checked (RFC 3339).
     pub checked_at: String,
 }
 
-/// Most models a `service` message lists.
+/// Most loaded models a `service` message lists.
 pub const MAX_SERVICE_MODELS: usize = 64;
+/// Most models present a `service` message lists.
+pub const MAX_SERVICE_AVAILABLE: usize = 512;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HttpRequestMsg {

@@ -239,3 +239,28 @@ fn every_violation_has_a_code_and_a_name() {
     let msg = Message::violation(Some("req_1"), &e);
     assert!(matches!(msg, Message::Error(ref m) if m.id == "req_1" && m.code == 400));
 }
+
+#[test]
+fn a_service_report_lists_bounded_models_loaded_and_available() {
+    let report = |loaded: usize, available: usize| {
+        let names = |n: usize, p: &str| (0..n).map(|i| format!("\"{p}{i}\"")).collect::<Vec<_>>();
+        format!(
+            r#"{{"type":"service","reachable":true,"models":[{}],"available":[{}],"checked_at":"2026-12-07T12:00:00Z"}}"#,
+            names(loaded, "l").join(","),
+            names(available, "a").join(",")
+        )
+    };
+    match decode(&report(2, 512)).expect("within the bounds") {
+        Message::Service(s) => assert_eq!((s.models.len(), s.available.len()), (2, 512)),
+        other => panic!("not a service report: {other:?}"),
+    }
+    assert_eq!(violation(&report(2, 513)), Violation::MalformedMessage);
+    assert_eq!(violation(&report(65, 0)), Violation::MalformedMessage);
+    // An agent that predates `available` sends none: an empty list.
+    let old =
+        r#"{"type":"service","reachable":true,"models":["m"],"checked_at":"2026-12-07T12:00:00Z"}"#;
+    match decode(old).expect("an older report") {
+        Message::Service(s) => assert!(s.available.is_empty()),
+        other => panic!("not a service report: {other:?}"),
+    }
+}

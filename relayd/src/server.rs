@@ -196,6 +196,7 @@ fn agent_json(a: &AgentStatus) -> serde_json::Value {
             "reachable": v.reachable,
             "version": v.version,
             "models_loaded": v.models,
+            "models_available": v.available,
             "checked_at": v.checked_at,
         })),
     })

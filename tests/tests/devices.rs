@@ -103,3 +103,50 @@ async fn an_agent_past_the_device_limit_says_so_and_retries() {
     shutdown.cancel();
     tokio::time::timeout(WAIT, task).await.expect("stopped").expect("task");
 }
+
+/// Each device reports the models its service has and those loaded; the
+/// user's health answer lists them per device (what routing by model reads).
+#[tokio::test]
+async fn each_device_reports_the_models_its_service_has() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let stand_in = |model: &str| {
+        StandIn::start(StandInConfig { model: model.into(), ..StandInConfig::default() })
+    };
+    let (big, small) = (
+        stand_in("llama3.3:70b").await.expect("stand-in"),
+        stand_in("qwen2.5:7b").await.expect("stand-in"),
+    );
+    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
+    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
+    let _gpu_agent = agent(&relay, &big, gpu.secret.clone()).await;
+    let _laptop_agent = agent(&relay, &small, laptop.secret.clone()).await;
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    let health = loop {
+        let resp = http.get(relay.tunnel_url("alice", "/health")).send().await.expect("health");
+        let body: serde_json::Value = resp.json().await.expect("JSON");
+        let devices = body["devices"].as_array().cloned().unwrap_or_default();
+        let reported = |d: &serde_json::Value| d["service"]["models_available"].is_array();
+        if devices.len() == 2 && devices.iter().all(reported) {
+            break devices;
+        }
+        assert!(std::time::Instant::now() < deadline, "both devices reported: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let mut seen: Vec<(String, serde_json::Value)> = health
+        .iter()
+        .map(|d| {
+            let device = d["device"].as_str().unwrap_or("").to_owned();
+            (device, d["service"]["models_available"].clone())
+        })
+        .collect();
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        seen,
+        [
+            ("gpu-box".to_owned(), serde_json::json!(["llama3.3:70b"])),
+            ("laptop".to_owned(), serde_json::json!(["qwen2.5:7b"])),
+        ]
+    );
+}

@@ -182,6 +182,16 @@ pub fn agent_status(s: &pb::AgentStatus, now: SystemTime) -> String {
             format!("UNREACHABLE: {} (checked {})", svc.error, relative(svc.checked_unix_ms, now))
         };
         rows.push(("local service", format!("{} {health}", svc.url)));
+        if svc.reachable {
+            let loaded = match svc.models_loaded.as_slice() {
+                [] => "none loaded".to_owned(),
+                names => format!("loaded: {}", names.join(", ")),
+            };
+            rows.push((
+                "models",
+                format!("{} on the service, {loaded}", svc.models_available.len()),
+            ));
+        }
     }
     rows.push((
         "requests",
@@ -214,6 +224,7 @@ pub fn agent_status_json(s: &pb::AgentStatus) -> Value {
         "service": {
             "url": svc.url, "reachable": svc.reachable, "version": svc.version,
             "error": svc.error, "checked_unix_ms": svc.checked_unix_ms,
+            "models_loaded": svc.models_loaded, "models_available": svc.models_available,
         },
         "requests": s.requests,
         "refused": s.refused,
@@ -421,6 +432,8 @@ mod tests {
                 version: "0.13.0".into(),
                 error: String::new(),
                 checked_unix_ms: NOW - 12_000,
+                models_loaded: vec!["llama3.2:latest".into()],
+                models_available: vec!["llama3.2:latest".into(), "qwen2.5:7b".into()],
             }),
             requests: 120,
             refused: 3,
@@ -439,6 +452,7 @@ agentd 0.1.0: connected
   credential     expires 2026-11-30 01:38:20 (in 45m 0s; renewed by itself)
   relay key      sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU= (pinned)
   local service  http://127.0.0.1:11434/ reachable, version 0.13.0 (checked 12s ago)
+  models         2 on the service, loaded: llama3.2:latest
   requests       120 taken, 3 refused by the endpoint policy
 "
         );

@@ -129,14 +129,28 @@ async fn crossing(
 ) -> Result<Request, Failure> {
     let config = &shared.config;
     let (mut parts, body) = req.into_parts();
+    let path = target.split('?').next().unwrap_or(&target);
+    let idle = config.timeouts_for(path).idle;
     let (body, model) = match scope.filter(Scope::limits_models) {
         Some(scope) => {
-            let path = target.split('?').next().unwrap_or(&target);
-            let idle = config.timeouts_for(path).idle;
             let (bytes, model) = models_checked(body, &scope, config.legacy_max_body, idle).await?;
             parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             parts.headers.remove(TRANSFER_ENCODING);
             (ClientBody::Right(http_body_util::Full::new(bytes)), Some(model))
+        }
+        // Several devices: the model the body names picks one. Read whole
+        // (with the length declared, up to the share-token bound), then
+        // forwarded as read; a body the relay cannot read as JSON goes to
+        // the newest device, which answers it.
+        None if names_a_model(&parts, path, config.legacy_max_body)
+            && shared.router.devices(&user) > 1 =>
+        {
+            let too_large = "a body whose model picks the device is read whole";
+            let read =
+                upload::read_whole(ClientBody::Left(body), config.legacy_max_body, idle, too_large);
+            let bytes = read.await?;
+            let model = crate::model::named_models(&bytes).ok().and_then(|m| m.into_iter().next());
+            (ClientBody::Right(http_body_util::Full::new(bytes)), model)
         }
         None => (ClientBody::Left(body), None),
     };
@@ -160,6 +174,27 @@ async fn crossing(
         ));
     }
     Ok(Request { user, target, parts, headers, body, declared, model })
+}
+
+/// Whether a request is one whose body names the model it runs on, with
+/// the length declared and at most `max` bytes: inference and model
+/// details on Ollama's API and OpenAI's. Pulls, pushes, copies and deletes
+/// name a model too, but no device need have it: they go to the newest.
+fn names_a_model(parts: &Parts, path: &str, max: usize) -> bool {
+    const PATHS: &[&str] = &[
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/show",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+    ];
+    let declared =
+        parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    parts.method == Method::POST && PATHS.contains(&path) && declared.is_some_and(|n| n <= max)
 }
 
 /// Whether a web client's header field stays at the relay: the relay's own

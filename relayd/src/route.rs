@@ -4,11 +4,13 @@
 //! The edge says what a request asks for (an [`Ask`]: the user, and the
 //! model when the body names one); the router answers with a [`Route`];
 //! delivery over that route is [`crate::forward`]'s. The registry of this
-//! relay's own sessions is the [`Hub`]. Today a route is the newest of the
-//! user's devices connected here, or nothing; a device picked by the model
-//! it holds, and a peer relay that holds the agent, are answers this type
-//! will learn to give without the edge or delivery changing.
+//! relay's own sessions is the [`Hub`]. A route is one of the user's
+//! devices connected here: for a request that names a model, one that has
+//! it (loaded in memory first, then the fewest requests in flight), else
+//! the newest; or nothing. A peer relay that holds the agent is an answer
+//! this type will learn to give without the edge or delivery changing.
 
+use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,9 +23,8 @@ use crate::session::Session;
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
     pub user: &'a str,
-    /// The model the request's body names, when the edge read it. No
-    /// route depends on it yet.
-    #[expect(dead_code, reason = "read once a user's agents are told apart by model")]
+    /// The model the request's body names, when the edge read it (it reads
+    /// it only when the user has more than one device connected).
     pub model: Option<&'a str>,
 }
 
@@ -34,6 +35,52 @@ pub enum Route {
     Local(Arc<Session>),
     /// Nowhere: no agent of the user is connected.
     Offline,
+    /// Nowhere: none of the user's connected devices has the model.
+    NoModel(String),
+}
+
+/// What a device is known to hold of a model, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Holds {
+    /// Loaded in memory (its last report's `models`).
+    Loaded,
+    /// On the service (its `available`).
+    Present,
+    /// Not known: no report yet, or an agent that does not list what its
+    /// service has. Tried when no device is known to have the model.
+    Unknown,
+    /// Its service has other models, not this one.
+    Absent,
+}
+
+fn holds(session: &Session, model: &str) -> Holds {
+    session.with_service(|service| match service {
+        Some(s) if s.models.iter().any(|m| same_model(m, model)) => Holds::Loaded,
+        Some(s) if s.available.iter().any(|m| same_model(m, model)) => Holds::Present,
+        Some(s) if !s.available.is_empty() => Holds::Absent,
+        _ => Holds::Unknown,
+    })
+}
+
+/// Whether two model names name one model: Ollama reads a name without a
+/// tag as `:latest`.
+pub fn same_model(a: &str, b: &str) -> bool {
+    let tagged =
+        |n: &str, other: &str| !n.contains(':') && other.strip_prefix(n) == Some(":latest");
+    a == b || tagged(a, b) || tagged(b, a)
+}
+
+/// The device `model` goes to among `sessions` (oldest first): one that
+/// holds it, loaded first, then the fewest requests in flight, then the
+/// newest; `None` when every device is known not to have it.
+fn by_model<'a>(sessions: &'a [Arc<Session>], model: &str) -> Option<&'a Arc<Session>> {
+    sessions
+        .iter()
+        .enumerate()
+        .map(|(age, s)| (holds(s, model), s.in_flight(), Reverse(age), s))
+        .filter(|(holds, ..)| *holds != Holds::Absent)
+        .min_by_key(|(holds, in_flight, newer, _)| (*holds, *in_flight, *newer))
+        .map(|(.., s)| s)
 }
 
 /// One connected agent as the health answer reports it: plain data, which a
@@ -64,12 +111,25 @@ impl Router {
         &self.local
     }
 
-    /// The route for `ask`: the newest of the user's connected devices.
+    /// The route for `ask`: with one device, that one; with several, for a
+    /// request that names a model, the device that holds it best, and for
+    /// one that names none, the newest.
     pub fn route(&self, ask: Ask<'_>) -> Route {
-        match self.local.pick(ask.user, |sessions| sessions.last().cloned()) {
-            Some(session) => Route::Local(session),
-            None => Route::Offline,
-        }
+        self.local.pick(ask.user, |sessions| {
+            let Some(newest) = sessions.last() else { return Route::Offline };
+            match ask.model {
+                Some(model) if sessions.len() > 1 => match by_model(sessions, model) {
+                    Some(s) => Route::Local(s.clone()),
+                    None => Route::NoModel(model.to_owned()),
+                },
+                _ => Route::Local(newest.clone()),
+            }
+        })
+    }
+
+    /// How many devices of `user` are connected here.
+    pub fn devices(&self, user: &str) -> usize {
+        self.local.pick(user, <[_]>::len)
     }
 
     /// The user's connected agents, the one a request naming no model
@@ -86,5 +146,19 @@ impl Router {
             service: s.service(),
         };
         self.local.pick(user, |sessions| sessions.iter().rev().map(status).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_without_a_tag_is_latest() {
+        assert!(same_model("llama3.2", "llama3.2:latest"));
+        assert!(same_model("llama3.2:latest", "llama3.2"));
+        assert!(same_model("qwen2.5:7b", "qwen2.5:7b"));
+        assert!(!same_model("qwen2.5", "qwen2.5:7b"));
+        assert!(!same_model("llama3", "llama3.2:latest"));
     }
 }

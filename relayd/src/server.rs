@@ -158,6 +158,12 @@ async fn tunnel(
     match shared.router.route(req.ask()) {
         Route::Local(session) => forward::deliver(shared, conn, session, req).await,
         Route::Offline => response::agent_offline(shape, &req.user),
+        Route::NoModel(model) => response::error(
+            shape,
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            &format!("model {model:?} not found on any of this user's connected devices"),
+        ),
     }
 }
 

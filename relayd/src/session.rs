@@ -150,6 +150,14 @@ impl Session {
         self.service.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// What `read` makes of the agent's last report, read in place.
+    pub fn with_service<R>(
+        &self,
+        read: impl FnOnce(Option<&tunnel_proto::ServiceState>) -> R,
+    ) -> R {
+        read(self.service.lock().unwrap_or_else(PoisonError::into_inner).as_ref())
+    }
+
     pub(crate) fn set_service(&self, s: tunnel_proto::ServiceState) {
         *self.service.lock().unwrap_or_else(PoisonError::into_inner) = Some(s);
     }

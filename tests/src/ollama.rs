@@ -52,6 +52,8 @@ pub struct StandInConfig {
     /// Tokens per answer unless the request sets `options.num_predict`.
     pub tokens: usize,
     pub model: String,
+    /// Whether `/api/ps` lists the model as loaded in memory.
+    pub loaded: bool,
 }
 
 impl Default for StandInConfig {
@@ -60,6 +62,7 @@ impl Default for StandInConfig {
             token_delay: Duration::from_millis(20),
             tokens: WORDS.len(),
             model: "stand-in:latest".into(),
+            loaded: false,
         }
     }
 }
@@ -231,7 +234,12 @@ async fn handle(
         ("/api/version", true) => {
             json_response(StatusCode::OK, &json!({ "version": "0.0.0-stand-in" }))
         }
-        ("/api/ps", true) => json_response(StatusCode::OK, &json!({ "models": [] })),
+        ("/api/ps", true) => {
+            let loaded: &[&str] = if config.loaded { &[config.model.as_str()] } else { &[] };
+            let models: Vec<Value> =
+                loaded.iter().map(|m| json!({ "name": m, "model": m })).collect();
+            json_response(StatusCode::OK, &json!({ "models": models }))
+        }
         ("/api/chat" | "/api/generate", false) if method == Method::POST => {
             let body = read_json(req).await;
             chat(&config, &events, &path, body)

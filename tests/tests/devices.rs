@@ -3,6 +3,7 @@
 //! refuses one more, clearly.
 
 use agentd::{AgentError, Phase};
+use serde_json::{Value, json};
 use tunnel_tests::{StandIn, StandInConfig, TestAgent, TestRelay, WAIT, init_logging, spawn_agent};
 
 async fn agent(relay: &TestRelay, upstream: &StandIn, secret: String) -> TestAgent {
@@ -11,6 +12,35 @@ async fn agent(relay: &TestRelay, upstream: &StandIn, secret: String) -> TestAge
         c.policy = agentd::policy::Policy::default();
     })
     .await
+}
+
+/// Alice's devices in her health answer, once `n` of them reported what
+/// their services have (bounded: [`WAIT`]).
+async fn reported(relay: &TestRelay, n: usize) -> Vec<Value> {
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let resp = http.get(relay.tunnel_url("alice", "/health")).send().await.expect("health");
+        let body: Value = resp.json().await.expect("JSON");
+        let devices = body["devices"].as_array().cloned().unwrap_or_default();
+        let reported = |d: &Value| d["service"]["models_available"].is_array();
+        if devices.len() == n && devices.iter().all(reported) {
+            return devices;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} devices reported: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A stand-in Ollama that has `model`, loaded in memory or not.
+async fn stand_in(model: &str, loaded: bool) -> StandIn {
+    let config = StandInConfig { model: model.into(), loaded, ..StandInConfig::default() };
+    StandIn::start(config).await.expect("stand-in")
+}
+
+/// Requests `stand_in` received for `what` (`POST /api/chat`).
+fn received(stand_in: &StandIn, what: &str) -> usize {
+    stand_in.events.requests().iter().filter(|r| *r == what).count()
 }
 
 fn session_of(relay: &TestRelay, device: &str) -> String {
@@ -121,20 +151,8 @@ async fn each_device_reports_the_models_its_service_has() {
     let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
     let _gpu_agent = agent(&relay, &big, gpu.secret.clone()).await;
     let _laptop_agent = agent(&relay, &small, laptop.secret.clone()).await;
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    let health = loop {
-        let resp = http.get(relay.tunnel_url("alice", "/health")).send().await.expect("health");
-        let body: serde_json::Value = resp.json().await.expect("JSON");
-        let devices = body["devices"].as_array().cloned().unwrap_or_default();
-        let reported = |d: &serde_json::Value| d["service"]["models_available"].is_array();
-        if devices.len() == 2 && devices.iter().all(reported) {
-            break devices;
-        }
-        assert!(std::time::Instant::now() < deadline, "both devices reported: {body}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let mut seen: Vec<(String, serde_json::Value)> = health
+    let health = reported(&relay, 2).await;
+    let mut seen: Vec<(String, Value)> = health
         .iter()
         .map(|d| {
             let device = d["device"].as_str().unwrap_or("").to_owned();
@@ -145,8 +163,72 @@ async fn each_device_reports_the_models_its_service_has() {
     assert_eq!(
         seen,
         [
-            ("gpu-box".to_owned(), serde_json::json!(["llama3.3:70b"])),
-            ("laptop".to_owned(), serde_json::json!(["qwen2.5:7b"])),
+            ("gpu-box".to_owned(), json!(["llama3.3:70b"])),
+            ("laptop".to_owned(), json!(["qwen2.5:7b"])),
         ]
+    );
+}
+
+#[tokio::test]
+async fn a_request_goes_to_the_device_that_has_its_model() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let (big, small) = (stand_in("llama3.3:70b", false).await, stand_in("qwen2.5:7b", false).await);
+    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
+    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
+    let _gpu_agent = agent(&relay, &big, gpu.secret.clone()).await;
+    let _laptop_agent = agent(&relay, &small, laptop.secret.clone()).await;
+    reported(&relay, 2).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, model: &str| {
+        let body = json!({ "model": model, "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
+        http.post(relay.tunnel_url("alice", path)).json(&body).send()
+    };
+    for _ in 0..5 {
+        for model in ["llama3.3:70b", "qwen2.5:7b"] {
+            let resp = post("/api/chat", model).await.expect("chat");
+            assert_eq!(resp.status(), 200, "{model}");
+        }
+    }
+    assert_eq!((received(&big, "POST /api/chat"), received(&small, "POST /api/chat")), (5, 5));
+    let resp = post("/v1/chat/completions", "qwen2.5:7b").await.expect("chat");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(received(&small, "POST /v1/chat/completions"), 1);
+
+    // A model no device has: 404 naming it, in the client's own shape.
+    let resp = post("/api/chat", "mistral").await.expect("chat");
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.expect("JSON");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("\"mistral\"")), "{body}");
+    let resp = post("/v1/chat/completions", "mistral").await.expect("chat");
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+    assert_eq!(received(&big, "POST /api/chat") + received(&small, "POST /api/chat"), 10);
+}
+
+#[tokio::test]
+async fn a_device_with_the_model_loaded_is_preferred() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let (cold, warm) =
+        (stand_in("llama3.2:latest", false).await, stand_in("llama3.2:latest", true).await);
+    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
+    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
+    // The device with the model loaded connects first: the newest is not
+    // what wins.
+    let _laptop_agent = agent(&relay, &warm, laptop.secret.clone()).await;
+    let _gpu_agent = agent(&relay, &cold, gpu.secret.clone()).await;
+    reported(&relay, 2).await;
+    let http = reqwest::Client::new();
+    for _ in 0..10 {
+        // Without a tag: `llama3.2` is `llama3.2:latest`.
+        let body = json!({ "model": "llama3.2", "prompt": "hi", "stream": false });
+        let resp = http.post(relay.tunnel_url("alice", "/api/generate")).json(&body).send().await;
+        assert_eq!(resp.expect("generate").status(), 200);
+    }
+    assert_eq!(
+        (received(&warm, "POST /api/generate"), received(&cold, "POST /api/generate")),
+        (10, 0)
     );
 }

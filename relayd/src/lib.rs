@@ -37,6 +37,7 @@ mod shape;
 mod stall;
 mod state;
 pub mod tls;
+mod union;
 mod upload;
 
 use std::sync::Arc;

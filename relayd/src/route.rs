@@ -127,6 +127,12 @@ impl Router {
         })
     }
 
+    /// Every device of `user` connected here, oldest first: for a request
+    /// answered as their union (the model lists, [`crate::union`]).
+    pub fn everyone(&self, user: &str) -> Vec<Arc<Session>> {
+        self.local.devices(user)
+    }
+
     /// How many devices of `user` are connected here.
     pub fn devices(&self, user: &str) -> usize {
         self.local.pick(user, <[_]>::len)

@@ -155,6 +155,12 @@ async fn tunnel(
         Ok(Admitted::Health { user }) => return health(shared.router.status(&user), &user),
         Err(refusal) => return refusal,
     };
+    if let Some(listing) = crate::union::listing(&req.parts.method, req.path()) {
+        let devices = shared.router.everyone(&req.user);
+        if devices.len() > 1 {
+            return crate::union::answer(shared, conn, devices, req, listing).await;
+        }
+    }
     match shared.router.route(req.ask()) {
         Route::Local(session) => forward::deliver(shared, conn, session, req).await,
         Route::Offline => response::agent_offline(shape, &req.user),

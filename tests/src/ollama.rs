@@ -3,7 +3,8 @@
 //! - `POST /api/chat`, `/api/generate`: NDJSON, one line per token with a
 //!   configurable delay (or a test-controlled gate), unless `"stream": false`;
 //! - `POST /v1/chat/completions`: SSE ending with `data: [DONE]`, or JSON;
-//! - `GET /api/tags`, `/api/version`, `DELETE /api/delete`;
+//! - `GET /api/tags`, `/api/ps`, `/v1/models`, `/api/version`,
+//!   `DELETE /api/delete`;
 //! - test routes: `/echo` (streams the request body back), `/bytes?n=N`
 //!   (N pattern bytes), `/zeros?n=N` (N zero bytes, at no cost: for
 //!   throughput), `/sink` (reads the body, answers `{"bytes": N}`),
@@ -229,6 +230,13 @@ async fn handle(
             StatusCode::OK,
             &json!({
                 "models": [{ "name": config.model, "model": config.model, "size": 0, "digest": "0".repeat(64) }]
+            }),
+        ),
+        ("/v1/models", true) => json_response(
+            StatusCode::OK,
+            &json!({
+                "object": "list",
+                "data": [{ "id": config.model, "object": "model", "created": 0, "owned_by": "library" }]
             }),
         ),
         ("/api/version", true) => {

@@ -232,3 +232,36 @@ async fn a_device_with_the_model_loaded_is_preferred() {
         (10, 0)
     );
 }
+
+#[tokio::test]
+async fn the_model_lists_answer_the_union_of_the_devices() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let (big, small) = (stand_in("llama3.3:70b", true).await, stand_in("qwen2.5:7b", false).await);
+    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
+    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
+    let _gpu_agent = agent(&relay, &big, gpu.secret.clone()).await;
+    let _laptop_agent = agent(&relay, &small, laptop.secret.clone()).await;
+    let http = reqwest::Client::new();
+    let list = async |path: &str, key: &str, name: &str| {
+        let resp = http.get(relay.tunnel_url("alice", path)).send().await.expect("list");
+        assert_eq!(resp.status(), 200, "{path}");
+        let body: Value = resp.json().await.expect("JSON");
+        let mut seen: Vec<(String, Value)> = body[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}: {body}"))
+            .iter()
+            .map(|m| (m[name].as_str().unwrap_or("").to_owned(), m["devices"].clone()))
+            .collect();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        seen
+    };
+    let both = vec![
+        ("llama3.3:70b".to_owned(), json!(["gpu-box"])),
+        ("qwen2.5:7b".to_owned(), json!(["laptop"])),
+    ];
+    assert_eq!(list("/api/tags", "models", "name").await, both);
+    assert_eq!(list("/v1/models", "data", "id").await, both);
+    // Loaded in memory: only the GPU box's.
+    assert_eq!(list("/api/ps", "models", "name").await, both[..1]);
+}

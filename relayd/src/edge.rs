@@ -58,6 +58,33 @@ impl Request {
         Ask { user: &self.user, model: self.model.as_deref() }
     }
 
+    /// A second copy of the request, when its body can be sent again: read
+    /// whole already, or empty. A streamed body cannot: such a request is
+    /// never sent to a second device.
+    pub fn replay(&self) -> Option<Self> {
+        let body = match &self.body {
+            http_body_util::Either::Right(full) => http_body_util::Either::Right(full.clone()),
+            http_body_util::Either::Left(b) if http_body::Body::is_end_stream(b) => {
+                http_body_util::Either::Right(http_body_util::Full::new(Bytes::new()))
+            }
+            http_body_util::Either::Left(_) => return None,
+        };
+        let mut parts = http::Request::new(());
+        *parts.method_mut() = self.parts.method.clone();
+        *parts.uri_mut() = self.parts.uri.clone();
+        *parts.version_mut() = self.parts.version;
+        *parts.headers_mut() = self.parts.headers.clone();
+        Some(Request {
+            user: self.user.clone(),
+            target: self.target.clone(),
+            parts: parts.into_parts().0,
+            headers: self.headers.clone(),
+            body,
+            declared: self.declared,
+            model: self.model.clone(),
+        })
+    }
+
     /// The path without the query.
     pub fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or(&self.target)

@@ -41,10 +41,43 @@ pub async fn deliver(
     req: edge::Request,
 ) -> Response<RelayBody> {
     let shape = Shape::of(req.path());
+    match attempt(shared, conn, session, req, false).await {
+        Attempt::Answered(resp) => resp,
+        Attempt::Lost(failure) => failure.answer(shape),
+    }
+}
+
+/// What delivering a request that another device could take came to.
+pub enum Attempt {
+    /// The answer the web client gets (the agent's, or a failure's).
+    Answered(Response<RelayBody>),
+    /// The device was lost or refused before the head, so nothing reached
+    /// the web client: another device may be asked.
+    Lost(Failure),
+}
+
+/// Like [`deliver`]; when `may_retry`, a failure that another device could
+/// overcome ([`Failure::elsewhere`]) comes back unanswered as
+/// [`Attempt::Lost`] (its span ends saying so).
+pub async fn attempt(
+    shared: &Shared,
+    conn: &Conn,
+    session: Arc<Session>,
+    req: edge::Request,
+    may_retry: bool,
+) -> Attempt {
+    let shape = Shape::of(req.path());
+    let lost = |f: Failure| {
+        if may_retry && f.elsewhere() {
+            Attempt::Lost(f)
+        } else {
+            Attempt::Answered(f.answer(shape))
+        }
+    };
     let stream = match session.open() {
         Ok(stream) => stream,
-        Err(OpenError::TooManyStreams(n)) => return Failure::TooManyStreams(n).answer(shape),
-        Err(OpenError::Closed) => return Failure::AgentOffline(session.user.clone()).answer(shape),
+        Err(OpenError::TooManyStreams(n)) => return lost(Failure::TooManyStreams(n)),
+        Err(OpenError::Closed) => return lost(Failure::AgentOffline(session.user.clone())),
     };
     let mut span = shared.observer.start(
         &session.id,
@@ -56,13 +89,18 @@ pub async fn deliver(
     );
     let method = req.parts.method.clone();
     match exchange(shared, conn, &session, req, stream, &mut span).await {
-        Ok(reply) => answer(reply, &method, span),
+        Ok(reply) => Attempt::Answered(answer(reply, &method, span)),
+        Err(f) if may_retry && f.elsewhere() => {
+            let (outcome, cancel, reason) = f.outcome();
+            span.end(outcome, cancel, &format!("{reason}; asking another device"));
+            Attempt::Lost(f)
+        }
         Err(f) => {
             let (outcome, cancel, reason) = f.outcome();
             let resp = f.answer(shape);
             span.head(resp.status().as_u16(), None);
             span.end(outcome, cancel, &reason);
-            resp
+            Attempt::Answered(resp)
         }
     }
 }

@@ -71,6 +71,22 @@ impl Failure {
         }
     }
 
+    /// Whether another device of the user could answer where this one
+    /// failed: it was lost, full or congested before the head, or its
+    /// service could not be reached (502/503 from the agent). A deadline
+    /// that passed is not (a model may still be loading there), nor a
+    /// refusal.
+    pub fn elsewhere(&self) -> bool {
+        match self {
+            Failure::AgentGone
+            | Failure::AgentOffline(_)
+            | Failure::TooManyStreams(_)
+            | Failure::Congested => true,
+            Failure::Aborted(a) => a.code == 502 || a.code == 503,
+            Failure::Refused { .. } | Failure::Expired(_) | Failure::Forbidden(_) => false,
+        }
+    }
+
     pub fn refused(status: StatusCode, message: impl Into<String>) -> Self {
         Failure::Refused { status, message: message.into() }
     }

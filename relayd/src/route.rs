@@ -33,6 +33,9 @@ pub struct Ask<'a> {
 pub enum Route {
     /// To an agent connected to this relay.
     Local(Arc<Session>),
+    /// To one of several devices of the user connected here: another may
+    /// take the request if this one fails before answering.
+    Choice(Arc<Session>),
     /// Nowhere: no agent of the user is connected.
     Offline,
     /// Nowhere: none of the user's connected devices has the model.
@@ -117,12 +120,32 @@ impl Router {
     pub fn route(&self, ask: Ask<'_>) -> Route {
         self.local.pick(ask.user, |sessions| {
             let Some(newest) = sessions.last() else { return Route::Offline };
+            if sessions.len() == 1 {
+                return Route::Local(newest.clone());
+            }
             match ask.model {
-                Some(model) if sessions.len() > 1 => match by_model(sessions, model) {
+                Some(model) => match by_model(sessions, model) {
+                    Some(s) => Route::Choice(s.clone()),
+                    None => Route::NoModel(model.to_owned()),
+                },
+                None => Route::Choice(newest.clone()),
+            }
+        })
+    }
+
+    /// The route for `ask` among the user's devices other than `failed`'s
+    /// (the next candidate, once a device was lost before answering).
+    pub fn route_past(&self, ask: Ask<'_>, failed: &Session) -> Route {
+        self.local.pick(ask.user, |sessions| {
+            let others: Vec<Arc<Session>> =
+                sessions.iter().filter(|s| s.id != failed.id).cloned().collect();
+            let Some(newest) = others.last() else { return Route::Offline };
+            match ask.model {
+                Some(model) => match by_model(&others, model) {
                     Some(s) => Route::Local(s.clone()),
                     None => Route::NoModel(model.to_owned()),
                 },
-                _ => Route::Local(newest.clone()),
+                None => Route::Local(newest.clone()),
             }
         })
     }

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tracing::info;
 
 use crate::body::RelayBody;
 use crate::edge::{self, Admitted};
+use crate::forward::Attempt;
 use crate::response::{self, Shape};
 use crate::route::{AgentStatus, Route};
 use crate::state::{Conn, Shared};
@@ -162,6 +164,24 @@ async fn tunnel(
         }
     }
     match shared.router.route(req.ask()) {
+        // With several devices, a request whose body can be sent again goes
+        // to the next candidate, once, when its device is lost or refuses
+        // before answering: nothing reached the client yet.
+        Route::Choice(session) => {
+            let Some(spare) = req.replay() else {
+                return forward::deliver(shared, conn, session, req).await;
+            };
+            match forward::attempt(shared, conn, session.clone(), req, true).await {
+                Attempt::Answered(resp) => resp,
+                Attempt::Lost(failure) => match shared.router.route_past(spare.ask(), &session) {
+                    Route::Local(next) => {
+                        info!(user = %next.user_hash, from = %session.device, to = %next.device, "a device failed before answering; the request goes to another");
+                        forward::deliver(shared, conn, next, spare).await
+                    }
+                    _ => failure.answer(shape),
+                },
+            }
+        }
         Route::Local(session) => forward::deliver(shared, conn, session, req).await,
         Route::Offline => response::agent_offline(shape, &req.user),
         Route::NoModel(model) => response::error(

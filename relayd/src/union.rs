@@ -6,9 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
-use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -52,18 +50,11 @@ pub async fn answer(
     listing: Listing,
 ) -> Response<RelayBody> {
     let asks = sessions.into_iter().map(|session| {
-        let one = edge::Request {
-            user: req.user.clone(),
-            target: req.target.clone(),
-            parts: copy(&req.parts),
-            headers: req.headers.clone(),
-            body: http_body_util::Either::Right(http_body_util::Full::new(Bytes::new())),
-            declared: None,
-            model: None,
-        };
+        // A GET of a list has no body to stream: it copies.
+        let one = req.replay();
         let device = session.device.clone();
         async move {
-            let resp = crate::forward::deliver(shared, conn, session, one).await;
+            let resp = crate::forward::deliver(shared, conn, session, one?).await;
             if resp.status() != StatusCode::OK {
                 return None;
             }
@@ -115,16 +106,6 @@ pub fn merge(answers: &[(String, Value)], listing: Listing) -> Option<Value> {
     }
     out[listing.list] = Value::Array(models);
     Some(out)
-}
-
-/// `parts` without its extensions (which are not `Clone`).
-fn copy(parts: &Parts) -> Parts {
-    let mut req = http::Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req.into_parts().0
 }
 
 #[cfg(test)]

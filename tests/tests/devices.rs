@@ -265,3 +265,32 @@ async fn the_model_lists_answer_the_union_of_the_devices() {
     // Loaded in memory: only the GPU box's.
     assert_eq!(list("/api/ps", "models", "name").await, both[..1]);
 }
+
+/// A device whose service fails before answering (here: gone, while its
+/// agent stays connected) hands the request to the next device that has
+/// the model, once: the client sees an answer, not the failure.
+#[tokio::test]
+async fn a_request_its_device_fails_before_answering_goes_to_the_next() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let (warm, cold) =
+        (stand_in("llama3.2:latest", true).await, stand_in("llama3.2:latest", false).await);
+    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
+    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
+    let _gpu_agent = agent(&relay, &warm, gpu.secret.clone()).await;
+    let _laptop_agent = agent(&relay, &cold, laptop.secret.clone()).await;
+    reported(&relay, 2).await;
+    // The GPU box has the model loaded: it is asked first, and its Ollama
+    // is now down.
+    drop(warm);
+    let http = reqwest::Client::new();
+    for _ in 0..5 {
+        let body = json!({ "model": "llama3.2", "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
+        let resp = http.post(relay.tunnel_url("alice", "/api/chat")).json(&body).send().await;
+        let resp = resp.expect("chat");
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(received(&cold, "POST /api/chat"), 5);
+    // Both devices stay connected: a failed request is not a lost device.
+    assert_eq!(relay.relay.tunnel_count(), 2);
+}

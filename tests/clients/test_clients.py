@@ -12,6 +12,9 @@ Processes (started once for the module, killed at the end, also on failure):
   agentd (bob)      upstream = a port that is bound but never listens, so
                     every connection to it is refused
   carol has no agent running.
+  erin              public, with two devices (credentials issued with
+                    `relayd token issue --device`): gpu-box, whose stand-in has
+                    llama3.3:70b, and laptop, whose stand-in has qwen2.5:7b
 
 Binaries come from $TUNNEL_BIN_DIR, default ${CARGO_TARGET_DIR:-target}/release
 relative to the repository root. Set CLIENT_TESTS_KEEP=1 to keep the temp dir
@@ -47,6 +50,8 @@ BOB_AGENT = "agent-token-bob-0123456789"
 BOB_CLIENT = "client-token-bob-0123456789"
 CAROL_AGENT = "agent-token-carol-0123456789"
 WRONG_TOKEN = "wrong-token-0123456789abcdef"
+# erin's devices and the one model each has.
+ERIN_DEVICES = {"gpu-box": "llama3.3:70b", "laptop": "qwen2.5:7b"}
 
 MID_RESPONSE = "the local service failed mid-response"
 # What the stand-in streams, token by token (tests/src/ollama.rs WORDS).
@@ -166,6 +171,11 @@ class Fixture:
         with urllib.request.urlopen(req, timeout=2.0) as r:
             return r.status, r.read()
 
+    def erin_reported(self):
+        status, body = self.get(f"{self.relay}/api/tunnel/erin/health")
+        devices = json.loads(body).get("devices", []) if status == 200 else []
+        return len(devices) == 2 and all((d.get("service") or {}).get("models_available") for d in devices)
+
     def connected(self, user, token):
         status, body = self.get(f"{self.relay}/api/tunnel/{user}/health", token)
         return status == 200 and json.loads(body).get("connected") is True
@@ -191,6 +201,7 @@ class Fixture:
 
         (self.tmp / "relayd.toml").write_text(
             f'listen = "127.0.0.1:{relay_port}"\n'
+            f'state_dir = "{self.tmp / "relay-state"}"\n'
             "\n[[users]]\n"
             'id = "alice"\n'
             f'agent_token = "{ALICE_AGENT}"\n'
@@ -203,6 +214,8 @@ class Fixture:
             'id = "carol"\n'
             f'agent_token = "{CAROL_AGENT}"\n'
             "public = true\n"
+            "\n[identity]\n"
+            'public_users = ["erin"]\n'
             "\n[control]\n"
             'socket = "off"\n'
         )
@@ -218,6 +231,28 @@ class Fixture:
                 'socket = "off"\n'
             )
 
+        # erin's two devices: a credential each, issued before relayd
+        # holds the store, and a stand-in each with its own model.
+        for device, model in ERIN_DEVICES.items():
+            issued = subprocess.run(
+                [exe["relayd"], "--config", self.tmp / "relayd.toml", "token", "issue",
+                 "--user", "erin", "--role", "agent", "--device", device],
+                capture_output=True, text=True, timeout=30, check=True,
+            )
+            port = free_port()
+            (self.tmp / f"agentd-erin-{device}.toml").write_text(
+                f'relay = "ws://127.0.0.1:{relay_port}"\n'
+                f'token = "{issued.stdout.strip()}"\n'
+                f'upstream = "http://127.0.0.1:{port}"\n'
+                f'state_dir = "{self.tmp / ("agentd-state-" + device)}"\n'
+                "\n[control]\n"
+                'socket = "off"\n'
+            )
+            self.start(
+                f"stand-in-{device}",
+                [exe["stand-in-ollama"], "--listen", f"127.0.0.1:{port}", "--token-delay-ms", "5",
+                 "--model", model, "--only-its-model"],
+            )
         self.start(
             "stand-in-ollama",
             [exe["stand-in-ollama"], "--listen", f"127.0.0.1:{standin_port}", "--token-delay-ms", "5"],
@@ -232,6 +267,9 @@ class Fixture:
         self.start("agentd-bob", [exe["agentd"], "--config", self.tmp / "agentd-bob.toml"])
         self.poll_until("alice's agent", lambda: self.connected("alice", ALICE_CLIENT))
         self.poll_until("bob's agent", lambda: self.connected("bob", BOB_CLIENT))
+        for device in ERIN_DEVICES:
+            self.start(f"agentd-erin-{device}", [exe["agentd"], "--config", self.tmp / f"agentd-erin-{device}.toml"])
+        self.poll_until("erin's two devices, with their models reported", self.erin_reported)
         # Precondition of the 503 case: carol really has no agent.
         status, body = self.get(f"{self.relay}/api/tunnel/carol/health")
         if status != 200 or json.loads(body).get("connected") is not False:
@@ -581,6 +619,36 @@ class ClientTests(unittest.TestCase):
         self.assertTrue(r.message.content.startswith("".join(FIRST_TOKENS)))
         self.assertEqual(self.seen.statuses(), [200])
         report("non-stream success / ollama", f"done={r.done} content={r.message.content!r}")
+
+    # -- several devices: one address, the union of their models ------------
+
+    def test_two_devices_ollama_lists_the_union_and_chats_with_each(self):
+        client = self.ollama_client("erin", None)
+        names = sorted(m.model for m in client.list().models)
+        self.assertEqual(names, sorted(ERIN_DEVICES.values()))
+        for model in ERIN_DEVICES.values():
+            r = client.chat(model=model, messages=[{"role": "user", "content": "hi"}], stream=False, options={"num_predict": 4})
+            self.assertTrue(r.done)
+            self.assertEqual(r.model, model)
+        with self.assertRaises(ollama.ResponseError) as e:
+            client.chat(model="mistral", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(e.exception.status_code, 404)
+        self.assertIn('"mistral"', e.exception.error)
+        report("two devices / ollama", f"list={names}; chat with each answered; mistral -> 404 {e.exception.error!r}")
+
+    def test_two_devices_openai_lists_the_union_and_chats_with_each(self):
+        client = self.openai_client("erin", "unused")
+        ids = sorted(m.id for m in client.models.list())
+        self.assertEqual(ids, sorted(ERIN_DEVICES.values()))
+        for model in ERIN_DEVICES.values():
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            self.assertEqual(r.model, model)
+            self.assertEqual(r.choices[0].finish_reason, "stop")
+        with self.assertRaises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="mistral", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(e.exception.status_code, 404)
+        self.assertEqual(e.exception.code, "model_not_found")
+        report("two devices / openai", f"models={ids}; chat with each answered; mistral -> 404 {e.exception.code}")
 
     # 8. CONNECT and TRACE cannot be sent by these clients: not tested here
     # (tests/tests/edge.rs covers them with raw HTTP).

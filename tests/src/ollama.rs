@@ -55,6 +55,9 @@ pub struct StandInConfig {
     pub model: String,
     /// Whether `/api/ps` lists the model as loaded in memory.
     pub loaded: bool,
+    /// Answer only requests for `model` (others get Ollama's 404), as a
+    /// real server with one model would; else any model is answered.
+    pub only_its_model: bool,
 }
 
 impl Default for StandInConfig {
@@ -64,6 +67,7 @@ impl Default for StandInConfig {
             tokens: WORDS.len(),
             model: "stand-in:latest".into(),
             loaded: false,
+            only_its_model: false,
         }
     }
 }
@@ -250,11 +254,23 @@ async fn handle(
         }
         ("/api/chat" | "/api/generate", false) if method == Method::POST => {
             let body = read_json(req).await;
-            chat(&config, &events, &path, body)
+            match not_its_model(&config, &body) {
+                Some(model) => json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({ "error": format!("model {model:?} not found, try pulling it first") }),
+                ),
+                None => chat(&config, &events, &path, body),
+            }
         }
         ("/v1/chat/completions", false) if method == Method::POST => {
             let body = read_json(req).await;
-            openai(&config, &events, &path, body)
+            match not_its_model(&config, &body) {
+                Some(model) => json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({ "error": { "message": format!("model {model:?} not found"), "type": "api_error", "code": "model_not_found" } }),
+                ),
+                None => openai(&config, &events, &path, body),
+            }
         }
         ("/api/delete", false) if method == Method::DELETE => Response::new(StandInBody::empty()),
         ("/echo", false) => echo(req),
@@ -416,6 +432,15 @@ fn failing(mut resp: Resp) -> Resp {
         *fail_at_end = true;
     }
     resp
+}
+
+/// The model a request names when the stand-in answers only its own and
+/// this is another (a name without a tag is `:latest`).
+fn not_its_model(config: &StandInConfig, body: &Value) -> Option<String> {
+    let named = body.get("model").and_then(Value::as_str).unwrap_or_default();
+    let full = if named.contains(':') { named.to_owned() } else { format!("{named}:latest") };
+    (config.only_its_model && full != config.model && named != config.model)
+        .then(|| named.to_owned())
 }
 
 fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Value) -> Resp {

@@ -34,7 +34,12 @@ async fn reported(relay: &TestRelay, n: usize) -> Vec<Value> {
 
 /// A stand-in Ollama that has `model`, loaded in memory or not.
 async fn stand_in(model: &str, loaded: bool) -> StandIn {
-    let config = StandInConfig { model: model.into(), loaded, ..StandInConfig::default() };
+    let config = StandInConfig {
+        model: model.into(),
+        loaded,
+        only_its_model: true,
+        ..StandInConfig::default()
+    };
     StandIn::start(config).await.expect("stand-in")
 }
 

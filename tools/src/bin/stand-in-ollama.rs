@@ -14,6 +14,12 @@ struct Args {
     /// Pause before each token, in milliseconds.
     #[arg(long, default_value_t = 80)]
     token_delay_ms: u64,
+    /// The one model it has (`/api/tags`, `/v1/models`).
+    #[arg(long, default_value = "stand-in:latest")]
+    model: String,
+    /// Answer chats only for that model (others get Ollama's 404).
+    #[arg(long)]
+    only_its_model: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -22,6 +28,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let config = tunnel_tests::StandInConfig {
         token_delay: Duration::from_millis(args.token_delay_ms),
+        model: args.model,
+        only_its_model: args.only_its_model,
         ..Default::default()
     };
     let _standin = tunnel_tests::StandIn::serve(listener, config);

@@ -50,12 +50,15 @@ pub struct Request {
     pub declared: Option<u64>,
     /// The model the body names, when the edge read the body.
     pub model: Option<String>,
+    /// The conversation it belongs to ([`crate::affinity`]), when the user
+    /// has several devices.
+    pub affinity: Option<u64>,
 }
 
 impl Request {
     /// What the router is asked.
     pub fn ask(&self) -> Ask<'_> {
-        Ask { user: &self.user, model: self.model.as_deref() }
+        Ask { user: &self.user, model: self.model.as_deref(), affinity: self.affinity }
     }
 
     /// A second copy of the request, when its body can be sent again: read
@@ -82,6 +85,7 @@ impl Request {
             body,
             declared: self.declared,
             model: self.model.clone(),
+            affinity: self.affinity,
         })
     }
 
@@ -158,6 +162,7 @@ async fn crossing(
     let (mut parts, body) = req.into_parts();
     let path = target.split('?').next().unwrap_or(&target);
     let idle = config.timeouts_for(path).idle;
+    let mut affinity = None;
     let (body, model) = match scope.filter(Scope::limits_models) {
         Some(scope) => {
             let (bytes, model) = models_checked(body, &scope, config.legacy_max_body, idle).await?;
@@ -177,6 +182,7 @@ async fn crossing(
                 upload::read_whole(ClientBody::Left(body), config.legacy_max_body, idle, too_large);
             let bytes = read.await?;
             let model = crate::model::named_models(&bytes).ok().and_then(|m| m.into_iter().next());
+            affinity = crate::affinity::key(&parts.headers, Some(&bytes));
             (ClientBody::Right(http_body_util::Full::new(bytes)), model)
         }
         None => (ClientBody::Left(body), None),
@@ -200,7 +206,7 @@ async fn crossing(
             "request body is larger than this relay accepts",
         ));
     }
-    Ok(Request { user, target, parts, headers, body, declared, model })
+    Ok(Request { user, target, parts, headers, body, declared, model, affinity })
 }
 
 /// Whether a request is one whose body names the model it runs on, with

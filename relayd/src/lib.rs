@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod admission;
+mod affinity;
 mod agents;
 mod auth;
 mod body;

@@ -26,6 +26,9 @@ pub struct Ask<'a> {
     /// The model the request's body names, when the edge read it (it reads
     /// it only when the user has more than one device connected).
     pub model: Option<&'a str>,
+    /// The conversation it belongs to, when the edge read the body
+    /// ([`crate::affinity`]): among equally good devices, it picks one.
+    pub affinity: Option<u64>,
 }
 
 /// Where a request goes.
@@ -74,16 +77,27 @@ pub fn same_model(a: &str, b: &str) -> bool {
 }
 
 /// The device `model` goes to among `sessions` (oldest first): one that
-/// holds it, loaded first, then the fewest requests in flight, then the
-/// newest; `None` when every device is known not to have it.
-fn by_model<'a>(sessions: &'a [Arc<Session>], model: &str) -> Option<&'a Arc<Session>> {
-    sessions
+/// holds it, loaded first; among those, the conversation's (`affinity`),
+/// else the one with the fewest requests in flight, then the newest;
+/// `None` when every device is known not to have it.
+fn by_model<'a>(
+    sessions: &'a [Arc<Session>],
+    model: &str,
+    affinity: Option<u64>,
+) -> Option<&'a Arc<Session>> {
+    let held: Vec<(Holds, usize, &Arc<Session>)> = sessions
         .iter()
         .enumerate()
-        .map(|(age, s)| (holds(s, model), s.in_flight(), Reverse(age), s))
+        .map(|(age, s)| (holds(s, model), age, s))
         .filter(|(holds, ..)| *holds != Holds::Absent)
-        .min_by_key(|(holds, in_flight, newer, _)| (*holds, *in_flight, *newer))
-        .map(|(.., s)| s)
+        .collect();
+    let best = held.iter().map(|(holds, ..)| *holds).min()?;
+    let equals = held.into_iter().filter(|(holds, ..)| *holds == best);
+    match affinity {
+        Some(key) => equals.max_by_key(|(.., s)| crate::affinity::weight(key, &s.device)),
+        None => equals.min_by_key(|(_, age, s)| (s.in_flight(), Reverse(*age))),
+    }
+    .map(|(.., s)| s)
 }
 
 /// One connected agent as the health answer reports it: plain data, which a
@@ -124,7 +138,7 @@ impl Router {
                 return Route::Local(newest.clone());
             }
             match ask.model {
-                Some(model) => match by_model(sessions, model) {
+                Some(model) => match by_model(sessions, model, ask.affinity) {
                     Some(s) => Route::Choice(s.clone()),
                     None => Route::NoModel(model.to_owned()),
                 },
@@ -141,7 +155,7 @@ impl Router {
                 sessions.iter().filter(|s| s.id != failed.id).cloned().collect();
             let Some(newest) = others.last() else { return Route::Offline };
             match ask.model {
-                Some(model) => match by_model(&others, model) {
+                Some(model) => match by_model(&others, model, ask.affinity) {
                     Some(s) => Route::Local(s.clone()),
                     None => Route::NoModel(model.to_owned()),
                 },

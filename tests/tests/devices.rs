@@ -299,3 +299,52 @@ async fn a_request_its_device_fails_before_answering_goes_to_the_next() {
     // Both devices stay connected: a failed request is not a lost device.
     assert_eq!(relay.relay.tunnel_count(), 2);
 }
+
+/// The turns of a conversation land on one device (its first user message
+/// or the `X-Tunnel-Affinity` header picks it among equally good ones).
+#[tokio::test]
+async fn a_conversation_stays_on_one_device() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let (a, b) =
+        (stand_in("llama3.2:latest", false).await, stand_in("llama3.2:latest", false).await);
+    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
+    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
+    let _gpu_agent = agent(&relay, &a, gpu.secret.clone()).await;
+    let _laptop_agent = agent(&relay, &b, laptop.secret.clone()).await;
+    reported(&relay, 2).await;
+    let http = reqwest::Client::new();
+    let handled_by = async |body: Value, header: Option<&str>| {
+        let before = (received(&a, "POST /api/chat"), received(&b, "POST /api/chat"));
+        let mut req = http.post(relay.tunnel_url("alice", "/api/chat")).json(&body);
+        if let Some(h) = header {
+            req = req.header("x-tunnel-affinity", h);
+        }
+        assert_eq!(req.send().await.expect("chat").status(), 200);
+        let after = (received(&a, "POST /api/chat"), received(&b, "POST /api/chat"));
+        if after.0 > before.0 { "gpu-box" } else { "laptop" }
+    };
+    let mut used = Vec::new();
+    for topic in 0..8 {
+        let mut messages = vec![json!({ "role": "system", "content": "be brief" })];
+        let mut devices = Vec::new();
+        for turn in 0..4 {
+            messages
+                .push(json!({ "role": "user", "content": format!("topic {topic}, turn {turn}") }));
+            let body = json!({ "model": "llama3.2", "stream": false, "messages": messages });
+            devices.push(handled_by(body, None).await);
+            messages.push(json!({ "role": "assistant", "content": "ok" }));
+        }
+        assert!(devices.iter().all(|d| *d == devices[0]), "topic {topic} moved: {devices:?}");
+        used.push(devices[0]);
+    }
+    // Different conversations are not all pinned to one device.
+    assert!(used.contains(&"gpu-box") && used.contains(&"laptop"), "{used:?}");
+    // A client-named conversation: its header decides, whatever the body.
+    let mut by_header = Vec::new();
+    for turn in 0..4 {
+        let body = json!({ "model": "llama3.2", "stream": false, "messages": [{ "role": "user", "content": format!("unrelated {turn}") }] });
+        by_header.push(handled_by(body, Some("conversation-42")).await);
+    }
+    assert!(by_header.iter().all(|d| *d == by_header[0]), "{by_header:?}");
+}

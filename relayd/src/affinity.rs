@@ -1,0 +1,109 @@
+//! Stickiness: the requests of one conversation stay on one device while
+//! it is healthy, so that a model keeps its context (Ollama's KV cache)
+//! and a conversation does not hop between machines mid-way.
+//!
+//! A request's key, first found of: the `X-Tunnel-Affinity` header (any
+//! text a client picks), Open WebUI's `X-OpenWebUI-Chat-Id` (sent when its
+//! `ENABLE_FORWARD_USER_INFO_HEADERS` is on), and, for a chat body, its
+//! model and its first user message, which every later turn of the
+//! conversation repeats. The router picks among the devices that hold the
+//! model equally well by rendezvous hashing on the key, so a device coming
+//! or going moves only its own conversations.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The header a client names its conversation in.
+pub const HEADER: &str = "x-tunnel-affinity";
+/// Open WebUI's chat id, when it forwards its user headers.
+const OPEN_WEBUI_CHAT: &str = "x-openwebui-chat-id";
+
+/// The affinity key of a request with `headers` and, when the relay read
+/// it, `body`; `None` when it names no conversation.
+pub fn key(headers: &HeaderMap, body: Option<&[u8]>) -> Option<u64> {
+    let named = [HEADER, OPEN_WEBUI_CHAT]
+        .iter()
+        .find_map(|h| headers.get(*h).map(|v| v.as_bytes()).filter(|v| !v.is_empty()));
+    if let Some(name) = named {
+        return Some(hash(&[b"header", name]));
+    }
+    let chat: Chat<'_> = serde_json::from_slice(body?).ok()?;
+    let first = chat.messages.iter().find(|m| m.role == Some("user"))?;
+    Some(hash(&[
+        b"chat",
+        chat.model.unwrap_or_default().as_bytes(),
+        first.content?.get().as_bytes(),
+    ]))
+}
+
+/// A device's weight for `key`: the device with the highest one among
+/// those equally good takes the conversation.
+pub fn weight(key: u64, device: &str) -> u64 {
+    hash(&[&key.to_le_bytes(), device.as_bytes()])
+}
+
+fn hash(parts: &[&[u8]]) -> u64 {
+    // SipHash with fixed keys: the same on every relay and every restart.
+    let mut h = DefaultHasher::new();
+    parts.hash(&mut h);
+    h.finish()
+}
+
+/// What of a chat body makes its key; the rest is skipped unread.
+#[derive(Deserialize)]
+struct Chat<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a str>,
+    #[serde(borrow, default)]
+    messages: Vec<Turn<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Turn<'a> {
+    #[serde(borrow, default)]
+    role: Option<&'a str>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn chat(turns: &[(&str, &str)]) -> Vec<u8> {
+        let messages: Vec<_> =
+            turns.iter().map(|(r, c)| serde_json::json!({ "role": r, "content": c })).collect();
+        serde_json::json!({ "model": "llama3.2", "messages": messages }).to_string().into_bytes()
+    }
+
+    #[test]
+    fn the_turns_of_one_conversation_share_a_key() {
+        let none = HeaderMap::new();
+        let first = chat(&[("system", "be brief"), ("user", "hello")]);
+        let later = chat(&[
+            ("system", "be brief"),
+            ("user", "hello"),
+            ("assistant", "hi"),
+            ("user", "more"),
+        ]);
+        let other = chat(&[("system", "be brief"), ("user", "another topic")]);
+        let k = key(&none, Some(&first));
+        assert!(k.is_some());
+        assert_eq!(k, key(&none, Some(&later)));
+        assert_ne!(k, key(&none, Some(&other)));
+        assert_eq!(key(&none, Some(br#"{"model":"m","prompt":"x"}"#)), None);
+        assert_eq!(key(&none, Some(b"not json")), None);
+        let mut named = HeaderMap::new();
+        named.insert(HEADER, HeaderValue::from_static("conversation-7"));
+        let by_header = key(&named, Some(&other));
+        assert!(by_header.is_some() && by_header != key(&none, Some(&other)));
+        assert_eq!(by_header, key(&named, None));
+        assert_ne!(weight(1, "gpu-box"), weight(1, "laptop"));
+        assert_eq!(weight(1, "gpu-box"), weight(1, "gpu-box"));
+    }
+}

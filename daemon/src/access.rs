@@ -34,6 +34,8 @@ pub struct Line<'a> {
     /// Model streams: the model and the tokens it reported.
     pub model: &'a str,
     pub tokens: u64,
+    /// relayd, among several devices: where the request went, and why.
+    pub route: &'a str,
 }
 
 thread_local! {
@@ -113,6 +115,9 @@ impl Line<'_> {
             out.push_str(" tokens=");
             digits(out, self.tokens, 1);
         }
+        if !self.route.is_empty() {
+            let _ = write!(out, " route={:?}", self.route);
+        }
     }
 
     /// The event with every field of its own (journal, JSON lines).
@@ -120,13 +125,13 @@ impl Line<'_> {
         let duration_ms = self.duration.as_secs_f64() * 1000.0;
         let (method, path, status, outcome) = (self.method, self.path, self.status, self.outcome);
         let (session, request_id, reason) = (self.session, self.request_id, self.reason);
-        let (bytes_in, bytes_out, model, tokens) =
-            (self.bytes_in, self.bytes_out, self.model, self.tokens);
+        let (bytes_in, bytes_out, model, tokens, route) =
+            (self.bytes_in, self.bytes_out, self.model, self.tokens, self.route);
         if self.user_hash.is_empty() {
             tracing::info!(
                 target: "access",
                 session, request_id, method, path, status, duration_ms, outcome, reason,
-                bytes_in, bytes_out, model, tokens,
+                bytes_in, bytes_out, model, tokens, route,
                 "{method} {path} {status} {duration_ms} ms {outcome}"
             );
         } else {
@@ -134,7 +139,7 @@ impl Line<'_> {
             tracing::info!(
                 target: "access",
                 session, request_id, user_hash, method, path, status, duration_ms, outcome,
-                reason, bytes_in, bytes_out, model, tokens,
+                reason, bytes_in, bytes_out, model, tokens, route,
                 "{method} {path} {status} {duration_ms} ms {outcome}"
             );
         }
@@ -203,6 +208,7 @@ mod tests {
             bytes_out: 1_234,
             model,
             tokens: 17,
+            route: "",
         }
     }
 
@@ -253,5 +259,8 @@ mod tests {
             "POST /api/chat 200 812.045 ms ok session=s_1 request_id=req_3 user_hash=u_9f \
              bytes_in=42 bytes_out=1234 reason=\"the client \\\"went\\\" away\" model=\"llama3:8b\" tokens=17"
         );
+        out.clear();
+        Line { route: "gpu-box model_loaded", ..line("u_9f", "", "llama3:8b") }.text(&mut out);
+        assert!(out.ends_with(" tokens=17 route=\"gpu-box model_loaded\""), "{out}");
     }
 }

@@ -161,6 +161,7 @@ impl Observer {
             bytes_out: 0,
             first_chunk: None,
             sample: None,
+            route: String::new(),
             ended: false,
         };
         let bodies = self.trace_bodies && self.taps.wants_bodies(&span.subject());
@@ -272,6 +273,8 @@ pub struct Span {
     first_chunk: Option<Duration>,
     /// The response body's first bytes, when a subscriber gets bodies.
     sample: Option<Vec<u8>>,
+    /// Where the request went among several devices, and why.
+    route: String,
     ended: bool,
 }
 
@@ -287,6 +290,12 @@ impl Span {
             at_unix_ms: unix_ms(SystemTime::now()),
             kind: Some(kind),
         }
+    }
+
+    /// Where the request went among several devices, and why
+    /// (`gpu-box model_loaded`): on its access line and trace.
+    pub fn routed(&mut self, route: String) {
+        self.route = route;
     }
 
     /// The response head went out.
@@ -386,6 +395,7 @@ impl Span {
             model: report.model.unwrap_or_default(),
             tokens: report.tokens.unwrap_or_default(),
             body: self.sample.take().unwrap_or_default(),
+            route: self.route.clone(),
         };
         let observer = self.observer.clone();
         observer.taps.publish(self.subject(), || self.event(Kind::End(end)));
@@ -415,6 +425,7 @@ impl Span {
             bytes_out: self.bytes_out,
             model: report.model.as_deref().unwrap_or_default(),
             tokens: report.tokens.unwrap_or_default(),
+            route: &self.route,
         }
         .write();
     }

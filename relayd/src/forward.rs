@@ -24,6 +24,7 @@ use crate::body::RelayBody;
 use crate::deadline::{Clock, Expired};
 use crate::edge;
 use crate::response::{self, Failure, Shape};
+use crate::route::Why;
 use crate::session::{Head, OpenError, OpenStream, Session, StreamGuard};
 use crate::shape::Trailer;
 use crate::state::{Conn, Shared};
@@ -39,9 +40,10 @@ pub async fn deliver(
     conn: &Conn,
     session: Arc<Session>,
     req: edge::Request,
+    why: Option<Why>,
 ) -> Response<RelayBody> {
     let shape = Shape::of(req.path());
-    match attempt(shared, conn, session, req, false).await {
+    match attempt(shared, conn, session, req, why, false).await {
         Attempt::Answered(resp) => resp,
         Attempt::Lost(failure) => failure.answer(shape),
     }
@@ -64,6 +66,7 @@ pub async fn attempt(
     conn: &Conn,
     session: Arc<Session>,
     req: edge::Request,
+    why: Option<Why>,
     may_retry: bool,
 ) -> Attempt {
     let shape = Shape::of(req.path());
@@ -87,6 +90,9 @@ pub async fn attempt(
         req.parts.method.as_str(),
         &req.target,
     );
+    if let Some(why) = why {
+        span.routed(format!("{} {}", session.device, why.as_str()));
+    }
     let method = req.parts.method.clone();
     match exchange(shared, conn, &session, req, stream, &mut span).await {
         Ok(reply) => Attempt::Answered(answer(reply, &method, span)),

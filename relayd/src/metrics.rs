@@ -36,6 +36,14 @@ pub fn render(shared: &Shared) -> String {
             "Requests refused by a user's requests_per_minute (429).",
             shared.rate_limited.load(Ordering::Relaxed),
         );
+    out.family(
+        "relayd_routed_total",
+        "counter",
+        "Requests routed among several devices of a user, by why the device was picked.",
+    );
+    for (why, n) in shared.router.routed() {
+        out.labelled("relayd_routed_total", &[("why", why.as_str())], n);
+    }
     shared.observer.render("relayd", &mut out);
     out.finish()
 }

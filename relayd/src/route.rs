@@ -12,6 +12,7 @@
 
 use std::cmp::Reverse;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use tunnel_proto::ServiceState;
@@ -36,13 +37,44 @@ pub struct Ask<'a> {
 pub enum Route {
     /// To an agent connected to this relay.
     Local(Arc<Session>),
-    /// To one of several devices of the user connected here: another may
-    /// take the request if this one fails before answering.
-    Choice(Arc<Session>),
+    /// To one of several devices of the user connected here, and why that
+    /// one: another may take the request if this one fails before
+    /// answering.
+    Choice(Arc<Session>, Why),
     /// Nowhere: no agent of the user is connected.
     Offline,
     /// Nowhere: none of the user's connected devices has the model.
     NoModel(String),
+}
+
+/// Why a request went to the device it went to, among several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// The device has the request's model loaded in memory.
+    Loaded,
+    /// The device's service has the model.
+    Present,
+    /// No device is known to have the model; this one has not said.
+    Unreported,
+    /// The request names no model: the newest device.
+    NoModel,
+    /// Its first device failed before answering.
+    Failover,
+}
+
+impl Why {
+    pub const ALL: [Why; 5] =
+        [Why::Loaded, Why::Present, Why::Unreported, Why::NoModel, Why::Failover];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Why::Loaded => "model_loaded",
+            Why::Present => "model_present",
+            Why::Unreported => "model_unreported",
+            Why::NoModel => "no_model",
+            Why::Failover => "failover",
+        }
+    }
 }
 
 /// What a device is known to hold of a model, best first.
@@ -84,7 +116,7 @@ fn by_model<'a>(
     sessions: &'a [Arc<Session>],
     model: &str,
     affinity: Option<u64>,
-) -> Option<&'a Arc<Session>> {
+) -> Option<(&'a Arc<Session>, Why)> {
     let held: Vec<(Holds, usize, &Arc<Session>)> = sessions
         .iter()
         .enumerate()
@@ -93,11 +125,16 @@ fn by_model<'a>(
         .collect();
     let best = held.iter().map(|(holds, ..)| *holds).min()?;
     let equals = held.into_iter().filter(|(holds, ..)| *holds == best);
+    let why = match best {
+        Holds::Loaded => Why::Loaded,
+        Holds::Present => Why::Present,
+        Holds::Unknown | Holds::Absent => Why::Unreported,
+    };
     match affinity {
         Some(key) => equals.max_by_key(|(.., s)| crate::affinity::weight(key, &s.device)),
         None => equals.min_by_key(|(_, age, s)| (s.in_flight(), Reverse(*age))),
     }
-    .map(|(.., s)| s)
+    .map(|(.., s)| (s, why))
 }
 
 /// One connected agent as the health answer reports it: plain data, which a
@@ -120,6 +157,8 @@ pub struct AgentStatus {
 #[derive(Debug, Default)]
 pub struct Router {
     local: Hub,
+    /// Requests routed among several devices, by why (as [`Why::ALL`]).
+    routed: [std::sync::atomic::AtomicU64; 5],
 }
 
 impl Router {
@@ -137,13 +176,17 @@ impl Router {
             if sessions.len() == 1 {
                 return Route::Local(newest.clone());
             }
-            match ask.model {
+            let route = match ask.model {
                 Some(model) => match by_model(sessions, model, ask.affinity) {
-                    Some(s) => Route::Choice(s.clone()),
+                    Some((s, why)) => Route::Choice(s.clone(), why),
                     None => Route::NoModel(model.to_owned()),
                 },
-                None => Route::Choice(newest.clone()),
+                None => Route::Choice(newest.clone(), Why::NoModel),
+            };
+            if let Route::Choice(_, why) = &route {
+                self.count(*why);
             }
+            route
         })
     }
 
@@ -154,9 +197,10 @@ impl Router {
             let others: Vec<Arc<Session>> =
                 sessions.iter().filter(|s| s.id != failed.id).cloned().collect();
             let Some(newest) = others.last() else { return Route::Offline };
+            self.count(Why::Failover);
             match ask.model {
                 Some(model) => match by_model(&others, model, ask.affinity) {
-                    Some(s) => Route::Local(s.clone()),
+                    Some((s, _)) => Route::Local(s.clone()),
                     None => Route::NoModel(model.to_owned()),
                 },
                 None => Route::Local(newest.clone()),
@@ -168,6 +212,15 @@ impl Router {
     /// answered as their union (the model lists, [`crate::union`]).
     pub fn everyone(&self, user: &str) -> Vec<Arc<Session>> {
         self.local.devices(user)
+    }
+
+    /// Requests routed among several devices so far, by why.
+    pub fn routed(&self) -> impl Iterator<Item = (Why, u64)> + '_ {
+        Why::ALL.into_iter().zip(&self.routed).map(|(w, n)| (w, n.load(Ordering::Relaxed)))
+    }
+
+    fn count(&self, why: Why) {
+        self.routed[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many devices of `user` are connected here.

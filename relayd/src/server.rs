@@ -13,7 +13,7 @@ use crate::body::RelayBody;
 use crate::edge::{self, Admitted};
 use crate::forward::Attempt;
 use crate::response::{self, Shape};
-use crate::route::{AgentStatus, Route};
+use crate::route::{AgentStatus, Route, Why};
 use crate::state::{Conn, Shared};
 use crate::{agents, cors, forward};
 
@@ -167,22 +167,22 @@ async fn tunnel(
         // With several devices, a request whose body can be sent again goes
         // to the next candidate, once, when its device is lost or refuses
         // before answering: nothing reached the client yet.
-        Route::Choice(session) => {
+        Route::Choice(session, why) => {
             let Some(spare) = req.replay() else {
-                return forward::deliver(shared, conn, session, req).await;
+                return forward::deliver(shared, conn, session, req, Some(why)).await;
             };
-            match forward::attempt(shared, conn, session.clone(), req, true).await {
+            match forward::attempt(shared, conn, session.clone(), req, Some(why), true).await {
                 Attempt::Answered(resp) => resp,
                 Attempt::Lost(failure) => match shared.router.route_past(spare.ask(), &session) {
                     Route::Local(next) => {
                         info!(user = %next.user_hash, from = %session.device, to = %next.device, "a device failed before answering; the request goes to another");
-                        forward::deliver(shared, conn, next, spare).await
+                        forward::deliver(shared, conn, next, spare, Some(Why::Failover)).await
                     }
                     _ => failure.answer(shape),
                 },
             }
         }
-        Route::Local(session) => forward::deliver(shared, conn, session, req).await,
+        Route::Local(session) => forward::deliver(shared, conn, session, req, None).await,
         Route::Offline => response::agent_offline(shape, &req.user),
         Route::NoModel(model) => response::error(
             shape,

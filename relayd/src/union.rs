@@ -54,7 +54,7 @@ pub async fn answer(
         let one = req.replay();
         let device = session.device.clone();
         async move {
-            let resp = crate::forward::deliver(shared, conn, session, one?).await;
+            let resp = crate::forward::deliver(shared, conn, session, one?, None).await;
             if resp.status() != StatusCode::OK {
                 return None;
             }

@@ -210,6 +210,10 @@ async fn a_request_goes_to_the_device_that_has_its_model() {
     let body: Value = resp.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "model_not_found", "{body}");
     assert_eq!(received(&big, "POST /api/chat") + received(&small, "POST /api/chat"), 10);
+    // Why each went where it went, counted.
+    let metrics = relay.relay.metrics();
+    assert!(metrics.contains("relayd_routed_total{why=\"model_present\"} 11"), "{metrics}");
+    assert!(metrics.contains("relayd_routed_total{why=\"model_loaded\"} 0"), "{metrics}");
 }
 
 #[tokio::test]

@@ -351,6 +351,9 @@ pub fn trace_line(e: &pb::TraceEvent) -> String {
                     let _ = write!(w, ", {} {n} tokens", end.model);
                 }
             }
+            if !end.route.is_empty() {
+                let _ = write!(w, ", via {}", end.route);
+            }
             if !end.reason.is_empty() {
                 let _ = write!(w, " ({})", end.reason);
             }

@@ -170,12 +170,13 @@ async fn crossing(
             parts.headers.remove(TRANSFER_ENCODING);
             (ClientBody::Right(http_body_util::Full::new(bytes)), Some(model))
         }
-        // Several devices: the model the body names picks one. Read whole
+        // Several devices, or devices that left with models: the model the
+        // body names picks one. Read whole
         // (with the length declared, up to the share-token bound), then
         // forwarded as read; a body the relay cannot read as JSON goes to
         // the newest device, which answers it.
         None if names_a_model(&parts, path, config.legacy_max_body)
-            && shared.router.devices(&user) > 1 =>
+            && shared.router.routes_by_model(&user) =>
         {
             let too_large = "a body whose model picks the device is read whole";
             let read =

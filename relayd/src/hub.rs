@@ -26,7 +26,26 @@ pub struct Hub {
     count: std::sync::atomic::AtomicUsize,
     /// Bumped on every registration and removal, so waiters can re-check.
     changed: watch::Sender<u64>,
+    /// What devices that left had on their services, by user: so that a
+    /// request for a model only they have is told to come back, not that
+    /// the model does not exist.
+    gone: std::sync::Mutex<HashMap<String, Vec<Gone>>>,
 }
+
+/// A device that left, and the models its service had.
+#[derive(Debug, Clone)]
+pub struct Gone {
+    pub device: String,
+    pub models: Vec<String>,
+    pub left: std::time::Instant,
+}
+
+/// How long the models of a device that left are remembered.
+const GONE_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Devices that left remembered per user, and users in all (the oldest
+/// go first).
+const GONE_PER_USER: usize = 16;
+const GONE_USERS: usize = 65_536;
 
 impl Default for Hub {
     fn default() -> Self {
@@ -34,6 +53,7 @@ impl Default for Hub {
             users: RwLock::new(HashMap::new()),
             count: std::sync::atomic::AtomicUsize::new(0),
             changed: watch::channel(0).0,
+            gone: std::sync::Mutex::new(HashMap::new()),
         }
     }
 }
@@ -87,6 +107,7 @@ impl Hub {
                 return Err(TooManyDevices { limit });
             }
             let old = old.map(|i| sessions.remove(i));
+            self.forget_gone(&session.user, &session.device);
             sessions.push(session);
             old
         };
@@ -110,6 +131,7 @@ impl Hub {
             users.remove(&session.user);
         }
         drop(users);
+        self.remember_gone(session);
         self.count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.changed.send_modify(|n| *n += 1);
     }
@@ -133,6 +155,45 @@ impl Hub {
             }
             if rx.changed().await.is_err() {
                 return;
+            }
+        }
+    }
+
+    /// The devices of `user` that left within the last day, and what
+    /// their services had.
+    pub fn gone(&self, user: &str) -> Vec<Gone> {
+        let gone = self.gone.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = |g: &&Gone| g.left.elapsed() < GONE_FOR;
+        gone.get(user).map(|g| g.iter().filter(fresh).cloned().collect()).unwrap_or_default()
+    }
+
+    /// Whether a device of `user` left with models within the last day.
+    pub fn has_gone(&self, user: &str) -> bool {
+        let gone = self.gone.lock().unwrap_or_else(PoisonError::into_inner);
+        gone.get(user).is_some_and(|g| g.iter().any(|g| g.left.elapsed() < GONE_FOR))
+    }
+
+    fn remember_gone(&self, session: &Session) {
+        let models = session.with_service(|s| s.map(|s| s.available.clone()).unwrap_or_default());
+        let mut gone = self.gone.lock().unwrap_or_else(PoisonError::into_inner);
+        if models.is_empty() || (gone.len() >= GONE_USERS && !gone.contains_key(&session.user)) {
+            return;
+        }
+        let list = gone.entry(session.user.clone()).or_default();
+        list.retain(|g| g.device != session.device && g.left.elapsed() < GONE_FOR);
+        if list.len() >= GONE_PER_USER {
+            list.remove(0);
+        }
+        let left = std::time::Instant::now();
+        list.push(Gone { device: session.device.clone(), models, left });
+    }
+
+    fn forget_gone(&self, user: &str, device: &str) {
+        let mut gone = self.gone.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = gone.get_mut(user) {
+            list.retain(|g| g.device != device);
+            if list.is_empty() {
+                gone.remove(user);
             }
         }
     }

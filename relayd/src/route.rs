@@ -24,8 +24,8 @@ use crate::session::Session;
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
     pub user: &'a str,
-    /// The model the request's body names, when the edge read it (it reads
-    /// it only when the user has more than one device connected).
+    /// The model the request's body names, when the edge read it (only
+    /// when [`Router::routes_by_model`], or for a share token's models).
     pub model: Option<&'a str>,
     /// The conversation it belongs to, when the edge read the body
     /// ([`crate::affinity`]): among equally good devices, it picks one.
@@ -45,6 +45,8 @@ pub enum Route {
     Offline,
     /// Nowhere: none of the user's connected devices has the model.
     NoModel(String),
+    /// Nowhere now: only a device that left has the model (its name).
+    ModelOffline { model: String, device: String },
 }
 
 /// Why a request went to the device it went to, among several.
@@ -174,12 +176,22 @@ impl Router {
         self.local.pick(ask.user, |sessions| {
             let Some(newest) = sessions.last() else { return Route::Offline };
             if sessions.len() == 1 {
-                return Route::Local(newest.clone());
+                // Its own service answers for a model it lacks, unless a
+                // device that left has it: then the client comes back.
+                return match ask.model {
+                    Some(model) if holds(newest, model) == Holds::Absent => {
+                        match self.elsewhere(ask.user, model) {
+                            offline @ Route::ModelOffline { .. } => offline,
+                            _ => Route::Local(newest.clone()),
+                        }
+                    }
+                    _ => Route::Local(newest.clone()),
+                };
             }
             let route = match ask.model {
                 Some(model) => match by_model(sessions, model, ask.affinity) {
                     Some((s, why)) => Route::Choice(s.clone(), why),
-                    None => Route::NoModel(model.to_owned()),
+                    None => self.elsewhere(ask.user, model),
                 },
                 None => Route::Choice(newest.clone(), Why::NoModel),
             };
@@ -208,6 +220,16 @@ impl Router {
         })
     }
 
+    /// Where a model no connected device has went: a device that left
+    /// with it, or nowhere.
+    fn elsewhere(&self, user: &str, model: &str) -> Route {
+        let gone = self.local.gone(user);
+        match gone.iter().rev().find(|g| g.models.iter().any(|m| same_model(m, model))) {
+            Some(g) => Route::ModelOffline { model: model.to_owned(), device: g.device.clone() },
+            None => Route::NoModel(model.to_owned()),
+        }
+    }
+
     /// Every device of `user` connected here, oldest first: for a request
     /// answered as their union (the model lists, [`crate::union`]).
     pub fn everyone(&self, user: &str) -> Vec<Arc<Session>> {
@@ -221,6 +243,12 @@ impl Router {
 
     fn count(&self, why: Why) {
         self.routed[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the edge reads a request's model to route it: the user has
+    /// several devices connected, or had devices that left with models.
+    pub fn routes_by_model(&self, user: &str) -> bool {
+        self.devices(user) > 1 || self.local.has_gone(user)
     }
 
     /// How many devices of `user` are connected here.

@@ -184,6 +184,15 @@ async fn tunnel(
         }
         Route::Local(session) => forward::deliver(shared, conn, session, req, None).await,
         Route::Offline => response::agent_offline(shape, &req.user),
+        Route::ModelOffline { model, device } => response::retry_after(
+            response::error(
+                shape,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "device_offline",
+                &format!("model {model:?} is on {device:?}, which is not connected now"),
+            ),
+            30,
+        ),
         Route::NoModel(model) => response::error(
             shape,
             StatusCode::NOT_FOUND,

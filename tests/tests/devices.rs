@@ -352,3 +352,35 @@ async fn a_conversation_stays_on_one_device() {
     }
     assert!(by_header.iter().all(|d| *d == by_header[0]), "{by_header:?}");
 }
+
+/// A model only a device that left has: 503 with Retry-After naming the
+/// device (it may come back), not the 404 of a model that does not exist.
+#[tokio::test]
+async fn a_model_only_a_device_that_left_has_asks_the_client_to_come_back() {
+    init_logging();
+    let relay = TestRelay::start(&["alice"]).await;
+    let (big, small) = (stand_in("llama3.3:70b", false).await, stand_in("qwen2.5:7b", false).await);
+    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
+    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
+    let gpu_agent = agent(&relay, &big, gpu.secret.clone()).await;
+    let _laptop_agent = agent(&relay, &small, laptop.secret.clone()).await;
+    reported(&relay, 2).await;
+    gpu_agent.stop().await;
+    tokio::time::timeout(WAIT, relay.relay.wait_until(|r| r.tunnel_count() == 1))
+        .await
+        .expect("the GPU box left");
+    let http = reqwest::Client::new();
+    let chat = async |model: &str| {
+        let body = json!({ "model": model, "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
+        http.post(relay.tunnel_url("alice", "/api/chat")).json(&body).send().await.expect("chat")
+    };
+    let resp = chat("llama3.3:70b").await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("30"));
+    let body: Value = resp.json().await.expect("JSON");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("\"gpu-box\"")), "{body}");
+    assert_eq!(chat("qwen2.5:7b").await.status(), 200);
+    // A model no device ever had: the remaining device's own answer.
+    assert_eq!(chat("mistral").await.status(), 404);
+    assert_eq!(received(&small, "POST /api/chat"), 2);
+}

@@ -339,3 +339,17 @@ pub fn spawn_agent(
     let task = tokio::spawn(async move { running.run(stop).await });
     (agent, shutdown, task)
 }
+
+/// The state of `agent` once it backs off after a failed attempt
+/// (bounded: [`WAIT`]).
+pub async fn backed_off(agent: &agentd::Agent) -> agentd::AgentState {
+    let mut state = agent.state();
+    let backing_off = |s: &agentd::AgentState| {
+        matches!(s.phase, agentd::Phase::BackingOff { .. }) && s.last_error.is_some()
+    };
+    tokio::time::timeout(WAIT, state.wait_for(backing_off))
+        .await
+        .expect("it failed and backed off in time")
+        .expect("the agent's state")
+        .clone()
+}

@@ -2,9 +2,11 @@
 //! that connects again replaces only its own; a limit on devices per user
 //! refuses one more, clearly.
 
-use agentd::{AgentError, Phase};
+use agentd::AgentError;
 use serde_json::{Value, json};
-use tunnel_tests::{StandIn, StandInConfig, TestAgent, TestRelay, WAIT, init_logging, spawn_agent};
+use tunnel_tests::{
+    StandIn, StandInConfig, TestAgent, TestRelay, WAIT, backed_off, init_logging, spawn_agent,
+};
 
 async fn agent(relay: &TestRelay, upstream: &StandIn, secret: String) -> TestAgent {
     TestAgent::start_with(relay, "alice", &upstream.url(), move |c| {
@@ -46,6 +48,33 @@ async fn stand_in(model: &str, loaded: bool) -> StandIn {
 /// Requests `stand_in` received for `what` (`POST /api/chat`).
 fn received(stand_in: &StandIn, what: &str) -> usize {
     stand_in.events.requests().iter().filter(|r| *r == what).count()
+}
+
+/// Alice on a relay with two devices, gpu-box served by `gpu` and laptop
+/// by `laptop` (the laptop connecting first when `laptop_first`), once
+/// both reported what their services have.
+struct Devices {
+    relay: TestRelay,
+    gpu_agent: TestAgent,
+    _laptop_agent: TestAgent,
+}
+
+async fn two_devices(gpu: &StandIn, laptop: &StandIn, laptop_first: bool) -> Devices {
+    let relay = TestRelay::start(&["alice"]).await;
+    let issue = |device| relay.relay.issue_credential("alice", Some(device));
+    let (gpu_secret, laptop_secret) = (
+        issue("gpu-box").await.expect("issue").secret,
+        issue("laptop").await.expect("issue").secret,
+    );
+    let (gpu_agent, laptop_agent) = if laptop_first {
+        let l = agent(&relay, laptop, laptop_secret).await;
+        (agent(&relay, gpu, gpu_secret).await, l)
+    } else {
+        let g = agent(&relay, gpu, gpu_secret).await;
+        (g, agent(&relay, laptop, laptop_secret).await)
+    };
+    reported(&relay, 2).await;
+    Devices { relay, gpu_agent, _laptop_agent: laptop_agent }
 }
 
 fn session_of(relay: &TestRelay, device: &str) -> String {
@@ -124,15 +153,7 @@ async fn an_agent_past_the_device_limit_says_so_and_retries() {
     let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
     let _gpu_agent = agent(&relay, &upstream, gpu.secret.clone()).await;
     let (refused, shutdown, task) = spawn_agent(&relay, &laptop.secret, &upstream.url());
-    let mut state = refused.state();
-    let seen = tokio::time::timeout(
-        WAIT,
-        state.wait_for(|s| matches!(s.phase, Phase::BackingOff { .. }) && s.last_error.is_some()),
-    )
-    .await
-    .expect("refused in time")
-    .expect("state")
-    .clone();
+    let seen = backed_off(&refused).await;
     assert_eq!(seen.last_error, Some(AgentError::TooManyDevices));
     assert_eq!(relay.relay.tunnel_count(), 1);
     shutdown.cancel();
@@ -177,13 +198,9 @@ async fn each_device_reports_the_models_its_service_has() {
 #[tokio::test]
 async fn a_request_goes_to_the_device_that_has_its_model() {
     init_logging();
-    let relay = TestRelay::start(&["alice"]).await;
     let (big, small) = (stand_in("llama3.3:70b", false).await, stand_in("qwen2.5:7b", false).await);
-    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
-    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
-    let _gpu_agent = agent(&relay, &big, gpu.secret.clone()).await;
-    let _laptop_agent = agent(&relay, &small, laptop.secret.clone()).await;
-    reported(&relay, 2).await;
+    let two = two_devices(&big, &small, false).await;
+    let relay = &two.relay;
     let http = reqwest::Client::new();
     let post = |path: &str, model: &str| {
         let body = json!({ "model": model, "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
@@ -219,16 +236,10 @@ async fn a_request_goes_to_the_device_that_has_its_model() {
 #[tokio::test]
 async fn a_device_with_the_model_loaded_is_preferred() {
     init_logging();
-    let relay = TestRelay::start(&["alice"]).await;
     let (cold, warm) =
         (stand_in("llama3.2:latest", false).await, stand_in("llama3.2:latest", true).await);
-    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
-    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
-    // The device with the model loaded connects first: the newest is not
-    // what wins.
-    let _laptop_agent = agent(&relay, &warm, laptop.secret.clone()).await;
-    let _gpu_agent = agent(&relay, &cold, gpu.secret.clone()).await;
-    reported(&relay, 2).await;
+    let two = two_devices(&cold, &warm, true).await;
+    let relay = &two.relay;
     let http = reqwest::Client::new();
     for _ in 0..10 {
         // Without a tag: `llama3.2` is `llama3.2:latest`.
@@ -245,12 +256,9 @@ async fn a_device_with_the_model_loaded_is_preferred() {
 #[tokio::test]
 async fn the_model_lists_answer_the_union_of_the_devices() {
     init_logging();
-    let relay = TestRelay::start(&["alice"]).await;
     let (big, small) = (stand_in("llama3.3:70b", true).await, stand_in("qwen2.5:7b", false).await);
-    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
-    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
-    let _gpu_agent = agent(&relay, &big, gpu.secret.clone()).await;
-    let _laptop_agent = agent(&relay, &small, laptop.secret.clone()).await;
+    let two = two_devices(&big, &small, false).await;
+    let relay = &two.relay;
     let http = reqwest::Client::new();
     let list = async |path: &str, key: &str, name: &str| {
         let resp = http.get(relay.tunnel_url("alice", path)).send().await.expect("list");
@@ -281,14 +289,10 @@ async fn the_model_lists_answer_the_union_of_the_devices() {
 #[tokio::test]
 async fn a_request_its_device_fails_before_answering_goes_to_the_next() {
     init_logging();
-    let relay = TestRelay::start(&["alice"]).await;
     let (warm, cold) =
         (stand_in("llama3.2:latest", true).await, stand_in("llama3.2:latest", false).await);
-    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
-    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
-    let _gpu_agent = agent(&relay, &warm, gpu.secret.clone()).await;
-    let _laptop_agent = agent(&relay, &cold, laptop.secret.clone()).await;
-    reported(&relay, 2).await;
+    let two = two_devices(&warm, &cold, false).await;
+    let relay = &two.relay;
     // The GPU box has the model loaded: it is asked first, and its Ollama
     // is now down.
     drop(warm);
@@ -309,14 +313,10 @@ async fn a_request_its_device_fails_before_answering_goes_to_the_next() {
 #[tokio::test]
 async fn a_conversation_stays_on_one_device() {
     init_logging();
-    let relay = TestRelay::start(&["alice"]).await;
     let (a, b) =
         (stand_in("llama3.2:latest", false).await, stand_in("llama3.2:latest", false).await);
-    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
-    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
-    let _gpu_agent = agent(&relay, &a, gpu.secret.clone()).await;
-    let _laptop_agent = agent(&relay, &b, laptop.secret.clone()).await;
-    reported(&relay, 2).await;
+    let two = two_devices(&a, &b, false).await;
+    let relay = &two.relay;
     let http = reqwest::Client::new();
     let handled_by = async |body: Value, header: Option<&str>| {
         let before = (received(&a, "POST /api/chat"), received(&b, "POST /api/chat"));
@@ -358,14 +358,10 @@ async fn a_conversation_stays_on_one_device() {
 #[tokio::test]
 async fn a_model_only_a_device_that_left_has_asks_the_client_to_come_back() {
     init_logging();
-    let relay = TestRelay::start(&["alice"]).await;
     let (big, small) = (stand_in("llama3.3:70b", false).await, stand_in("qwen2.5:7b", false).await);
-    let gpu = relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue");
-    let laptop = relay.relay.issue_credential("alice", Some("laptop")).await.expect("issue");
-    let gpu_agent = agent(&relay, &big, gpu.secret.clone()).await;
-    let _laptop_agent = agent(&relay, &small, laptop.secret.clone()).await;
-    reported(&relay, 2).await;
-    gpu_agent.stop().await;
+    let two = two_devices(&big, &small, false).await;
+    let relay = &two.relay;
+    two.gpu_agent.stop().await;
     tokio::time::timeout(WAIT, relay.relay.wait_until(|r| r.tunnel_count() == 1))
         .await
         .expect("the GPU box left");

@@ -9,7 +9,8 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tunnel_tests::{
-    StandIn, StandInConfig, TestAgent, TestRelay, WAIT, agent_token, init_logging, spawn_agent,
+    StandIn, StandInConfig, TestAgent, TestRelay, WAIT, agent_token, backed_off, init_logging,
+    spawn_agent,
 };
 
 use agentd::{AgentError, Phase};
@@ -52,14 +53,7 @@ async fn a_replaced_token_is_used_at_once_instead_of_after_the_backoff() {
     let (agent, shutdown, task) = spawn_agent(&relay, "a-token-nobody-issued", &standin.url());
     let mut state = agent.state();
     // A refused token backs off to the cap (30 s), longer than this test waits.
-    let refused = tokio::time::timeout(
-        WAIT,
-        state.wait_for(|s| matches!(s.phase, Phase::BackingOff { .. }) && s.last_error.is_some()),
-    )
-    .await
-    .expect("refused in time")
-    .expect("state")
-    .clone();
+    let refused = backed_off(&agent).await;
     assert_eq!(refused.last_error, Some(AgentError::Unauthorized(401)));
     agent.replace_token(agent_token("alice")).expect("command taken");
     tokio::time::timeout(WAIT, state.wait_for(|s| s.is_connected()))

@@ -542,7 +542,7 @@ check 'systemctl status agentd'
 expect "systemctl status agentd: connected" 'Status: "connected to relay.example.com, 0 streams'
 check 'cat /var/lib/agentd/enrollment.toml; tunnelctl tunnels'
 expect "the enrollment is stored" 'relay = "wss://relay.example.com/ws/tunnel"'
-expect "relayd lists alice's tunnel" '^alice +s_[0-9a-f]+ '
+expect "relayd lists alice's tunnel" '^alice +[^ ]+ +s_[0-9a-f]+ '
 
 section "4. docs/INSTALL.md, The first answer: a streamed chat with the client token, through the relay"
 page first-answer
@@ -593,12 +593,12 @@ expect "systemd 252: the user unit's state (StateDirectory=) is ~/.config/agentd
 check -e 77 "runuser -u admin -- tunnelctl --socket /run/user/$DAVE_UID/agentd/control.sock status"
 expect "admin (group agentd) cannot reach dave's agent" 'permission denied'
 check 'tunnelctl tunnels'
-expect "relayd lists dave's tunnel" '^dave +s_[0-9a-f]+ '
-expect "and alice's" '^alice +s_[0-9a-f]+ '
+expect "relayd lists dave's tunnel" '^dave +[^ ]+ +s_[0-9a-f]+ '
+expect "and alice's" '^alice +[^ ]+ +s_[0-9a-f]+ '
 
 section "7. docs/INSTALL.md, Rotating credentials: rotate-token while a slow stream runs"
 check 'tunnelctl tunnels'
-SESSION=$(awk '$1 == "alice" {print $2}' <<<"$OUT")
+SESSION=$(awk '$1 == "alice" {print $3}' <<<"$OUT")
 AUTH_BEFORE=$(grep '^alice ' <<<"$OUT" | grep -o 'c_[0-9a-f]\{16\}' | head -n1)
 [ -n "$SESSION" ] && [ -n "$AUTH_BEFORE" ] || fail "no session or credential id in the answer above"
 say "session $SESSION, credential $AUTH_BEFORE"
@@ -608,10 +608,10 @@ expect "credential rotated" '^credential rotated: now c_[0-9a-f]+, stored in /va
 AUTH_NEW=$(grep -o 'now c_[0-9a-f]*' <<<"$OUT" | cut -d' ' -f2)
 check 'tunnelctl --daemon agentd status | grep -E "in flight|session"; tunnelctl tunnels'
 expect "agentd counts the stream in flight" 'in flight +1$'
-expect "relayd counts the stream in flight" "^alice +$SESSION +.* 1 +"
+expect "relayd counts the stream in flight" "^alice +[^ ]+ +$SESSION +.* 1 +"
 slow_finish 20 "the rotation"
 check 'tunnelctl tunnels'
-expect "the same session $SESSION is up" "^alice +$SESSION "
+expect "the same session $SESSION is up" "^alice +[^ ]+ +$SESSION "
 expect "now authorized by the new credential $AUTH_NEW" "$AUTH_NEW"
 check 'tunnelctl --daemon agentd status'
 expect "agentd: same session" "session +$SESSION"
@@ -676,7 +676,7 @@ section "10. docs/INSTALL.md, Reloading: relayd with a renewed certificate (tunn
 wait_until "relayd lists exactly one tunnel for alice" 20 \
     'out=$(tunnelctl tunnels); echo "$out"; [ "$(grep -c "^alice " <<<"$out")" = 1 ]'
 check 'tunnelctl tunnels'
-SESSION=$(awk '$1 == "alice" {print $2}' <<<"$OUT")
+SESSION=$(awk '$1 == "alice" {print $3}' <<<"$OUT")
 [ -n "$SESSION" ] || fail "no session id"
 check 'systemctl show -p MainPID,NRestarts relayd'
 RELAYD_BEFORE=$OUT
@@ -701,7 +701,7 @@ check 'systemctl show -p MainPID,NRestarts relayd'
 [ "$OUT" = "$RELAYD_BEFORE" ] || fail "relayd restarted instead of reloading"
 ok "relayd was not restarted"
 check 'tunnelctl tunnels'
-expect "the same session $SESSION is still up" "^alice +$SESSION "
+expect "the same session $SESSION is still up" "^alice +[^ ]+ +$SESSION "
 check 'systemctl show -p MainPID agentd'
 AGENTD_PID=$OUT
 slow_start 8 250
@@ -781,7 +781,7 @@ wait_until "dave's agentd connected again" 30 \
 section "13. docs/INSTALL.md, Rotating credentials (revoke) and Removing: nothing of the packages remains"
 check 'dpkg-query -L relayd agentd tunnelctl | sort -u | while read -r f; do [ -z "$f" ] || [ -d "$f" ] || echo "$f"; done > /root/package-files; wc -l < /root/package-files'
 page revoke "c_ID=$DAVE_CRED"
-expect "relayd lists dave's tunnel with its credential" "^dave +s_[0-9a-f]+ .*$DAVE_CRED"
+expect "relayd lists dave's tunnel with its credential" "^dave +[^ ]+ +s_[0-9a-f]+ .*$DAVE_CRED"
 expect "dave's credential revoked, his session ended" "^$DAVE_CRED revoked; 1 live session\\(s\\) ended$"
 wait_until "relayd no longer lists dave's tunnel" 10 \
     'out=$(tunnelctl tunnels); echo "$out"; ! grep -q "^dave " <<<"$out"'

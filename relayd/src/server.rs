@@ -157,11 +157,13 @@ async fn tunnel(
         Ok(Admitted::Health { user }) => return health(shared.router.status(&user), &user),
         Err(refusal) => return refusal,
     };
-    if let Some(listing) = crate::union::listing(&req.parts.method, req.path()) {
+    // Counted before the sessions are copied: a user with one device (the
+    // common case) pays no allocation for a model list.
+    if let Some(listing) = crate::union::listing(&req.parts.method, req.path())
+        && shared.router.devices(&req.user) > 1
+    {
         let devices = shared.router.everyone(&req.user);
-        if devices.len() > 1 {
-            return crate::union::answer(shared, conn, devices, req, listing).await;
-        }
+        return crate::union::answer(shared, conn, devices, req, listing).await;
     }
     match shared.router.route(req.ask()) {
         // With several devices, a request whose body can be sent again goes

@@ -144,3 +144,11 @@ fn the_ack_timeout_has_a_floor_of_one_second() {
     let err = parse("[timeouts]\nack = \"500ms\"").expect_err("below the floor");
     assert!(err.to_string().contains("at least"), "{err}");
 }
+
+#[test]
+fn a_device_limit_of_zero_is_refused_and_the_default_is_eight() {
+    let err = parse("[limits]\nmax_devices_per_user = 0\n").expect_err("zero devices");
+    assert!(err.to_string().contains("max_devices_per_user must be at least 1"), "{err}");
+    assert_eq!(parse("").expect("no limits").max_devices_per_user, 8);
+    assert_eq!(parse("[limits]\nmax_devices_per_user = 2\n").expect("two").max_devices_per_user, 2);
+}

@@ -51,6 +51,47 @@ pub struct ConfigFile {
     pub policy: crate::policy::PolicyFile,
     #[serde(default)]
     pub control: daemon::control::ControlFile,
+    #[serde(default)]
+    pub routing: RoutingFile,
+}
+
+/// `[routing]`: how the relay weighs this device among its user's others.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingFile {
+    /// Higher is preferred where devices are otherwise equal (-1000 to
+    /// 1000, default 0).
+    pub priority: Option<i32>,
+    /// Requests for a model this device is loading wait for that load
+    /// rather than load it on another device (default true).
+    pub wait_for_load: Option<bool>,
+}
+
+/// What the relay is told of the owner's wishes for this device
+/// (`[routing]`), in every `service` report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Routing {
+    pub priority: i32,
+    pub wait_for_load: bool,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self { priority: 0, wait_for_load: true }
+    }
+}
+
+impl RoutingFile {
+    fn resolve(self) -> Result<Routing, ConfigError> {
+        let priority = self.priority.unwrap_or(0);
+        let most = tunnel_proto::message::MAX_PRIORITY;
+        if priority.abs() > most {
+            return Err(ConfigError::Invalid(format!(
+                "[routing] priority {priority}: use -{most} to {most}"
+            )));
+        }
+        Ok(Routing { priority, wait_for_load: self.wait_for_load.unwrap_or(true) })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -184,6 +225,8 @@ pub struct Config {
     pub pins: Vec<String>,
     /// A plain `ws://` relay on another machine is allowed.
     pub allow_plaintext: bool,
+    /// This device among the user's others (`[routing]`).
+    pub routing: Routing,
 }
 
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
@@ -254,6 +297,7 @@ impl Resolve for ConfigFile {
             ca_file: self.tls.ca_file,
             pins: self.tls.pins,
             allow_plaintext: self.tls.allow_plaintext,
+            routing: self.routing.resolve()?,
         })
     }
 }
@@ -350,6 +394,17 @@ mod tests {
         let file: ConfigFile =
             toml::from_str(&uncommented).expect("every documented knob is accepted");
         assert!(file.reconnect.max_delay.is_some());
+        assert_eq!(file.routing.resolve().unwrap(), Routing::default());
+    }
+
+    #[test]
+    fn routing_defaults_to_no_preference_and_waiting_for_loads() {
+        let routing = |t: &str| toml::from_str::<ConfigFile>(t).unwrap().routing.resolve();
+        assert_eq!(routing("").unwrap(), Routing { priority: 0, wait_for_load: true });
+        let set = routing("[routing]\npriority = -5\nwait_for_load = false").unwrap();
+        assert_eq!(set, Routing { priority: -5, wait_for_load: false });
+        let err = routing("[routing]\npriority = 1001").unwrap_err().to_string();
+        assert!(err.contains("[routing] priority 1001: use -1000 to 1000"), "{err}");
     }
 
     #[test]

@@ -37,8 +37,9 @@ pub struct ServiceHealth {
 }
 
 impl ServiceHealth {
-    /// The `service` message the relay gets.
-    pub fn report(&self) -> tunnel_proto::ServiceState {
+    /// The `service` message the relay gets, with the owner's `[routing]`
+    /// wishes for this device.
+    pub fn report(&self, routing: &crate::config::Routing) -> tunnel_proto::ServiceState {
         // What the protocol allows (names of at most 256 bytes without
         // control characters, at most so many); anything else is left
         // out, not refused.
@@ -53,6 +54,8 @@ impl ServiceHealth {
                 self.checked.unwrap_or_else(SystemTime::now),
             )
             .to_string(),
+            priority: routing.priority,
+            spread_loads: !routing.wait_for_load,
         }
     }
 }
@@ -136,7 +139,7 @@ mod tests {
             models: vec!["x".repeat(300), "ok".into()],
             ..ServiceHealth::default()
         };
-        let report = health.report();
+        let report = health.report(&crate::config::Routing::default());
         assert_eq!(report.available.len(), MAX_SERVICE_AVAILABLE);
         assert_eq!(report.models, ["ok"]);
         let limits = tunnel_proto::Limits::default();

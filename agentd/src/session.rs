@@ -147,9 +147,9 @@ impl Session {
     }
 
     /// Tells the relay what the agent saw of its local service.
-    pub fn report_service(&self, health: &crate::ServiceHealth) {
+    pub fn report_service(&self, health: &crate::ServiceHealth, routing: &crate::config::Routing) {
         if self.service_reports {
-            self.link.push_urgent(Message::Service(health.report()));
+            self.link.push_urgent(Message::Service(health.report(routing)));
         }
     }
 

@@ -33,7 +33,7 @@ pub(crate) async fn watch_service(shared: Arc<Shared>, stop: CancellationToken) 
     loop {
         let health = crate::inventory::check(&shared.upstream).await;
         if let Some(session) = shared.current() {
-            session.report_service(&health);
+            session.report_service(&health, &shared.config.routing);
         }
         shared
             .upstream

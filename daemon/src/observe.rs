@@ -8,6 +8,7 @@
 //! A span costs a few counters when nobody traces; events are built only
 //! for subscribers. User ids never become labels.
 
+pub use crate::usage::Speed;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -162,6 +163,7 @@ impl Observer {
             first_chunk: None,
             sample: None,
             route: String::new(),
+            speed: None,
             ended: false,
         };
         let bodies = self.trace_bodies && self.taps.wants_bodies(&span.subject());
@@ -275,6 +277,8 @@ pub struct Span {
     sample: Option<Vec<u8>>,
     /// Where the request went among several devices, and why.
     route: String,
+    /// The device's speed, which this stream's tokens per second feed.
+    speed: Option<Arc<Speed>>,
     ended: bool,
 }
 
@@ -296,6 +300,12 @@ impl Span {
     /// (`gpu-box model_loaded`): on its access line and trace.
     pub fn routed(&mut self, route: String) {
         self.route = route;
+    }
+
+    /// The stream's tokens per second, when it reports usage, feed `speed`
+    /// (its device's).
+    pub fn measure_into(&mut self, speed: Arc<Speed>) {
+        self.speed = Some(speed);
     }
 
     /// The response head went out.
@@ -380,6 +390,12 @@ impl Span {
                     m.generation_seconds += secs;
                     if secs > 0.0 && tokens > 0 {
                         m.tps.observe(tokens as f64 / secs);
+                    }
+                    if let Some(speed) = &self.speed
+                        && secs > 0.0
+                        && tokens >= Speed::MIN_TOKENS
+                    {
+                        speed.observe(tokens as f64 / secs);
                     }
                 }
             }

@@ -151,9 +151,49 @@ impl Usage {
     }
 }
 
+/// A device's generation speed: a moving average of the tokens per second
+/// of its streams that reported usage (at least [`Speed::MIN_TOKENS`]).
+#[derive(Debug, Default)]
+pub struct Speed {
+    /// Hundredths of a token per second; 0 until measured.
+    centi: std::sync::atomic::AtomicU32,
+}
+
+impl Speed {
+    /// Streams shorter than this say more about latency than speed.
+    pub const MIN_TOKENS: u64 = 8;
+
+    pub fn tokens_per_second(&self) -> Option<f64> {
+        match self.centi.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            c => Some(f64::from(c) / 100.0),
+        }
+    }
+
+    /// Folds in one stream's speed, a fifth of the new value at a time.
+    pub fn observe(&self, tokens_per_second: f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let new = (tokens_per_second * 100.0).clamp(1.0, f64::from(u32::MAX / 2));
+        let _ = self.centi.fetch_update(Relaxed, Relaxed, |old| {
+            let next = if old == 0 { new } else { f64::from(old) * 0.8 + new * 0.2 };
+            Some(next.round().max(1.0) as u32)
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_speed_is_unknown_until_measured_then_moves_a_fifth_at_a_time() {
+        let speed = Speed::default();
+        assert_eq!(speed.tokens_per_second(), None);
+        speed.observe(50.0);
+        assert_eq!(speed.tokens_per_second(), Some(50.0));
+        speed.observe(100.0);
+        assert_eq!(speed.tokens_per_second(), Some(60.0));
+    }
 
     #[test]
     fn ollama_streams_report_their_final_line() {

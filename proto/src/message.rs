@@ -115,6 +115,23 @@ pub struct ServiceState {
     pub available: Vec<String>,
     /// When it was checked (RFC 3339).
     pub checked_at: String,
+    /// The owner's preference for this device among the user's devices
+    /// (agentd's `[routing] priority`): higher first where devices are
+    /// otherwise equal. 0 when absent; at most [`MAX_PRIORITY`] either way.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+    /// The owner asks that requests for a model this device is loading go
+    /// to another device that has it, rather than wait for the load
+    /// (agentd's `[routing] wait_for_load = false`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub spread_loads: bool,
+}
+
+/// The largest device priority, either way.
+pub const MAX_PRIORITY: i32 = 1000;
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// Most loaded models a `service` message lists.

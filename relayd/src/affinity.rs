@@ -7,8 +7,9 @@
 //! `ENABLE_FORWARD_USER_INFO_HEADERS` is on), and, for a chat body, its
 //! model and its first user message, which every later turn of the
 //! conversation repeats. The router picks among the devices that hold the
-//! model equally well by rendezvous hashing on the key, so a device coming
-//! or going moves only its own conversations.
+//! model equally well by rendezvous hashing on the key, weighted by each
+//! device's speed: a device twice as fast takes about twice the
+//! conversations, and a device coming or going moves only its own.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -39,10 +40,18 @@ pub fn key(headers: &HeaderMap, body: Option<&[u8]>) -> Option<u64> {
     ]))
 }
 
-/// A device's weight for `key`: the device with the highest one among
-/// those equally good takes the conversation.
-pub fn weight(key: u64, device: &str) -> u64 {
-    hash(&[&key.to_le_bytes(), device.as_bytes()])
+/// A device's score for `key` at `tokens_per_second`: the device with the
+/// highest among those equally good takes the conversation (weighted
+/// rendezvous hashing: `w / -ln(u)` gives each device a share of keys in
+/// proportion to `w`). The speed counts in steps of a factor of 1.41, so
+/// that the small changes of a measured speed do not move conversations.
+pub fn score(key: u64, device: &str, tokens_per_second: f64) -> f64 {
+    let h = hash(&[&key.to_le_bytes(), device.as_bytes()]);
+    // 53 bits of the hash as a uniform number strictly between 0 and 1.
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let steps = (tokens_per_second.max(0.01).log2() * 2.0).round();
+    let w = (steps / 2.0).exp2();
+    w / -u.ln()
 }
 
 fn hash(parts: &[&[u8]]) -> u64 {
@@ -103,7 +112,23 @@ mod tests {
         let by_header = key(&named, Some(&other));
         assert!(by_header.is_some() && by_header != key(&none, Some(&other)));
         assert_eq!(by_header, key(&named, None));
-        assert_ne!(weight(1, "gpu-box"), weight(1, "laptop"));
-        assert_eq!(weight(1, "gpu-box"), weight(1, "gpu-box"));
+        assert_ne!(score(1, "gpu-box", 1.0), score(1, "laptop", 1.0));
+        assert_eq!(score(1, "gpu-box", 1.0), score(1, "gpu-box", 1.0));
+    }
+
+    /// Of 10,000 conversations, a device four times as fast takes about
+    /// four fifths; speeds that differ by a few percent change nothing.
+    #[test]
+    fn conversations_spread_in_proportion_to_speed() {
+        let fast_wins = |fast: f64, slow: f64| {
+            (0..10_000u64)
+                .filter(|k| score(*k, "gpu-box", fast) > score(*k, "laptop", slow))
+                .count()
+        };
+        let share = fast_wins(80.0, 20.0);
+        assert!((7_700..8_300).contains(&share), "{share}");
+        let even = fast_wins(20.0, 20.0);
+        assert!((4_700..5_300).contains(&even), "{even}");
+        assert_eq!(fast_wins(20.5, 20.0), even);
     }
 }

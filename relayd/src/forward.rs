@@ -92,9 +92,23 @@ pub async fn attempt(
     );
     if let Some(why) = why {
         span.routed(format!("{} {}", session.device, why.as_str()));
+        span.measure_into(session.state.speed.clone());
     }
+    // Sent to a device that has the model on disk only, the request loads
+    // it: others for that model wait for this load rather than start one
+    // on another device.
+    let load = match (why, req.model.as_deref()) {
+        (Some(Why::Present), Some(model)) => session.state.start_load(model),
+        _ => None,
+    };
     let method = req.parts.method.clone();
-    match exchange(shared, conn, &session, req, stream, &mut span).await {
+    let exchanged = exchange(shared, conn, &session, req, stream, &mut span).await;
+    if let (Some(load), Ok(reply)) = (load, &exchanged)
+        && reply.head.status.is_success()
+    {
+        load.done();
+    }
+    match exchanged {
         Ok(reply) => Attempt::Answered(answer(reply, &method, span)),
         Err(f) if may_retry && f.elsewhere() => {
             let (outcome, cancel, reason) = f.outcome();

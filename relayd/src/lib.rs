@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 mod cors;
 mod deadline;
+mod device;
 mod edge;
 mod forward;
 mod hub;

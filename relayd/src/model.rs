@@ -85,6 +85,14 @@ impl<'de> Visitor<'de> for Keys<'_> {
     }
 }
 
+/// Whether two model names name one model: Ollama reads a name without a
+/// tag as `:latest`.
+pub fn same_model(a: &str, b: &str) -> bool {
+    let tagged =
+        |n: &str, other: &str| !n.contains(':') && other.strip_prefix(n) == Some(":latest");
+    a == b || tagged(a, b) || tagged(b, a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +147,14 @@ mod tests {
             named_models(br#"{"model":"a","options":{"model":"b","Name":"c"}}"#),
             Ok(vec!["a".into()])
         );
+    }
+
+    #[test]
+    fn a_name_without_a_tag_is_latest() {
+        assert!(same_model("llama3.2", "llama3.2:latest"));
+        assert!(same_model("llama3.2:latest", "llama3.2"));
+        assert!(same_model("qwen2.5:7b", "qwen2.5:7b"));
+        assert!(!same_model("qwen2.5", "qwen2.5:7b"));
+        assert!(!same_model("llama3", "llama3.2:latest"));
     }
 }

@@ -6,8 +6,10 @@
 //! delivery over that route is [`crate::forward`]'s. The registry of this
 //! relay's own sessions is the [`Hub`]. A route is one of the user's
 //! devices connected here: for a request that names a model, one that has
-//! it (loaded in memory first, then the fewest requests in flight), else
-//! the newest; or nothing. A peer relay that holds the agent is an answer
+//! it (loaded in memory first, then being loaded, then on disk; among
+//! equals the conversation's, else the fewest requests in flight for the
+//! device's speed, then the owner's priority), else the owner's preferred
+//! device; or nothing. A peer relay that holds the agent is an answer
 //! this type will learn to give without the edge or delivery changing.
 
 use std::cmp::Reverse;
@@ -18,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use tunnel_proto::ServiceState;
 
 use crate::hub::Hub;
+pub use crate::model::same_model;
 use crate::session::Session;
 
 /// What a request asks of the router.
@@ -54,23 +57,28 @@ pub enum Route {
 pub enum Why {
     /// The device has the request's model loaded in memory.
     Loaded,
+    /// A request is loading the model on the device: this one waits for
+    /// that load rather than start another elsewhere.
+    Loading,
     /// The device's service has the model.
     Present,
     /// No device is known to have the model; this one has not said.
     Unreported,
-    /// The request names no model: the newest device.
+    /// The request names no model: the owner's preferred device (its
+    /// priority, then the newest).
     NoModel,
     /// Its first device failed before answering.
     Failover,
 }
 
 impl Why {
-    pub const ALL: [Why; 5] =
-        [Why::Loaded, Why::Present, Why::Unreported, Why::NoModel, Why::Failover];
+    pub const ALL: [Why; 6] =
+        [Why::Loaded, Why::Loading, Why::Present, Why::Unreported, Why::NoModel, Why::Failover];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Why::Loaded => "model_loaded",
+            Why::Loading => "model_loading",
             Why::Present => "model_present",
             Why::Unreported => "model_unreported",
             Why::NoModel => "no_model",
@@ -82,8 +90,11 @@ impl Why {
 /// What a device is known to hold of a model, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Holds {
-    /// Loaded in memory (its last report's `models`).
+    /// Loaded in memory (its last report's `models`, or a request this
+    /// relay sent loaded it since).
     Loaded,
+    /// Being loaded by a request this relay sent ([`crate::device::DeviceState::loading`]).
+    Loading,
     /// On the service (its `available`).
     Present,
     /// Not known: no report yet, or an agent that does not list what its
@@ -94,26 +105,21 @@ enum Holds {
 }
 
 fn holds(session: &Session, model: &str) -> Holds {
-    session.with_service(|service| match service {
+    let held = session.with_service(|service| match service {
         Some(s) if s.models.iter().any(|m| same_model(m, model)) => Holds::Loaded,
         Some(s) if s.available.iter().any(|m| same_model(m, model)) => Holds::Present,
         Some(s) if !s.available.is_empty() => Holds::Absent,
         _ => Holds::Unknown,
-    })
-}
-
-/// Whether two model names name one model: Ollama reads a name without a
-/// tag as `:latest`.
-pub fn same_model(a: &str, b: &str) -> bool {
-    let tagged =
-        |n: &str, other: &str| !n.contains(':') && other.strip_prefix(n) == Some(":latest");
-    a == b || tagged(a, b) || tagged(b, a)
+    });
+    // Read once the report's lock is released: `loading` takes it too.
+    if held == Holds::Present && session.state.loading(model) { Holds::Loading } else { held }
 }
 
 /// The device `model` goes to among `sessions` (oldest first): one that
-/// holds it, loaded first; among those, the conversation's (`affinity`),
-/// else the one with the fewest requests in flight, then the newest;
-/// `None` when every device is known not to have it.
+/// holds it, loaded first, then one loading it; among those, the
+/// conversation's (`affinity`), else the least busy for its speed
+/// ([`least_busy`]). `None` when
+/// every device is known not to have it.
 fn by_model<'a>(
     sessions: &'a [Arc<Session>],
     model: &str,
@@ -126,17 +132,72 @@ fn by_model<'a>(
         .filter(|(holds, ..)| *holds != Holds::Absent)
         .collect();
     let best = held.iter().map(|(holds, ..)| *holds).min()?;
-    let equals = held.into_iter().filter(|(holds, ..)| *holds == best);
+    let equals: Vec<(usize, &Arc<Session>)> =
+        held.into_iter().filter(|(holds, ..)| *holds == best).map(|(_, a, s)| (a, s)).collect();
     let why = match best {
         Holds::Loaded => Why::Loaded,
+        Holds::Loading => Why::Loading,
         Holds::Present => Why::Present,
         Holds::Unknown | Holds::Absent => Why::Unreported,
     };
-    match affinity {
-        Some(key) => equals.max_by_key(|(.., s)| crate::affinity::weight(key, &s.device)),
-        None => equals.min_by_key(|(_, age, s)| (s.in_flight(), Reverse(*age))),
-    }
-    .map(|(.., s)| (s, why))
+    let chosen = match affinity {
+        Some(key) => by_affinity(&equals, key),
+        None => least_busy(&equals),
+    };
+    chosen.map(|(_, s)| (*s, why))
+}
+
+/// The tokens per second of each of `equals`; one not measured yet counts
+/// as fast as the fastest that is (so that it gets tried, and measured).
+fn speeds(equals: &[(usize, &Arc<Session>)]) -> Vec<f64> {
+    let measured: Vec<Option<f64>> =
+        equals.iter().map(|(_, s)| s.state.speed.tokens_per_second()).collect();
+    let fastest = measured.iter().flatten().copied().fold(1.0, f64::max);
+    measured.into_iter().map(|m| m.unwrap_or(fastest)).collect()
+}
+
+/// The conversation's device among `equals`: [`crate::affinity::score`].
+fn by_affinity<'s, 'a>(
+    equals: &'s [(usize, &'a Arc<Session>)],
+    key: u64,
+) -> Option<&'s (usize, &'a Arc<Session>)> {
+    let scored = equals.iter().zip(speeds(equals));
+    scored
+        .map(|(e, speed)| (crate::affinity::score(key, &e.1.device, speed), e))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, e)| e)
+}
+
+/// Among equally good devices (with their age, oldest first): the fewest
+/// requests in flight for its measured speed, then the owner's priority,
+/// then one not measured yet (so that each gets measured), then the newest.
+fn least_busy<'s, 'a>(
+    equals: &'s [(usize, &'a Arc<Session>)],
+) -> Option<&'s (usize, &'a Arc<Session>)> {
+    let measured: Vec<bool> =
+        equals.iter().map(|(_, s)| s.state.speed.tokens_per_second().is_some()).collect();
+    equals
+        .iter()
+        .zip(speeds(equals))
+        .zip(measured)
+        .min_by_key(|(((age, s), speed), measured)| {
+            let busy = busy(s.in_flight(), *speed);
+            (busy, Reverse(s.state.priority()), *measured, Reverse(*age))
+        })
+        .map(|((e, _), _)| e)
+}
+
+/// How long a device would take, in relative terms, to serve one more
+/// request: its requests in flight plus that one, over its tokens per
+/// second (as an integer, so that equal devices compare equal).
+fn busy(in_flight: usize, tokens_per_second: f64) -> u64 {
+    ((in_flight as f64 + 1.0) * 1000.0 / tokens_per_second.max(0.01)).round() as u64
+}
+
+/// The device a request that names no model goes to: the owner's highest
+/// priority, then the newest.
+fn preferred(sessions: &[Arc<Session>]) -> Option<&Arc<Session>> {
+    sessions.iter().enumerate().max_by_key(|(age, s)| (s.state.priority(), *age)).map(|(_, s)| s)
 }
 
 /// One connected agent as the health answer reports it: plain data, which a
@@ -150,6 +211,12 @@ pub struct AgentStatus {
     pub agent: String,
     pub in_flight: usize,
     pub rtt: Option<Duration>,
+    /// The owner's priority for it (`[routing] priority` in agentd).
+    pub priority: i32,
+    /// Its measured tokens per second, once streams reported usage.
+    pub tokens_per_second: Option<f64>,
+    /// Models requests this relay sent are loading on it now.
+    pub loading: Vec<String>,
     /// The agent's own view of its local service (agents that list the
     /// `service` capability report it every 30 s).
     pub service: Option<ServiceState>,
@@ -160,7 +227,7 @@ pub struct AgentStatus {
 pub struct Router {
     local: Hub,
     /// Requests routed among several devices, by why (as [`Why::ALL`]).
-    routed: [std::sync::atomic::AtomicU64; 5],
+    routed: [std::sync::atomic::AtomicU64; 6],
 }
 
 impl Router {
@@ -171,7 +238,7 @@ impl Router {
 
     /// The route for `ask`: with one device, that one; with several, for a
     /// request that names a model, the device that holds it best, and for
-    /// one that names none, the newest.
+    /// one that names none, the preferred one.
     pub fn route(&self, ask: Ask<'_>) -> Route {
         self.local.pick(ask.user, |sessions| {
             let Some(newest) = sessions.last() else { return Route::Offline };
@@ -193,7 +260,7 @@ impl Router {
                     Some((s, why)) => Route::Choice(s.clone(), why),
                     None => self.elsewhere(ask.user, model),
                 },
-                None => Route::Choice(newest.clone(), Why::NoModel),
+                None => Route::Choice(preferred(sessions).unwrap_or(newest).clone(), Why::NoModel),
             };
             if let Route::Choice(_, why) = &route {
                 self.count(*why);
@@ -208,14 +275,14 @@ impl Router {
         self.local.pick(ask.user, |sessions| {
             let others: Vec<Arc<Session>> =
                 sessions.iter().filter(|s| s.id != failed.id).cloned().collect();
-            let Some(newest) = others.last() else { return Route::Offline };
+            let Some(first) = preferred(&others) else { return Route::Offline };
             self.count(Why::Failover);
             match ask.model {
                 Some(model) => match by_model(&others, model, ask.affinity) {
                     Some((s, _)) => Route::Local(s.clone()),
                     None => Route::NoModel(model.to_owned()),
                 },
-                None => Route::Local(newest.clone()),
+                None => Route::Local(first.clone()),
             }
         })
     }
@@ -257,7 +324,7 @@ impl Router {
     }
 
     /// The user's connected agents, the one a request naming no model
-    /// reaches first.
+    /// reaches first (the owner's priority, then the newest).
     pub fn status(&self, user: &str) -> Vec<AgentStatus> {
         let status = |s: &Arc<Session>| AgentStatus {
             device: s.device.clone(),
@@ -267,9 +334,18 @@ impl Router {
             agent: s.agent.clone(),
             in_flight: s.in_flight(),
             rtt: s.rtt(),
+            priority: s.state.priority(),
+            tokens_per_second: s.state.speed.tokens_per_second(),
+            loading: s.state.loads(),
             service: s.service(),
         };
-        self.local.pick(user, |sessions| sessions.iter().rev().map(status).collect())
+        self.local.pick(user, |sessions| {
+            let mut agents: Vec<(i32, AgentStatus)> =
+                sessions.iter().rev().map(|s| (s.state.priority(), status(s))).collect();
+            // Stable: equal priorities stay newest first.
+            agents.sort_by_key(|(priority, _)| Reverse(*priority));
+            agents.into_iter().map(|(_, a)| a).collect()
+        })
     }
 }
 
@@ -278,11 +354,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_name_without_a_tag_is_latest() {
-        assert!(same_model("llama3.2", "llama3.2:latest"));
-        assert!(same_model("llama3.2:latest", "llama3.2"));
-        assert!(same_model("qwen2.5:7b", "qwen2.5:7b"));
-        assert!(!same_model("qwen2.5", "qwen2.5:7b"));
-        assert!(!same_model("llama3", "llama3.2:latest"));
+    fn a_device_twice_as_fast_takes_a_second_request_before_a_slow_one_takes_its_first() {
+        assert!(busy(1, 100.0) == busy(0, 50.0));
+        assert!(busy(0, 100.0) < busy(0, 50.0));
+        assert!(busy(2, 100.0) > busy(0, 50.0));
+        assert_eq!(busy(0, 0.0), busy(0, 0.01), "no speed is the slowest, not a division by 0");
     }
 }

@@ -226,6 +226,25 @@ fn health(agents: Vec<AgentStatus>, user: &str) -> Response<RelayBody> {
     r
 }
 
+/// Each model a device has once, with its state: `loaded` (in memory),
+/// `loading` (for a request this relay sent), `on_disk`.
+fn model_states(service: &tunnel_proto::ServiceState, loading: &[String]) -> serde_json::Value {
+    let state = |name: &str| {
+        if service.models.iter().any(|m| m == name) {
+            "loaded"
+        } else if loading.iter().any(|m| m == name) {
+            "loading"
+        } else {
+            "on_disk"
+        }
+    };
+    let mut names: Vec<&String> =
+        service.models.iter().chain(loading).chain(&service.available).collect();
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.as_str()));
+    names.iter().map(|n| serde_json::json!({ "name": n, "state": state(n) })).collect()
+}
+
 fn agent_json(a: &AgentStatus) -> serde_json::Value {
     serde_json::json!({
         "device": a.device,
@@ -235,11 +254,15 @@ fn agent_json(a: &AgentStatus) -> serde_json::Value {
         "agent": a.agent,
         "in_flight": a.in_flight,
         "rtt_ms": a.rtt.map(|d| d.as_secs_f64() * 1e3),
+        "priority": a.priority,
+        "tokens_per_second": a.tokens_per_second,
         "service": a.service.as_ref().map(|v| serde_json::json!({
             "reachable": v.reachable,
             "version": v.version,
             "models_loaded": v.models,
             "models_available": v.available,
+            "models_loading": a.loading,
+            "models": model_states(v, &a.loading),
             "checked_at": v.checked_at,
         })),
     })

@@ -109,8 +109,8 @@ pub struct Session {
     /// Woken when the authorization changes (the expiry watcher).
     auth_changed: tokio::sync::Notify,
     identity: Arc<crate::identity::Identity>,
-    /// The agent's last report of its local service (`service`).
-    service: Mutex<Option<tunnel_proto::ServiceState>>,
+    /// Its service, loads and speed, as routing reads them.
+    pub state: crate::device::DeviceState,
 }
 
 impl std::fmt::Debug for Session {
@@ -147,7 +147,7 @@ pub struct SessionParams {
 impl Session {
     /// The agent's last report of its local service.
     pub fn service(&self) -> Option<tunnel_proto::ServiceState> {
-        self.service.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.state.service()
     }
 
     /// What `read` makes of the agent's last report, read in place.
@@ -155,11 +155,11 @@ impl Session {
         &self,
         read: impl FnOnce(Option<&tunnel_proto::ServiceState>) -> R,
     ) -> R {
-        read(self.service.lock().unwrap_or_else(PoisonError::into_inner).as_ref())
+        self.state.with_service(read)
     }
 
     pub(crate) fn set_service(&self, s: tunnel_proto::ServiceState) {
-        *self.service.lock().unwrap_or_else(PoisonError::into_inner) = Some(s);
+        self.state.set_service(s);
     }
 
     /// Creates the session and the receiver its writer drains.
@@ -201,7 +201,7 @@ impl Session {
             auth: Mutex::new(auth),
             auth_changed: tokio::sync::Notify::new(),
             identity: p.identity,
-            service: Mutex::new(None),
+            state: crate::device::DeviceState::default(),
         });
         (session, rx)
     }

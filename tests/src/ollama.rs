@@ -58,6 +58,10 @@ pub struct StandInConfig {
     /// Answer only requests for `model` (others get Ollama's 404), as a
     /// real server with one model would; else any model is answered.
     pub only_its_model: bool,
+    /// A cold load: the first chat for the model waits this long before it
+    /// answers (requests that arrive meanwhile wait for the same load), and
+    /// `/api/ps` lists the model from then on, as Ollama does.
+    pub load_delay: Duration,
 }
 
 impl Default for StandInConfig {
@@ -68,6 +72,7 @@ impl Default for StandInConfig {
             model: "stand-in:latest".into(),
             loaded: false,
             only_its_model: false,
+            load_delay: Duration::ZERO,
         }
     }
 }
@@ -88,6 +93,10 @@ pub struct Events {
     changed: watch::Sender<u64>,
     /// When set, each token waits for one permit (tests release them).
     gate: Mutex<Option<Arc<Semaphore>>>,
+    /// The model was loaded by a chat (held while a load runs).
+    warm: tokio::sync::Mutex<bool>,
+    /// Cold loads done.
+    loads: std::sync::atomic::AtomicUsize,
 }
 
 impl Events {
@@ -102,6 +111,29 @@ impl Events {
         if r.len() < 4096 {
             r.push(format!("{method} {path}"));
         }
+    }
+
+    /// How many cold loads the stand-in did ([`StandInConfig::load_delay`]).
+    pub fn loads(&self) -> usize {
+        self.loads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits for the model to be in memory, loading it when no chat did
+    /// yet; chats that arrive during a load wait for that one.
+    async fn load(&self, config: &StandInConfig) {
+        if config.loaded || config.load_delay.is_zero() {
+            return;
+        }
+        let mut warm = self.warm.lock().await;
+        if !*warm {
+            tokio::time::sleep(config.load_delay).await;
+            self.loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *warm = true;
+        }
+    }
+
+    fn is_warm(&self) -> bool {
+        self.warm.try_lock().is_ok_and(|w| *w)
     }
 
     pub fn disconnects(&self) -> Vec<Disconnect> {
@@ -247,7 +279,8 @@ async fn handle(
             json_response(StatusCode::OK, &json!({ "version": "0.0.0-stand-in" }))
         }
         ("/api/ps", true) => {
-            let loaded: &[&str] = if config.loaded { &[config.model.as_str()] } else { &[] };
+            let warm = config.loaded || events.is_warm();
+            let loaded: &[&str] = if warm { &[config.model.as_str()] } else { &[] };
             let models: Vec<Value> =
                 loaded.iter().map(|m| json!({ "name": m, "model": m })).collect();
             json_response(StatusCode::OK, &json!({ "models": models }))
@@ -259,7 +292,10 @@ async fn handle(
                     StatusCode::NOT_FOUND,
                     &json!({ "error": format!("model {model:?} not found, try pulling it first") }),
                 ),
-                None => chat(&config, &events, &path, body),
+                None => {
+                    events.load(&config).await;
+                    chat(&config, &events, &path, body)
+                }
             }
         }
         ("/v1/chat/completions", false) if method == Method::POST => {
@@ -269,7 +305,10 @@ async fn handle(
                     StatusCode::NOT_FOUND,
                     &json!({ "error": { "message": format!("model {model:?} not found"), "type": "api_error", "code": "model_not_found" } }),
                 ),
-                None => openai(&config, &events, &path, body),
+                None => {
+                    events.load(&config).await;
+                    openai(&config, &events, &path, body)
+                }
             }
         }
         ("/api/delete", false) if method == Method::DELETE => Response::new(StandInBody::empty()),

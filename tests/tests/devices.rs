@@ -9,9 +9,19 @@ use tunnel_tests::{
 };
 
 async fn agent(relay: &TestRelay, upstream: &StandIn, secret: String) -> TestAgent {
+    agent_with(relay, upstream, secret, agentd::config::Routing::default()).await
+}
+
+async fn agent_with(
+    relay: &TestRelay,
+    upstream: &StandIn,
+    secret: String,
+    routing: agentd::config::Routing,
+) -> TestAgent {
     TestAgent::start_with(relay, "alice", &upstream.url(), move |c| {
         c.credential.token = Some(secret);
         c.policy = agentd::policy::Policy::default();
+        c.routing = routing;
     })
     .await
 }
@@ -60,6 +70,16 @@ struct Devices {
 }
 
 async fn two_devices(gpu: &StandIn, laptop: &StandIn, laptop_first: bool) -> Devices {
+    two_devices_with(gpu, laptop, laptop_first, agentd::config::Routing::default()).await
+}
+
+/// [`two_devices`], the GPU box's owner asking for `gpu_routing`.
+async fn two_devices_with(
+    gpu: &StandIn,
+    laptop: &StandIn,
+    laptop_first: bool,
+    gpu_routing: agentd::config::Routing,
+) -> Devices {
     let relay = TestRelay::start(&["alice"]).await;
     let issue = |device| relay.relay.issue_credential("alice", Some(device));
     let (gpu_secret, laptop_secret) = (
@@ -68,9 +88,9 @@ async fn two_devices(gpu: &StandIn, laptop: &StandIn, laptop_first: bool) -> Dev
     );
     let (gpu_agent, laptop_agent) = if laptop_first {
         let l = agent(&relay, laptop, laptop_secret).await;
-        (agent(&relay, gpu, gpu_secret).await, l)
+        (agent_with(&relay, gpu, gpu_secret, gpu_routing).await, l)
     } else {
-        let g = agent(&relay, gpu, gpu_secret).await;
+        let g = agent_with(&relay, gpu, gpu_secret, gpu_routing).await;
         (g, agent(&relay, laptop, laptop_secret).await)
     };
     reported(&relay, 2).await;
@@ -227,10 +247,11 @@ async fn a_request_goes_to_the_device_that_has_its_model() {
     let body: Value = resp.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "model_not_found", "{body}");
     assert_eq!(received(&big, "POST /api/chat") + received(&small, "POST /api/chat"), 10);
-    // Why each went where it went, counted.
+    // Why each went where it went, counted: the first chat for each model
+    // found it on disk, and once a device answered it, it is in memory.
     let metrics = relay.relay.metrics();
-    assert!(metrics.contains("relayd_routed_total{why=\"model_present\"} 11"), "{metrics}");
-    assert!(metrics.contains("relayd_routed_total{why=\"model_loaded\"} 0"), "{metrics}");
+    assert!(metrics.contains("relayd_routed_total{why=\"model_present\"} 2"), "{metrics}");
+    assert!(metrics.contains("relayd_routed_total{why=\"model_loaded\"} 9"), "{metrics}");
 }
 
 #[tokio::test]
@@ -313,8 +334,7 @@ async fn a_request_its_device_fails_before_answering_goes_to_the_next() {
 #[tokio::test]
 async fn a_conversation_stays_on_one_device() {
     init_logging();
-    let (a, b) =
-        (stand_in("llama3.2:latest", false).await, stand_in("llama3.2:latest", false).await);
+    let (a, b) = (stand_in("llama3.2:latest", true).await, stand_in("llama3.2:latest", true).await);
     let two = two_devices(&a, &b, false).await;
     let relay = &two.relay;
     let http = reqwest::Client::new();
@@ -379,4 +399,144 @@ async fn a_model_only_a_device_that_left_has_asks_the_client_to_come_back() {
     // A model no device ever had: the remaining device's own answer.
     assert_eq!(chat("mistral").await.status(), 404);
     assert_eq!(received(&small, "POST /api/chat"), 2);
+}
+
+/// Chats with `model` (not streamed, so that they can run concurrently).
+async fn chat(relay: &TestRelay, model: &str) -> u16 {
+    let body = json!({ "model": model, "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
+    let resp = reqwest::Client::new().post(relay.tunnel_url("alice", "/api/chat")).json(&body);
+    resp.send().await.expect("chat").status().as_u16()
+}
+
+/// Requests for a model one device is loading wait for that load instead
+/// of loading the model on another device too.
+#[tokio::test]
+async fn requests_for_a_model_being_loaded_wait_for_that_load() {
+    init_logging();
+    let cold = |_| {
+        let config = StandInConfig {
+            model: "llama3.2:latest".into(),
+            only_its_model: true,
+            load_delay: std::time::Duration::from_millis(800),
+            ..StandInConfig::default()
+        };
+        StandIn::start(config)
+    };
+    let (a, b) = (cold(0).await.expect("stand-in"), cold(1).await.expect("stand-in"));
+    let two = two_devices(&a, &b, false).await;
+    let relay = &two.relay;
+    let first = tokio::spawn({
+        let url = relay.tunnel_url("alice", "/api/chat");
+        async move {
+            let body = json!({ "model": "llama3.2", "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
+            reqwest::Client::new().post(url).json(&body).send().await.expect("chat").status()
+        }
+    });
+    // The relay shows the load on the device it sent the first chat to.
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    let loading = loop {
+        let body: Value = http
+            .get(relay.tunnel_url("alice", "/health"))
+            .send()
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("JSON");
+        let devices = body["devices"].as_array().cloned().unwrap_or_default();
+        if let Some(d) = devices
+            .iter()
+            .find(|d| d["service"]["models_loading"].as_array().is_some_and(|l| !l.is_empty()))
+        {
+            let states = d["service"]["models"].as_array().cloned().unwrap_or_default();
+            assert!(states.contains(&json!({ "name": "llama3.2", "state": "loading" })), "{d}");
+            break d["device"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no device shows a load: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    // Three more while it loads: all wait for that one load.
+    let more = futures_util::future::join_all((0..3).map(|_| chat(relay, "llama3.2"))).await;
+    assert_eq!(more, [200, 200, 200]);
+    assert_eq!(first.await.expect("first chat"), 200);
+    let (on_a, on_b) = (received(&a, "POST /api/chat"), received(&b, "POST /api/chat"));
+    let loader = if loading == "gpu-box" { (4, 0) } else { (0, 4) };
+    assert_eq!((on_a, on_b), loader, "all four on {loading}");
+    assert_eq!(a.events.loads() + b.events.loads(), 1, "one load in all");
+    let metrics = relay.relay.metrics();
+    assert!(metrics.contains("relayd_routed_total{why=\"model_loading\"} 3"), "{metrics}");
+}
+
+/// A request that names no model goes to the device its owner prefers
+/// (`[routing] priority`), which the health answer lists first; among
+/// devices equal for a model, priority breaks the tie.
+#[tokio::test]
+async fn the_owners_priority_picks_among_equal_devices() {
+    init_logging();
+    let (gpu, laptop) =
+        (stand_in("llama3.2:latest", true).await, stand_in("llama3.2:latest", true).await);
+    // The GPU box connects first: without its priority, the newer laptop
+    // would take these.
+    let preferred = agentd::config::Routing { priority: 10, ..agentd::config::Routing::default() };
+    let two = two_devices_with(&gpu, &laptop, false, preferred).await;
+    let relay = &two.relay;
+    let devices = reported(relay, 2).await;
+    assert_eq!(
+        (devices[0]["device"].as_str(), devices[0]["priority"].as_i64()),
+        (Some("gpu-box"), Some(10))
+    );
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let resp = http.get(relay.tunnel_url("alice", "/api/version")).send().await.expect("GET");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(chat(relay, "llama3.2").await, 200);
+    }
+    assert_eq!(received(&gpu, "GET /api/version"), 3);
+    assert_eq!(received(&laptop, "GET /api/version"), 0);
+    assert_eq!((received(&gpu, "POST /api/chat"), received(&laptop, "POST /api/chat")), (3, 0));
+}
+
+/// Among devices with the model loaded, the faster one (tokens per second
+/// measured on the streams it answered) takes the requests once both were
+/// measured.
+#[tokio::test]
+async fn the_faster_device_is_preferred_once_measured() {
+    init_logging();
+    let with_delay = |ms| {
+        StandIn::start(StandInConfig {
+            model: "llama3.2:latest".into(),
+            loaded: true,
+            only_its_model: true,
+            tokens: 16,
+            token_delay: std::time::Duration::from_millis(ms),
+            ..StandInConfig::default()
+        })
+    };
+    let (fast, slow) =
+        (with_delay(1).await.expect("stand-in"), with_delay(15).await.expect("stand-in"));
+    let two = two_devices(&fast, &slow, false).await;
+    let relay = &two.relay;
+    let http = reqwest::Client::new();
+    // Generations name no conversation: nothing keeps them on a device.
+    let stream = async || {
+        let body = json!({ "model": "llama3.2", "prompt": "hi" });
+        let resp = http.post(relay.tunnel_url("alice", "/api/generate")).json(&body).send();
+        let resp = resp.await.expect("generate");
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.expect("the whole stream");
+    };
+    // The first goes to the newest (the laptop, slow); the next to the
+    // GPU box, not measured yet; from then on, the faster.
+    for _ in 0..6 {
+        stream().await;
+    }
+    let on = |s: &StandIn| received(s, "POST /api/generate");
+    assert_eq!((on(&fast), on(&slow)), (5, 1));
+    let devices = reported(relay, 2).await;
+    let speed = |name: &str| {
+        let d = devices.iter().find(|d| d["device"] == name).expect("device");
+        d["tokens_per_second"].as_f64().unwrap_or_default()
+    };
+    assert!(speed("gpu-box") > 2.0 * speed("laptop"), "{devices:?}");
 }

@@ -5,7 +5,7 @@
 use crate::limits::{MAX_ID_LEN, MAX_REASON_LEN, MAX_TOKEN_LEN};
 use crate::{Limits, ProtocolError, Violation};
 
-use super::{MAX_SERVICE_AVAILABLE, MAX_SERVICE_MODELS, Message, truncate_utf8};
+use super::{MAX_PRIORITY, MAX_SERVICE_AVAILABLE, MAX_SERVICE_MODELS, Message, truncate_utf8};
 
 impl Message {
     /// Checks every field against the protocol rules and `limits`.
@@ -65,10 +65,11 @@ impl Message {
                     || s.available.len() > MAX_SERVICE_AVAILABLE
                     || !s.models.iter().chain(&s.available).all(|m| short(m))
                     || !s.version.as_deref().is_none_or(short)
+                    || s.priority.abs() > MAX_PRIORITY
                 {
                     return Err(ProtocolError::new(
                         Violation::MalformedMessage,
-                        "service: at most 64 models loaded and 512 available, names and version of at most 256 bytes without control characters",
+                        "service: at most 64 models loaded and 512 available, names and version of at most 256 bytes without control characters, priority within -1000..=1000",
                     ));
                 }
                 Ok(())

@@ -20,6 +20,13 @@ struct Args {
     /// Answer chats only for that model (others get Ollama's 404).
     #[arg(long)]
     only_its_model: bool,
+    /// Whether the model starts loaded in memory (`/api/ps` lists it).
+    #[arg(long)]
+    loaded: bool,
+    /// A cold load: the first chat waits this long (milliseconds), and the
+    /// model is loaded from then on.
+    #[arg(long, default_value_t = 0)]
+    load_delay_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -30,6 +37,8 @@ async fn main() -> anyhow::Result<()> {
         token_delay: Duration::from_millis(args.token_delay_ms),
         model: args.model,
         only_its_model: args.only_its_model,
+        loaded: args.loaded,
+        load_delay: Duration::from_millis(args.load_delay_ms),
         ..Default::default()
     };
     let _standin = tunnel_tests::StandIn::serve(listener, config);

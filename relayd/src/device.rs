@@ -1,0 +1,153 @@
+//! What the relay knows of one device beyond its session's streams: the
+//! agent's last report of its local service, the models it is loading for
+//! requests this relay sent it, and how fast it generates. The router
+//! ([`crate::route`]) reads it to choose among a user's devices.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use daemon::observe::Speed;
+use tunnel_proto::ServiceState;
+use tunnel_proto::message::MAX_SERVICE_MODELS;
+
+/// Most models one device is tracked loading at once; past it, a load is
+/// not tracked (requests for that model rank as if it were on disk).
+const MAX_LOADS: usize = 16;
+
+#[derive(Debug, Default)]
+pub struct DeviceState {
+    /// The agent's last report of its local service (`service`).
+    service: Mutex<Option<ServiceState>>,
+    /// Models requests sent here are loading, and how many such requests
+    /// wait for each.
+    loads: Mutex<Vec<(String, u32)>>,
+    /// Tokens per second over its recent streams.
+    pub speed: Arc<Speed>,
+}
+
+impl DeviceState {
+    fn service_lock(&self) -> MutexGuard<'_, Option<ServiceState>> {
+        self.service.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn loads_lock(&self) -> MutexGuard<'_, Vec<(String, u32)>> {
+        self.loads.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn service(&self) -> Option<ServiceState> {
+        self.service_lock().clone()
+    }
+
+    /// What `read` makes of the agent's last report, read in place.
+    pub fn with_service<R>(&self, read: impl FnOnce(Option<&ServiceState>) -> R) -> R {
+        read(self.service_lock().as_ref())
+    }
+
+    pub(crate) fn set_service(&self, s: ServiceState) {
+        *self.service_lock() = Some(s);
+    }
+
+    /// The owner's priority for the device (`[routing] priority`).
+    pub fn priority(&self) -> i32 {
+        self.service_lock().as_ref().map_or(0, |s| s.priority)
+    }
+
+    /// Whether a request this relay sent is loading `model` here, and the
+    /// owner lets others wait for it (no `spread_loads`).
+    pub fn loading(&self, model: &str) -> bool {
+        let spread = self.service_lock().as_ref().is_some_and(|s| s.spread_loads);
+        !spread && self.loads_lock().iter().any(|(m, _)| crate::model::same_model(m, model))
+    }
+
+    /// The models requests are loading here now.
+    pub fn loads(&self) -> Vec<String> {
+        self.loads_lock().iter().map(|(m, _)| m.clone()).collect()
+    }
+
+    /// A request for `model`, which the device has on disk but not in
+    /// memory, went here: until it is answered the model counts as
+    /// loading. `None` when too many loads are tracked already.
+    pub fn start_load(&self, model: &str) -> Option<Load<'_>> {
+        let mut loads = self.loads_lock();
+        match loads.iter().position(|(m, _)| m == model) {
+            Some(i) => loads[i].1 += 1,
+            None if loads.len() < MAX_LOADS => loads.push((model.to_owned(), 1)),
+            None => return None,
+        }
+        Some(Load { device: self, model: model.to_owned() })
+    }
+}
+
+/// A request loading a model on a device; dropped, it no longer waits.
+#[derive(Debug)]
+pub struct Load<'a> {
+    device: &'a DeviceState,
+    model: String,
+}
+
+impl Load<'_> {
+    /// The device answered: the model is in memory now, as far as routing
+    /// goes, until the agent's next report says otherwise.
+    pub fn done(self) {
+        if let Some(s) = self.device.service_lock().as_mut()
+            && !s.models.iter().any(|m| m == &self.model)
+            && s.models.len() < MAX_SERVICE_MODELS
+        {
+            s.models.push(self.model.clone());
+        }
+    }
+}
+
+impl Drop for Load<'_> {
+    fn drop(&mut self) {
+        let mut loads = self.device.loads_lock();
+        if let Some(i) = loads.iter().position(|(m, _)| m == &self.model) {
+            loads[i].1 -= 1;
+            if loads[i].1 == 0 {
+                loads.swap_remove(i);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_disk(model: &str) -> DeviceState {
+        let d = DeviceState::default();
+        d.set_service(ServiceState { available: vec![model.into()], ..ServiceState::default() });
+        d
+    }
+
+    #[test]
+    fn a_model_is_loading_until_its_last_request_ends_and_loaded_once_answered() {
+        let d = on_disk("m:7b");
+        let first = d.start_load("m:7b").unwrap();
+        let second = d.start_load("m:7b").unwrap();
+        assert!(d.loading("m:7b"));
+        drop(first);
+        assert!(d.loading("m:7b"), "the second request still waits");
+        second.done();
+        assert!(!d.loading("m:7b"));
+        assert_eq!(d.service().unwrap().models, ["m:7b"]);
+    }
+
+    #[test]
+    fn an_owner_who_spreads_loads_is_never_waited_for() {
+        let d = DeviceState::default();
+        d.set_service(ServiceState { spread_loads: true, ..ServiceState::default() });
+        let _load = d.start_load("m").unwrap();
+        assert!(!d.loading("m"));
+    }
+
+    #[test]
+    fn loads_tracked_are_bounded() {
+        let d = DeviceState::default();
+        let held: Vec<_> =
+            (0..MAX_LOADS).map(|i| d.start_load(&format!("m{i}")).unwrap()).collect();
+        assert!(d.start_load("one-more").is_none());
+        assert!(d.start_load("m0").is_some(), "a model already loading takes more requests");
+        drop(held);
+        assert!(d.loads().is_empty());
+    }
+}

@@ -11,7 +11,9 @@
 //! device's speed: a device twice as fast takes about twice the
 //! conversations, and a device coming or going moves only its own.
 
+use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::HeaderMap;
 use serde::Deserialize;
@@ -52,6 +54,42 @@ pub fn score(key: u64, device: &str, tokens_per_second: f64) -> f64 {
     let steps = (tokens_per_second.max(0.01).log2() * 2.0).round();
     let w = (steps / 2.0).exp2();
     w / -u.ln()
+}
+
+/// Most conversations whose device a relay remembers; the oldest placed is
+/// forgotten first (its next turn is placed again by [`score`]).
+pub const MAX_PLACEMENTS: usize = 65_536;
+
+/// Where conversations went: their user's and key's hash, and the device.
+#[derive(Debug, Default)]
+pub struct Placements {
+    inner: Mutex<Placed>,
+}
+
+/// The devices by conversation, and the conversations in the order placed.
+type Placed = (HashMap<u64, Arc<str>>, VecDeque<u64>);
+
+impl Placements {
+    /// The device `user`'s conversation `key` went to last.
+    pub fn get(&self, user: &str, key: u64) -> Option<Arc<str>> {
+        let slot = hash(&[user.as_bytes(), &key.to_le_bytes()]);
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).0.get(&slot).cloned()
+    }
+
+    /// Remembers that `user`'s conversation `key` went to `device`.
+    pub fn put(&self, user: &str, key: u64, device: &str) {
+        let slot = hash(&[user.as_bytes(), &key.to_le_bytes()]);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let (map, order) = &mut *inner;
+        if map.insert(slot, Arc::from(device)).is_none() {
+            order.push_back(slot);
+            if order.len() > MAX_PLACEMENTS
+                && let Some(oldest) = order.pop_front()
+            {
+                map.remove(&oldest);
+            }
+        }
+    }
 }
 
 fn hash(parts: &[&[u8]]) -> u64 {
@@ -114,6 +152,21 @@ mod tests {
         assert_eq!(by_header, key(&named, None));
         assert_ne!(score(1, "gpu-box", 1.0), score(1, "laptop", 1.0));
         assert_eq!(score(1, "gpu-box", 1.0), score(1, "gpu-box", 1.0));
+    }
+
+    #[test]
+    fn placements_are_per_user_and_bounded() {
+        let p = Placements::default();
+        p.put("alice", 7, "gpu-box");
+        assert_eq!(p.get("alice", 7).as_deref(), Some("gpu-box"));
+        assert_eq!(p.get("bob", 7), None);
+        p.put("alice", 7, "laptop");
+        assert_eq!(p.get("alice", 7).as_deref(), Some("laptop"));
+        for k in 0..MAX_PLACEMENTS as u64 {
+            p.put("bob", k, "mini");
+        }
+        assert_eq!(p.get("alice", 7), None, "the oldest is forgotten first");
+        assert_eq!(p.get("bob", 0).as_deref(), Some("mini"));
     }
 
     /// Of 10,000 conversations, a device four times as fast takes about

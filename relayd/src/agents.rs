@@ -245,7 +245,18 @@ async fn run(shared: Arc<Shared>, mut socket: AgentSocket, principal: Principal,
         // Another device of the user came in since the handshake's check.
         session.close(CloseReason::TooManyDevices);
     }
-    session.clone().run(socket, rx).await;
+    // Out of the route as soon as the link ends (a peer that stopped
+    // answering pings, a close), not once the close handshake is done: that
+    // may wait up to 2 s for a peer that is not there any more.
+    let run = session.clone().run(socket, rx);
+    tokio::pin!(run);
+    tokio::select! {
+        () = &mut run => {}
+        () = session.closed() => {
+            hub.remove(&session);
+            run.await;
+        }
+    }
     hub.remove(&session);
 }
 

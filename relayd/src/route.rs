@@ -123,7 +123,8 @@ fn holds(session: &Session, model: &str) -> Holds {
 fn by_model<'a>(
     sessions: &'a [Arc<Session>],
     model: &str,
-    affinity: Option<u64>,
+    ask: &Ask<'_>,
+    placements: &crate::affinity::Placements,
 ) -> Option<(&'a Arc<Session>, Why)> {
     let held: Vec<(Holds, usize, &Arc<Session>)> = sessions
         .iter()
@@ -140,8 +141,8 @@ fn by_model<'a>(
         Holds::Present => Why::Present,
         Holds::Unknown | Holds::Absent => Why::Unreported,
     };
-    let chosen = match affinity {
-        Some(key) => by_affinity(&equals, key),
+    let chosen = match ask.affinity {
+        Some(key) => by_affinity(&equals, ask.user, key, placements),
         None => least_busy(&equals),
     };
     chosen.map(|(_, s)| (*s, why))
@@ -156,16 +157,27 @@ fn speeds(equals: &[(usize, &Arc<Session>)]) -> Vec<f64> {
     measured.into_iter().map(|m| m.unwrap_or(fastest)).collect()
 }
 
-/// The conversation's device among `equals`: [`crate::affinity::score`].
+/// The conversation's device among `equals`: the one it went to before,
+/// when that one is among them; else [`crate::affinity::score`]'s pick,
+/// remembered.
 fn by_affinity<'s, 'a>(
     equals: &'s [(usize, &'a Arc<Session>)],
+    user: &str,
     key: u64,
+    placements: &crate::affinity::Placements,
 ) -> Option<&'s (usize, &'a Arc<Session>)> {
+    if let Some(device) = placements.get(user, key)
+        && let Some(before) = equals.iter().find(|(_, s)| *s.device == *device)
+    {
+        return Some(before);
+    }
     let scored = equals.iter().zip(speeds(equals));
-    scored
+    let chosen = scored
         .map(|(e, speed)| (crate::affinity::score(key, &e.1.device, speed), e))
         .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, e)| e)
+        .map(|(_, e)| e)?;
+    placements.put(user, key, &chosen.1.device);
+    Some(chosen)
 }
 
 /// Among equally good devices (with their age, oldest first): the fewest
@@ -228,6 +240,8 @@ pub struct Router {
     local: Hub,
     /// Requests routed among several devices, by why (as [`Why::ALL`]).
     routed: [std::sync::atomic::AtomicU64; 6],
+    /// Where conversations went.
+    placements: crate::affinity::Placements,
 }
 
 impl Router {
@@ -256,7 +270,7 @@ impl Router {
                 };
             }
             let route = match ask.model {
-                Some(model) => match by_model(sessions, model, ask.affinity) {
+                Some(model) => match by_model(sessions, model, &ask, &self.placements) {
                     Some((s, why)) => Route::Choice(s.clone(), why),
                     None => self.elsewhere(ask.user, model),
                 },
@@ -278,7 +292,7 @@ impl Router {
             let Some(first) = preferred(&others) else { return Route::Offline };
             self.count(Why::Failover);
             match ask.model {
-                Some(model) => match by_model(&others, model, ask.affinity) {
+                Some(model) => match by_model(&others, model, &ask, &self.placements) {
                     Some((s, _)) => Route::Local(s.clone()),
                     None => Route::NoModel(model.to_owned()),
                 },

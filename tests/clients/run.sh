@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end tests of the relay through the official Python clients (openai,
-# ollama). Run from the repository root:  bash tests/clients/run.sh
+# ollama), and the JavaScript ones for several devices per user. Run from the
+# repository root:  bash tests/clients/run.sh
 #
 # Environment:
 #   TUNNEL_BIN_DIR  where relayd, agentd and stand-in-ollama are
@@ -54,6 +55,13 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/clients/requirements.txt
+
+# The JavaScript clients (ollama, openai), pinned by package-lock.json.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "error: node and npm not found; install Node.js 20 or newer (Debian: apt-get install nodejs npm)" >&2
+    exit 1
+fi
+npm ci --prefix tests/clients/js --no-audit --no-fund --loglevel=error >/dev/null
 
 # Same as `python -m unittest -v tests.clients.test_clients`, plus a closing
 # `clients: N passed, N failed` line; non-zero exit when anything failed.

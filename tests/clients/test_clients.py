@@ -582,11 +582,13 @@ class ClientTests(unittest.TestCase):
         client = self.openai_client("alice", ALICE_CLIENT)
         chunks = list(self.openai_chat(client, stream=True))
         text = [c.choices[0].delta.content for c in chunks]
-        self.assertEqual(len(chunks), 8)
+        # 8 tokens, then the chunk that carries the finish reason.
+        self.assertEqual(len(chunks), 9)
         self.assertEqual(text[:3], FIRST_TOKENS)
-        self.assertTrue(all(text), text)
+        self.assertTrue(all(text[:-1]), text)
+        self.assertEqual([c.choices[0].finish_reason for c in chunks[-2:]], [None, "stop"])
         self.assertEqual(self.seen.statuses(), [200])
-        report("stream success / openai", f"{len(chunks)} chunks, ended cleanly: {''.join(text)!r}")
+        report("stream success / openai", f"{len(chunks)} chunks, finish_reason=stop: {''.join(text)!r}")
 
     def test_success_nonstream_openai(self):
         client = self.openai_client("alice", ALICE_CLIENT)
@@ -649,6 +651,21 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(e.exception.status_code, 404)
         self.assertEqual(e.exception.code, "model_not_found")
         report("two devices / openai", f"models={ids}; chat with each answered; mistral -> 404 {e.exception.code}")
+
+    def test_two_devices_javascript_clients(self):
+        """The ollama and openai JavaScript clients (tests/clients/js, installed
+        by run.sh) list erin's union and chat with each device's model."""
+        js = REPO / "tests" / "clients" / "js"
+        env = dict(os.environ, RELAY=FX.relay, TUNNEL_USER="erin", MODELS=",".join(ERIN_DEVICES.values()))
+        for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+            env.pop(proxy, None)
+        run = subprocess.run(
+            ["node", "two_devices.mjs"], cwd=js, env=env, capture_output=True, text=True, timeout=120
+        )
+        self.assertEqual(run.returncode, 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}")
+        lines = run.stdout.strip().splitlines()
+        self.assertEqual(len(lines), 2, run.stdout)
+        report("two devices / ollama and openai JavaScript", "; ".join(lines))
 
     # 8. CONNECT and TRACE cannot be sent by these clients: not tested here
     # (tests/tests/edge.rs covers them with raw HTTP).

@@ -62,6 +62,18 @@ pub struct StandInConfig {
     /// answers (requests that arrive meanwhile wait for the same load), and
     /// `/api/ps` lists the model from then on, as Ollama does.
     pub load_delay: Duration,
+    /// Other models it has (listed, answered, loaded with `loaded`).
+    pub extra_models: Vec<String>,
+    /// Sent back in an `x-stand-in` header on every answer, so that a
+    /// client behind a relay with several devices sees which one answered.
+    pub name: String,
+}
+
+impl StandInConfig {
+    /// Its models: `model`, then `extra_models`.
+    fn models(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.model).chain(&self.extra_models)
+    }
 }
 
 impl Default for StandInConfig {
@@ -73,6 +85,8 @@ impl Default for StandInConfig {
             loaded: false,
             only_its_model: false,
             load_delay: Duration::ZERO,
+            extra_models: Vec::new(),
+            name: String::new(),
         }
     }
 }
@@ -97,6 +111,8 @@ pub struct Events {
     warm: tokio::sync::Mutex<bool>,
     /// Cold loads done.
     loads: std::sync::atomic::AtomicUsize,
+    /// Models pulled (`POST /api/pull`) since it started, at most 64.
+    pulled: Mutex<Vec<String>>,
 }
 
 impl Events {
@@ -130,6 +146,12 @@ impl Events {
             self.loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             *warm = true;
         }
+    }
+
+    /// Every model it has: its configured ones, then those pulled.
+    fn models(&self, config: &StandInConfig) -> Vec<String> {
+        let pulled = self.pulled.lock().unwrap_or_else(PoisonError::into_inner);
+        config.models().chain(pulled.iter()).cloned().collect()
     }
 
     fn is_warm(&self) -> bool {
@@ -261,33 +283,54 @@ async fn handle(
     if !health_check {
         events.record_request(&method, &path);
     }
-    let resp = match (path.as_str(), get) {
-        ("/api/tags", true) => json_response(
-            StatusCode::OK,
-            &json!({
-                "models": [{ "name": config.model, "model": config.model, "size": 0, "digest": "0".repeat(64) }]
-            }),
-        ),
-        ("/v1/models", true) => json_response(
-            StatusCode::OK,
-            &json!({
-                "object": "list",
-                "data": [{ "id": config.model, "object": "model", "created": 0, "owned_by": "library" }]
-            }),
-        ),
+    let mut resp = match (path.as_str(), get) {
+        ("/api/tags", true) => {
+            let models: Vec<Value> = events
+                .models(&config)
+                .iter()
+                .map(|m| json!({ "name": m, "model": m, "size": 0, "digest": "0".repeat(64) }))
+                .collect();
+            json_response(StatusCode::OK, &json!({ "models": models }))
+        }
+        ("/v1/models", true) => {
+            let data: Vec<Value> = events
+                .models(&config)
+                .iter()
+                .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": "library" }))
+                .collect();
+            json_response(StatusCode::OK, &json!({ "object": "list", "data": data }))
+        }
+        ("/api/pull", false) if method == Method::POST => {
+            let body = read_json(req).await;
+            let named = body.get("model").or(body.get("name")).and_then(Value::as_str);
+            match named.map(tagged) {
+                Some(model) => {
+                    let mut pulled = events.pulled.lock().unwrap_or_else(PoisonError::into_inner);
+                    if !pulled.contains(&model) && pulled.len() < 64 {
+                        pulled.push(model);
+                    }
+                    drop(pulled);
+                    json_response(StatusCode::OK, &json!({ "status": "success" }))
+                }
+                None => {
+                    json_response(StatusCode::BAD_REQUEST, &json!({ "error": "model is required" }))
+                }
+            }
+        }
         ("/api/version", true) => {
             json_response(StatusCode::OK, &json!({ "version": "0.0.0-stand-in" }))
         }
         ("/api/ps", true) => {
-            let warm = config.loaded || events.is_warm();
-            let loaded: &[&str] = if warm { &[config.model.as_str()] } else { &[] };
-            let models: Vec<Value> =
-                loaded.iter().map(|m| json!({ "name": m, "model": m })).collect();
+            let models: Vec<Value> = if config.loaded || events.is_warm() {
+                config.models().map(|m| json!({ "name": m, "model": m })).collect()
+            } else {
+                Vec::new()
+            };
             json_response(StatusCode::OK, &json!({ "models": models }))
         }
         ("/api/chat" | "/api/generate", false) if method == Method::POST => {
             let body = read_json(req).await;
-            match not_its_model(&config, &body) {
+            match not_its_model(&config, &events, &body) {
                 Some(model) => json_response(
                     StatusCode::NOT_FOUND,
                     &json!({ "error": format!("model {model:?} not found, try pulling it first") }),
@@ -300,7 +343,7 @@ async fn handle(
         }
         ("/v1/chat/completions", false) if method == Method::POST => {
             let body = read_json(req).await;
-            match not_its_model(&config, &body) {
+            match not_its_model(&config, &events, &body) {
                 Some(model) => json_response(
                     StatusCode::NOT_FOUND,
                     &json!({ "error": { "message": format!("model {model:?} not found"), "type": "api_error", "code": "model_not_found" } }),
@@ -385,6 +428,11 @@ async fn handle(
             &json!({ "error": format!("{method} {path} not found") }),
         ),
     };
+    if let Ok(name) = http::HeaderValue::from_str(&config.name)
+        && !config.name.is_empty()
+    {
+        resp.headers_mut().insert("x-stand-in", name);
+    }
     Ok(resp)
 }
 
@@ -475,11 +523,16 @@ fn failing(mut resp: Resp) -> Resp {
 
 /// The model a request names when the stand-in answers only its own and
 /// this is another (a name without a tag is `:latest`).
-fn not_its_model(config: &StandInConfig, body: &Value) -> Option<String> {
+fn not_its_model(config: &StandInConfig, events: &Events, body: &Value) -> Option<String> {
     let named = body.get("model").and_then(Value::as_str).unwrap_or_default();
-    let full = if named.contains(':') { named.to_owned() } else { format!("{named}:latest") };
-    (config.only_its_model && full != config.model && named != config.model)
-        .then(|| named.to_owned())
+    let full = tagged(named);
+    let has = |m: &String| *m == full || m == named;
+    (config.only_its_model && !events.models(config).iter().any(has)).then(|| named.to_owned())
+}
+
+/// A model name as Ollama reads it: without a tag, `:latest`.
+fn tagged(name: &str) -> String {
+    if name.contains(':') { name.to_owned() } else { format!("{name}:latest") }
 }
 
 fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: Value) -> Resp {
@@ -495,9 +548,18 @@ fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: V
             }),
         );
     }
+    // Tokens, then a chunk with the finish reason and no content, then
+    // `[DONE]`, as Ollama's OpenAI endpoint streams them.
     let event = move |i: usize| {
-        if i == n {
+        if i == n + 1 {
             return Bytes::from_static(b"data: [DONE]\n\n");
+        }
+        if i == n {
+            let chunk = json!({
+                "id": "chatcmpl-standin", "object": "chat.completion.chunk", "model": model,
+                "choices": [{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": "stop" }]
+            });
+            return Bytes::from(format!("data: {chunk}\n\n"));
         }
         let chunk = json!({
             "id": "chatcmpl-standin", "object": "chat.completion.chunk", "model": model,
@@ -516,7 +578,7 @@ fn openai(config: &Arc<StandInConfig>, events: &Arc<Events>, path: &str, body: V
             n,
         )),
         None => {
-            stream_response(config.token_delay, events, path, "text/event-stream", n + 1, event, n)
+            stream_response(config.token_delay, events, path, "text/event-stream", n + 2, event, n)
         }
     }
 }

@@ -163,8 +163,10 @@ async fn openai_sse_streams_events_and_ends_with_done() {
     assert_eq!(resp.headers()["cache-control"], "no-cache");
     let text = resp.text().await.expect("body");
     let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
-    assert_eq!(events.len(), 5, "{text}");
+    // Four tokens, the finish reason, [DONE].
+    assert_eq!(events.len(), 6, "{text}");
     assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    assert!(events[4].contains(r#""finish_reason":"stop""#), "{text}");
     let content: String = events[..4]
         .iter()
         .map(|e| {

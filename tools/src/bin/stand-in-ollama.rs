@@ -27,6 +27,12 @@ struct Args {
     /// model is loaded from then on.
     #[arg(long, default_value_t = 0)]
     load_delay_ms: u64,
+    /// Another model it has (repeat for more).
+    #[arg(long = "also")]
+    also: Vec<String>,
+    /// A name sent back in an `x-stand-in` header on every answer.
+    #[arg(long, default_value = "")]
+    name: String,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -39,6 +45,8 @@ async fn main() -> anyhow::Result<()> {
         only_its_model: args.only_its_model,
         loaded: args.loaded,
         load_delay: Duration::from_millis(args.load_delay_ms),
+        extra_models: args.also,
+        name: args.name,
         ..Default::default()
     };
     let _standin = tunnel_tests::StandIn::serve(listener, config);

@@ -24,6 +24,9 @@ use tools::procs::{bin_dir, machine};
 
 mod bulk;
 mod cost;
+mod devices;
+mod devices_load;
+mod devices_phases;
 mod fan_in;
 mod rig;
 mod slow_reader;
@@ -36,6 +39,9 @@ mod trace;
 
 pub(crate) use bulk::*;
 pub(crate) use cost::*;
+pub(crate) use devices::*;
+pub(crate) use devices_load::*;
+pub(crate) use devices_phases::*;
 pub(crate) use fan_in::*;
 pub(crate) use rig::*;
 pub(crate) use slow_reader::*;
@@ -99,6 +105,10 @@ pub(crate) enum Scenario {
     Storm,
     /// Small requests with and without a trace subscriber that never reads.
     Trace,
+    /// One user with three devices holding different models: routing by
+    /// model, stickiness, a device killed and one frozen, a pulled model,
+    /// and routing's CPU against one device.
+    Devices,
     /// Instructions relayd and agentd spend per request and per streamed
     /// token, under valgrind (what `.ci/cost` holds to its baseline; not
     /// part of `all`).
@@ -107,7 +117,7 @@ pub(crate) enum Scenario {
     All,
 }
 
-pub(crate) const ALL: [Scenario; 8] = [
+pub(crate) const ALL: [Scenario; 9] = [
     Scenario::Small,
     Scenario::Stream,
     Scenario::Bulk,
@@ -116,6 +126,7 @@ pub(crate) const ALL: [Scenario; 8] = [
     Scenario::Streams,
     Scenario::Storm,
     Scenario::Trace,
+    Scenario::Devices,
 ];
 
 impl Scenario {
@@ -129,6 +140,7 @@ impl Scenario {
             Scenario::Streams => "streams",
             Scenario::Storm => "storm",
             Scenario::Trace => "trace",
+            Scenario::Devices => "devices",
             Scenario::Cost => "cost",
             Scenario::All => "all",
         }
@@ -174,6 +186,7 @@ async fn main() -> Result<()> {
             Scenario::Streams => streams(&bin, &args).await,
             Scenario::Storm => storm(&bin, &args).await,
             Scenario::Trace => trace(&bin, &args).await,
+            Scenario::Devices => devices(&bin, &args).await,
             Scenario::Cost => cost(&bin, &args).await,
             Scenario::All => unreachable!("expanded above"),
         }

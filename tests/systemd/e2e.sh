@@ -415,7 +415,7 @@ else
     if [ -z "$MIRROR" ] && [ -f /etc/apt/sources.list ]; then
         MIRROR=$(awk '$1=="deb" && $2 !~ /^\[/ {print $2; exit}' /etc/apt/sources.list)
     fi
-    MIRROR=${MIRROR:-http://deb.debian.org/debian}
+    [ -n "$MIRROR" ] || fail "no Debian mirror in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list: set E2E_MIRROR to one"
     rm -rf --one-file-system -- "$ROOTFS.partial"
     mkdir -p "$(dirname "$ROOTFS")"
     t=$(date +%s)

@@ -102,6 +102,7 @@ pub fn status(agent: &Agent) -> pb::AgentStatus {
             checked_unix_ms: ms(service.checked),
             models_loaded: service.models,
             models_available: service.available,
+            models_loading: agent.models_loading(),
         }),
         requests: requests.received,
         refused: requests.refused,

@@ -20,6 +20,7 @@ pub mod credential;
 pub mod enroll;
 pub mod enrollment;
 pub mod inventory;
+mod loading;
 mod metrics;
 pub mod pin;
 pub mod policy;
@@ -194,6 +195,11 @@ impl Agent {
     }
 
     /// The local service as last checked.
+    /// The models requests are loading now.
+    pub fn models_loading(&self) -> Vec<String> {
+        self.shared.upstream.loading.models()
+    }
+
     pub fn service_health(&self) -> ServiceHealth {
         self.shared.service.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }

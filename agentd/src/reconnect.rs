@@ -221,10 +221,7 @@ fn serve(
         s.last_error = None;
     });
     shared.set_current(Some(session.clone()));
-    let seen = shared.service.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    if seen.checked.is_some() {
-        session.report_service(&seen, &shared.config.routing);
-    }
+    shared.report_service();
     let renewing = SessionRenew { shared: shared.clone(), session: session.clone() };
     let keeper = renew::keep_authorized(Arc::new(renewing), session.id.clone());
     let run = session.clone().run(conn.socket, rx, stop.clone());

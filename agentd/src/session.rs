@@ -147,9 +147,9 @@ impl Session {
     }
 
     /// Tells the relay what the agent saw of its local service.
-    pub fn report_service(&self, health: &crate::ServiceHealth, routing: &crate::config::Routing) {
+    pub fn report_service(&self, report: tunnel_proto::ServiceState) {
         if self.service_reports {
-            self.link.push_urgent(Message::Service(health.report(routing)));
+            self.link.push_urgent(Message::Service(report));
         }
     }
 

@@ -28,25 +28,32 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 /// service up (or down) against what that check said.
 const RECHECK_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
-/// Checks the local service every [`HEALTH_INTERVAL`] until `stop`.
+/// Checks the local service every [`HEALTH_INTERVAL`] until `stop`; tells
+/// the relay between checks when the models requests are loading change.
 pub(crate) async fn watch_service(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         let health = crate::inventory::check(&shared.upstream).await;
-        if let Some(session) = shared.current() {
-            session.report_service(&health, &shared.config.routing);
-        }
         shared
             .upstream
             .seen_reachable
             .store(health.reachable, std::sync::atomic::Ordering::Relaxed);
+        shared.upstream.loading.set_loaded(&health.models);
         *shared.service.lock().unwrap_or_else(PoisonError::into_inner) = health;
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
-            // A request found the service in another state than the last
-            // check: look again now, but not more than once a second.
-            () = shared.upstream.recheck.notified() => {
-                tokio::time::sleep(RECHECK_AT_MOST_EVERY).await;
+        shared.report_service();
+        let next = tokio::time::sleep(HEALTH_INTERVAL);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = &mut next => break,
+                // A request found the service in another state than the
+                // last check: look again now, but not more than once a
+                // second.
+                () = shared.upstream.recheck.notified() => {
+                    tokio::time::sleep(RECHECK_AT_MOST_EVERY).await;
+                    break;
+                }
+                () = shared.upstream.loading.changed.notified() => shared.report_service(),
             }
         }
     }
@@ -129,6 +136,17 @@ impl Shared {
     /// Uses the token file's content when it changed since last read.
     pub(crate) fn adopt_fresh_file_token(&self) -> bool {
         self.credential.adopt_from_file(self.config.token_file.as_deref())
+    }
+
+    /// Tells the relay, when connected, what the last check found of the
+    /// local service and which models requests are loading.
+    pub(crate) fn report_service(&self) {
+        let Some(session) = self.current() else { return };
+        let health = self.service.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if health.checked.is_some() {
+            let loading = self.upstream.loading.models();
+            session.report_service(health.report(&loading, &self.config.routing));
+        }
     }
 
     /// Falls back to the configured token after the relay refused the

@@ -62,6 +62,8 @@ pub struct Upstream {
     /// the relay's health answer do not lag a service that came or went).
     pub seen_reachable: std::sync::atomic::AtomicBool,
     pub recheck: tokio::sync::Notify,
+    /// Models requests are loading.
+    pub loading: Arc<crate::loading::Loading>,
 }
 
 impl Upstream {
@@ -85,6 +87,7 @@ impl Upstream {
             pool,
             seen_reachable: std::sync::atomic::AtomicBool::new(false),
             recheck: tokio::sync::Notify::new(),
+            loading: Arc::default(),
         }
     }
 
@@ -237,12 +240,24 @@ async fn exchange(
         };
     }
     let uri = origin_form(&req.path);
+    // A request that runs a model may load it: its body's first chunk says
+    // which, and the load lasts until the service answers.
+    let load: Option<LoadSlot> = (req.method == http::Method::POST
+        && daemon::model::runs_a_model(req.path.path()))
+    .then(Arc::default);
+    let sniff = load.clone().map(|slot| Sniff { loading: upstream.loading.clone(), slot });
     let upstream_body = match (req.body, body) {
         (RequestBody::Streamed, Some(inbox)) => Either::Right(Counted::new(
             InboxBody::new(inbox, stream.credit()),
             span.upload_counter(),
+            sniff,
         )),
-        (RequestBody::Inline(b), _) => Either::Left(Full::new(b)),
+        (RequestBody::Inline(b), _) => {
+            if let Some(sniff) = sniff {
+                sniff.first_chunk(&b);
+            }
+            Either::Left(Full::new(b))
+        }
         (RequestBody::Streamed, None) => Either::Left(Full::new(Bytes::new())),
     };
     let mut out = Request::new(upstream_body);
@@ -273,6 +288,11 @@ async fn exchange(
     // What crosses the tunnel says what happened, never where: the web
     // side must not learn the desktop's addresses or library errors. The
     // detail stays in this log.
+    if let Some(guard) = load.and_then(|slot| lock(&slot).take())
+        && matches!(&answered, Ok(r) if r.status().is_success())
+    {
+        guard.loaded();
+    }
     let reachable = match &answered {
         Ok(_) => true,
         Err(e) => !e.is_connect(),
@@ -365,15 +385,38 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 /// relay (its bytes counted for the request's span).
 pub type UpstreamBody = Either<Full<Bytes>, Counted>;
 
+/// Where a request's load is held until the service answers.
+type LoadSlot = Arc<std::sync::Mutex<Option<crate::loading::LoadGuard>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads the model a request's first body chunk names, and starts its
+/// load when it is not in memory.
+struct Sniff {
+    loading: Arc<crate::loading::Loading>,
+    slot: LoadSlot,
+}
+
+impl Sniff {
+    fn first_chunk(self, chunk: &[u8]) {
+        if let Some(guard) = crate::loading::model_in(chunk).and_then(|m| self.loading.start(&m)) {
+            *lock(&self.slot) = Some(guard);
+        }
+    }
+}
+
 /// A streamed request body that counts the bytes the local service took.
 pub struct Counted {
     inner: InboxBody,
     count: Arc<AtomicU64>,
+    sniff: Option<Sniff>,
 }
 
 impl Counted {
-    fn new(inner: InboxBody, count: Arc<AtomicU64>) -> Self {
-        Self { inner, count }
+    fn new(inner: InboxBody, count: Arc<AtomicU64>, sniff: Option<Sniff>) -> Self {
+        Self { inner, count, sniff }
     }
 }
 
@@ -390,6 +433,9 @@ impl http_body::Body for Counted {
             && let Some(d) = f.data_ref()
         {
             self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            if let Some(sniff) = self.sniff.take() {
+                sniff.first_chunk(d);
+            }
         }
         polled
     }

@@ -32,6 +32,7 @@ pub mod control;
 pub mod held;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod observe;
 pub mod process;

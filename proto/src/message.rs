@@ -115,6 +115,15 @@ pub struct ServiceState {
     pub available: Vec<String>,
     /// When it was checked (RFC 3339).
     pub checked_at: String,
+    /// What the service told of its models' sizes and context lengths, for
+    /// those it told anything of. At most [`MAX_SERVICE_AVAILABLE`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<ModelDetail>,
+    /// Models requests the agent carried are loading now: the service has
+    /// not answered them yet, and the model was not in memory. At most
+    /// [`MAX_SERVICE_MODELS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loading: Vec<String>,
     /// The owner's preference for this device among the user's devices
     /// (agentd's `[routing] priority`): higher first where devices are
     /// otherwise equal. 0 when absent; at most [`MAX_PRIORITY`] either way.
@@ -125,6 +134,19 @@ pub struct ServiceState {
     /// (agentd's `[routing] wait_for_load = false`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub spread_loads: bool,
+}
+
+/// What a service told of one of its models.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelDetail {
+    pub name: String,
+    /// Bytes on disk (Ollama's `GET /api/tags`, `size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// The context length it runs with, in tokens, while loaded (Ollama's
+    /// `GET /api/ps`, `context_length`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u64>,
 }
 
 /// The largest device priority, either way.

@@ -51,16 +51,28 @@ impl DeviceState {
         self.service_lock().as_ref().map_or(0, |s| s.priority)
     }
 
-    /// Whether a request this relay sent is loading `model` here, and the
-    /// owner lets others wait for it (no `spread_loads`).
+    /// Whether a request is loading `model` here (one this relay sent, or
+    /// one the agent reports), and the owner lets others wait for it (no
+    /// `spread_loads`).
     pub fn loading(&self, model: &str) -> bool {
-        let spread = self.service_lock().as_ref().is_some_and(|s| s.spread_loads);
-        !spread && self.loads_lock().iter().any(|(m, _)| crate::model::same_model(m, model))
+        let same = |m: &String| daemon::model::same_model(m, model);
+        let (spread, reported) = match self.service_lock().as_ref() {
+            Some(s) => (s.spread_loads, s.loading.iter().any(same)),
+            None => (false, false),
+        };
+        !spread && (reported || self.loads_lock().iter().any(|(m, _)| same(m)))
     }
 
-    /// The models requests are loading here now.
+    /// The models requests are loading here now: those this relay sent,
+    /// then those the agent reports.
     pub fn loads(&self) -> Vec<String> {
-        self.loads_lock().iter().map(|(m, _)| m.clone()).collect()
+        let mut models: Vec<String> = self.loads_lock().iter().map(|(m, _)| m.clone()).collect();
+        if let Some(s) = self.service_lock().as_ref() {
+            models.extend(
+                s.loading.iter().filter(|m| !models.contains(m)).cloned().collect::<Vec<_>>(),
+            );
+        }
+        models
     }
 
     /// A request for `model`, which the device has on disk but not in

@@ -182,7 +182,7 @@ async fn crossing(
             let read =
                 upload::read_whole(ClientBody::Left(body), config.legacy_max_body, idle, too_large);
             let bytes = read.await?;
-            let model = crate::model::named_models(&bytes).ok().and_then(|m| m.into_iter().next());
+            let model = daemon::model::named_models(&bytes).ok().and_then(|m| m.into_iter().next());
             affinity = crate::affinity::key(&parts.headers, Some(&bytes));
             (ClientBody::Right(http_body_util::Full::new(bytes)), model)
         }
@@ -215,20 +215,11 @@ async fn crossing(
 /// details on Ollama's API and OpenAI's. Pulls, pushes, copies and deletes
 /// name a model too, but no device need have it: they go to the newest.
 fn names_a_model(parts: &Parts, path: &str, max: usize) -> bool {
-    const PATHS: &[&str] = &[
-        "/api/chat",
-        "/api/generate",
-        "/api/embed",
-        "/api/embeddings",
-        "/api/show",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-    ];
     let declared =
         parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    parts.method == Method::POST && PATHS.contains(&path) && declared.is_some_and(|n| n <= max)
+    parts.method == Method::POST
+        && daemon::model::runs_a_model(path)
+        && declared.is_some_and(|n| n <= max)
 }
 
 /// Whether a web client's header field stays at the relay: the relay's own
@@ -266,7 +257,7 @@ async fn models_checked(
     .await?;
     // What is checked is what is forwarded: these very bytes, read the way
     // the desktop's server will read them.
-    let models = crate::model::named_models(&bytes)
+    let models = daemon::model::named_models(&bytes)
         .map_err(|e| Failure::refused(StatusCode::BAD_REQUEST, e.to_string()))?;
     if let Some(m) = models.iter().find(|m| !scope.allows_model(m)) {
         return Err(Failure::Forbidden(format!("this share token does not cover the model {m:?}")));

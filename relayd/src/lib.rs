@@ -28,7 +28,6 @@ mod hub;
 pub mod identity;
 mod listener;
 mod metrics;
-mod model;
 mod response;
 mod revocations;
 mod route;

@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime};
 use tunnel_proto::ServiceState;
 
 use crate::hub::Hub;
-pub use crate::model::same_model;
 use crate::session::Session;
+pub use daemon::model::same_model;
 
 /// What a request asks of the router.
 #[derive(Debug, Clone, Copy)]

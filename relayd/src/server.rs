@@ -227,7 +227,8 @@ fn health(agents: Vec<AgentStatus>, user: &str) -> Response<RelayBody> {
 }
 
 /// Each model a device has once, with its state: `loaded` (in memory),
-/// `loading` (for a request this relay sent), `on_disk`.
+/// `loading` (for a request not answered yet), `on_disk`; and its `size`
+/// and `context_length` where the service told them.
 fn model_states(service: &tunnel_proto::ServiceState, loading: &[String]) -> serde_json::Value {
     let state = |name: &str| {
         if service.models.iter().any(|m| m == name) {
@@ -242,7 +243,22 @@ fn model_states(service: &tunnel_proto::ServiceState, loading: &[String]) -> ser
         service.models.iter().chain(loading).chain(&service.available).collect();
     let mut seen = std::collections::HashSet::new();
     names.retain(|n| seen.insert(n.as_str()));
-    names.iter().map(|n| serde_json::json!({ "name": n, "state": state(n) })).collect()
+    let detail = |name: &str| service.details.iter().find(|d| d.name == name);
+    names
+        .iter()
+        .map(|n| {
+            let mut v = serde_json::json!({ "name": n, "state": state(n) });
+            if let Some(d) = detail(n) {
+                if let Some(size) = d.size {
+                    v["size"] = size.into();
+                }
+                if let Some(context) = d.context_length {
+                    v["context_length"] = context.into();
+                }
+            }
+            v
+        })
+        .collect()
 }
 
 fn agent_json(a: &AgentStatus) -> serde_json::Value {

@@ -540,3 +540,68 @@ async fn the_faster_device_is_preferred_once_measured() {
     };
     assert!(speed("gpu-box") > 2.0 * speed("laptop"), "{devices:?}");
 }
+
+/// An agent whose service is loading a model for a request says so: its
+/// `tunnelctl status` (models loading) and the relay's health answer show
+/// it until the service answers, also with one device, where the relay
+/// itself chose nothing.
+#[tokio::test]
+async fn an_agent_reports_a_model_its_service_is_loading() {
+    init_logging();
+    let cold = StandIn::start(StandInConfig {
+        model: "llama3.2:latest".into(),
+        load_delay: std::time::Duration::from_millis(800),
+        ..StandInConfig::default()
+    })
+    .await
+    .expect("stand-in");
+    let relay = TestRelay::start(&["alice"]).await;
+    let secret =
+        relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue").secret;
+    let agent = agent(&relay, &cold, secret).await;
+    reported(&relay, 1).await;
+    let chat = tokio::spawn(chat_owned(relay.tunnel_url("alice", "/api/chat")));
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let body: Value = http
+            .get(relay.tunnel_url("alice", "/health"))
+            .send()
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("JSON");
+        let states = body["service"]["models"].as_array().cloned().unwrap_or_default();
+        if states.contains(&json!({ "name": "llama3.2", "state": "loading" })) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no load reported: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(agent.agent.models_loading(), ["llama3.2"]);
+    assert_eq!(chat.await.expect("chat"), 200);
+    assert!(agent.agent.models_loading().is_empty(), "answered: loaded");
+    // The report that the load ended reaches the relay too.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let body: Value = http
+            .get(relay.tunnel_url("alice", "/health"))
+            .send()
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("JSON");
+        if body["service"]["models_loading"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the load stayed: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+async fn chat_owned(url: String) -> u16 {
+    let body = json!({ "model": "llama3.2", "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
+    reqwest::Client::new().post(url).json(&body).send().await.expect("chat").status().as_u16()
+}

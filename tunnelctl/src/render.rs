@@ -187,9 +187,13 @@ pub fn agent_status(s: &pb::AgentStatus, now: SystemTime) -> String {
                 [] => "none loaded".to_owned(),
                 names => format!("loaded: {}", names.join(", ")),
             };
+            let loading = match svc.models_loading.as_slice() {
+                [] => String::new(),
+                names => format!(", loading: {}", names.join(", ")),
+            };
             rows.push((
                 "models",
-                format!("{} on the service, {loaded}", svc.models_available.len()),
+                format!("{} on the service, {loaded}{loading}", svc.models_available.len()),
             ));
         }
     }
@@ -225,6 +229,7 @@ pub fn agent_status_json(s: &pb::AgentStatus) -> Value {
             "url": svc.url, "reachable": svc.reachable, "version": svc.version,
             "error": svc.error, "checked_unix_ms": svc.checked_unix_ms,
             "models_loaded": svc.models_loaded, "models_available": svc.models_available,
+            "models_loading": svc.models_loading,
         },
         "requests": s.requests,
         "refused": s.refused,
@@ -437,6 +442,7 @@ mod tests {
                 checked_unix_ms: NOW - 12_000,
                 models_loaded: vec!["llama3.2:latest".into()],
                 models_available: vec!["llama3.2:latest".into(), "qwen2.5:7b".into()],
+                models_loading: vec!["qwen2.5:7b".into()],
             }),
             requests: 120,
             refused: 3,
@@ -455,7 +461,7 @@ agentd 0.1.0: connected
   credential     expires 2026-11-30 01:38:20 (in 45m 0s; renewed by itself)
   relay key      sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU= (pinned)
   local service  http://127.0.0.1:11434/ reachable, version 0.13.0 (checked 12s ago)
-  models         2 on the service, loaded: llama3.2:latest
+  models         2 on the service, loaded: llama3.2:latest, loading: qwen2.5:7b
   requests       120 taken, 3 refused by the endpoint policy
 "
         );

@@ -62,14 +62,17 @@ impl Message {
                 validate_opt_time(Some(&s.checked_at))?;
                 let short = |t: &str| t.len() <= 256 && !t.chars().any(char::is_control);
                 if s.models.len() > MAX_SERVICE_MODELS
+                    || s.loading.len() > MAX_SERVICE_MODELS
                     || s.available.len() > MAX_SERVICE_AVAILABLE
-                    || !s.models.iter().chain(&s.available).all(|m| short(m))
+                    || s.details.len() > MAX_SERVICE_AVAILABLE
+                    || !s.models.iter().chain(&s.loading).chain(&s.available).all(|m| short(m))
+                    || !s.details.iter().all(|d| short(&d.name))
                     || !s.version.as_deref().is_none_or(short)
                     || s.priority.abs() > MAX_PRIORITY
                 {
                     return Err(ProtocolError::new(
                         Violation::MalformedMessage,
-                        "service: at most 64 models loaded and 512 available, names and version of at most 256 bytes without control characters, priority within -1000..=1000",
+                        "service: at most 64 models loaded, 64 loading and 512 available (and details), names and version of at most 256 bytes without control characters, priority within -1000..=1000",
                     ));
                 }
                 Ok(())

@@ -1,5 +1,6 @@
 //! The model a request body names, read with the meaning the desktop's
-//! server will give it.
+//! server will give it: the relay routes and scopes by it, the agent
+//! tells a model being loaded by it.
 //!
 //! Ollama (and its OpenAI-compatible routes) decodes bodies with Go's
 //! `encoding/json`: a key matches a field whatever its case, and the last
@@ -14,6 +15,25 @@ use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+/// The endpoints whose `POST` body names the model they run (Ollama's and
+/// OpenAI's inference endpoints, and Ollama's `show`).
+pub const RUNS_A_MODEL: &[&str] = &[
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/show",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+];
+
+/// Whether a `POST` to `path` (without its query) names a model in its body.
+pub fn runs_a_model(path: &str) -> bool {
+    RUNS_A_MODEL.contains(&path)
+}
 
 /// The top-level keys that name a model, compared as Go compares them.
 const MODEL_KEYS: [&str; 2] = ["model", "name"];

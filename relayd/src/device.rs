@@ -121,6 +121,38 @@ impl Drop for Load<'_> {
     }
 }
 
+/// Most device names counted one by one in [`Tally`]; the rest count as
+/// `other`.
+pub const MAX_TALLIED: usize = 64;
+
+/// Requests routed to each device name among a user's devices, across
+/// users (metrics carry no user): the first [`MAX_TALLIED`] names seen,
+/// then `other`.
+#[derive(Debug, Default)]
+pub struct Tally(Mutex<Vec<(String, u64)>>);
+
+impl Tally {
+    pub fn add(&self, device: &str) {
+        let mut names = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let name = if names.len() < MAX_TALLIED || names.iter().any(|(n, _)| n == device) {
+            device
+        } else {
+            "other"
+        };
+        match names.iter_mut().find(|(n, _)| n == name) {
+            Some((_, count)) => *count += 1,
+            None => names.push((name.to_owned(), 1)),
+        }
+    }
+
+    /// Each name with its count, sorted by name.
+    pub fn counts(&self) -> Vec<(String, u64)> {
+        let mut names = self.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        names.sort();
+        names
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +182,21 @@ mod tests {
         d.set_service(ServiceState { spread_loads: true, ..ServiceState::default() });
         let _load = d.start_load("m").unwrap();
         assert!(!d.loading("m"));
+    }
+
+    #[test]
+    fn device_names_past_the_bound_count_as_other() {
+        let t = Tally::default();
+        for i in 0..MAX_TALLIED {
+            t.add(&format!("d{i:02}"));
+        }
+        t.add("d00");
+        t.add("one-more");
+        t.add("and-another");
+        let counts = t.counts();
+        assert_eq!(counts.len(), MAX_TALLIED + 1);
+        assert!(counts.contains(&("d00".into(), 2)));
+        assert!(counts.contains(&("other".into(), 2)));
     }
 
     #[test]

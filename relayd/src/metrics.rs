@@ -44,6 +44,14 @@ pub fn render(shared: &Shared) -> String {
     for (why, n) in shared.router.routed() {
         out.labelled("relayd_routed_total", &[("why", why.as_str())], n);
     }
+    out.family(
+        "relayd_routed_device_total",
+        "counter",
+        "Requests routed among several devices of a user, by device name across users (no user label; the first 64 names, then other).",
+    );
+    for (device, n) in shared.router.routed_by_device() {
+        out.labelled("relayd_routed_device_total", &[("device", &device)], n);
+    }
     shared.observer.render("relayd", &mut out);
     out.finish()
 }

@@ -242,6 +242,8 @@ pub struct Router {
     routed: [std::sync::atomic::AtomicU64; 6],
     /// Where conversations went.
     placements: crate::affinity::Placements,
+    /// Requests routed among several devices, by device name.
+    by_device: crate::device::Tally,
 }
 
 impl Router {
@@ -276,8 +278,9 @@ impl Router {
                 },
                 None => Route::Choice(preferred(sessions).unwrap_or(newest).clone(), Why::NoModel),
             };
-            if let Route::Choice(_, why) = &route {
+            if let Route::Choice(s, why) = &route {
                 self.count(*why);
+                self.by_device.add(&s.device);
             }
             route
         })
@@ -293,10 +296,16 @@ impl Router {
             self.count(Why::Failover);
             match ask.model {
                 Some(model) => match by_model(&others, model, &ask, &self.placements) {
-                    Some((s, _)) => Route::Local(s.clone()),
+                    Some((s, _)) => {
+                        self.by_device.add(&s.device);
+                        Route::Local(s.clone())
+                    }
                     None => Route::NoModel(model.to_owned()),
                 },
-                None => Route::Local(first.clone()),
+                None => {
+                    self.by_device.add(&first.device);
+                    Route::Local(first.clone())
+                }
             }
         })
     }
@@ -320,6 +329,12 @@ impl Router {
     /// Requests routed among several devices so far, by why.
     pub fn routed(&self) -> impl Iterator<Item = (Why, u64)> + '_ {
         Why::ALL.into_iter().zip(&self.routed).map(|(w, n)| (w, n.load(Ordering::Relaxed)))
+    }
+
+    /// Requests routed among several devices so far, by device name
+    /// ([`crate::device::Tally`]).
+    pub fn routed_by_device(&self) -> Vec<(String, u64)> {
+        self.by_device.counts()
     }
 
     fn count(&self, why: Why) {

@@ -26,22 +26,32 @@ async fn agent_with(
     .await
 }
 
-/// Alice's devices in her health answer, once `n` of them reported what
-/// their services have (bounded: [`WAIT`]).
-async fn reported(relay: &TestRelay, n: usize) -> Vec<Value> {
+/// Alice's health answer once `done` holds for it (bounded: [`WAIT`]).
+async fn health_until(relay: &TestRelay, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let http = reqwest::Client::new();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let resp = http.get(relay.tunnel_url("alice", "/health")).send().await.expect("health");
         let body: Value = resp.json().await.expect("JSON");
-        let devices = body["devices"].as_array().cloned().unwrap_or_default();
-        let reported = |d: &Value| d["service"]["models_available"].is_array();
-        if devices.len() == n && devices.iter().all(reported) {
-            return devices;
+        if done(&body) {
+            return body;
         }
-        assert!(std::time::Instant::now() < deadline, "{n} devices reported: {body}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(std::time::Instant::now() < deadline, "{what}: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+/// Alice's devices in her health answer, once `n` of them reported what
+/// their services have (bounded: [`WAIT`]).
+async fn reported(relay: &TestRelay, n: usize) -> Vec<Value> {
+    let devices = |body: &Value| body["devices"].as_array().cloned().unwrap_or_default();
+    let reported = |d: &Value| d["service"]["models_available"].is_array();
+    let body = health_until(relay, &format!("{n} devices reported"), |body| {
+        let devices = devices(body);
+        devices.len() == n && devices.iter().all(reported)
+    })
+    .await;
+    devices(&body)
 }
 
 /// A stand-in Ollama that has `model`, loaded in memory or not.
@@ -252,6 +262,9 @@ async fn a_request_goes_to_the_device_that_has_its_model() {
     let metrics = relay.relay.metrics();
     assert!(metrics.contains("relayd_routed_total{why=\"model_present\"} 2"), "{metrics}");
     assert!(metrics.contains("relayd_routed_total{why=\"model_loaded\"} 9"), "{metrics}");
+    // And where, by device (no user label).
+    assert!(metrics.contains("relayd_routed_device_total{device=\"gpu-box\"} 5"), "{metrics}");
+    assert!(metrics.contains("relayd_routed_device_total{device=\"laptop\"} 6"), "{metrics}");
 }
 
 #[tokio::test]
@@ -403,9 +416,13 @@ async fn a_model_only_a_device_that_left_has_asks_the_client_to_come_back() {
 
 /// Chats with `model` (not streamed, so that they can run concurrently).
 async fn chat(relay: &TestRelay, model: &str) -> u16 {
+    chat_to(relay.tunnel_url("alice", "/api/chat"), model.to_owned()).await
+}
+
+/// [`chat`] at `url`, owning what it needs (for a task of its own).
+async fn chat_to(url: String, model: String) -> u16 {
     let body = json!({ "model": model, "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
-    let resp = reqwest::Client::new().post(relay.tunnel_url("alice", "/api/chat")).json(&body);
-    resp.send().await.expect("chat").status().as_u16()
+    reqwest::Client::new().post(url).json(&body).send().await.expect("chat").status().as_u16()
 }
 
 /// Requests for a model one device is loading wait for that load instead
@@ -425,37 +442,21 @@ async fn requests_for_a_model_being_loaded_wait_for_that_load() {
     let (a, b) = (cold(0).await.expect("stand-in"), cold(1).await.expect("stand-in"));
     let two = two_devices(&a, &b, false).await;
     let relay = &two.relay;
-    let first = tokio::spawn({
-        let url = relay.tunnel_url("alice", "/api/chat");
-        async move {
-            let body = json!({ "model": "llama3.2", "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
-            reqwest::Client::new().post(url).json(&body).send().await.expect("chat").status()
-        }
-    });
+    let first = tokio::spawn(chat_to(relay.tunnel_url("alice", "/api/chat"), "llama3.2".into()));
     // The relay shows the load on the device it sent the first chat to.
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    let loading = loop {
-        let body: Value = http
-            .get(relay.tunnel_url("alice", "/health"))
-            .send()
-            .await
-            .expect("health")
-            .json()
-            .await
-            .expect("JSON");
+    let loading_device = |body: &Value| {
         let devices = body["devices"].as_array().cloned().unwrap_or_default();
-        if let Some(d) = devices
-            .iter()
-            .find(|d| d["service"]["models_loading"].as_array().is_some_and(|l| !l.is_empty()))
-        {
-            let states = d["service"]["models"].as_array().cloned().unwrap_or_default();
-            assert!(states.contains(&json!({ "name": "llama3.2", "state": "loading" })), "{d}");
-            break d["device"].as_str().unwrap_or_default().to_owned();
-        }
-        assert!(std::time::Instant::now() < deadline, "no device shows a load: {body}");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        devices.into_iter().find(|d| {
+            d["service"]["models"]
+                .as_array()
+                .is_some_and(|m| m.contains(&json!({ "name": "llama3.2", "state": "loading" })))
+        })
     };
+    let body = health_until(relay, "no device shows a load", |b| loading_device(b).is_some()).await;
+    let loading = loading_device(&body).expect("a device loading")["device"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     // Three more while it loads: all wait for that one load.
     let more = futures_util::future::join_all((0..3).map(|_| chat(relay, "llama3.2"))).await;
     assert_eq!(more, [200, 200, 200]);
@@ -560,48 +561,18 @@ async fn an_agent_reports_a_model_its_service_is_loading() {
         relay.relay.issue_credential("alice", Some("gpu-box")).await.expect("issue").secret;
     let agent = agent(&relay, &cold, secret).await;
     reported(&relay, 1).await;
-    let chat = tokio::spawn(chat_owned(relay.tunnel_url("alice", "/api/chat")));
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let body: Value = http
-            .get(relay.tunnel_url("alice", "/health"))
-            .send()
-            .await
-            .expect("health")
-            .json()
-            .await
-            .expect("JSON");
-        let states = body["service"]["models"].as_array().cloned().unwrap_or_default();
-        if states.contains(&json!({ "name": "llama3.2", "state": "loading" })) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no load reported: {body}");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let chat = tokio::spawn(chat_to(relay.tunnel_url("alice", "/api/chat"), "llama3.2".into()));
+    let loading = json!({ "name": "llama3.2", "state": "loading" });
+    health_until(&relay, "no load reported", |b| {
+        b["service"]["models"].as_array().is_some_and(|m| m.contains(&loading))
+    })
+    .await;
     assert_eq!(agent.agent.models_loading(), ["llama3.2"]);
     assert_eq!(chat.await.expect("chat"), 200);
     assert!(agent.agent.models_loading().is_empty(), "answered: loaded");
     // The report that the load ended reaches the relay too.
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let body: Value = http
-            .get(relay.tunnel_url("alice", "/health"))
-            .send()
-            .await
-            .expect("health")
-            .json()
-            .await
-            .expect("JSON");
-        if body["service"]["models_loading"].as_array().is_some_and(Vec::is_empty) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the load stayed: {body}");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
-async fn chat_owned(url: String) -> u16 {
-    let body = json!({ "model": "llama3.2", "stream": false, "messages": [{ "role": "user", "content": "hi" }] });
-    reqwest::Client::new().post(url).json(&body).send().await.expect("chat").status().as_u16()
+    health_until(&relay, "the load stayed", |b| {
+        b["service"]["models_loading"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
 }

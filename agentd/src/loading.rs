@@ -1,5 +1,5 @@
-//! Models requests are loading. A request to an endpoint that runs a model
-//! ([`daemon::model::runs_a_model`]) whose body names one that the last
+//! Models requests are loading. A request to an endpoint that loads a model
+//! ([`daemon::model::loads_a_model`]) whose body names one that the last
 //! check did not find in memory is loading it until the local service
 //! answers (Ollama sends the head once the model is in memory: seconds to
 //! minutes for a large one). The agent tells the relay at once

@@ -243,7 +243,7 @@ async fn exchange(
     // A request that runs a model may load it: its body's first chunk says
     // which, and the load lasts until the service answers.
     let load: Option<LoadSlot> = (req.method == http::Method::POST
-        && daemon::model::runs_a_model(req.path.path()))
+        && daemon::model::loads_a_model(req.path.path()))
     .then(Arc::default);
     let sniff = load.clone().map(|slot| Sniff { loading: upstream.loading.clone(), slot });
     let upstream_body = match (req.body, body) {

@@ -35,6 +35,12 @@ pub fn runs_a_model(path: &str) -> bool {
     RUNS_A_MODEL.contains(&path)
 }
 
+/// Whether a `POST` to `path` loads the model its body names into memory:
+/// every endpoint of [`RUNS_A_MODEL`] but `show`, which reads its metadata.
+pub fn loads_a_model(path: &str) -> bool {
+    path != "/api/show" && runs_a_model(path)
+}
+
 /// The top-level keys that name a model, compared as Go compares them.
 const MODEL_KEYS: [&str; 2] = ["model", "name"];
 
@@ -167,6 +173,13 @@ mod tests {
             named_models(br#"{"model":"a","options":{"model":"b","Name":"c"}}"#),
             Ok(vec!["a".into()])
         );
+    }
+
+    #[test]
+    fn showing_a_model_does_not_load_it() {
+        assert!(runs_a_model("/api/show") && !loads_a_model("/api/show"));
+        assert!(loads_a_model("/api/chat") && loads_a_model("/v1/embeddings"));
+        assert!(!loads_a_model("/api/pull"));
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::identity::keys::Signer;
-use crate::identity::store;
 use crate::identity::{Identity, IssuedCredential, MintOptions, Minted, Role, Scope, mint_with};
 
 /// An administrative action that failed, with what to do.
@@ -75,16 +74,28 @@ pub fn mint_client(
 /// directory, opened the way relayd opens it, and a runtime to drive it
 /// (these commands run without relayd's).
 fn identity(config: &Config) -> Result<(Identity, tokio::runtime::Runtime), AdminError> {
-    let dir = config.state_dir.as_ref().ok_or_else(|| {
-        AdminError::Invalid("agent credentials live in the state directory: set state_dir".into())
-    })?;
-    std::fs::create_dir_all(dir)?;
-    let store = store::open(dir).map_err(|e| {
-        AdminError::Invalid(format!(
-            "{e} (a running relayd holds the store: stop it, or use tunnelctl on its control socket)"
-        ))
-    })?;
+    let dir = match (&config.cluster, &config.state_dir) {
+        (Some(_), _) => None,
+        (None, Some(dir)) => {
+            std::fs::create_dir_all(dir)?;
+            Some(dir.as_path())
+        }
+        (None, None) => {
+            return Err(AdminError::Invalid(
+                "agent credentials live in the state directory: set state_dir".into(),
+            ));
+        }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let store = runtime
+        .block_on(crate::identity::open_store(config.cluster.as_ref(), dir))
+        .map_err(|e| match dir {
+            Some(_) => AdminError::Invalid(format!(
+                "{e} (a running relayd holds the store: stop it, or use tunnelctl on its control socket)"
+            )),
+            None => AdminError::Invalid(e.to_string()),
+        })?
+        .ok_or_else(|| AdminError::Invalid("no credential store".into()))?;
     let opening = Identity::open(config.identity_config(), config.static_tokens(), store);
     Ok((runtime.block_on(opening)?, runtime))
 }
@@ -112,4 +123,53 @@ pub fn credentials(
 ) -> Result<Vec<(crate::identity::store::CredentialRecord, bool)>, AdminError> {
     let (identity, runtime) = identity(config)?;
     Ok(runtime.block_on(identity.credentials())?)
+}
+
+/// `relayd migrate`: what it found and did, in words.
+pub fn migrate_command(
+    config: &Config,
+    to: Option<u32>,
+    status: bool,
+) -> Result<String, AdminError> {
+    let invalid = |e: crate::cluster::DbError| AdminError::Invalid(e.to_string());
+    let db = config.cluster.as_ref().ok_or_else(|| {
+        AdminError::Invalid(
+            "no [cluster] database in the configuration: a single relay keeps its embedded store and needs no migration".into(),
+        )
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut client = db.connect().await.map_err(invalid)?;
+        if status {
+            let v = crate::cluster::schema::version(db, &client).await.map_err(invalid)?;
+            let pending: Vec<String> = crate::cluster::schema::MIGRATIONS
+                .iter()
+                .filter(|m| m.version > v && to.is_none_or(|t| m.version <= t))
+                .map(|m| format!("  {} {}", m.version, m.name))
+                .collect();
+            return Ok(format!(
+                "database {} at schema version {v}; this relayd knows up to {}{}",
+                db.shown,
+                crate::cluster::schema::latest(),
+                if pending.is_empty() {
+                    String::from("; nothing to apply")
+                } else {
+                    format!("; would apply:\n{}", pending.join("\n"))
+                }
+            ));
+        }
+        let m = crate::cluster::schema::migrate(db, &mut client, to).await.map_err(invalid)?;
+        Ok(if m.applied.is_empty() {
+            format!("database {} at schema version {}: nothing to apply", db.shown, m.from)
+        } else {
+            let list: Vec<String> = m.applied.iter().map(|(v, n)| format!("  {v} {n}")).collect();
+            format!(
+                "database {}: schema version {} -> {}, applied:\n{}",
+                db.shown,
+                m.from,
+                m.to,
+                list.join("\n")
+            )
+        })
+    })
 }

@@ -42,10 +42,16 @@ pub enum Denied {
     Unauthorized(Unauthorized, String),
     /// 403: a valid credential that does not allow this.
     Forbidden(&'static str, String),
+    /// 503: the relay cannot check the token now (its shared store is out
+    /// of reach); the same token may pass later.
+    Unavailable(String),
 }
 
 impl Denied {
     fn of(e: AuthError) -> Self {
+        if let AuthError::Unavailable(_) = e {
+            return Denied::Unavailable(e.to_string());
+        }
         let kind = match e {
             AuthError::Missing => Unauthorized::Missing,
             AuthError::Expired => Unauthorized::Expired,
@@ -73,6 +79,7 @@ pub async fn client(
     // whether or not the server wants one.
     let p = match identity.verify(token).await {
         Ok(p) => p,
+        Err(e @ AuthError::Unavailable(_)) => return Err(Denied::of(e)),
         Err(_) if public => return Ok(None),
         Err(e) => return Err(Denied::of(e)),
     };

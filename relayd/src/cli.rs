@@ -14,6 +14,17 @@ pub enum Command {
     /// Tokens and credentials, offline.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Applies the schema migrations to the replicas' database ([cluster]);
+    /// run once before starting relays of a new version.
+    Migrate {
+        /// Stop at this version (default: every migration this relayd
+        /// knows).
+        #[arg(long)]
+        to: Option<u32>,
+        /// Only print the database's version and what would be applied.
+        #[arg(long)]
+        status: bool,
+    },
     /// Print relayd's man page (roff).
     #[command(hide = true)]
     Man,
@@ -32,7 +43,8 @@ pub enum KeyCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
-    /// An agent credential (stored in state_dir; relayd must be stopped) or
+    /// An agent credential (stored in state_dir, where relayd must be
+    /// stopped, or in the [cluster] database, while relays run) or
     /// a client token (signed with the signing key; works while relayd
     /// runs). Prints the token alone on stdout.
     Issue {
@@ -77,6 +89,17 @@ pub fn admin(common: &CommonArgs, command: Command) -> ExitCode {
                 crate::service::Relayd,
                 Command,
             >());
+        }
+        Command::Migrate { to, status } => {
+            match daemon::process::load::<crate::service::Relayd>(common) {
+                Err(e) => {
+                    eprintln!("relayd: {e}");
+                    return ExitCode::from(daemon::process::exit::CONFIG);
+                }
+                Ok(config) => crate::admin::migrate_command(&config, to, status).map(|said| {
+                    println!("{said}");
+                }),
+            }
         }
         Command::Token(cmd) => match daemon::process::load::<crate::service::Relayd>(common) {
             Err(e) => {

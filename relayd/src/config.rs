@@ -96,6 +96,9 @@ pub struct Config {
     pub identity: crate::identity::IdentityConfig,
     /// Issued credentials and revocations live here (`credentials.redb`).
     pub state_dir: Option<PathBuf>,
+    /// Replicas over one PostgreSQL database (`[cluster]`): credentials
+    /// and revocations live there instead.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Time an agent that listed `ack` has to acknowledge a request (504).
     #[serde(serialize_with = "duration::show")]
     pub ack_timeout: Duration,
@@ -163,6 +166,7 @@ impl Default for Config {
             max_devices_per_user: 8,
             identity: crate::identity::IdentityConfig::default(),
             state_dir: None,
+            cluster: None,
             ack_timeout: Duration::from_secs(30),
             first_byte_timeout: Duration::from_secs(300),
             idle_timeout: Some(Duration::from_secs(300)),
@@ -204,8 +208,9 @@ impl Resolve for ConfigFile {
 }
 
 impl ConfigFile {
-    fn resolve_global(self) -> Result<Config, ConfigError> {
+    fn resolve_global(mut self) -> Result<Config, ConfigError> {
         let d = Config::default();
+        let cluster = std::mem::take(&mut self.cluster).resolve()?;
         let max_streams = match (self.limits.max_streams, self.limits.max_streams_per_agent) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::invalid(
@@ -360,7 +365,9 @@ impl ConfigFile {
                 "header_read",
             )?,
             liveness: self.liveness.resolve()?,
+            cluster,
         })
+        .and_then(check_cluster)
     }
 }
 
@@ -408,6 +415,24 @@ impl Config {
 /// Every token must be different: one secret for two users would let one
 /// user's agent serve another's traffic, and one for both roles would let a
 /// web client register as the agent.
+/// Replicas must sign and hash alike: a token minted by one is verified by
+/// another, and access lines join across them.
+fn check_cluster(config: Config) -> Result<Config, ConfigError> {
+    if config.cluster.is_some() {
+        if config.identity.signing_key_file.is_none() {
+            return Err(ConfigError::invalid(
+                "[cluster] needs [identity] signing_key_file, the same key on every replica (relayd key generate --out FILE): a token one replica mints is verified by the others",
+            ));
+        }
+        if config.identity.user_hash_key.is_none() {
+            return Err(ConfigError::invalid(
+                "[cluster] needs [identity] user_hash_key_file, the same on every replica (head -c 32 /dev/urandom > FILE): access lines join across replicas by it",
+            ));
+        }
+    }
+    Ok(config)
+}
+
 fn distinct_tokens(users: &[User]) -> Result<(), ConfigError> {
     let mut seen: Vec<(&str, &str, &str)> = Vec::new();
     for u in users {

@@ -16,6 +16,7 @@ pub mod claims;
 mod issue;
 mod jwks;
 pub mod keys;
+pub mod pg;
 mod settings;
 pub mod store;
 mod verify;
@@ -25,9 +26,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tracing::warn;
 
-use issue::{hex, sha256};
+use issue::sha256;
 use store::{CredentialRecord, CredentialStore, MemoryStore, Revocation, StoreError};
 
 pub use issue::{IssuedCredential, MintOptions, Minted, issue_into, mint_with, parse_credential};
@@ -186,6 +186,10 @@ pub enum AuthError {
     Revoked,
     #[error("the token is not usable: {0}")]
     Claims(String),
+    /// The relay cannot tell now whether the token is good (its shared
+    /// store is out of reach): try again later.
+    #[error("the relay cannot check tokens now: {0}")]
+    Unavailable(String),
 }
 
 /// Something identity could not do (minting, issuing, revoking).
@@ -230,7 +234,7 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 /// Compares without telling by its timing where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -308,6 +312,11 @@ impl Identity {
                 p
             }
         };
+        // A token whose revocation this relay could have missed waits until
+        // its view of the store is recent again.
+        if principal.via != Via::Static {
+            self.store.fresh().map_err(|e| AuthError::Unavailable(e.0))?;
+        }
         if principal.expires.is_some_and(|e| self.valid_until(e) <= SystemTime::now()) {
             self.cache.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
             return Err(AuthError::Expired);
@@ -345,56 +354,6 @@ impl Identity {
     /// session and the end of a session opened with it.
     pub fn valid_until(&self, expires: SystemTime) -> SystemTime {
         claims::later(expires, self.config.leeway)
-    }
-
-    fn static_token(&self, token: &str) -> Result<Principal, AuthError> {
-        // Compare against every token so the time taken does not say which
-        // prefix matched.
-        let mut found = None;
-        for s in &self.statics {
-            if constant_time_eq(s.token.as_bytes(), token.as_bytes()) {
-                found = Some(s);
-            }
-        }
-        let s = found.ok_or(AuthError::Unknown)?;
-        Ok(Principal {
-            user: s.user.clone(),
-            device: None,
-            role: s.role,
-            scope: None,
-            id: None,
-            parent: None,
-            expires: None,
-            via: Via::Static,
-        })
-    }
-
-    async fn credential(&self, token: &str) -> Result<Principal, AuthError> {
-        let (id, secret) = parse_credential(token).ok_or(AuthError::Unknown)?;
-        let record = match self.store.get(id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(AuthError::Unknown),
-            Err(e) => {
-                warn!(error = %e, "cannot look the credential up in the store: {e}; refusing it");
-                return Err(AuthError::Unknown);
-            }
-        };
-        if !constant_time_eq(
-            hex(&sha256(secret.as_bytes())).as_bytes(),
-            record.secret_sha256.as_bytes(),
-        ) {
-            return Err(AuthError::Unknown);
-        }
-        Ok(Principal {
-            user: record.user,
-            device: record.device,
-            role: Role::Agent,
-            scope: None,
-            id: Some(record.id),
-            parent: None,
-            expires: None,
-            via: Via::Credential,
-        })
     }
 
     /// Mints a JWT for `user` with `role`, valid for `ttl`; `scope` makes it
@@ -457,6 +416,12 @@ impl Identity {
         Ok(fresh)
     }
 
+    /// Whether this relay's view of the store is recent enough to admit
+    /// tokens on ([`CredentialStore::fresh`]).
+    pub fn fresh(&self) -> Result<(), StoreError> {
+        self.store.fresh()
+    }
+
     /// Takes a revocation told by the store into account.
     pub fn note_revoked(&self, r: Revocation) {
         self.revoked.write().unwrap_or_else(PoisonError::into_inner).insert(r.id, r.until);
@@ -464,7 +429,7 @@ impl Identity {
 
     /// Revocations recorded from now on, by this relay or any other that
     /// shares the store.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<store::StoreEvent> {
         self.store.subscribe()
     }
 
@@ -489,6 +454,20 @@ impl Identity {
         let list = self.store.list().await?;
         Ok(list.into_iter().map(|c| (self.is_revoked(&c.id), c)).map(|(r, c)| (c, r)).collect())
     }
+}
+
+/// The store relayd and its admin commands use, the one place that
+/// decides: the replicas' database with `[cluster]`, else the embedded
+/// store in the state directory `dir`, else none (credentials in memory).
+pub async fn open_store(
+    cluster: Option<&crate::cluster::ClusterConfig>,
+    dir: Option<&std::path::Path>,
+) -> Result<Option<Arc<dyn CredentialStore>>, StoreError> {
+    Ok(match (cluster, dir) {
+        (Some(c), _) => Some(Arc::new(pg::PgStore::open(c.clone()).await?)),
+        (None, Some(dir)) => Some(Arc::new(store::RedbStore::open(&dir.join("credentials.redb"))?)),
+        (None, None) => None,
+    })
 }
 
 #[cfg(test)]

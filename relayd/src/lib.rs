@@ -17,6 +17,7 @@ mod agents;
 mod auth;
 mod body;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 mod cors;
@@ -77,15 +78,28 @@ pub enum StateError {
 /// (creating them on first start); in memory without a state directory.
 pub async fn open_state(config: &Config) -> Result<State, StateError> {
     let configured_key = config.identity.user_hash_key.clone();
-    let Some(dir) = &config.state_dir else {
+    // A replica keeps nothing of its own: its keys are configured (the
+    // same on every replica) and its store is the database.
+    let dir = config.state_dir.as_ref().filter(|_| config.cluster.is_none());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StateError::Io { path: dir.clone(), source })?;
+    }
+    let Some(store) =
+        identity::open_store(config.cluster.as_ref(), dir.map(|d| d.as_path())).await?
+    else {
         return Ok(State {
             identity: Identity::in_memory(config.identity_config(), config.static_tokens()),
             log_key: configured_key.unwrap_or_else(random_key),
         });
     };
+    let Some(dir) = dir else {
+        let identity =
+            Identity::open(config.identity_config(), config.static_tokens(), store).await?;
+        // check_config made sure the key is configured.
+        return Ok(State { identity, log_key: configured_key.unwrap_or_else(random_key) });
+    };
     let io = |source| StateError::Io { path: dir.clone(), source };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let store = identity::store::open(dir)?;
     let mut identity_config = config.identity_config();
     if identity_config.signing_key_file.is_none() {
         // Like an SSH host key: made on first start, kept from then on.

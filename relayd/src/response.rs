@@ -170,6 +170,12 @@ pub fn denied(shape: Shape, denied: crate::auth::Denied) -> Response<RelayBody> 
         crate::auth::Denied::Forbidden(code, message) => {
             error(shape, StatusCode::FORBIDDEN, code, &message)
         }
+        crate::auth::Denied::Unavailable(message) => {
+            let mut r =
+                error(shape, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", &message);
+            r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
     }
 }
 

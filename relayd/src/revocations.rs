@@ -10,6 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::identity::store::StoreEvent;
 use crate::session::CloseReason;
 use crate::state::Shared;
 
@@ -25,7 +26,8 @@ pub async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
             event = events.recv() => event,
         };
         match event {
-            Ok(revocation) => {
+            Ok(StoreEvent::Resync) => resync(&shared).await,
+            Ok(StoreEvent::Revoked(revocation)) => {
                 let id = revocation.id.clone();
                 shared.identity.note_revoked(revocation);
                 let ended = end_sessions(&shared, &id);

@@ -62,11 +62,12 @@ pub async fn handle(
         }
     } else if path == "/healthz" || path == "/readyz" {
         // Alive as long as it answers; ready (for a load balancer) unless
-        // it drains.
-        let (status, text) = if path == "/readyz" && shared.is_draining() {
-            (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-        } else {
-            (StatusCode::OK, "ok\n")
+        // it drains or, run as a replica, has lost its database.
+        let (status, text) = match shared.identity.fresh() {
+            _ if path == "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
+            _ if shared.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned()),
+            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         };
         let mut r = Response::new(RelayBody::full(text));
         *r.status_mut() = status;

@@ -7,6 +7,7 @@ pub mod footprint;
 pub mod legacy;
 pub mod notify;
 pub mod ollama;
+pub mod postgres;
 pub mod proxy;
 pub mod raw;
 pub mod tls;

@@ -38,6 +38,9 @@ pub struct ConfigFile {
     pub identity: IdentityFile,
     #[serde(default)]
     pub control: daemon::control::ControlFile,
+    /// Relays run as replicas over one PostgreSQL database (opt-in).
+    #[serde(default)]
+    pub cluster: crate::cluster::ClusterFile,
     /// Where relayd keeps what must survive a restart: issued credentials
     /// and revocations. Default `$STATE_DIRECTORY` (systemd's
     /// `StateDirectory=`); without either, kept in memory.

@@ -152,3 +152,26 @@ fn a_device_limit_of_zero_is_refused_and_the_default_is_eight() {
     assert_eq!(parse("").expect("no limits").max_devices_per_user, 8);
     assert_eq!(parse("[limits]\nmax_devices_per_user = 2\n").expect("two").max_devices_per_user, 2);
 }
+
+#[test]
+fn replicas_must_be_given_the_keys_they_share() {
+    let dir = std::env::temp_dir().join(format!("relayd-cluster-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = dir.join("signing.pem");
+    let _ = std::fs::remove_file(&key);
+    crate::admin::generate_key(&key).expect("a signing key");
+    let hash = dir.join("hash.key");
+    std::fs::write(&hash, [1u8; 32]).expect("hash key");
+    std::fs::set_permissions(&hash, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("0600");
+    let cluster = "[cluster]\ndatabase = \"host=127.0.0.1 user=relayd\"\n";
+    let err = parse(cluster).expect_err("no signing key");
+    assert!(err.to_string().contains("signing_key_file"), "{err}");
+    let signing = format!("[identity]\nsigning_key_file = \"{}\"\n", key.display());
+    let err = parse(&format!("{signing}{cluster}")).expect_err("no user-hash key");
+    assert!(err.to_string().contains("user_hash_key_file"), "{err}");
+    let both = format!("{signing}user_hash_key_file = \"{}\"\n{cluster}", hash.display());
+    let c = parse(&both).expect("a replica with both keys");
+    assert_eq!(c.cluster.expect("a cluster").shown, "relayd@127.0.0.1:5432/relayd");
+    let _ = std::fs::remove_dir_all(dir);
+}

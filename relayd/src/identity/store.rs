@@ -45,18 +45,12 @@ pub struct Revocation {
 
 #[derive(Debug, thiserror::Error)]
 #[error("credential store: {0}")]
-pub struct StoreError(String);
+pub struct StoreError(pub String);
 
 impl StoreError {
     fn of(e: impl std::fmt::Display) -> Self {
         StoreError(e.to_string())
     }
-}
-
-/// The store relayd and its admin commands use for the state directory
-/// `dir`: the one place that decides which store a relay opens.
-pub fn open(dir: &Path) -> Result<Arc<dyn CredentialStore>, StoreError> {
-    Ok(Arc::new(RedbStore::open(&dir.join("credentials.redb"))?))
 }
 
 /// How many revocations a relay may fall behind on before it reads them
@@ -77,9 +71,25 @@ pub trait CredentialStore: Send + Sync {
     async fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError>;
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
     /// Revocations recorded from now on, by any relay sharing the store. A
-    /// subscriber that lags behind (`RecvError::Lagged`) reads
-    /// [`CredentialStore::revocations`] again.
-    fn subscribe(&self) -> broadcast::Receiver<Revocation>;
+    /// subscriber that lags behind (`RecvError::Lagged`), or is told
+    /// [`StoreEvent::Resync`], reads [`CredentialStore::revocations`] again.
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+    /// Whether this relay's view of the store is recent enough to admit a
+    /// token on: a shared database this relay has not heard from for too
+    /// long says why not. Stores in this process always are.
+    fn fresh(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// What a store tells its subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Recorded now, here or by another relay sharing the store.
+    Revoked(Revocation),
+    /// Revocations may have been missed (a database connection was lost):
+    /// read them all again.
+    Resync,
 }
 
 const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
@@ -89,7 +99,7 @@ const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 /// The embedded store: one redb file.
 pub struct RedbStore {
     db: Arc<Database>,
-    events: broadcast::Sender<Revocation>,
+    events: broadcast::Sender<StoreEvent>,
 }
 
 impl RedbStore {
@@ -174,7 +184,7 @@ impl CredentialStore for RedbStore {
             })
             .await?;
         // Nobody listening is fine: a relay reads them all when it starts.
-        let _ = self.events.send(revocation.clone());
+        let _ = self.events.send(StoreEvent::Revoked(revocation.clone()));
         Ok(fresh)
     }
 
@@ -193,7 +203,7 @@ impl CredentialStore for RedbStore {
         .await
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
     }
 }
@@ -204,7 +214,7 @@ impl CredentialStore for RedbStore {
 pub struct MemoryStore {
     credentials: Mutex<HashMap<String, CredentialRecord>>,
     revoked: Mutex<HashMap<String, Option<u64>>>,
-    events: broadcast::Sender<Revocation>,
+    events: broadcast::Sender<StoreEvent>,
 }
 
 impl Default for MemoryStore {
@@ -244,7 +254,7 @@ impl CredentialStore for MemoryStore {
             let mut map = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
             map.insert(revocation.id.clone(), revocation.until).is_none()
         };
-        let _ = self.events.send(revocation.clone());
+        let _ = self.events.send(StoreEvent::Revoked(revocation.clone()));
         Ok(fresh)
     }
 
@@ -253,7 +263,7 @@ impl CredentialStore for MemoryStore {
         Ok(map.iter().map(|(id, until)| Revocation { id: id.clone(), until: *until }).collect())
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
     }
 }
@@ -306,8 +316,12 @@ mod tests {
         );
         assert_eq!(store.list().await.expect("list").len(), 1);
         // Every revocation was told, the repeated one too.
-        let told: Vec<String> =
-            std::iter::from_fn(|| events.try_recv().ok()).map(|r| r.id).collect();
+        let told: Vec<String> = std::iter::from_fn(|| events.try_recv().ok())
+            .filter_map(|e| match e {
+                StoreEvent::Revoked(r) => Some(r.id),
+                StoreEvent::Resync => None,
+            })
+            .collect();
         assert_eq!(told, ["c_1", "c_1", "jti_9"]);
     }
 

@@ -9,9 +9,64 @@ use jsonwebtoken::Validation;
 use serde_json::Value;
 
 use super::keys::VerifyKey;
-use super::{AuthError, Identity, Principal, claims};
+use tracing::warn;
+
+use super::issue::{hex, sha256};
+use super::{
+    AuthError, Identity, Principal, Role, Via, claims, constant_time_eq, parse_credential,
+};
 
 impl Identity {
+    pub(super) fn static_token(&self, token: &str) -> Result<Principal, AuthError> {
+        // Compare against every token so the time taken does not say which
+        // prefix matched.
+        let mut found = None;
+        for s in &self.statics {
+            if constant_time_eq(s.token.as_bytes(), token.as_bytes()) {
+                found = Some(s);
+            }
+        }
+        let s = found.ok_or(AuthError::Unknown)?;
+        Ok(Principal {
+            user: s.user.clone(),
+            device: None,
+            role: s.role,
+            scope: None,
+            id: None,
+            parent: None,
+            expires: None,
+            via: Via::Static,
+        })
+    }
+
+    pub(super) async fn credential(&self, token: &str) -> Result<Principal, AuthError> {
+        let (id, secret) = parse_credential(token).ok_or(AuthError::Unknown)?;
+        let record = match self.store.get(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(AuthError::Unknown),
+            Err(e) => {
+                warn!(error = %e, "cannot look the credential up in the store: {e}; refusing it for now");
+                return Err(AuthError::Unavailable(e.0));
+            }
+        };
+        if !constant_time_eq(
+            hex(&sha256(secret.as_bytes())).as_bytes(),
+            record.secret_sha256.as_bytes(),
+        ) {
+            return Err(AuthError::Unknown);
+        }
+        Ok(Principal {
+            user: record.user,
+            device: record.device,
+            role: Role::Agent,
+            scope: None,
+            id: Some(record.id),
+            parent: None,
+            expires: None,
+            via: Via::Credential,
+        })
+    }
+
     /// The keys a token with `header` may be verified with.
     async fn candidates(&self, header: &jsonwebtoken::Header) -> Result<Vec<VerifyKey>, AuthError> {
         let pick = |keys: Vec<VerifyKey>| -> Vec<VerifyKey> {

@@ -159,6 +159,7 @@ impl Session {
                 Err(e @ (AuthError::Expired | AuthError::Revoked)) => {
                     me.refuse_auth(401, e.to_string())
                 }
+                Err(e @ AuthError::Unavailable(_)) => me.refuse_auth(503, e.to_string()),
                 Err(e) => me.refuse_auth(401, e.to_string()),
             }
         });

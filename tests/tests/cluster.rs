@@ -1,0 +1,239 @@
+//! Relays as replicas over one PostgreSQL database (`[cluster]`): the
+//! schema's migrations, the credential store, and revocations that reach
+//! every replica; a replica that lost the database fails closed. Each test
+//! starts its own PostgreSQL on loopback (`tunnel_tests::postgres`).
+
+use std::time::{Duration, Instant};
+
+use relayd::cluster::{ClusterConfig, ClusterFile, schema};
+use relayd::identity::Role;
+use relayd::identity::store::{CredentialRecord, CredentialStore, Revocation, StoreEvent};
+use tunnel_proto::Limits;
+use tunnel_tests::postgres::Postgres;
+use tunnel_tests::raw::RawAgent;
+use tunnel_tests::{TempDir, TestRelay, WAIT, init_logging};
+
+fn cluster(database: &str, extra: &str) -> ClusterConfig {
+    let text = format!("database = \"{database}\"\n{extra}");
+    toml::from_str::<ClusterFile>(&text)
+        .expect("[cluster] parses")
+        .resolve()
+        .expect("[cluster] is valid")
+        .expect("a database is set")
+}
+
+#[tokio::test]
+async fn migrations_apply_from_empty_and_from_every_earlier_version_once() {
+    let Some(pg) = Postgres::start() else { return };
+    for start in 0..=schema::latest() {
+        let db = cluster(&pg.database(&format!("from_{start}")), "");
+        let mut client = db.connect().await.expect("connect");
+        let first = schema::migrate(&db, &mut client, Some(start)).await.expect("migrate part");
+        assert_eq!((first.from, first.to), (0, start));
+        assert_eq!(schema::version(&db, &client).await.expect("version"), start);
+        let rest = schema::migrate(&db, &mut client, None).await.expect("migrate the rest");
+        assert_eq!((rest.from, rest.to), (start, schema::latest()));
+        assert_eq!(rest.applied.len() as u32, schema::latest() - start);
+        schema::check(&db, &client).await.expect("the schema is what this relayd needs");
+        let again = schema::migrate(&db, &mut client, None).await.expect("migrate again");
+        assert!(again.applied.is_empty(), "a second run applies nothing");
+    }
+}
+
+#[tokio::test]
+async fn a_relay_refuses_a_schema_older_or_newer_than_it_knows() {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database("ages");
+    let db = cluster(&url, "");
+    let mut client = db.connect().await.expect("connect");
+    let older = schema::check(&db, &client).await.expect_err("an empty database is refused");
+    assert!(older.to_string().contains("relayd migrate"), "{older}");
+    let opening = relayd::identity::pg::PgStore::open(db.clone()).await;
+    assert!(opening.is_err(), "the store does not open on an unmigrated database");
+    let started = relayd::identity::pg::PgStore::open(cluster(&url, "migrate_at_start = true"))
+        .await
+        .expect("migrate_at_start migrates, then opens");
+    drop(started);
+    let next = schema::latest() + 1;
+    pg.sql("ages", &format!("INSERT INTO relayd_schema (version, name) VALUES ({next}, 'later')"));
+    let newer = schema::check(&db, &client).await.expect_err("a newer schema is refused");
+    assert!(newer.to_string().contains("upgrade relayd"), "{newer}");
+    let migrating = schema::migrate(&db, &mut client, None).await.expect_err("and not migrated");
+    assert!(migrating.to_string().contains("newer"), "{migrating}");
+}
+
+fn record(id: &str, device: Option<&str>) -> CredentialRecord {
+    CredentialRecord {
+        id: id.into(),
+        user: "alice".into(),
+        device: device.map(Into::into),
+        secret_sha256: "ab".repeat(32),
+        created: 1_700_000_000,
+        replaces: Some("c_0".into()),
+    }
+}
+
+async fn told(events: &mut tokio::sync::broadcast::Receiver<StoreEvent>) -> Revocation {
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await {
+            Ok(Ok(StoreEvent::Revoked(r))) => return r,
+            Ok(Ok(StoreEvent::Resync)) => continue,
+            other => panic!("no revocation told: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_database_keeps_credentials_and_tells_every_replica_of_a_revocation() {
+    let Some(pg) = Postgres::start() else { return };
+    let db = cluster(&pg.database("store"), "migrate_at_start = true");
+    let a = relayd::identity::pg::PgStore::open(db.clone()).await.expect("replica a");
+    let b = relayd::identity::pg::PgStore::open(db).await.expect("replica b");
+    let mut events = b.subscribe();
+    a.insert(&record("c_1", Some("gpu-box"))).await.expect("insert");
+    a.insert(&record("c_2", None)).await.expect("insert");
+    assert_eq!(b.get("c_1").await.expect("get"), Some(record("c_1", Some("gpu-box"))));
+    assert_eq!(b.get("c_9").await.expect("get"), None);
+    assert_eq!(b.list().await.expect("list").len(), 2);
+
+    let revocation = Revocation { id: "c_1".into(), until: None };
+    assert!(a.revoke(&revocation).await.expect("revoke"), "new");
+    assert_eq!(told(&mut events).await, revocation, "b is told of what a revoked");
+    assert!(!a.revoke(&revocation).await.expect("again"), "not new the second time");
+    assert_eq!(told(&mut events).await, revocation, "and told again");
+    let jti = Revocation { id: "t_1".into(), until: Some(4_000_000_000) };
+    assert!(b.revoke(&jti).await.expect("revoke a token"));
+    assert_eq!(told(&mut events).await, jti);
+    let mut all = a.revocations().await.expect("list");
+    all.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(all, [revocation, jti]);
+    b.fresh().expect("a replica that hears the database is fresh");
+}
+
+/// Two relays over one database, with the same signing and user-hash keys.
+async fn replicas(pg: &Postgres, dir: &TempDir, dbname: &str, extra: &str) -> Vec<TestRelay> {
+    use daemon::Resolve as _;
+    let key = dir.path("signing.pem");
+    if !key.exists() {
+        relayd::admin::generate_key(&key).expect("a signing key");
+        let hash = dir.path("user-hash.key");
+        std::fs::write(&hash, [7u8; 32]).expect("user-hash key");
+        std::fs::set_permissions(&hash, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("0600");
+    }
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\n[identity]\nsigning_key_file = \"{}\"\nuser_hash_key_file = \"{}\"\n[cluster]\ndatabase = \"{}\"\nmigrate_at_start = true\n{extra}\n",
+        key.display(),
+        dir.path("user-hash.key").display(),
+        pg.database(dbname),
+    );
+    let config = toml::from_str::<relayd::ConfigFile>(&text)
+        .expect("parses")
+        .resolve()
+        .expect("a valid replica configuration");
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        relays.push(TestRelay::with_state(config.clone()).await);
+    }
+    relays
+}
+
+#[tokio::test]
+async fn a_revocation_on_one_replica_ends_the_session_and_the_tokens_on_the_other() {
+    init_logging();
+    let Some(pg) = Postgres::start() else { return };
+    let dir = TempDir::new("cluster-revoke");
+    let relays = replicas(&pg, &dir, "revoke", "").await;
+    let (a, b) = (&relays[0], &relays[1]);
+    let credential = a.relay.issue_credential("alice", None).await.expect("credential");
+    let mut agent = RawAgent::connect(&b.ws_url(), &credential.secret, Limits::default())
+        .await
+        .expect("replica b admits a credential replica a issued");
+    let client = a.relay.mint("alice", Role::Client, Duration::from_secs(600), None).expect("mint");
+    let http = reqwest::Client::new();
+    let health = b.tunnel_url("alice", "/health");
+    let ok = http.get(&health).bearer_auth(&client.token).send().await.expect("GET");
+    assert_eq!(ok.status(), 200, "replica b takes a client token replica a minted");
+
+    let revoked = Instant::now();
+    assert_eq!(a.relay.revoke(&client.id).await.expect("revoke").sessions_ended, 0);
+    assert_eq!(a.relay.revoke(&credential.id).await.expect("revoke").sessions_ended, 0);
+    assert_eq!(agent.closed(WAIT).await, Some(tunnel_proto::CLOSE_REVOKED));
+    eprintln!("the session on replica b closed {:?} after the revocation on a", revoked.elapsed());
+    let refused = http.get(&health).bearer_auth(&client.token).send().await.expect("GET");
+    assert_eq!(refused.status(), 401, "replica b refuses the token replica a revoked");
+    assert_eq!(b.agent_handshake(&credential.secret).await, 401);
+}
+
+#[tokio::test]
+async fn a_revocation_nobody_told_of_is_found_by_the_periodic_check() {
+    init_logging();
+    let Some(pg) = Postgres::start() else { return };
+    let dir = TempDir::new("cluster-backstop");
+    let relays = replicas(&pg, &dir, "backstop", "check_interval = \"300ms\"").await;
+    let b = &relays[1];
+    let credential = relays[0].relay.issue_credential("alice", None).await.expect("credential");
+    let mut agent = RawAgent::connect(&b.ws_url(), &credential.secret, Limits::default())
+        .await
+        .expect("connect");
+    // Recorded without a notification, as a write whose NOTIFY was lost.
+    pg.sql("backstop", &format!("INSERT INTO revocations (id) VALUES ('{}')", credential.id));
+    assert_eq!(agent.closed(WAIT).await, Some(tunnel_proto::CLOSE_REVOKED));
+
+    // Listening connections cut: each replica connects again and reads
+    // every revocation, the ones made meanwhile too.
+    let second = relays[0].relay.issue_credential("alice", None).await.expect("credential");
+    let mut agent =
+        RawAgent::connect(&b.ws_url(), &second.secret, Limits::default()).await.expect("connect");
+    pg.sql(
+        "backstop",
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}'",
+            relayd::identity::pg::LISTENER_NAME
+        ),
+    );
+    relays[0].relay.revoke(&second.id).await.expect("revoke");
+    assert_eq!(agent.closed(WAIT).await, Some(tunnel_proto::CLOSE_REVOKED));
+}
+
+/// Polls `/readyz` until it answers `status`.
+async fn ready_until(relay: &TestRelay, status: u16) -> String {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let resp = http.get(relay.url("/readyz")).send().await.expect("GET /readyz");
+        let got = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        if got == status {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "/readyz still {got} ({text}), not {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_lost_the_database_fails_closed_and_recovers_with_it() {
+    init_logging();
+    let Some(pg) = Postgres::start() else { return };
+    let dir = TempDir::new("cluster-stale");
+    let relays =
+        replicas(&pg, &dir, "stale", "check_interval = \"200ms\"\nmax_staleness = \"1s\"").await;
+    let b = &relays[1];
+    let credential = relays[0].relay.issue_credential("alice", None).await.expect("credential");
+    let agent = RawAgent::connect(&b.ws_url(), &credential.secret, Limits::default())
+        .await
+        .expect("connect");
+    let access = agent.welcome.token.clone().expect("an access token");
+    ready_until(b, 200).await;
+
+    pg.kill();
+    let why = ready_until(b, 503).await;
+    assert!(why.contains("has not answered"), "{why}");
+    assert_eq!(b.agent_handshake(&access).await, 503, "a token is not admitted on a stale view");
+    assert_eq!(b.agent_handshake(&credential.secret).await, 503, "nor a credential");
+
+    pg.start_again();
+    ready_until(b, 200).await;
+    assert_eq!(b.agent_handshake(&access).await, 101, "admitted again once the view is fresh");
+}

@@ -173,3 +173,44 @@ pub fn migrate_command(
         })
     })
 }
+
+/// `relayd cluster`: the registry's replicas (a replica silent for
+/// `DEAD_AFTER` is shown as such until another reaps it) and the devices
+/// each holds.
+pub fn cluster_command(config: &Config) -> Result<String, AdminError> {
+    use crate::cluster::registry;
+    use std::fmt::Write as _;
+    let invalid = |e: crate::cluster::DbError| AdminError::Invalid(e.to_string());
+    let db = config.cluster.as_ref().ok_or_else(|| {
+        AdminError::Invalid(
+            "no [cluster] database in the configuration: one relay, no replicas".into(),
+        )
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let client = db.connect().await.map_err(invalid)?;
+        crate::cluster::schema::check(db, &client).await.map_err(invalid)?;
+        let replicas = registry::replicas(db, &client).await.map_err(invalid)?;
+        let devices = registry::devices(db, &client).await.map_err(invalid)?;
+        let mut out = format!("database {}: {} replica(s)\n", db.shown, replicas.len());
+        let dead = registry::DEAD_AFTER.as_secs_f64();
+        for r in &replicas {
+            let health = if r.heartbeat_age_secs > dead { "silent" } else { "alive" };
+            let _ = writeln!(
+                out,
+                "  {}  {health} (heartbeat {}s ago)  {} {}  up {}  devices {}",
+                r.id,
+                r.heartbeat_age_secs as u64,
+                r.host,
+                r.listen,
+                humantime::format_duration(std::time::Duration::from_secs(r.up_secs as u64)),
+                r.devices
+            );
+        }
+        let _ = writeln!(out, "{} device(s) connected", devices.len());
+        for (user, device, replica, epoch) in &devices {
+            let _ = writeln!(out, "  {user}/{device}  on {replica}  (epoch {epoch})");
+        }
+        Ok(out)
+    })
+}

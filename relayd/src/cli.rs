@@ -25,6 +25,9 @@ pub enum Command {
         #[arg(long)]
         status: bool,
     },
+    /// The replicas in the [cluster] database, their health, and where
+    /// each device is connected.
+    Cluster,
     /// Print relayd's man page (roff).
     #[command(hide = true)]
     Man,
@@ -90,6 +93,13 @@ pub fn admin(common: &CommonArgs, command: Command) -> ExitCode {
                 Command,
             >());
         }
+        Command::Cluster => match daemon::process::load::<crate::service::Relayd>(common) {
+            Err(e) => {
+                eprintln!("relayd: {e}");
+                return ExitCode::from(daemon::process::exit::CONFIG);
+            }
+            Ok(config) => crate::admin::cluster_command(&config).map(|said| print!("{said}")),
+        },
         Command::Migrate { to, status } => {
             match daemon::process::load::<crate::service::Relayd>(common) {
                 Err(e) => {

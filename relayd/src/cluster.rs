@@ -4,6 +4,7 @@
 //! ([`schema`], applied by `relayd migrate`). Without `[cluster]` a relay
 //! keeps its embedded store and needs nothing else.
 
+pub mod registry;
 pub mod schema;
 
 use std::path::PathBuf;
@@ -73,6 +74,20 @@ impl serde::Serialize for ClusterConfig {
         st.serialize_field("max_staleness", &show(self.max_staleness))?;
         st.end()
     }
+}
+
+/// What a replica counts of its cluster work, for the metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Devices this replica claimed.
+    pub claims: std::sync::atomic::AtomicU64,
+    /// Sessions here closed because the device connected to another
+    /// replica (claim conflicts).
+    pub replaced: std::sync::atomic::AtomicU64,
+    /// Times the presence connections to the database failed.
+    pub db_errors: std::sync::atomic::AtomicU64,
+    /// The last heartbeat's round trip, in microseconds.
+    pub heartbeat_us: std::sync::atomic::AtomicU64,
 }
 
 /// How long connecting to the database and one statement may take.

@@ -146,6 +146,12 @@ impl Hub {
         self.read().values().flatten().cloned().collect()
     }
 
+    /// Told of every registration and removal (the value only counts
+    /// them).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     /// Waits until `pred(hub)` holds; re-checked on every change.
     pub async fn wait_until(&self, mut pred: impl FnMut(&Hub) -> bool) {
         let mut rx = self.changed.subscribe();

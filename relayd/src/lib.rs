@@ -29,6 +29,7 @@ mod hub;
 pub mod identity;
 mod listener;
 mod metrics;
+mod presence;
 mod response;
 mod revocations;
 mod route;
@@ -302,6 +303,7 @@ impl Relay {
     ) -> std::io::Result<()> {
         let identity = self.shared.identity.clone();
         tokio::spawn(async move { identity.load_jwks().await });
+        let listener_addr = listener.local_addr();
         // Revocations made by any relay sharing the store end sessions
         // here, for as long as the relay serves (in this task: a relay
         // that stopped leaves nothing behind).
@@ -312,7 +314,19 @@ impl Relay {
             result
         };
         let following = revocations::follow(self.shared.clone(), served.clone());
-        tokio::join!(serving, following).0
+        // Replicas: where this one's devices are, for as long as it serves.
+        let present = async {
+            if let (Some(db), Ok(addr)) = (&self.shared.config.cluster, listener_addr) {
+                presence::run(
+                    self.shared.clone(),
+                    db.clone(),
+                    presence::Me::new(addr),
+                    served.clone(),
+                )
+                .await;
+            }
+        };
+        tokio::join!(serving, following, present).0
     }
 
     /// The tunnel of `user`'s newest connected device, if any.

@@ -52,6 +52,29 @@ pub fn render(shared: &Shared) -> String {
     for (device, n) in shared.router.routed_by_device() {
         out.labelled("relayd_routed_device_total", &[("device", &device)], n);
     }
+    if shared.config.cluster.is_some() {
+        let c = &shared.cluster;
+        out.counter(
+            "relayd_cluster_claims_total",
+            "Devices this replica claimed in the cluster's database.",
+            c.claims.load(Ordering::Relaxed),
+        )
+        .counter(
+            "relayd_cluster_replaced_total",
+            "Sessions here closed because their device connected to another replica (claim conflicts).",
+            c.replaced.load(Ordering::Relaxed),
+        )
+        .counter(
+            "relayd_cluster_db_errors_total",
+            "Times this replica's presence connections to the database failed.",
+            c.db_errors.load(Ordering::Relaxed),
+        )
+        .gauge(
+            "relayd_cluster_heartbeat_microseconds",
+            "Round trip of this replica's last heartbeat to the database.",
+            c.heartbeat_us.load(Ordering::Relaxed),
+        );
+    }
     shared.observer.render("relayd", &mut out);
     out.finish()
 }

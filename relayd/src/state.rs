@@ -45,6 +45,8 @@ pub struct Shared {
     pub observer: Arc<daemon::observe::Observer>,
     /// Requests refused by a user's rate limit (429).
     pub rate_limited: AtomicU64,
+    /// Replicas: what the presence task counts.
+    pub cluster: crate::cluster::Stats,
     /// When the relay started.
     pub started: std::time::SystemTime,
     /// Health probes answered by the accept loop (the watchdog's proof that
@@ -80,6 +82,7 @@ impl Shared {
             log_key,
             observer: daemon::observe::Observer::new(config_trace_bodies),
             rate_limited: AtomicU64::new(0),
+            cluster: crate::cluster::Stats::default(),
             started: std::time::SystemTime::now(),
             probes,
             probe_inbox: std::sync::Mutex::new(Some(probe_inbox)),

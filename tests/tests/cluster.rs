@@ -237,3 +237,103 @@ async fn a_replica_that_lost_the_database_fails_closed_and_recovers_with_it() {
     ready_until(b, 200).await;
     assert_eq!(b.agent_handshake(&access).await, 101, "admitted again once the view is fresh");
 }
+
+/// The registry as the database holds it: replicas by listen address, and
+/// each connected device's replica.
+async fn registry(
+    db: &ClusterConfig,
+) -> (Vec<relayd::cluster::registry::Replica>, Vec<(String, String, String, i64)>) {
+    let c = db.connect().await.expect("connect");
+    let replicas = relayd::cluster::registry::replicas(db, &c).await.expect("replicas");
+    let devices = relayd::cluster::registry::devices(db, &c).await.expect("devices");
+    (replicas, devices)
+}
+
+/// Polls the registry until `pred` holds.
+async fn registry_until(
+    db: &ClusterConfig,
+    what: &str,
+    mut pred: impl FnMut(
+        &[relayd::cluster::registry::Replica],
+        &[(String, String, String, i64)],
+    ) -> bool,
+) -> (Vec<relayd::cluster::registry::Replica>, Vec<(String, String, String, i64)>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (r, d) = registry(db).await;
+        if pred(&r, &d) {
+            return (r, d);
+        }
+        assert!(Instant::now() < deadline, "{what}: never; replicas {r:?}, devices {d:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn replica_of(replicas: &[relayd::cluster::registry::Replica], relay: &TestRelay) -> String {
+    let listen = relay.addr.to_string();
+    replicas.iter().find(|r| r.listen == listen).map(|r| r.id.clone()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_device_that_connects_to_another_replica_replaces_its_session_there() {
+    init_logging();
+    let Some(pg) = Postgres::start() else { return };
+    let dir = TempDir::new("cluster-presence");
+    let mut relays = replicas(&pg, &dir, "presence", "").await;
+    let db = cluster(&format!("host=127.0.0.1 port={} user=postgres dbname=presence", pg.port), "");
+    let (replicas, _) = registry_until(&db, "both replicas registered", |r, _| r.len() == 2).await;
+    let (a_id, b_id) = (replica_of(&replicas, &relays[0]), replica_of(&replicas, &relays[1]));
+    assert!(!a_id.is_empty() && !b_id.is_empty() && a_id != b_id, "{replicas:?}");
+
+    let credential =
+        relays[0].relay.issue_credential("alice", Some("gpu-box")).await.expect("credential");
+    let mut first = RawAgent::connect(&relays[0].ws_url(), &credential.secret, Limits::default())
+        .await
+        .expect("connect to a");
+    let (_, devices) = registry_until(&db, "the device claimed on a", |_, d| {
+        d.iter().any(|(u, dev, r, _)| u == "alice" && dev == "gpu-box" && *r == a_id)
+    })
+    .await;
+    let epoch_a = devices[0].3;
+
+    // A row lost (a database failover that lost the last writes): the
+    // replica writes its claims again when its connection comes back.
+    pg.sql("presence", "DELETE FROM presence");
+    pg.sql(
+        "presence",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'relayd presence'",
+    );
+    registry_until(&db, "the lost claim written again", |_, d| {
+        d.iter().any(|(_, _, r, e)| *r == a_id && *e == epoch_a)
+    })
+    .await;
+
+    // The same device, now through replica b: a's session is replaced, as
+    // one relay replaces a device that connects again.
+    let second = RawAgent::connect(&relays[1].ws_url(), &credential.secret, Limits::default())
+        .await
+        .expect("connect to b");
+    assert_eq!(first.closed(WAIT).await, Some(4000), "replaced across replicas");
+    let (_, devices) = registry_until(&db, "the device claimed on b", |_, d| {
+        d.iter().any(|(_, _, r, e)| *r == b_id && *e > epoch_a)
+    })
+    .await;
+    assert_eq!(devices.len(), 1, "one row per device: {devices:?}");
+    let wait = Instant::now() + WAIT;
+    while relays[0].relay.tunnels().iter().any(|t| t.user() == "alice") {
+        assert!(Instant::now() < wait, "replica a still holds alice's session");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(relays[1].relay.tunnels().len(), 1, "replica b holds it");
+    let metrics = relays[0].relay.metrics();
+    assert!(metrics.contains("relayd_cluster_replaced_total 1"), "{metrics}");
+    assert!(relays[1].relay.metrics().contains("relayd_cluster_claims_total 1"));
+
+    // The device leaves: released. Replica b stops: it leaves the registry.
+    drop(second);
+    registry_until(&db, "the device released", |_, d| d.is_empty()).await;
+    let b = relays.pop().expect("b");
+    b.shutdown().await;
+    let (replicas, _) = registry_until(&db, "b gone from the registry", |r, _| r.len() == 1).await;
+    assert_eq!(replicas[0].id, a_id);
+}

@@ -17,10 +17,11 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first; versions count up from 1 without gaps.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "agent credentials and revocations",
-    sql: "
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "agent credentials and revocations",
+        sql: "
         CREATE TABLE credentials (
             id            text PRIMARY KEY,
             user_id       text NOT NULL,
@@ -40,7 +41,36 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             revoked_at timestamptz NOT NULL DEFAULT now()
         );
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "replicas and where each device is connected",
+        sql: "
+        -- Each replica's row, written at start and every heartbeat; a
+        -- replica silent for 15 s is dead, and its rows go.
+        CREATE TABLE replicas (
+            id           text PRIMARY KEY,
+            host         text NOT NULL,
+            listen       text NOT NULL,
+            started_at   timestamptz NOT NULL DEFAULT now(),
+            heartbeat_at timestamptz NOT NULL DEFAULT now()
+        );
+        -- Soft state: each replica's map of its sessions is the truth, this
+        -- indexes it. epoch only grows, so a row stays when its device
+        -- leaves (replica_id NULL): a claim with a higher epoch elsewhere
+        -- replaces the session, a release names the epoch it releases.
+        CREATE TABLE presence (
+            user_id    text NOT NULL,
+            device     text NOT NULL,
+            replica_id text,
+            epoch      bigint NOT NULL,
+            claimed_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (user_id, device)
+        );
+        CREATE INDEX presence_replica ON presence (replica_id);
+    ",
+    },
+];
 
 /// The version this relayd's code reads and writes.
 pub fn latest() -> u32 {

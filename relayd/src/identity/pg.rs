@@ -319,7 +319,8 @@ async fn latest_revision(db: &ClusterConfig, client: &Client) -> Result<i64, DbE
     Ok(row.get(0))
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped (a connection's driver).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

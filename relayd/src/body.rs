@@ -26,6 +26,9 @@ pub enum RelayBody {
     /// A body known in full (errors, health, original `http_response`).
     Full(Option<Bytes>),
     Stream(Box<StreamBody>),
+    /// The answer of the replica a request was forwarded to, as it comes
+    /// (that replica applied the timeouts and wrote any error in-band).
+    Peer(hyper::body::Incoming),
 }
 
 pub struct StreamBody {
@@ -101,6 +104,14 @@ impl http_body::Body for RelayBody {
                 Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
             }
             RelayBody::Stream(s) => s.poll_frame(cx),
+            RelayBody::Peer(b) => Pin::new(b).poll_frame(cx).map(|f| {
+                f.map(|r| {
+                    r.map_err(|e| {
+                        let why = format!("the replica serving this stream failed: {e}");
+                        BodyAborted(StreamAbort::new(502, why))
+                    })
+                })
+            }),
         }
     }
 
@@ -108,6 +119,7 @@ impl http_body::Body for RelayBody {
         match self {
             RelayBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             RelayBody::Stream(s) => s.guard.is_none(),
+            RelayBody::Peer(b) => b.is_end_stream(),
         }
     }
 
@@ -115,6 +127,7 @@ impl http_body::Body for RelayBody {
         match self {
             RelayBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RelayBody::Stream(_) => SizeHint::default(),
+            RelayBody::Peer(b) => b.size_hint(),
         }
     }
 }

@@ -4,11 +4,13 @@
 //! ([`schema`], applied by `relayd migrate`). Without `[cluster]` a relay
 //! keeps its embedded store and needs nothing else.
 
+pub mod peer_client;
 pub mod registry;
 pub mod schema;
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use daemon::ConfigError;
@@ -39,6 +41,30 @@ pub struct ClusterFile {
     /// replica has not heard from the database for longer than this
     /// (default 60 s; more than `check_interval`).
     pub max_staleness: Option<Human>,
+    /// Where this replica takes requests other replicas forward to it
+    /// (HTTP/2 over mutual TLS). Without it, it neither takes nor sends
+    /// any: each replica serves only the agents connected to it.
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The address other replicas dial (`host:port`; default
+    /// `peer_listen`, which must then name an address, not 0.0.0.0).
+    pub peer_address: Option<String>,
+    /// This replica's certificate and key for the peer listener and for
+    /// the requests it forwards, signed by `peer_ca_file`'s CA.
+    pub peer_cert_file: Option<PathBuf>,
+    pub peer_key_file: Option<PathBuf>,
+    /// The CA every replica's peer certificate is signed by: nothing else
+    /// is let in.
+    pub peer_ca_file: Option<PathBuf>,
+}
+
+/// Forwarding between replicas, resolved.
+#[derive(Clone)]
+pub struct Peering {
+    pub listen: std::net::SocketAddr,
+    /// What other replicas dial.
+    pub address: String,
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
 }
 
 /// `[cluster]` resolved.
@@ -50,6 +76,8 @@ pub struct ClusterConfig {
     pub migrate_at_start: bool,
     pub check_interval: Duration,
     pub max_staleness: Duration,
+    /// Forwarding between replicas, when `peer_listen` is set.
+    pub peering: Option<Peering>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -59,6 +87,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("migrate_at_start", &self.migrate_at_start)
             .field("check_interval", &self.check_interval)
             .field("max_staleness", &self.max_staleness)
+            .field("peer", &self.peering.as_ref().map(|p| &p.address))
             .finish()
     }
 }
@@ -67,12 +96,102 @@ impl serde::Serialize for ClusterConfig {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let show = |d: Duration| humantime::format_duration(d).to_string();
-        let mut st = s.serialize_struct("ClusterConfig", 4)?;
+        let mut st = s.serialize_struct("ClusterConfig", 5)?;
         st.serialize_field("database", &self.shown)?;
         st.serialize_field("migrate_at_start", &self.migrate_at_start)?;
         st.serialize_field("check_interval", &show(self.check_interval))?;
         st.serialize_field("max_staleness", &show(self.max_staleness))?;
+        st.serialize_field("peer_address", &self.peering.as_ref().map(|p| &p.address))?;
         st.end()
+    }
+}
+
+/// Where every device of the cluster is connected, as this replica was
+/// told: loaded whole from the database when presence connects (and every
+/// minute), then kept by the claims and releases every replica tells. It
+/// answers, with no database on the request path, which replica to
+/// forward a request for a user this one does not hold to.
+#[derive(Debug, Default)]
+pub struct Directory {
+    inner: std::sync::RwLock<Known>,
+    /// This replica's id, once it joined.
+    me: std::sync::OnceLock<String>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    /// user -> (device, replica, epoch).
+    devices: std::collections::HashMap<String, Vec<(String, String, i64)>>,
+    /// replica -> its peer address, for replicas that take forwarded
+    /// requests.
+    peers: std::collections::HashMap<String, String>,
+}
+
+impl Directory {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Known> {
+        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Everything again, from [`registry::snapshot`].
+    pub fn load(
+        &self,
+        peers: Vec<(String, Option<String>)>,
+        devices: Vec<(String, String, String, i64)>,
+    ) {
+        let mut k = Known {
+            peers: peers.into_iter().filter_map(|(id, p)| Some((id, p?))).collect(),
+            ..Known::default()
+        };
+        for (user, device, replica, epoch) in devices {
+            k.devices.entry(user).or_default().push((device, replica, epoch));
+        }
+        *self.write() = k;
+    }
+
+    /// `replica` holds `user`'s `device` at `epoch`, unless a newer claim
+    /// is known.
+    pub fn claimed(&self, user: &str, device: &str, replica: &str, epoch: i64) {
+        let mut k = self.write();
+        let list = k.devices.entry(user.to_owned()).or_default();
+        match list.iter_mut().find(|(d, _, _)| d == device) {
+            Some(entry) if entry.2 <= epoch => {
+                *entry = (device.to_owned(), replica.to_owned(), epoch);
+            }
+            Some(_) => {}
+            None => list.push((device.to_owned(), replica.to_owned(), epoch)),
+        }
+    }
+
+    /// `replica` takes forwarded requests at `peer`.
+    pub fn peer(&self, replica: &str, peer: &str) {
+        self.write().peers.insert(replica.to_owned(), peer.to_owned());
+    }
+
+    /// The claim of `user`'s `device` at `epoch` ended.
+    pub fn released(&self, user: &str, device: &str, epoch: i64) {
+        let mut k = self.write();
+        if let Some(list) = k.devices.get_mut(user) {
+            list.retain(|(d, _, e)| !(d == device && *e <= epoch));
+            if list.is_empty() {
+                k.devices.remove(user);
+            }
+        }
+    }
+
+    /// This replica's id (set once, when it joins).
+    pub fn set_me(&self, id: &str) {
+        let _ = self.me.set(id.to_owned());
+    }
+
+    /// Another replica that holds a device of `user` and takes forwarded
+    /// requests: its id and peer address (the newest claim first).
+    pub fn locate(&self, user: &str) -> Option<(String, String)> {
+        let me = self.me.get().map_or("", String::as_str);
+        let k = self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held: Vec<&(String, String, i64)> =
+            k.devices.get(user)?.iter().filter(|(_, r, _)| r != me).collect();
+        held.sort_by_key(|(_, _, e)| std::cmp::Reverse(*e));
+        held.into_iter().find_map(|(_, r, _)| Some((r.clone(), k.peers.get(r)?.clone())))
     }
 }
 
@@ -88,6 +207,11 @@ pub struct Stats {
     pub db_errors: std::sync::atomic::AtomicU64,
     /// The last heartbeat's round trip, in microseconds.
     pub heartbeat_us: std::sync::atomic::AtomicU64,
+    /// Requests this replica forwarded to the replica holding their user,
+    /// those it could not, and those it refused as misdirected (421).
+    pub forwarded: std::sync::atomic::AtomicU64,
+    pub forward_failed: std::sync::atomic::AtomicU64,
+    pub misdirected: std::sync::atomic::AtomicU64,
 }
 
 /// How long connecting to the database and one statement may take.
@@ -121,13 +245,49 @@ impl ClusterFile {
                 "max_staleness ({max_staleness:?}) must be longer than check_interval ({check_interval:?}), which must not be 0"
             )));
         }
+        let peering = self.peering()?;
         Ok(Some(ClusterConfig {
             shown: shown(&database),
             database,
             migrate_at_start: self.migrate_at_start.unwrap_or(false),
             check_interval,
             max_staleness,
+            peering,
         }))
+    }
+
+    fn peering(&self) -> Result<Option<Peering>, ConfigError> {
+        let invalid = |what: String| ConfigError::Invalid(format!("[cluster] {what}"));
+        let files = (&self.peer_cert_file, &self.peer_key_file, &self.peer_ca_file);
+        let Some(listen) = self.peer_listen else {
+            if self.peer_address.is_some()
+                || files.0.is_some()
+                || files.1.is_some()
+                || files.2.is_some()
+            {
+                return Err(invalid(
+                    "peer_address and the peer_*_file keys need peer_listen".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let (Some(cert), Some(key), Some(ca)) = files else {
+            return Err(invalid(
+                "peer_listen needs peer_cert_file, peer_key_file and peer_ca_file: replicas forward to each other over mutual TLS".into(),
+            ));
+        };
+        let address = match &self.peer_address {
+            Some(a) => a.clone(),
+            None if listen.ip().is_unspecified() => {
+                return Err(invalid(format!(
+                    "peer_listen {listen} names no address other replicas can dial: set peer_address"
+                )));
+            }
+            None => listen.to_string(),
+        };
+        let (server, client) =
+            crate::tls::mutual(cert, key, ca).map_err(|e| invalid(format!("peer TLS: {e}")))?;
+        Ok(Some(Peering { listen, address, server, client }))
     }
 }
 

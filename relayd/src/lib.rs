@@ -25,10 +25,12 @@ mod deadline;
 mod device;
 mod edge;
 mod forward;
+mod hop;
 mod hub;
 pub mod identity;
 mod listener;
 mod metrics;
+mod peer;
 mod presence;
 mod response;
 mod revocations;
@@ -316,15 +318,25 @@ impl Relay {
         let following = revocations::follow(self.shared.clone(), served.clone());
         // Replicas: where this one's devices are, for as long as it serves.
         let present = async {
-            if let (Some(db), Ok(addr)) = (&self.shared.config.cluster, listener_addr) {
-                presence::run(
-                    self.shared.clone(),
-                    db.clone(),
-                    presence::Me::new(addr),
-                    served.clone(),
-                )
-                .await;
+            let Some(db) = &self.shared.config.cluster else { return };
+            let Ok(addr) = listener_addr else { return };
+            // Forwarded requests, when this replica takes them.
+            let mut peer = None;
+            if let Some(p) = &db.peering {
+                match TcpListener::bind(p.listen).await {
+                    Ok(l) => {
+                        let serving =
+                            peer::serve(self.shared.clone(), l, p.clone(), served.clone());
+                        tokio::spawn(serving);
+                        peer = Some(p.address.clone());
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for other replicas on {}: {e}; this replica takes no forwarded requests", p.listen);
+                    }
+                }
             }
+            let me = presence::Me::new(addr, peer);
+            presence::run(self.shared.clone(), db.clone(), me, served.clone()).await;
         };
         tokio::join!(serving, following, present).0
     }

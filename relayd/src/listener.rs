@@ -129,7 +129,7 @@ async fn serve_connection<S>(
     let header_read = shared.config.header_read_timeout;
     let max_headers = tunnel_proto::limits::hyper_max_headers(shared.config.limits.max_headers);
     let stall = StallLimit::new(shared.config.idle_timeout);
-    let conn = Arc::new(Conn { peer, stall: stall.clone() });
+    let conn = Arc::new(Conn { peer, stall: stall.clone(), hop: false });
     let svc = service_fn(move |req| server::handle(shared.clone(), conn.clone(), req));
     // Without a timer hyper has no header timeout at all: a client that
     // connects (and finishes TLS) and then sends nothing would hold its

@@ -69,6 +69,21 @@ pub fn render(shared: &Shared) -> String {
             "Times this replica's presence connections to the database failed.",
             c.db_errors.load(Ordering::Relaxed),
         )
+        .counter(
+            "relayd_peer_forwarded_total",
+            "Requests forwarded to the replica that holds their user's agent.",
+            c.forwarded.load(Ordering::Relaxed),
+        )
+        .counter(
+            "relayd_peer_forward_failures_total",
+            "Requests that could not be forwarded to the replica holding their user (503).",
+            c.forward_failed.load(Ordering::Relaxed),
+        )
+        .counter(
+            "relayd_peer_misdirected_total",
+            "Forwarded requests refused here because this replica no longer holds the user (421).",
+            c.misdirected.load(Ordering::Relaxed),
+        )
         .gauge(
             "relayd_cluster_heartbeat_microseconds",
             "Round trip of this replica's last heartbeat to the database.",

@@ -35,15 +35,19 @@ pub struct Me {
     pub id: String,
     pub host: String,
     pub listen: String,
+    /// Where other replicas forward requests to it (`None`: it takes
+    /// none).
+    pub peer: Option<String>,
 }
 
 impl Me {
-    pub fn new(listen: std::net::SocketAddr) -> Self {
+    pub fn new(listen: std::net::SocketAddr, peer: Option<String>) -> Self {
         let host = nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "unknown".into());
-        Self { id: format!("r_{:016x}", rand::random::<u64>()), host, listen: listen.to_string() }
+        let id = format!("r_{:016x}", rand::random::<u64>());
+        Self { id, host, listen: listen.to_string(), peer }
     }
 }
 
@@ -53,6 +57,7 @@ type Claims = HashMap<(String, String), (String, i64)>;
 /// Keeps this replica's presence until `stop`, then leaves the registry.
 pub async fn run(shared: Arc<Shared>, db: ClusterConfig, me: Me, stop: CancellationToken) {
     info!(replica = %me.id, host = %me.host, "replica {} joins the cluster", me.id);
+    shared.directory.set_me(&me.id);
     let mut claims = Claims::new();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -113,13 +118,19 @@ async fn connected(shared: &Shared, db: &ClusterConfig, me: &Me, claims: &mut Cl
     {
         return e;
     }
-    if let Err(e) = registry::heartbeat(db, &client, &me.id, &me.host, &me.listen).await {
+    if let Err(e) =
+        registry::heartbeat(db, &client, &me.id, &me.host, &me.listen, me.peer.as_deref()).await
+    {
         return e;
     }
     let hub = shared.router.local();
     let mut changes = hub.changes();
-    // Whatever happened while not connected: claims asserted again.
+    // Whatever happened while not connected: claims asserted again, the
+    // directory read again.
     if let Err(e) = reassert(shared, db, &client, me, claims).await {
+        return e;
+    }
+    if let Err(e) = load(shared, db, &client).await {
         return e;
     }
     let mut beat = tokio::time::interval(registry::HEARTBEAT);
@@ -132,15 +143,18 @@ async fn connected(shared: &Shared, db: &ClusterConfig, me: &Me, claims: &mut Cl
                 Err(_) => return DbError::Schema("the relay stopped".into()),
             },
             payload = told.recv() => match payload {
-                Some(Ok(p)) => {
-                    on_claimed(shared, me, claims, &p);
-                    Ok(())
-                }
+                Some(Ok(p)) => match on_told(shared, me, claims, &p) {
+                    Told::Reload => load(shared, db, &client).await,
+                    Told::Noted => Ok(()),
+                },
                 Some(Err(e)) => Err(e),
                 None => Err(DbError::Schema("the listening connection closed".into())),
             },
             _ = beat.tick() => heartbeat(shared, db, &client, me).await,
-            _ = again.tick() => reassert(shared, db, &client, me, claims).await,
+            _ = again.tick() => match reassert(shared, db, &client, me, claims).await {
+                Ok(()) => load(shared, db, &client).await,
+                Err(e) => Err(e),
+            },
         };
         if let Err(e) = result {
             return e;
@@ -155,7 +169,7 @@ async fn heartbeat(
     me: &Me,
 ) -> Result<(), DbError> {
     let sent = std::time::Instant::now();
-    registry::heartbeat(db, client, &me.id, &me.host, &me.listen).await?;
+    registry::heartbeat(db, client, &me.id, &me.host, &me.listen, me.peer.as_deref()).await?;
     let took = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
     shared.cluster.heartbeat_us.store(took, Ordering::Relaxed);
     let released = registry::reap(db, client).await?;
@@ -224,22 +238,49 @@ async fn reassert(
     Ok(())
 }
 
-/// Another replica's claim: the session here for that device, if its claim
-/// is older, is replaced. A session not claimed yet is left: its claim,
-/// when it comes, is the newer one.
-fn on_claimed(shared: &Shared, me: &Me, claims: &mut Claims, payload: &str) {
+/// What a notification asks of this replica.
+enum Told {
+    Noted,
+    Reload,
+}
+
+/// A claim or a release told by any replica, this one too: the directory
+/// follows it. Another replica's claim replaces the session here for that
+/// device if its claim is older; a session not claimed yet is left: its
+/// claim, when it comes, is the newer one.
+fn on_told(shared: &Shared, me: &Me, claims: &mut Claims, payload: &str) -> Told {
     let Ok(c) = serde_json::from_str::<Claimed>(payload) else {
-        return warn!(payload, "a presence notification that does not parse; ignored");
+        warn!(payload, "a presence notification that does not parse; reading the directory again");
+        return Told::Reload;
     };
-    if c.replica == me.id {
-        return;
+    if c.reload {
+        return Told::Reload;
+    }
+    let Some(replica) = c.replica else {
+        shared.directory.released(&c.user, &c.device, c.epoch);
+        return Told::Noted;
+    };
+    if let Some(peer) = &c.peer {
+        shared.directory.peer(&replica, peer);
+    }
+    shared.directory.claimed(&c.user, &c.device, &replica, c.epoch);
+    if replica == me.id {
+        return Told::Noted;
     }
     let key = (c.user, c.device);
-    let Some((id, epoch)) = claims.get(&key).cloned() else { return };
+    let Some((id, epoch)) = claims.get(&key).cloned() else { return Told::Noted };
     if epoch < c.epoch {
         claims.remove(&key);
         replace(shared, &key.0, &key.1, &id);
     }
+    Told::Noted
+}
+
+/// The whole directory, read again.
+async fn load(shared: &Shared, db: &ClusterConfig, client: &Client) -> Result<(), DbError> {
+    let (peers, devices) = registry::snapshot(db, client).await?;
+    shared.directory.load(peers, devices);
+    Ok(())
 }
 
 fn replace(shared: &Shared, user: &str, device: &str, id: &str) {

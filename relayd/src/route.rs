@@ -320,6 +320,12 @@ impl Router {
         }
     }
 
+    /// Whether any device of `user` is connected here (else, with
+    /// replicas, the request may be another one's).
+    pub fn holds(&self, user: &str) -> bool {
+        self.local.pick(user, |s| !s.is_empty())
+    }
+
     /// Every device of `user` connected here, oldest first: for a request
     /// answered as their union (the model lists, [`crate::union`]).
     pub fn everyone(&self, user: &str) -> Vec<Arc<Session>> {

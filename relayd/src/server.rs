@@ -55,6 +55,23 @@ pub async fn handle(
         if cors::is_preflight(req.method(), req.headers()) && !shared.config.cors_origins.is_empty()
         {
             cors::preflight(origin, req.headers(), &allowed_methods(&shared), Shape::of(&target))
+        } else if (conn.hop || shared.peers.is_some()) && !shared.router.holds(&user) {
+            if conn.hop {
+                // Forwarded once already: never twice.
+                return Ok(crate::hop::misdirected(&shared, &user, &target));
+            }
+            // Held by another replica: one hop there.
+            match crate::hop::forward(&shared, &conn, &user, &target, req).await {
+                Ok(mut r) => {
+                    cors::mark(&mut r, origin);
+                    r
+                }
+                Err(req) => {
+                    let mut r = tunnel(&shared, &conn, req, user, target).await;
+                    cors::mark(&mut r, origin);
+                    r
+                }
+            }
         } else {
             let mut r = tunnel(&shared, &conn, req, user, target).await;
             cors::mark(&mut r, origin);

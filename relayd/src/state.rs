@@ -47,6 +47,10 @@ pub struct Shared {
     pub rate_limited: AtomicU64,
     /// Replicas: what the presence task counts.
     pub cluster: crate::cluster::Stats,
+    /// Replicas: where every device of the cluster is.
+    pub directory: crate::cluster::Directory,
+    /// Replicas: connections to the others, to forward requests on.
+    pub peers: Option<crate::cluster::peer_client::PeerClient>,
     /// When the relay started.
     pub started: std::time::SystemTime,
     /// Health probes answered by the accept loop (the watchdog's proof that
@@ -54,6 +58,11 @@ pub struct Shared {
     pub probes: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
     pub probe_inbox:
         std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>>>,
+}
+
+fn peers_of(config: &Config) -> Option<crate::cluster::peer_client::PeerClient> {
+    let peering = config.cluster.as_ref()?.peering.as_ref()?;
+    Some(crate::cluster::peer_client::PeerClient::new(peering.client.clone()))
 }
 
 impl Shared {
@@ -68,6 +77,7 @@ impl Shared {
             config.agent_handshakes_per_minute,
         );
         let (probes, probe_inbox) = tokio::sync::mpsc::channel(1);
+        let peers = peers_of(&config);
         Self {
             config,
             router: Router::default(),
@@ -83,6 +93,8 @@ impl Shared {
             observer: daemon::observe::Observer::new(config_trace_bodies),
             rate_limited: AtomicU64::new(0),
             cluster: crate::cluster::Stats::default(),
+            directory: crate::cluster::Directory::default(),
+            peers,
             started: std::time::SystemTime::now(),
             probes,
             probe_inbox: std::sync::Mutex::new(Some(probe_inbox)),
@@ -127,4 +139,7 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// How long writes to this client may stall; set per request.
     pub stall: StallLimit,
+    /// Forwarded by another replica (its peer listener): served here or
+    /// refused (421), never forwarded again.
+    pub hop: bool,
 }

@@ -130,3 +130,49 @@ impl Tls {
         Ok(())
     }
 }
+
+/// Mutual TLS between replicas: each one's certificate (signed by the
+/// cluster's CA, `ca_file`) serves its peer listener and identifies it when
+/// it forwards; only certificates that CA signed are let in. HTTP/2 only.
+pub fn mutual(
+    cert_file: &Path,
+    key_file: &Path,
+    ca_file: &Path,
+) -> Result<(Arc<ServerConfig>, Arc<rustls::ClientConfig>), TlsError> {
+    let invalid = |path: &Path, why: String| TlsError::File { path: path.to_owned(), why };
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            invalid(path, format!("cannot read it: {e}{}", daemon::config::access_hint(path, &e)))
+        })
+    };
+    certified_key(cert_file, key_file)?;
+    let chain = CertificateDer::pem_slice_iter(&read(cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(cert_file, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key_file)?)
+        .map_err(|e| invalid(key_file, e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read(ca_file)?) {
+        let ca = ca.map_err(|e| invalid(ca_file, e.to_string()))?;
+        roots.add(ca).map_err(|e| invalid(ca_file, e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid(ca_file, "no CERTIFICATE block in the file".into()));
+    }
+    let roots = Arc::new(roots);
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| invalid(ca_file, e.to_string()))?;
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(server), Arc::new(client)))
+}

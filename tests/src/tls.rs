@@ -85,3 +85,50 @@ pub async fn request(
 pub async fn body_bytes(resp: http::Response<hyper::body::Incoming>) -> anyhow::Result<Bytes> {
     Ok(resp.into_body().collect().await?.to_bytes())
 }
+
+/// A CA and one certificate it signed for `127.0.0.1`, good for both ends
+/// of mutual TLS (what replicas forward to each other with): `ca.pem`,
+/// `peer.pem`, `peer.key` in a directory removed on drop.
+pub struct TestCa {
+    pub dir: PathBuf,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tunnel-ca-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let mut leaf =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+        leaf.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf_key = KeyPair::generate()?;
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
+        let (ca_file, cert_file, key_file) =
+            (dir.join("ca.pem"), dir.join("peer.pem"), dir.join("peer.key"));
+        std::fs::write(&ca_file, ca_cert.pem())?;
+        std::fs::write(&cert_file, leaf_cert.pem())?;
+        std::fs::write(&key_file, leaf_key.serialize_pem())?;
+        Ok(Self { dir, ca_file, cert_file, key_file })
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

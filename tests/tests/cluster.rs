@@ -337,3 +337,137 @@ async fn a_device_that_connects_to_another_replica_replaces_its_session_there() 
     let (replicas, _) = registry_until(&db, "b gone from the registry", |r, _| r.len() == 1).await;
     assert_eq!(replicas[0].id, a_id);
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Two replicas that forward to each other (mutual TLS with `ca`), over
+/// one database.
+async fn peered(
+    pg: &Postgres,
+    dir: &TempDir,
+    dbname: &str,
+    ca: &tunnel_tests::tls::TestCa,
+) -> Vec<TestRelay> {
+    use daemon::Resolve as _;
+    let key = dir.path("signing.pem");
+    relayd::admin::generate_key(&key).expect("a signing key");
+    let hash = dir.path("user-hash.key");
+    std::fs::write(&hash, [7u8; 32]).expect("user-hash key");
+    std::fs::set_permissions(&hash, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("0600");
+    let database = pg.database(dbname);
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n[identity]\nsigning_key_file = \"{}\"\nuser_hash_key_file = \"{}\"\n[cluster]\ndatabase = \"{database}\"\nmigrate_at_start = true\npeer_listen = \"127.0.0.1:{}\"\npeer_cert_file = \"{}\"\npeer_key_file = \"{}\"\npeer_ca_file = \"{}\"\n",
+            key.display(),
+            hash.display(),
+            free_port(),
+            ca.cert_file.display(),
+            ca.key_file.display(),
+            ca.ca_file.display(),
+        );
+        let config = toml::from_str::<relayd::ConfigFile>(&text)
+            .expect("parses")
+            .resolve()
+            .expect("a valid replica configuration");
+        relays.push(TestRelay::with_state(config).await);
+    }
+    relays
+}
+
+#[tokio::test]
+async fn a_request_to_any_replica_reaches_the_agent_on_another_one_hop_away() {
+    use futures_util::StreamExt as _;
+    init_logging();
+    let Some(pg) = Postgres::start() else { return };
+    let dir = TempDir::new("cluster-forward");
+    let ca = tunnel_tests::tls::TestCa::new().expect("a CA");
+    let relays = peered(&pg, &dir, "forward", &ca).await;
+    let (a, b) = (&relays[0], &relays[1]);
+    let upstream = tunnel_tests::StandIn::start(tunnel_tests::StandInConfig {
+        token_delay: Duration::from_millis(20),
+        tokens: 10_000,
+        ..tunnel_tests::StandInConfig::default()
+    })
+    .await
+    .expect("stand-in");
+    let secret = a.relay.issue_credential("alice", None).await.expect("credential").secret;
+    let _agent = tunnel_tests::TestAgent::start_with(b, "alice", &upstream.url(), move |c| {
+        c.credential.token = Some(secret);
+    })
+    .await;
+    let client = a.relay.mint("alice", Role::Client, Duration::from_secs(600), None).expect("mint");
+    let http = reqwest::Client::new();
+
+    // Replica a holds no agent of alice: once it has heard where she is,
+    // it forwards.
+    let tags = a.tunnel_url("alice", "/api/tags");
+    let deadline = Instant::now() + WAIT;
+    let answered = loop {
+        let resp = http.get(&tags).bearer_auth(&client.token).send().await.expect("GET");
+        if resp.status() == 200 {
+            break resp.text().await.expect("body");
+        }
+        assert_eq!(resp.status(), 503, "offline until a knows where alice is");
+        assert!(Instant::now() < deadline, "replica a never forwarded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(answered.contains("\"models\""), "{answered}");
+    let direct = http.get(format!("{}/api/tags", upstream.url())).send().await.expect("direct");
+    assert_eq!(answered, direct.text().await.expect("body"), "the same answer, one hop away");
+    let refused = http.get(&tags).send().await.expect("GET without a token");
+    assert_eq!(refused.status(), 401, "the replica holding alice checks the token");
+
+    // A stream crosses the hop token by token, and a client that leaves
+    // cancels it at the model server.
+    let resp = http
+        .post(a.tunnel_url("alice", "/api/chat"))
+        .bearer_auth(&client.token)
+        .json(&serde_json::json!({ "model": "m", "messages": [] }))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut lines = 0;
+    while lines < 3 {
+        let chunk = stream.next().await.expect("a token").expect("chunk");
+        lines += chunk.iter().filter(|b| **b == b'\n').count();
+    }
+    let dropped = Instant::now();
+    drop(stream);
+    let gone =
+        upstream.events.wait_disconnects(1, WAIT).await.expect("the stand-in lost its client");
+    eprintln!(
+        "a client leaving replica a reached the model server behind b after {:?}",
+        gone[0].at.duration_since(dropped)
+    );
+    let metrics = a.relay.metrics();
+    assert!(metrics.contains("relayd_peer_forwarded_total "), "{metrics}");
+    assert!(!metrics.contains("relayd_peer_forwarded_total 0"), "{metrics}");
+
+    // Forwarded to a replica that does not hold the user: 421, not a
+    // second hop.
+    let peer_port =
+        b.relay.config().cluster.as_ref().and_then(|c| c.peering.as_ref()).expect("peering").listen;
+    let (_, tls_client) =
+        relayd::tls::mutual(&ca.cert_file, &ca.key_file, &ca.ca_file).expect("peer tls");
+    let tls = tunnel_tests::tls::connect(&tls_client, peer_port).await.expect("a peer connection");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("https://{peer_port}/api/tunnel/bob/api/tags"))
+        .header("host", "relay.example")
+        .header("x-relay-hop", "1")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("an answer");
+    assert_eq!(resp.status(), 421, "misdirected");
+}

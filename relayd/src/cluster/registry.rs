@@ -19,13 +19,23 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A replica silent this long is dead: its devices are released.
 pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 
-/// A claim as told on [`CHANNEL`].
+/// What is told on [`CHANNEL`]: a claim (`replica` set), a release (no
+/// `replica`), or, after a replica left or was reaped, `reload`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct Claimed {
+    #[serde(default)]
     pub user: String,
+    #[serde(default)]
     pub device: String,
-    pub replica: String,
+    pub replica: Option<String>,
+    #[serde(default)]
     pub epoch: i64,
+    #[serde(default)]
+    pub reload: bool,
+    /// A claiming replica's peer address, when it takes forwarded
+    /// requests.
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// Writes this replica's row (again), or refreshes its heartbeat.
@@ -35,15 +45,19 @@ pub async fn heartbeat(
     id: &str,
     host: &str,
     listen: &str,
+    peer: Option<&str>,
 ) -> Result<(), DbError> {
     db.timed(c.execute(
-        "INSERT INTO replicas (id, host, listen) VALUES ($1, $2, $3)
+        "INSERT INTO replicas (id, host, listen, peer) VALUES ($1, $2, $3, $4)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
-        &[&id, &host, &listen],
+        &[&id, &host, &listen, &peer],
     ))
     .await?;
     Ok(())
 }
+
+/// Tells every replica to read the whole directory again.
+const RELOAD: &str = "SELECT pg_notify('relayd_presence', '{\"reload\":true}')";
 
 /// Releases the devices of replicas silent for [`DEAD_AFTER`] and forgets
 /// those replicas; returns how many devices it released.
@@ -58,7 +72,12 @@ pub async fn reap(db: &ClusterConfig, c: &Client) -> Result<u64, DbError> {
             &[],
         ))
         .await?;
-    db.timed(c.execute(&format!("DELETE FROM replicas WHERE heartbeat_at < {dead}"), &[])).await?;
+    let gone = db
+        .timed(c.execute(&format!("DELETE FROM replicas WHERE heartbeat_at < {dead}"), &[]))
+        .await?;
+    if released + gone > 0 {
+        db.timed(c.execute(RELOAD, &[])).await?;
+    }
     Ok(released)
 }
 
@@ -78,7 +97,8 @@ pub async fn claim(
                      SET replica_id = $3, epoch = presence.epoch + 1, claimed_at = now()
                  RETURNING epoch)
              SELECT epoch, pg_notify($4, json_build_object('user', $1::text, 'device', $2::text,
-                 'replica', $3::text, 'epoch', epoch)::text) FROM c",
+                 'replica', $3::text, 'epoch', epoch,
+                 'peer', (SELECT peer FROM replicas WHERE id = $3))::text) FROM c",
             &[&user, &device, &replica, &CHANNEL],
         ))
         .await?;
@@ -96,9 +116,13 @@ pub async fn release(
     epoch: i64,
 ) -> Result<(), DbError> {
     db.timed(c.execute(
-        "UPDATE presence SET replica_id = NULL
-         WHERE user_id = $1 AND device = $2 AND replica_id = $3 AND epoch = $4",
-        &[&user, &device, &replica, &epoch],
+        "WITH r AS (
+             UPDATE presence SET replica_id = NULL
+             WHERE user_id = $1 AND device = $2 AND replica_id = $3 AND epoch = $4
+             RETURNING epoch)
+         SELECT pg_notify($5, json_build_object('user', $1::text, 'device', $2::text,
+             'epoch', epoch)::text) FROM r",
+        &[&user, &device, &replica, &epoch, &CHANNEL],
     ))
     .await?;
     Ok(())
@@ -145,6 +169,7 @@ pub async fn leave(db: &ClusterConfig, c: &Client, replica: &str) -> Result<(), 
     db.timed(c.execute("UPDATE presence SET replica_id = NULL WHERE replica_id = $1", &[&replica]))
         .await?;
     db.timed(c.execute("DELETE FROM replicas WHERE id = $1", &[&replica])).await?;
+    db.timed(c.execute(RELOAD, &[])).await?;
     Ok(())
 }
 
@@ -199,4 +224,16 @@ pub async fn devices(
         ))
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+}
+
+/// Every live replica's peer address (`None`: it takes no forwarded
+/// requests), and every connected device: what [`super::Directory`] is
+/// loaded from.
+pub async fn snapshot(
+    db: &ClusterConfig,
+    c: &Client,
+) -> Result<(Vec<(String, Option<String>)>, Vec<(String, String, String, i64)>), DbError> {
+    let peers = db.timed(c.query("SELECT id, peer FROM replicas", &[])).await?;
+    let peers = peers.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok((peers, devices(db, c).await?))
 }

@@ -70,6 +70,11 @@ pub const MIGRATIONS: &[Migration] = &[
         CREATE INDEX presence_replica ON presence (replica_id);
     ",
     },
+    Migration {
+        version: 3,
+        name: "the address replicas forward requests to each other on",
+        sql: "ALTER TABLE replicas ADD COLUMN peer text;",
+    },
 ];
 
 /// The version this relayd's code reads and writes.

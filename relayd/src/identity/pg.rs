@@ -74,13 +74,22 @@ impl PgStore {
             stop: CancellationToken::new(),
             db,
         };
+        // Open once listening: a revocation made from then on is told here.
+        let (listening, ready) = tokio::sync::oneshot::channel();
         tokio::spawn(listen(
             store.db.clone(),
             store.events.clone(),
             store.heard.clone(),
             store.stop.clone(),
+            listening,
         ));
-        Ok(store)
+        match tokio::time::timeout(crate::cluster::DB_TIMEOUT * 2, ready).await {
+            Ok(Ok(())) => Ok(store),
+            _ => Err(StoreError(format!(
+                "the database ({}) did not let this relay listen for revocations",
+                store.db.shown
+            ))),
+        }
     }
 
     async fn client(&self) -> Result<Arc<Client>, StoreError> {
@@ -199,13 +208,15 @@ async fn listen(
     events: broadcast::Sender<StoreEvent>,
     heard: Arc<Mutex<Instant>>,
     stop: CancellationToken,
+    listening: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
+    let mut listening = Some(listening);
     loop {
         let why = tokio::select! {
             () = stop.cancelled() => return,
-            why = listen_once(&db, &events, &heard, first) => why,
+            why = listen_once(&db, &events, &heard, first, &mut listening) => why,
         };
         first = false;
         warn!(error = %why, "lost the database's revocations ({why}); connecting again in {backoff:?}");
@@ -224,6 +235,7 @@ async fn listen_once(
     events: &broadcast::Sender<StoreEvent>,
     heard: &Mutex<Instant>,
     first: bool,
+    listening: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> DbError {
     let hear = || *heard.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
     // Named, so that an operator (or a test) can tell it in pg_stat_activity.
@@ -259,6 +271,9 @@ async fn listen_once(
         return e;
     }
     hear();
+    if let Some(tell) = listening.take() {
+        let _ = tell.send(());
+    }
     let mut revision = match latest_revision(db, &client).await {
         Ok(r) => r,
         Err(e) => return e,

@@ -23,6 +23,7 @@ use serde_json::json;
 use tools::procs::{bin_dir, machine};
 
 mod bulk;
+mod cluster;
 mod cost;
 mod devices;
 mod devices_load;
@@ -38,6 +39,7 @@ mod streams;
 mod trace;
 
 pub(crate) use bulk::*;
+pub(crate) use cluster::*;
 pub(crate) use cost::*;
 pub(crate) use devices::*;
 pub(crate) use devices_load::*;
@@ -109,6 +111,11 @@ pub(crate) enum Scenario {
     /// model, stickiness, a device killed and one frozen, a pulled model,
     /// and routing's CPU against one device.
     Devices,
+    /// Three relayd replicas over PostgreSQL behind HAProxy round-robin:
+    /// requests to random users over 1,000 agents, how many were
+    /// forwarded, and cross-replica against same-replica latency (needs
+    /// Debian's postgresql and haproxy).
+    Cluster,
     /// Instructions relayd and agentd spend per request and per streamed
     /// token, under valgrind (what `.ci/cost` holds to its baseline; not
     /// part of `all`).
@@ -117,7 +124,7 @@ pub(crate) enum Scenario {
     All,
 }
 
-pub(crate) const ALL: [Scenario; 9] = [
+pub(crate) const ALL: [Scenario; 10] = [
     Scenario::Small,
     Scenario::Stream,
     Scenario::Bulk,
@@ -127,6 +134,7 @@ pub(crate) const ALL: [Scenario; 9] = [
     Scenario::Storm,
     Scenario::Trace,
     Scenario::Devices,
+    Scenario::Cluster,
 ];
 
 impl Scenario {
@@ -141,6 +149,7 @@ impl Scenario {
             Scenario::Storm => "storm",
             Scenario::Trace => "trace",
             Scenario::Devices => "devices",
+            Scenario::Cluster => "cluster",
             Scenario::Cost => "cost",
             Scenario::All => "all",
         }
@@ -187,6 +196,7 @@ async fn main() -> Result<()> {
             Scenario::Storm => storm(&bin, &args).await,
             Scenario::Trace => trace(&bin, &args).await,
             Scenario::Devices => devices(&bin, &args).await,
+            Scenario::Cluster => cluster(&bin, &args).await,
             Scenario::Cost => cost(&bin, &args).await,
             Scenario::All => unreachable!("expanded above"),
         }

@@ -183,6 +183,11 @@ impl Directory {
         let _ = self.me.set(id.to_owned());
     }
 
+    /// This replica's id, once it joined.
+    pub fn me(&self) -> Option<&str> {
+        self.me.get().map(String::as_str)
+    }
+
     /// Another replica that holds a device of `user` and takes forwarded
     /// requests: its id and peer address (the newest claim first).
     pub fn locate(&self, user: &str) -> Option<(String, String)> {
@@ -310,6 +315,24 @@ fn shown(c: &tokio_postgres::Config) -> String {
     )
 }
 
+/// A listening connection ([`ClusterConfig::listen`]); its driver stops
+/// when it is dropped.
+pub struct Listening {
+    pub client: Client,
+    /// Each notification's payload; an `Err` once the connection failed.
+    pub told: tokio::sync::mpsc::Receiver<Result<String, DbError>>,
+    _driver: AbortOnDrop,
+}
+
+/// Aborts a task when dropped (a connection's driver).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What went wrong with the database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -359,6 +382,39 @@ impl ClusterConfig {
             None => e.to_string(),
         };
         DbError::Postgres(self.shown.clone(), text)
+    }
+
+    /// A connection that `LISTEN`s on `channel`, named `name` in
+    /// `pg_stat_activity`: its client, for the checks it runs, and the
+    /// payloads of its notifications, then an `Err` when it fails.
+    pub async fn listen(&self, channel: &str, name: &str) -> Result<Listening, DbError> {
+        let mut named = self.clone();
+        named.database.application_name(name);
+        let (client, mut connection) = named.connect_raw().await?;
+        let (tx, told) = tokio::sync::mpsc::channel(1024);
+        let db = self.clone();
+        let driver = tokio::spawn(async move {
+            use futures_util::StreamExt as _;
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(m) = messages.next().await {
+                let sent = match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        tx.send(Ok(n.payload().to_owned())).await
+                    }
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        let _ = tx.send(Err(db.error(e))).await;
+                        return;
+                    }
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        let listening = Listening { client, told, _driver: AbortOnDrop(driver) };
+        self.timed(listening.client.batch_execute(&format!("LISTEN {channel}"))).await?;
+        Ok(listening)
     }
 
     /// `f` within [`DB_TIMEOUT`].

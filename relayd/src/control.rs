@@ -54,7 +54,15 @@ impl relay_server::Relay for Control {
         let r = &self.relay;
         let tunnels = r.tunnels();
         let tls = r.config().tls.as_ref();
+        let (replica_id, replicas, cluster_error) = match r.cluster_view().await {
+            None => (String::new(), Vec::new(), String::new()),
+            Some(Err(e)) => (String::new(), Vec::new(), e),
+            Some(Ok(v)) => (v.me, v.replicas.iter().map(replica).collect(), String::new()),
+        };
         Ok(Response::new(pb::RelayStatus {
+            replica_id,
+            replicas,
+            cluster_error,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             listen: self.listen.clone(),
             since_unix_ms: unix_ms(r.started()),
@@ -88,8 +96,37 @@ impl relay_server::Relay for Control {
                 auth_id: t.auth_id().unwrap_or_default(),
                 auth_expires_unix_ms: ms(t.auth_expires()),
                 device: t.device().to_owned(),
+                replica: String::new(),
             })
             .collect();
+        if req.get_ref().cluster {
+            match self.relay.cluster_view().await {
+                None => {
+                    return Err(Status::failed_precondition(
+                        "this relay runs alone (no [cluster]): tunnelctl tunnels lists every agent",
+                    ));
+                }
+                Some(Err(e)) => return Err(Status::unavailable(e)),
+                Some(Ok(v)) => {
+                    for t in &mut tunnels {
+                        t.replica = v.me.clone();
+                    }
+                    for (user, device, replica, _) in v.devices {
+                        if replica != v.me {
+                            let user_hash = self.relay.user_hash(&user);
+                            let row = pb::Tunnel {
+                                user,
+                                user_hash,
+                                device,
+                                replica,
+                                ..Default::default()
+                            };
+                            tunnels.push(row);
+                        }
+                    }
+                }
+            }
+        }
         tunnels.sort_by(|a, b| (&a.user, &a.device).cmp(&(&b.user, &b.device)));
         Ok(Response::new(pb::ListTunnelsReply { tunnels }))
     }
@@ -198,5 +235,16 @@ impl relay_server::Relay for Control {
         let reloaded =
             self.relay.reload().map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(pb::ReloadReply { reloaded }))
+    }
+}
+
+fn replica(r: &crate::cluster::registry::Replica) -> pb::Replica {
+    pb::Replica {
+        id: r.id.clone(),
+        host: r.host.clone(),
+        listen: r.listen.clone(),
+        up_ms: (r.up_secs.max(0.0) * 1e3) as u64,
+        heartbeat_age_ms: (r.heartbeat_age_secs.max(0.0) * 1e3) as u64,
+        devices: r.devices.max(0) as u64,
     }
 }

@@ -69,7 +69,10 @@ pub async fn forward(
     if let Ok(v) = HeaderValue::from_str(&conn.peer.to_string()) {
         parts.headers.insert(CLIENT, v);
     }
-    match client.send(&addr, Request::from_parts(parts, body)).await {
+    // The other replica answers within its first-byte timeout (with a 504
+    // at worst); a little more covers the hop.
+    let head_within = shared.config.first_byte_timeout + std::time::Duration::from_secs(5);
+    match client.send(&addr, Request::from_parts(parts, body), head_within).await {
         Ok(resp) => {
             shared.cluster.forwarded.fetch_add(1, Ordering::Relaxed);
             Ok(resp.map(RelayBody::Peer))

@@ -302,6 +302,8 @@ impl Identity {
             Some(p) => p,
             None => {
                 let p = if token.starts_with(CREDENTIAL_PREFIX) {
+                    // Not asked of a store this relay cannot trust now.
+                    self.store.fresh().map_err(|e| AuthError::Unavailable(e.0))?;
                     self.credential(token).await?
                 } else if token.bytes().filter(|b| *b == b'.').count() == 2 {
                     self.jwt(token).await?

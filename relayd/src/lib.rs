@@ -135,6 +135,16 @@ fn random_key() -> Vec<u8> {
     key
 }
 
+/// The cluster as the database shows it ([`Relay::cluster_view`]).
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// This replica's id.
+    pub me: String,
+    pub replicas: Vec<cluster::registry::Replica>,
+    /// (user, device, replica, epoch) of every connected device.
+    pub devices: Vec<(String, String, String, i64)>,
+}
+
 /// What a revocation did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Revoked {
@@ -354,6 +364,24 @@ impl Relay {
     /// Every connected tunnel.
     pub fn tunnels(&self) -> Vec<Tunnel> {
         self.shared.router.local().sessions().into_iter().map(Tunnel).collect()
+    }
+
+    /// Run as a replica: this one's id, the registry's replicas and where
+    /// every device is, read from the database (for operators: `tunnelctl
+    /// status` and `tunnelctl tunnels --cluster`); `None` for one relay.
+    pub async fn cluster_view(&self) -> Option<Result<ClusterView, String>> {
+        use cluster::registry;
+        let db = self.shared.config.cluster.as_ref()?;
+        let me = self.shared.directory.me().unwrap_or_default().to_owned();
+        let read = async {
+            let c = db.connect().await?;
+            Ok::<_, cluster::DbError>(ClusterView {
+                me,
+                replicas: registry::replicas(db, &c).await?,
+                devices: registry::devices(db, &c).await?,
+            })
+        };
+        Some(read.await.map_err(|e| e.to_string()))
     }
 
     /// Agents connected.

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::body::RelayBody;
 use crate::cluster::Peering;
-use crate::hop::CLIENT;
+use crate::hop::{CLIENT, HOP};
 use crate::stall::StallLimit;
 use crate::state::{Conn, Shared};
 
@@ -55,7 +55,10 @@ pub async fn serve(
             };
             let svc = service_fn(move |req| answer(shared.clone(), from, req));
             let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            http.timer(TokioTimer::new()).adaptive_window(true);
+            // Every request forwarded between two replicas is a stream on
+            // one connection: hyper's default of 200 at once would queue the
+            // rest (the owner's own limits, max_streams per agent, apply).
+            http.timer(TokioTimer::new()).adaptive_window(true).max_concurrent_streams(u32::MAX);
             let conn = http.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -75,13 +78,16 @@ pub async fn serve(
 async fn answer(
     shared: Arc<Shared>,
     from: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<RelayBody>, Infallible> {
     let client = req
         .headers()
         .get(CLIENT)
         .and_then(|v| v.to_str().ok()?.parse::<SocketAddr>().ok())
         .unwrap_or(from);
+    // Between replicas only: the desktop's service never sees them.
+    req.headers_mut().remove(CLIENT);
+    req.headers_mut().remove(HOP);
     let conn = Arc::new(Conn { peer: client, stall: StallLimit::new(None), hop: true });
     crate::server::handle(shared, conn, req).await
 }

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -61,10 +60,14 @@ pub async fn run(shared: Arc<Shared>, db: ClusterConfig, me: Me, stop: Cancellat
     let mut claims = Claims::new();
     let mut backoff = Duration::from_millis(100);
     loop {
+        let began = std::time::Instant::now();
         let ended = tokio::select! {
             () = stop.cancelled() => break,
             e = connected(&shared, &db, &me, &mut claims) => e,
         };
+        if began.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(100);
+        }
         shared.cluster.db_errors.fetch_add(1, Ordering::Relaxed);
         warn!(error = %ended, "lost the cluster's database for presence ({ended}); connecting again in {backoff:?}");
         tokio::select! {
@@ -92,32 +95,11 @@ async fn connected(shared: &Shared, db: &ClusterConfig, me: &Me, claims: &mut Cl
         Ok(c) => c,
         Err(e) => return e,
     };
-    let (listener, mut connection) = match db.connect_raw().await {
-        Ok(pair) => pair,
+    let mut listening = match db.listen(registry::CHANNEL, NAME).await {
+        Ok(l) => l,
         Err(e) => return e,
     };
-    let (tx, mut told) = tokio::sync::mpsc::channel::<Result<String, DbError>>(1024);
-    let driver = tokio::spawn({
-        let db = db.clone();
-        async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(m) = messages.next().await {
-                let sent = match m {
-                    Ok(AsyncMessage::Notification(n)) => tx.send(Ok(n.payload().to_owned())).await,
-                    Ok(_) => Ok(()),
-                    Err(e) => tx.send(Err(db.error(e))).await,
-                };
-                if sent.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    let _abort = crate::identity::pg::AbortOnDrop(driver);
-    if let Err(e) = db.timed(listener.batch_execute(&format!("LISTEN {}", registry::CHANNEL))).await
-    {
-        return e;
-    }
+    let told = &mut listening.told;
     if let Err(e) =
         registry::heartbeat(db, &client, &me.id, &me.host, &me.listen, me.peer.as_deref()).await
     {
@@ -183,10 +165,16 @@ async fn heartbeat(
     Ok(())
 }
 
-/// This replica's sessions by (user, device).
+/// This replica's live sessions by (user, device). A session closed but
+/// not out of the hub yet (replaced by another replica's claim a moment
+/// ago) is not claimed again: that would take the device back.
 fn local(shared: &Shared) -> HashMap<(String, String), Arc<Session>> {
     let sessions = shared.router.local().sessions();
-    sessions.into_iter().map(|s| ((s.user.clone(), s.device.clone()), s)).collect()
+    sessions
+        .into_iter()
+        .filter(|s| !s.is_closed())
+        .map(|s| ((s.user.clone(), s.device.clone()), s))
+        .collect()
 }
 
 /// Claims the sessions that came, releases the ones that left.

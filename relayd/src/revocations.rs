@@ -19,14 +19,14 @@ use crate::state::Shared;
 /// relay that fell behind reads them all again.
 pub async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
     let mut events = shared.identity.subscribe();
-    resync(&shared).await;
+    resync(&shared, &stop).await;
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
             event = events.recv() => event,
         };
         match event {
-            Ok(StoreEvent::Resync) => resync(&shared).await,
+            Ok(StoreEvent::Resync) => resync(&shared, &stop).await,
             Ok(StoreEvent::Revoked(revocation)) => {
                 let id = revocation.id.clone();
                 shared.identity.note_revoked(revocation);
@@ -40,17 +40,23 @@ pub async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
                     missed,
                     "fell {missed} revocations behind the credential store; reading them all again"
                 );
-                resync(&shared).await;
+                resync(&shared, &stop).await;
             }
             Err(RecvError::Closed) => return,
         }
     }
 }
 
-/// Reads every revocation again and ends the sessions they cover.
-async fn resync(shared: &Shared) {
-    if let Err(e) = shared.identity.reload_revocations().await {
-        return warn!(error = %e, "cannot read the revocations from the credential store: {e}; keeping those known");
+/// Reads every revocation again and ends the sessions they cover; tries
+/// again every second until the store answers (or the relay stops): a
+/// resync that failed would otherwise leave what it was for unapplied.
+async fn resync(shared: &Shared, stop: &CancellationToken) {
+    while let Err(e) = shared.identity.reload_revocations().await {
+        warn!(error = %e, "cannot read the revocations from the credential store: {e}; keeping those known, trying again in 1 s");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
     }
     for session in shared.router.local().sessions() {
         if session.revoked_in(&shared.identity) {

@@ -37,6 +37,12 @@ pub async fn handle(
     if let Some(refusal) = check_request(&shared, &req) {
         return Ok(refusal);
     }
+    let mut req = req;
+    if !conn.hop {
+        // What replicas tell each other, never taken from a client.
+        req.headers_mut().remove(crate::hop::HOP);
+        req.headers_mut().remove(crate::hop::CLIENT);
+    }
     let path = req.uri().path();
     let resp = if path == "/ws/tunnel" {
         // A refused upgrade closes the connection: a client gets one
@@ -62,6 +68,8 @@ pub async fn handle(
             }
             // Held by another replica: one hop there.
             match crate::hop::forward(&shared, &conn, &user, &target, req).await {
+                // The replica that served it marked it.
+                Ok(r) if matches!(r.body(), RelayBody::Peer(_)) => r,
                 Ok(mut r) => {
                     cors::mark(&mut r, origin);
                     r

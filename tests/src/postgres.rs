@@ -181,44 +181,18 @@ impl Postgres {
     /// `postgres`.
     pub fn database(&self, dbname: &str) -> String {
         if dbname != "postgres" {
-            self.run(
-                "psql",
-                &[
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-q",
-                    "-c",
-                    &format!("CREATE DATABASE {dbname}"),
-                ],
-            );
+            self.sql("postgres", &format!("CREATE DATABASE {dbname}"));
         }
         format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
     }
 
     /// Runs `sql` on `dbname` with psql.
     pub fn sql(&self, dbname: &str, sql: &str) {
-        self.run(
-            "psql",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                dbname,
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ],
-        );
+        let port = self.port.to_string();
+        let connect = ["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", dbname];
+        let mut args = connect.to_vec();
+        args.extend(["-q", "-v", "ON_ERROR_STOP=1", "-c", sql]);
+        self.run("psql", &args);
     }
 }
 

@@ -325,6 +325,11 @@ async fn a_device_that_connects_to_another_replica_replaces_its_session_there() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(relays[1].relay.tunnels().len(), 1, "replica b holds it");
+    // What tunnelctl shows on any replica: the cluster, from the database.
+    let view = relays[0].relay.cluster_view().await.expect("a cluster").expect("readable");
+    assert_eq!(view.me, a_id);
+    assert_eq!(view.replicas.len(), 2);
+    assert!(view.devices.iter().any(|(u, d, r, _)| u == "alice" && d == "gpu-box" && *r == b_id));
     let metrics = relays[0].relay.metrics();
     assert!(metrics.contains("relayd_cluster_replaced_total 1"), "{metrics}");
     assert!(relays[1].relay.metrics().contains("relayd_cluster_claims_total 1"));

@@ -77,7 +77,12 @@ pub enum Command {
     /// Stream live request events until interrupted (or --limit).
     Trace(Trace),
     /// relayd: the connected agents.
-    Tunnels,
+    Tunnels {
+        /// Run as replicas ([cluster]): every device of the cluster, with
+        /// the replica holding it.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// relayd: close a user's tunnel (its agent reconnects unless revoked).
     Disconnect {
         /// The user whose tunnels to close.
@@ -197,9 +202,10 @@ impl Command {
             Command::Reconnect | Command::RotateToken(_) | Command::Enroll(_) => {
                 Some(Which::Agentd)
             }
-            Command::Tunnels | Command::Disconnect { .. } | Command::Token(_) | Command::Reload => {
-                Some(Which::Relayd)
-            }
+            Command::Tunnels { .. }
+            | Command::Disconnect { .. }
+            | Command::Token(_)
+            | Command::Reload => Some(Which::Relayd),
             _ => None,
         }
     }

@@ -249,7 +249,31 @@ pub fn relay_status(s: &pb::RelayStatus, now: SystemTime) -> String {
     if !s.tls_cert_file.is_empty() {
         rows.push(("tls", format!("{} (key {})", s.tls_cert_file, s.tls_pin)));
     }
-    pairs(&format!("relayd {}: {state}", s.version), &rows)
+    if !s.replica_id.is_empty() {
+        rows.push(("replica", s.replica_id.clone()));
+    }
+    if !s.cluster_error.is_empty() {
+        rows.push(("cluster", format!("unknown: {}", s.cluster_error)));
+    }
+    let mut out = pairs(&format!("relayd {}: {state}", s.version), &rows);
+    if !s.replicas.is_empty() {
+        let _ = writeln!(out, "  cluster  {} replica(s)", s.replicas.len());
+        for r in &s.replicas {
+            // A replica silent for 15 s is dead; the others reap it.
+            let health = if r.heartbeat_age_ms > 15_000 { "silent" } else { "alive" };
+            let me = if r.id == s.replica_id { " (this one)" } else { "" };
+            let _ = writeln!(
+                out,
+                "    {}{me}  {health}, heartbeat {}s ago  {} {}  devices {}",
+                r.id,
+                r.heartbeat_age_ms / 1000,
+                r.host,
+                r.listen,
+                r.devices
+            );
+        }
+    }
+    out
 }
 
 pub fn relay_status_json(s: &pb::RelayStatus) -> Value {
@@ -258,6 +282,11 @@ pub fn relay_status_json(s: &pb::RelayStatus) -> Value {
         "since_unix_ms": s.since_unix_ms, "tunnels": s.tunnels, "in_flight": s.in_flight,
         "draining": s.draining, "buffered_bytes": s.buffered_bytes,
         "tls_cert_file": s.tls_cert_file, "tls_pin": s.tls_pin,
+        "replica_id": s.replica_id, "cluster_error": s.cluster_error,
+        "replicas": s.replicas.iter().map(|r| json!({
+            "id": r.id, "host": r.host, "listen": r.listen, "up_ms": r.up_ms,
+            "heartbeat_age_ms": r.heartbeat_age_ms, "devices": r.devices,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -266,13 +295,25 @@ pub fn tunnels(list: &pb::ListTunnelsReply, now: SystemTime) -> String {
     if list.tunnels.is_empty() {
         return "no agent is connected\n".into();
     }
+    // With --cluster every row names its replica.
+    let cluster = list.tunnels.iter().any(|t| !t.replica.is_empty());
     let rows: Vec<Vec<String>> = list
         .tunnels
         .iter()
         .map(|t| {
-            vec![
+            let mut row = vec![
                 t.user.clone(),
                 if t.device.is_empty() { "-".into() } else { t.device.clone() },
+            ];
+            if cluster {
+                row.push(t.replica.clone());
+            }
+            if t.session_id.is_empty() {
+                // Held by another replica: only where it is is known here.
+                row.extend(std::iter::repeat_n("-".to_owned(), 8));
+                return row;
+            }
+            row.extend([
                 t.session_id.clone(),
                 relative(t.since_unix_ms, now).trim_end_matches(" ago").to_owned(),
                 t.agent.clone(),
@@ -288,24 +329,16 @@ pub fn tunnels(list: &pb::ListTunnelsReply, now: SystemTime) -> String {
                     0 => "-".into(),
                     e => relative(e, now),
                 },
-            ]
+            ]);
+            row
         })
         .collect();
-    table(
-        &[
-            "USER",
-            "DEVICE",
-            "SESSION",
-            "UP",
-            "AGENT",
-            "PROTOCOL",
-            "IN FLIGHT",
-            "RTT",
-            "AUTH",
-            "EXPIRES",
-        ],
-        &rows,
-    )
+    let mut header = vec!["USER", "DEVICE"];
+    if cluster {
+        header.push("REPLICA");
+    }
+    header.extend(["SESSION", "UP", "AGENT", "PROTOCOL", "IN FLIGHT", "RTT", "AUTH", "EXPIRES"]);
+    table(&header, &rows)
 }
 
 pub fn tunnels_json(list: &pb::ListTunnelsReply) -> Value {
@@ -319,7 +352,7 @@ pub fn tunnels_json(list: &pb::ListTunnelsReply) -> Value {
                     "since_unix_ms": t.since_unix_ms, "agent": t.agent,
                     "protocol_version": t.protocol_version, "in_flight": t.in_flight,
                     "rtt_us": t.rtt_us, "auth_id": t.auth_id,
-                    "auth_expires_unix_ms": t.auth_expires_unix_ms,
+                    "auth_expires_unix_ms": t.auth_expires_unix_ms, "replica": t.replica,
                 })
             })
             .collect(),
@@ -500,6 +533,58 @@ agentd 0.1.0: reconnecting
   last error     the relay refused the agent token (401) (unauthorized)
 "
         );
+    }
+
+    #[test]
+    fn the_cluster_view_names_each_devices_replica() {
+        let list = pb::ListTunnelsReply {
+            tunnels: vec![
+                pb::Tunnel {
+                    user: "alice".into(),
+                    device: "gpu-box".into(),
+                    replica: "r_1".into(),
+                    session_id: "s_1".into(),
+                    since_unix_ms: NOW - 60_000,
+                    agent: "agentd/0.1.0".into(),
+                    protocol_version: 1,
+                    ..pb::Tunnel::default()
+                },
+                pb::Tunnel {
+                    user: "bob".into(),
+                    device: "laptop".into(),
+                    replica: "r_2".into(),
+                    ..pb::Tunnel::default()
+                },
+            ],
+        };
+        let text = tunnels(&list, now());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("USER   DEVICE   REPLICA  SESSION"), "{text}");
+        assert!(lines[1].starts_with("alice  gpu-box  r_1      s_1"), "{text}");
+        assert!(lines[2].starts_with("bob    laptop   r_2      -"), "{text}");
+        let status = pb::RelayStatus {
+            version: "0.1.0".into(),
+            replica_id: "r_1".into(),
+            replicas: vec![
+                pb::Replica {
+                    id: "r_1".into(),
+                    heartbeat_age_ms: 2_000,
+                    devices: 1,
+                    ..Default::default()
+                },
+                pb::Replica {
+                    id: "r_2".into(),
+                    heartbeat_age_ms: 20_000,
+                    devices: 1,
+                    ..Default::default()
+                },
+            ],
+            ..pb::RelayStatus::default()
+        };
+        let text = relay_status(&status, now());
+        assert!(text.contains("  cluster  2 replica(s)\n"), "{text}");
+        assert!(text.contains("    r_1 (this one)  alive, heartbeat 2s ago"), "{text}");
+        assert!(text.contains("    r_2  silent, heartbeat 20s ago"), "{text}");
     }
 
     #[test]

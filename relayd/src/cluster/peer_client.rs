@@ -43,27 +43,40 @@ impl PeerClient {
         Self { tls: tls.into(), conns: tokio::sync::Mutex::default() }
     }
 
-    /// Sends `req` to the replica at `addr`; its answer streams back.
+    /// Sends `req` to the replica at `addr`; its answer streams back. The
+    /// head must come within `head_within` (the other replica answers
+    /// within its own first-byte timeout, 504 included; a replica that
+    /// stopped answering does not hold the request forever).
     pub async fn send(
         &self,
         addr: &str,
         req: Request<Incoming>,
+        head_within: Duration,
     ) -> Result<Response<Incoming>, PeerError> {
         let mut sender = self.sender(addr).await?;
-        match sender.send_request(req).await {
-            Ok(resp) => Ok(resp),
-            Err(e) => {
-                self.conns.lock().await.remove(addr);
+        match tokio::time::timeout(head_within, sender.send_request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                // Forget the connection only if it is the one that failed
+                // and it is gone (one request's upload error leaves it up).
+                let mut conns = self.conns.lock().await;
+                if conns.get(addr).is_some_and(SendRequest::is_closed) {
+                    conns.remove(addr);
+                }
                 Err(PeerError::Send(addr.to_owned(), e.to_string()))
+            }
+            Err(_) => {
+                Err(PeerError::Send(addr.to_owned(), format!("no answer within {head_within:?}")))
             }
         }
     }
 
     async fn sender(&self, addr: &str) -> Result<SendRequest<Incoming>, PeerError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(s) = conns.get(addr).filter(|s| !s.is_closed()) {
+        if let Some(s) = self.conns.lock().await.get(addr).filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
+        // Dialled without the lock: a replica that does not answer delays
+        // only the requests for its own users.
         let fail = |why: String| PeerError::Connect(addr.to_owned(), why);
         let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
         let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
@@ -77,7 +90,8 @@ impl PeerClient {
             http.timer(TokioTimer::new())
                 .adaptive_window(true)
                 .keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5));
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true);
             http.handshake(TokioIo::new(tls)).await.map_err(|e| fail(e.to_string()))
         };
         let (sender, connection) = tokio::time::timeout(DIAL_TIMEOUT, dial)
@@ -87,6 +101,11 @@ impl PeerClient {
             // It ends when the replica goes or every sender is dropped.
             let _ = connection.await;
         });
+        let mut conns = self.conns.lock().await;
+        // Another request may have dialled meanwhile: keep one.
+        if let Some(s) = conns.get(addr).filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
         conns.insert(addr.to_owned(), sender.clone());
         Ok(sender)
     }

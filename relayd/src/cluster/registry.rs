@@ -139,8 +139,10 @@ pub enum Held {
 }
 
 /// Asserts that `replica` holds `user`'s `device` at `epoch`, healing a
-/// row that was lost or cleared (a database failover, a pause long enough
-/// to be taken for dead), unless a newer claim exists.
+/// row that was lost, cleared or set back (a database failover that lost
+/// the last writes, a pause long enough to be taken for dead), unless a
+/// newer claim exists. A row it had to heal is told to every replica, as a
+/// claim is.
 pub async fn reassert(
     db: &ClusterConfig,
     c: &Client,
@@ -151,13 +153,21 @@ pub async fn reassert(
 ) -> Result<Held, DbError> {
     let row = db
         .timed(c.query_one(
-            "WITH up AS (
+            "WITH old AS (
+                 SELECT replica_id, epoch FROM presence WHERE user_id = $1 AND device = $2),
+             up AS (
                  INSERT INTO presence (user_id, device, replica_id, epoch) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (user_id, device) DO UPDATE SET replica_id = $3
-                 WHERE presence.epoch = $4 AND (presence.replica_id IS NULL OR presence.replica_id = $3)
+                 ON CONFLICT (user_id, device) DO UPDATE SET replica_id = $3, epoch = $4
+                 WHERE presence.epoch < $4 OR (presence.epoch = $4
+                     AND (presence.replica_id IS NULL OR presence.replica_id = $3))
                  RETURNING epoch)
-             SELECT count(*) FROM up",
-            &[&user, &device, &replica, &epoch],
+             SELECT (SELECT count(*) FROM up),
+                 CASE WHEN EXISTS (SELECT 1 FROM up)
+                     AND NOT EXISTS (SELECT 1 FROM old WHERE replica_id = $3 AND epoch = $4)
+                 THEN pg_notify($5, json_build_object('user', $1::text, 'device', $2::text,
+                     'replica', $3::text, 'epoch', $4::bigint,
+                     'peer', (SELECT peer FROM replicas WHERE id = $3))::text) END",
+            &[&user, &device, &replica, &epoch, &CHANNEL],
         ))
         .await?;
     Ok(if row.get::<_, i64>(0) > 0 { Held::Here } else { Held::Elsewhere })

@@ -11,9 +11,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tokio::sync::broadcast;
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -92,14 +91,30 @@ impl PgStore {
         }
     }
 
+    /// After a failed statement: the next one connects again (a
+    /// connection a failover left half-open would time out forever).
+    async fn failed<T>(&self, r: Result<T, DbError>) -> Result<T, StoreError> {
+        if r.is_err() {
+            *self.client.lock().await = None;
+        }
+        r.map_err(StoreError::from)
+    }
+
     async fn client(&self) -> Result<Arc<Client>, StoreError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+        if let Some(c) = self.client.lock().await.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
+        // Connected without the lock: callers during an outage each wait
+        // for their own attempt, not for everyone's before them.
         let c = Arc::new(self.db.connect().await?);
-        *slot = Some(c.clone());
-        Ok(c)
+        let mut slot = self.client.lock().await;
+        match slot.as_ref().filter(|old| !old.is_closed()) {
+            Some(old) => Ok(old.clone()),
+            None => {
+                *slot = Some(c.clone());
+                Ok(c)
+            }
+        }
     }
 }
 
@@ -125,7 +140,8 @@ impl CredentialStore for PgStore {
     async fn insert(&self, r: &CredentialRecord) -> Result<(), StoreError> {
         let c = self.client().await?;
         let created = to_i64(r.created);
-        self.db
+        let done = self
+            .db
             .timed(c.execute(
                 "INSERT INTO credentials (id, user_id, device, secret_sha256, created, replaces)
                  VALUES ($1, $2, $3, $4, $5, $6)
@@ -133,21 +149,21 @@ impl CredentialStore for PgStore {
                      created = $5, replaces = $6",
                 &[&r.id, &r.user, &r.device, &r.secret_sha256, &created, &r.replaces],
             ))
-            .await?;
-        Ok(())
+            .await;
+        self.failed(done).await.map(drop)
     }
 
     async fn get(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
         let c = self.client().await?;
         let sql = format!("SELECT {COLUMNS} FROM credentials WHERE id = $1");
-        let row = self.db.timed(c.query_opt(&sql, &[&id])).await?;
+        let row = self.failed(self.db.timed(c.query_opt(&sql, &[&id])).await).await?;
         Ok(row.as_ref().map(record))
     }
 
     async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
         let c = self.client().await?;
         let sql = format!("SELECT {COLUMNS} FROM credentials ORDER BY created, id");
-        let rows = self.db.timed(c.query(&sql, &[])).await?;
+        let rows = self.failed(self.db.timed(c.query(&sql, &[])).await).await?;
         Ok(rows.iter().map(record).collect())
     }
 
@@ -168,13 +184,15 @@ impl CredentialStore for PgStore {
                          'revision', (SELECT revision FROM added))::text)",
                 &[&r.id, &until, &CHANNEL],
             ))
-            .await?;
+            .await;
+        let row = self.failed(row).await?;
         Ok(row.get::<_, i64>(0) > 0)
     }
 
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
         let c = self.client().await?;
-        let rows = self.db.timed(c.query("SELECT id, until_unix FROM revocations", &[])).await?;
+        let rows = self.db.timed(c.query("SELECT id, until_unix FROM revocations", &[])).await;
+        let rows = self.failed(rows).await?;
         Ok(rows
             .iter()
             .map(|row| Revocation {
@@ -214,11 +232,16 @@ async fn listen(
     let mut first = true;
     let mut listening = Some(listening);
     loop {
+        let began = Instant::now();
         let why = tokio::select! {
             () = stop.cancelled() => return,
             why = listen_once(&db, &events, &heard, first, &mut listening) => why,
         };
         first = false;
+        if began.elapsed() > Duration::from_secs(30) {
+            // It had been up a while: this is a new failure, not the same.
+            backoff = Duration::from_millis(100);
+        }
         warn!(error = %why, "lost the database's revocations ({why}); connecting again in {backoff:?}");
         tokio::select! {
             () = stop.cancelled() => return,
@@ -239,42 +262,16 @@ async fn listen_once(
 ) -> DbError {
     let hear = || *heard.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
     // Named, so that an operator (or a test) can tell it in pg_stat_activity.
-    let mut named = db.clone();
-    named.database.application_name(LISTENER_NAME);
-    let (client, mut connection) = match named.connect_raw().await {
-        Ok(pair) => pair,
+    let mut conn = match db.listen(CHANNEL, LISTENER_NAME).await {
+        Ok(l) => l,
         Err(e) => return e,
     };
-    // The connection's driver: its messages are the notifications.
-    let (tx, mut told) = tokio::sync::mpsc::channel::<Result<String, DbError>>(EVENTS);
-    let driver = tokio::spawn({
-        let db = db.clone();
-        async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(m) = messages.next().await {
-                let sent = match m {
-                    Ok(AsyncMessage::Notification(n)) => tx.send(Ok(n.payload().to_owned())).await,
-                    Ok(_) => Ok(()),
-                    Err(e) => {
-                        let _ = tx.send(Err(db.error(e))).await;
-                        return;
-                    }
-                };
-                if sent.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    let _abort = AbortOnDrop(driver);
-    if let Err(e) = db.timed(client.batch_execute(&format!("LISTEN {CHANNEL}"))).await {
-        return e;
-    }
+    let (client, told) = (&conn.client, &mut conn.told);
     hear();
     if let Some(tell) = listening.take() {
         let _ = tell.send(());
     }
-    let mut revision = match latest_revision(db, &client).await {
+    let mut revision = match latest_revision(db, client).await {
         Ok(r) => r,
         Err(e) => return e,
     };
@@ -304,7 +301,7 @@ async fn listen_once(
                 Some(Err(e)) => return e,
                 None => return DbError::Schema("the database connection closed".into()),
             },
-            _ = tick.tick() => match latest_revision(db, &client).await {
+            _ = tick.tick() => match latest_revision(db, client).await {
                 Ok(r) => {
                     hear();
                     if r != revision {
@@ -332,13 +329,4 @@ async fn latest_revision(db: &ClusterConfig, client: &Client) -> Result<i64, DbE
         .timed(client.query_one("SELECT coalesce(max(revision), 0) FROM revocations", &[]))
         .await?;
     Ok(row.get(0))
-}
-
-/// Aborts a task when dropped (a connection's driver).
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -30,7 +30,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<(), CtlError>
         (Command::RotateToken(args), _) => rotate_token::run(channel, args, g.json).await,
         (Command::Enroll(args), _) => enroll::run(channel, args, g.json).await,
         (Command::LogLevel { filter }, w) => log_level::run(channel, w, filter, g.json).await,
-        (Command::Tunnels, _) => tunnels::run(channel, g.json).await,
+        (Command::Tunnels { cluster }, _) => tunnels::run(channel, cluster, g.json).await,
         (Command::Reload, _) => reload::run(channel, g.json).await,
         (Command::Disconnect { user, device }, _) => {
             disconnect::run(channel, user, device, g.json).await

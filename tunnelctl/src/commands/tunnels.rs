@@ -9,9 +9,9 @@ use super::json_text;
 use crate::client::CtlError;
 use crate::render;
 
-pub async fn run(ch: Channel, json: bool) -> Result<String, CtlError> {
+pub async fn run(ch: Channel, cluster: bool, json: bool) -> Result<String, CtlError> {
     let list = RelayClient::new(ch)
-        .list_tunnels(pb::ListTunnelsRequest {})
+        .list_tunnels(pb::ListTunnelsRequest { cluster })
         .await
         .map_err(|e| CtlError::from_status("relayd", e))?
         .into_inner();

@@ -22,10 +22,11 @@ use tools::procs::{free_port, path, scrape, spawn, spawn_program};
 
 const REPLICAS: usize = 3;
 
-struct Replica {
-    _child: Child,
-    port: u16,
-    metrics: u16,
+/// One relayd of the scenario.
+pub(crate) struct ClusterReplica {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+    pub(crate) metrics: u16,
 }
 
 #[allow(clippy::print_stdout)]
@@ -92,7 +93,7 @@ pub(crate) async fn cluster(bin: &Path, args: &Args) -> Result<Value> {
             let log = std::fs::read_to_string(dir.path(&format!("relayd-{i}.log")));
             bail!("{e}; relayd-{i} said: {}", log.unwrap_or_default());
         }
-        replicas.push(Replica { _child: child, port, metrics });
+        replicas.push(ClusterReplica { child, port, metrics });
     }
 
     // HAProxy in front, round-robin, as SCALE.md's acceptance sets it up.
@@ -126,6 +127,10 @@ pub(crate) async fn cluster(bin: &Path, args: &Args) -> Result<Value> {
             ..agentd::ConfigFile::default()
         }
         .resolve()?;
+        let mut config = config;
+        // Healthy after 1 s, as in `storm`: the crowd reconnects from the
+        // first backoff step when the drill kills a replica.
+        config.healthy_after = Duration::from_secs(1);
         let agent = agentd::Agent::new(config);
         let stop = shutdown.clone();
         running.push(tokio::spawn(async move { agent.run(stop).await }));
@@ -261,11 +266,17 @@ pub(crate) async fn cluster(bin: &Path, args: &Args) -> Result<Value> {
         rows[1].1 - rows[0].1,
         rows[1].2 - rows[0].2
     );
+    let db =
+        relayd::cluster::ClusterFile { database: Some(database.clone()), ..Default::default() }
+            .resolve()?
+            .context("a database")?;
+    let drill = kill_one(&mut replicas, &db, front, agents).await?;
     shutdown.cancel();
     for r in running {
         let _ = tokio::time::timeout(Duration::from_secs(15), r).await;
     }
     Ok(json!({
+        "kill_one": drill,
         "replicas": REPLICAS, "agents": agents, "per_replica": per_replica,
         "requests": requests, "succeeded": ok, "failed": failed.len(), "forwarded": forwarded_n,
         "requests_per_second": requests as f64 / took.as_secs_f64(),
@@ -283,7 +294,7 @@ async fn get(http: &Http, url: &str) -> Result<()> {
     Ok(())
 }
 
-async fn forwarded(replicas: &[Replica]) -> u64 {
+async fn forwarded(replicas: &[ClusterReplica]) -> u64 {
     let mut n = 0;
     for r in replicas {
         n += scrape(r.metrics, "relayd_peer_forwarded_total").await.unwrap_or(0);

@@ -24,6 +24,7 @@ use tools::procs::{bin_dir, machine};
 
 mod bulk;
 mod cluster;
+mod cluster_drill;
 mod cost;
 mod devices;
 mod devices_load;
@@ -40,6 +41,7 @@ mod trace;
 
 pub(crate) use bulk::*;
 pub(crate) use cluster::*;
+pub(crate) use cluster_drill::*;
 pub(crate) use cost::*;
 pub(crate) use devices::*;
 pub(crate) use devices_load::*;

@@ -38,8 +38,9 @@ pub async fn handle(
         return Ok(refusal);
     }
     let mut req = req;
-    if !conn.hop {
-        // What replicas tell each other, never taken from a client.
+    if !conn.hop && shared.peers.is_some() {
+        // What replicas tell each other, never taken from a client (a relay
+        // that forwards nothing trusts them nowhere: no work per request).
         req.headers_mut().remove(crate::hop::HOP);
         req.headers_mut().remove(crate::hop::CLIENT);
     }

@@ -475,4 +475,27 @@ async fn a_request_to_any_replica_reaches_the_agent_on_another_one_hop_away() {
         .expect("request");
     let resp = send.send_request(req).await.expect("an answer");
     assert_eq!(resp.status(), 421, "misdirected");
+
+    // A caller whose certificate another CA signed is no replica: its
+    // handshake is refused, and replica b still forwards for a.
+    let stranger = tunnel_tests::tls::TestCa::new().expect("another CA");
+    let (_, foreign) =
+        relayd::tls::mutual(&stranger.cert_file, &stranger.key_file, &ca.ca_file).expect("tls");
+    let refused = async {
+        let tls = tunnel_tests::tls::connect(&foreign, peer_port).await?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await?;
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("https://{peer_port}/api/tunnel/alice/api/tags"))
+            .header("host", "relay.example")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        Ok::<_, anyhow::Error>(send.send_request(req).await?.status())
+    };
+    let got = tokio::time::timeout(WAIT, refused).await.expect("an answer or a refusal");
+    assert!(got.is_err(), "a certificate of another CA got through: {got:?}");
+    let ok = http.get(&tags).bearer_auth(&client.token).send().await.expect("GET");
+    assert_eq!(ok.status(), 200, "forwarding still works");
 }
